@@ -1,0 +1,182 @@
+"""One registry for every optimizer of the survey: torch's, pytorch-optimizer's and ours.
+
+An :class:`OptimizerSpec` records what an optimizer needs from the training loop, so that the same
+``LightningModule`` can train with any of them:
+
+- ``needs_closure``: ``step`` evaluates the loss itself, possibly several times (L-BFGS, SAM, ...);
+- ``create_graph``: the backward pass must keep its graph (AdaHessian, Sophia-H use Hessian-vector
+  products of the gradient);
+- ``needs_model``: the constructor takes the module, not only its parameters (K-FAC hooks layers).
+
+``create_optimizer`` checks the hyperparameters against the factory's signature before building, so a
+misspelt name is an error rather than silently ignored (several libraries swallow unknown keywords).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What an optimizer is and what it needs from the training loop.
+
+    Args:
+        name: Registry name (lower case, ``[a-z0-9_]``).
+        factory: Callable ``factory(params, **hparams)`` (``factory(params, model=..., **hparams)`` when
+            ``needs_model``) returning a ``torch.optim.Optimizer``.
+        family: One of ``first_order``, ``adaptive``, ``second_order``, ``landscape``.
+        needs_closure: ``step`` must be given a closure that recomputes loss and gradients.
+        create_graph: The backward pass must be run with ``create_graph=True``.
+        needs_model: The factory needs the ``nn.Module`` (keyword ``model``).
+        reference: The paper, as "Authors Year, arXiv/venue link".
+        defaults: Hyperparameters used unless overridden (tuned for the digits task).
+        summary: One line for tables.
+        strict: Reject hyperparameters that the factory's signature does not name.
+
+    Raises:
+        ValueError: If ``name`` or ``family`` is invalid.
+    """
+
+    name: str
+    factory: Callable[..., Optimizer]
+    family: str
+    needs_closure: bool = False
+    create_graph: bool = False
+    needs_model: bool = False
+    reference: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or not all(
+            c.islower() or c.isdigit() or c == "_" for c in self.name
+        ):
+            raise ValueError(f"optimizer name must be lower-case [a-z0-9_], got {self.name!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if not callable(self.factory):
+            raise TypeError(f"factory of {self.name!r} must be callable, got {self.factory!r}")
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def accepted_hparams(self) -> set[str] | None:
+        """Names the factory accepts, or ``None`` when it takes arbitrary keywords and ``strict`` is off."""
+        signature = inspect.signature(self.factory)
+        names = {
+            n
+            for n, p in signature.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("params", "model", "self")
+        }
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        if takes_any and not self.strict:
+            return None
+        return names
+
+
+def register(spec: OptimizerSpec, *, replace: bool = False) -> OptimizerSpec:
+    """Add ``spec`` to the registry.
+
+    Args:
+        spec: The optimizer's description.
+        replace: Allow replacing an existing entry of the same name.
+
+    Returns:
+        ``spec``, so that the call can be used as an expression.
+
+    Raises:
+        TypeError: If ``spec`` is not an :class:`OptimizerSpec`.
+        ValueError: If the name is taken and ``replace`` is false.
+    """
+    if not isinstance(spec, OptimizerSpec):
+        raise TypeError(f"register expects an OptimizerSpec, got {type(spec).__name__}")
+    if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] != spec:
+        raise ValueError(f"optimizer {spec.name!r} is already registered; pass replace=True to override it")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_loaded() -> None:
+    # The built-in entries live in modules that import their implementations; importing the package
+    # registers them. Done lazily so that `registry` itself stays import-cycle free.
+    import lightning_optsurvey.optim  # noqa: F401
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The spec registered under ``name``.
+
+    Raises:
+        ValueError: If no optimizer of that name is registered (the message lists the known ones).
+    """
+    _ensure_loaded()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {', '.join(available_optimizers())}")
+    return _REGISTRY[name]
+
+
+def available_optimizers(family: str | None = None) -> list[str]:
+    """Sorted names of the registered optimizers, optionally of one family.
+
+    Raises:
+        ValueError: If ``family`` is not one of :data:`FAMILIES`.
+    """
+    _ensure_loaded()
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
+
+
+def create_optimizer(
+    name: str,
+    params: Iterable[Any],
+    *,
+    model: nn.Module | None = None,
+    **hparams: Any,
+) -> Optimizer:
+    """Build the optimizer registered as ``name``.
+
+    Args:
+        name: A name from :func:`available_optimizers`.
+        params: Parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        model: The module, required by optimizers whose spec has ``needs_model`` (K-FAC).
+        **hparams: Hyperparameters overriding the spec's defaults.
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        ValueError: For an unknown name, a missing ``model``, or an invalid hyperparameter value.
+        TypeError: For a hyperparameter the optimizer does not take.
+
+    Example:
+        >>> from torch import nn
+        >>> opt = create_optimizer("adam", nn.Linear(2, 1).parameters(), lr=1e-2)
+        >>> type(opt).__name__, opt.defaults["lr"]
+        ('Adam', 0.01)
+    """
+    spec = get_spec(name)
+    accepted = spec.accepted_hparams()
+    if accepted is not None:
+        unknown = sorted(set(hparams) - accepted)
+        if unknown:
+            raise TypeError(
+                f"optimizer {name!r} does not take {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(sorted(accepted))}"
+            )
+    kwargs = {**spec.defaults, **hparams}
+    if spec.needs_model:
+        if model is None:
+            raise ValueError(f"optimizer {name!r} needs the model: call create_optimizer(..., model=module)")
+        return spec.factory(params, model=model, **kwargs)
+    return spec.factory(params, **kwargs)

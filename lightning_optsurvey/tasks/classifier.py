@@ -1,0 +1,154 @@
+"""A classifier ``LightningModule`` that trains with any registered optimizer, by name.
+
+The module reads the optimizer's :class:`~lightning_optsurvey.optim.OptimizerSpec` and adapts the loop
+to it, so that every method works under Lightning's automatic optimization:
+
+- ``create_graph`` methods (AdaHessian, Sophia-H) get a backward pass that keeps its graph;
+- ``needs_model`` methods (K-FAC) get the network;
+- closure methods (L-BFGS, the SAM family) may evaluate ``training_step`` several times per
+  optimizer step. Only the first evaluation logs, and the later ones leave BatchNorm's running
+  statistics as the first left them, so neither the logged loss nor the statistics are counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_optsurvey.optim import create_optimizer, get_spec
+from lightning_optsurvey.tasks.models import build_model
+
+_SCHEDULERS = ("cosine", "step", "exponential")
+
+
+@contextmanager
+def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Run forward passes in train mode without changing any BatchNorm running statistic.
+
+    Batch statistics are still used for normalization; the running mean, variance and
+    ``num_batches_tracked`` are restored on exit.
+    """
+    saved = [
+        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for k, value in buffers.items():
+                    getattr(m, k).copy_(value)
+
+
+class ClassifierModule(LightningModule):
+    """Image classifier trained with cross-entropy and any registered optimizer.
+
+    Args:
+        model: A name for :func:`~lightning_optsurvey.tasks.build_model`, or an ``nn.Module``.
+        optimizer: A name from :func:`~lightning_optsurvey.optim.available_optimizers`.
+        optimizer_kwargs: Hyperparameters overriding the registry's defaults.
+        lr_scheduler: ``None``, ``"cosine"`` (over ``max_epochs``), ``"step"`` or ``"exponential"``.
+        lr_scheduler_kwargs: Keyword arguments of the scheduler (``step_size``, ``gamma``).
+        num_classes: Number of classes.
+
+    Raises:
+        ValueError: For an unknown model, optimizer or scheduler name.
+        TypeError: For an optimizer hyperparameter the optimizer does not take.
+
+    Logs ``train/loss`` (epoch mean), ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "cnn",
+        optimizer: str = "sgd",
+        optimizer_kwargs: dict[str, Any] | None = None,
+        lr_scheduler: str | None = None,
+        lr_scheduler_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.net = model if isinstance(model, nn.Module) else build_model(model, num_classes)
+        self.spec = get_spec(optimizer)
+        self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        # Fail at construction, not at fit time: build once on a throw-away copy of the parameter list.
+        accepted = self.spec.accepted_hparams()
+        if accepted is not None and set(self.optimizer_kwargs) - accepted:
+            bad = sorted(set(self.optimizer_kwargs) - accepted)
+            raise TypeError(f"optimizer {optimizer!r} does not take {bad}; it takes: {sorted(accepted)}")
+        if lr_scheduler is not None and lr_scheduler not in _SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler {lr_scheduler!r}; known: None, {', '.join(_SCHEDULERS)}")
+        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_kwargs = dict(lr_scheduler_kwargs or {})
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._evals_this_batch = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._evals_this_batch = 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        first = self._evals_this_batch == 0
+        self._evals_this_batch += 1
+        with nullcontext() if first else frozen_batchnorm_stats(self.net):
+            logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        if first:
+            self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test", self.test_acc)
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.spec.create_graph:
+            kwargs["create_graph"] = True
+        super().backward(loss, *args, **kwargs)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = create_optimizer(
+            self.spec.name,
+            self.net.parameters(),
+            model=self.net if self.spec.needs_model else None,
+            **self.optimizer_kwargs,
+        )
+        if self.lr_scheduler is None:
+            return optimizer
+        kwargs = self.lr_scheduler_kwargs
+        if self.lr_scheduler == "cosine":
+            t_max = kwargs.get("T_max") or max(int(self.trainer.max_epochs or 1), 1)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max,
+                                                                   eta_min=kwargs.get("eta_min", 0.0))
+        elif self.lr_scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=kwargs.get("step_size", 10),
+                                                        gamma=kwargs.get("gamma", 0.1))
+        else:
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=kwargs.get("gamma", 0.95))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
