@@ -1,0 +1,298 @@
+r"""The Hessian of a model's loss as a linear operator: ``op @ v`` and ``op.matmat(V)``.
+
+.. math::
+
+    L(\theta) = \sum_b \frac{n_b}{N} \ell\big(f(x_b; \theta), y_b\big), \qquad
+    H v = \nabla^2_\theta L(\theta)\, v ,
+
+where :math:`\ell` is the (batch-mean) loss, :math:`n_b` the size of batch :math:`b` and :math:`N =
+\sum_b n_b`, so the loss is the mean over all samples even when batches differ in size.
+
+Products are forward-over-reverse (Pearlmutter's trick in forward mode): ``torch.func.jvp`` of
+``torch.func.grad`` of the loss written with ``torch.func.functional_call``; several vectors go through
+one pass with ``torch.func.vmap``. Nothing about the model changes: parameters enter as detached
+copies, the modes are set for the product and restored right after, the running statistics of
+BatchNorm are never updated and no ``.grad`` is written.
+
+Design choices are measured by ``benchmarks/hessian_vs_pyhessian.py`` (see :meth:`HessianOperator.matmat`).
+
+Why our own: PyHessian (the usual tool) changes the model (eval mode, graph-carrying ``.grad``), builds
+a double-backward graph per batch, and has no batched product; curvlinops is not a dependency and its
+operators are SciPy-based (float64 NumPy round trips per product).
+
+References:
+    Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
+    Yao et al., "PyHessian: Neural networks through the lens of the Hessian", arXiv:1912.07145.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+__all__ = ["HessianOperator"]
+
+BN_MODES = ("eval", "batch")
+
+
+def _batch_size(batch: Any) -> int:
+    inputs, targets = batch
+    for item in (targets, inputs):
+        if isinstance(item, Tensor) and item.ndim > 0:
+            return int(item.shape[0])
+    try:
+        return len(targets)
+    except TypeError as err:
+        kind = type(targets).__name__
+        raise ValueError(f"cannot tell the size of a batch with targets of type {kind}") from err
+
+
+class HessianOperator:
+    """Hessian-vector products of ``loss_fn(model(inputs), targets)`` averaged over ``batches``.
+
+    Args:
+        model: The network. Read, never modified.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar mean loss of one batch.
+        batches: A non-empty sequence of ``(inputs, targets)`` pairs (inputs may be a tuple of arguments).
+            The loss is the mean over all samples, each batch weighted by its size.
+        params: ``None`` for every parameter that requires grad, or a list of parameter names (as in
+            ``model.named_parameters()``) selecting a diagonal block, e.g. one layer.
+        bn_mode: ``"eval"``: BatchNorm uses its running statistics; ``"batch"``: it uses the statistics of
+            each batch, without updating the running ones. Dropout is off in both.
+        reduce: For data-parallel use: a function that *sums* a tensor over processes (an all-reduce).
+            Each process passes its own shard of batches; products are then of the global mean loss and
+            are identical on every process.
+        chunk_size: Columns per vmapped pass in :meth:`matmat` (``None``: all at once); bounds memory.
+
+    Attributes:
+        numel: Dimension of the operator (number of selected scalar parameters).
+        num_matvecs: Number of Hessian-vector products computed so far (a ``matmat`` of ``m`` columns
+            counts ``m``).
+        dtype, device: Those of the parameters; products are computed in this dtype.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
+        ValueError: For no batches, a batch that is not a pair, an unknown ``bn_mode``, unknown parameter
+            names, no parameter requiring grad, parameters of mixed dtype/device, or a loss that is not a
+            scalar.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        >>> op = HessianOperator(net, nn.functional.mse_loss, [(torch.randn(8, 3).double(),
+        ...                                                     torch.randn(8, 1).double())])
+        >>> op.numel, (op @ torch.ones(op.numel, dtype=torch.float64)).shape, op.num_matvecs
+        (21, torch.Size([21]), 1)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        batches: Sequence[tuple[Any, Any]],
+        *,
+        params: Sequence[str] | None = None,
+        bn_mode: Literal["eval", "batch"] = "eval",
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches is empty; pass at least one (inputs, targets) pair")
+        for i, b in enumerate(batches):
+            if not isinstance(b, tuple | list) or len(b) != 2:
+                raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
+        named = dict(model.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+            if not names:
+                raise ValueError("the model has no parameter that requires grad; nothing to differentiate")
+        else:
+            if isinstance(params, str):
+                raise TypeError(f"params must be a list of parameter names, got the string {params!r}")
+            names = list(params)
+            unknown = [n for n in names if n not in named]
+            if unknown:
+                raise ValueError(f"unknown parameter names {unknown}; the model has {sorted(named)}")
+            if not names:
+                raise ValueError("params is an empty list; pass None for all parameters or some names")
+            if len(set(names)) != len(names):
+                raise ValueError(f"params has repeated names: {names}")
+        selected = [named[n] for n in names]
+        dtypes = {p.dtype for p in selected}
+        devices = {p.device for p in selected}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                f"selected parameters mix dtypes {dtypes} or devices {devices}; select a block of one"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = batches
+        self.bn_mode = bn_mode
+        self.names = names
+        self.shapes = [p.shape for p in selected]
+        self.numels = [p.numel() for p in selected]
+        self.numel = sum(self.numels)
+        self.dtype = selected[0].dtype
+        self.device = selected[0].device
+        self.num_matvecs = 0
+        self.chunk_size = chunk_size
+        self._reduce = reduce
+        sizes = [_batch_size(b) for b in batches]
+        local = float(sum(sizes))
+        self._weights = [s / local for s in sizes]
+        self._local_count = local
+        if reduce is not None:
+            self._global_count = float(reduce(torch.tensor(local, dtype=torch.float64, device=self.device)))
+        else:
+            self._global_count = local
+        self._check_scalar_loss()
+
+    # -- model evaluation --------------------------------------------------------------------------------
+    @contextmanager
+    def _product_mode(self) -> Iterator[None]:
+        """Dropout off; BatchNorm in eval mode, or on batch statistics without updates; restored after."""
+        saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in self.model.modules()]
+        try:
+            for m in self.model.modules():
+                m.training = False
+                if self.bn_mode == "batch" and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.training = True
+                    m.track_running_stats = False  # batch statistics, running ones neither used nor updated
+            yield
+        finally:
+            for m, training, track in saved:
+                m.training = training
+                if track is not None:
+                    m.track_running_stats = track
+
+    def _primals(self) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.names}
+
+    def _constants(self) -> dict[str, Tensor]:
+        selected = set(self.names)
+        consts = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
+        consts.update({n: b.detach() for n, b in self.model.named_buffers()})
+        return consts
+
+    def _loss_fn_of(self, batch: tuple[Any, Any], constants: dict[str, Tensor]) -> Callable[[dict], Tensor]:
+        inputs, targets = batch
+        args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            out = functional_call(self.model, {**constants, **p}, args)
+            return self.loss_fn(out, targets)
+
+        return loss
+
+    def _check_scalar_loss(self) -> None:
+        with torch.no_grad(), self._product_mode():
+            value = self._loss_fn_of(self.batches[0], self._constants())(self._primals())
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"loss_fn must return a scalar (a batch mean), got {shape}")
+
+    # -- flat vectors <-> parameter dicts -----------------------------------------------------------------
+    def _split(self, flat: Tensor) -> dict[str, Tensor]:
+        """``flat`` of shape ``(..., numel)`` into ``{name: (..., *shape)}``."""
+        lead = flat.shape[:-1]
+        return {
+            n: chunk.reshape(*lead, *shape)
+            for n, chunk, shape in zip(self.names, flat.split(self.numels, dim=-1), self.shapes)
+        }
+
+    def _join(self, tree: dict[str, Tensor], lead: int) -> Tensor:
+        return torch.cat([tree[n].reshape(*((lead,) if lead else ()), -1) for n in self.names], dim=-1)
+
+    # -- products ------------------------------------------------------------------------------------------
+    def _check_vector(self, v: Tensor, ndim: int) -> Tensor:
+        if not isinstance(v, Tensor):
+            raise TypeError(f"expected a tensor, got {type(v).__name__}")
+        if v.ndim != ndim or v.shape[0] != self.numel:
+            want = "(numel,)" if ndim == 1 else "(numel, m)"
+            raise ValueError(f"expected shape {want} with numel={self.numel}, got {tuple(v.shape)}")
+        return v.to(device=self.device, dtype=self.dtype)
+
+    def _finish(self, total: Tensor) -> Tensor:
+        if self._reduce is None:
+            return total
+        return self._reduce(total * self._local_count) / self._global_count
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` of length ``numel`` (returned in the parameters' dtype)."""
+        v = self._check_vector(v, 1)
+        tangent = self._split(v)
+        primals, constants = self._primals(), self._constants()
+        total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        with torch.enable_grad(), self._product_mode():
+            for weight, batch in zip(self._weights, self.batches):
+                g = grad(self._loss_fn_of(batch, constants))
+                hv = jvp(g, (primals,), (tangent,))[1]
+                total.add_(self._join(hv, 0), alpha=weight)
+        self.num_matvecs += 1
+        return self._finish(total)
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        """``H V`` for ``V`` of shape ``(numel, m)``: the ``m`` columns share vmapped passes."""
+        matrix = self._check_vector(matrix, 2)
+        m = matrix.shape[1]
+        if m == 0:
+            return matrix.clone()
+        tangents = self._split(matrix.T.contiguous())
+        primals, constants = self._primals(), self._constants()
+        total = torch.zeros(m, self.numel, dtype=self.dtype, device=self.device)
+        with torch.enable_grad(), self._product_mode():
+            for weight, batch in zip(self._weights, self.batches):
+                g = grad(self._loss_fn_of(batch, constants))
+
+                def hvp(t: dict[str, Tensor], g: Callable = g) -> dict[str, Tensor]:
+                    return jvp(g, (primals,), (t,))[1]
+
+                hv = vmap(hvp, chunk_size=self.chunk_size)(tangents)
+                total.add_(self._join(hv, m), alpha=weight)
+        self.num_matvecs += m
+        return self._finish(total).T
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        if isinstance(other, Tensor) and other.ndim == 2:
+            return self.matmat(other)
+        return self.matvec(other)
+
+    def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
+        """The loss and its flat gradient at the current parameters (does not count as a matvec)."""
+        primals, constants = self._primals(), self._constants()
+        total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        loss_total = torch.zeros((), dtype=self.dtype, device=self.device)
+        with torch.enable_grad(), self._product_mode():
+            for weight, batch in zip(self._weights, self.batches):
+                g, loss = torch.func.grad_and_value(self._loss_fn_of(batch, constants))(primals)
+                total.add_(self._join(g, 0), alpha=weight)
+                loss_total.add_(loss.detach(), alpha=weight)
+        return self._finish(loss_total), self._finish(total)
+
+    def parameters_vector(self) -> Tensor:
+        """The selected parameters, flattened in the operator's order (a copy)."""
+        return torch.cat([p.reshape(-1) for p in self._primals().values()]).clone()
+
+    def dense(self) -> Tensor:
+        """The full ``numel x numel`` matrix, column block by column block (for small models and tests)."""
+        eye = torch.eye(self.numel, dtype=self.dtype, device=self.device)
+        return self.matmat(eye)
+
+    def __repr__(self) -> str:
+        return (f"HessianOperator(numel={self.numel}, blocks={len(self.names)}, batches={len(self.batches)}, "
+                f"bn_mode={self.bn_mode!r}, dtype={self.dtype}, num_matvecs={self.num_matvecs})")
