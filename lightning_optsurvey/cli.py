@@ -1,0 +1,528 @@
+"""The ``optsurvey`` command.
+
+- ``optsurvey compare``: trains optimizers (and strategies) on the digits task, one MLflow run each,
+  then prints a summary table and the command that opens the MLflow UI on those runs.
+- ``optsurvey list``: the registered optimizers, strategies and callbacks.
+- ``optsurvey theory``: runs the survey's theorems as executable checks.
+- ``optsurvey fit|validate|test``: Lightning's CLI over ``ClassifierModule`` and ``DigitsDataModule``, so YAML
+  configs with ``class_path`` work for our callbacks, optimizers and strategies. Its config is saved as an
+  MLflow artifact when the logger is an ``MLFlowLogger`` (Lightning's own ``SaveConfigCallback`` needs a
+  ``log_dir``, which a remote tracking URI does not have).
+
+This module is the only place in the package that imports ``mlflow``: it creates and tags experiments,
+checks that a tracking server answers before anything trains, and reads the finished runs back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "optsurvey-compare"
+DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adam", "sam")
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_HTTP_SCHEMES = ("http", "https")
+_SUMMARY_METRICS = ("val/acc", "val/loss", "train/loss")
+
+
+class CLIError(Exception):
+    """A user error found before any training starts."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"seeds must be non-negative, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
+
+
+def _hparam(text: str) -> tuple[str, str, Any]:
+    """Parse ``OPTIMIZER.KEY=VALUE`` (VALUE as a Python literal, else a string)."""
+    head, sep, raw = text.partition("=")
+    name, dot, key = head.partition(".")
+    if not sep or not dot or not name or not key:
+        raise argparse.ArgumentTypeError(f"expected OPTIMIZER.KEY=VALUE (e.g. adam.lr=0.003), got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return name.strip(), key.strip(), value
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
+    """Validate a tracking URI; for a server, check that it answers.
+
+    Raises:
+        CLIError: For a file store (deprecated in MLflow 3), an unknown scheme, or a server that does
+            not answer its health check.
+    """
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in _HTTP_SCHEMES:
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise CLIError(f"MLflow tracking server {uri} answered {response.status} at /health")
+        except (urllib.error.URLError, OSError) as err:
+            raise CLIError(f"MLflow tracking server {uri} does not answer ({err})") from None
+        return uri
+    if scheme.split("+")[0] in _DB_SCHEMES:
+        if scheme == "sqlite":
+            path = uri.split(":///", 1)[1] if ":///" in uri else ""
+            folder = os.path.dirname(os.path.abspath(path)) if path else ""
+            if not path or not os.path.isdir(folder):
+                raise CLIError(f"sqlite tracking URI {uri!r} must name a file in an existing folder")
+        return uri
+    raise CLIError(
+        f"unsupported tracking URI {uri!r}: use sqlite:///PATH.db, http(s)://HOST:PORT, or a database URI "
+        f"({', '.join(_DB_SCHEMES)}); MLflow's file store is deprecated"
+    )
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Create (or find) the experiment and tag it so the MLflow UI opens on its runs table."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    key, value = EXPERIMENT_KIND_TAG
+    if experiment is None:
+        return client.create_experiment(name, tags={key: value})
+    if experiment.lifecycle_stage != "active":
+        raise CLIError(f"experiment {name!r} is deleted in {tracking_uri}; restore it or choose another name")
+    if experiment.tags.get(key) != value:
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> tuple[str, str]:
+    """The command that shows the runs, and the address of the experiment's runs view."""
+    if tracking_uri.split(":", 1)[0].lower() in _HTTP_SCHEMES:
+        return (f"(server already running at {tracking_uri})",
+                f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs")
+    return (f"mlflow ui --backend-store-uri {tracking_uri} --port 5000",
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
+
+
+# --------------------------------------------------------------------------------------------- compare
+
+
+@dataclass
+class RunConfig:
+    """One training run of ``optsurvey compare``."""
+
+    optimizer: str
+    seed: int
+    strategy: str | None
+    model: str = "cnn"
+    devices: int = 1
+    num_nodes: int = 1
+    max_epochs: int = 10
+    batch_size: int = 64
+    accelerator: str = "cpu"
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    measure: bool = True
+    limit_train_batches: float | int | None = None
+
+    @property
+    def run_name(self) -> str:
+        base = f"{self.optimizer}-seed{self.seed}"
+        return f"{base}-{self.strategy}" if self.strategy else base
+
+
+def default_callbacks() -> list[Any]:
+    """The measuring callbacks ``optsurvey compare`` attaches to every run."""
+    from lightning_optsurvey import callbacks as cb
+
+    made: list[Any] = []
+    if hasattr(cb, "HessianSpectrum"):
+        made.append(cb.HessianSpectrum(top_k=2, trace=True))
+    if hasattr(cb, "GeneralizationGap"):
+        made.append(cb.GeneralizationGap())
+    if hasattr(cb, "Sharpness"):
+        made.append(cb.Sharpness(kinds=("sam",)))
+    if hasattr(cb, "ConsensusDistance"):
+        made.append(cb.ConsensusDistance())
+    return made
+
+
+def train_one(config: RunConfig) -> dict[str, Any]:
+    """Train one configuration, logging to MLflow.
+
+    Returns:
+        ``{"run_id", "seconds"}`` on global rank 0, ``{}`` on the other ranks.
+    """
+    import lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from lightning_optsurvey.optim import get_spec
+    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = DigitsDataModule(batch_size=config.batch_size, seed=config.seed)
+    module = ClassifierModule(config.model, config.optimizer, config.optimizer_kwargs)
+    logger = MLFlowLogger(
+        experiment_name=config.experiment,
+        run_name=config.run_name,
+        tracking_uri=config.tracking_uri,
+        tags={"task": "digits", "optimizer": config.optimizer, "strategy": config.strategy or "single"},
+    )
+    trainer_kwargs: dict[str, Any] = {}
+    if config.limit_train_batches is not None:
+        trainer_kwargs["limit_train_batches"] = config.limit_train_batches
+    trainer = L.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy or "auto",
+        logger=logger,
+        callbacks=default_callbacks() if config.measure else [],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        **trainer_kwargs,
+    )
+    effective = {**get_spec(config.optimizer).defaults, **config.optimizer_kwargs}
+    logger.log_hyperparams(
+        {
+            "optimizer": config.optimizer,
+            **{f"optimizer.{k}": v for k, v in effective.items()},
+            "strategy": config.strategy or "single",
+            "world_size": config.devices * config.num_nodes,
+            "model": config.model,
+            "task": "digits",
+            "seed": config.seed,
+            "max_epochs": config.max_epochs,
+        }
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return {}
+    logger.log_metrics({"time/train_seconds": seconds}, step=trainer.global_step)
+    logger.finalize("success")
+    return {"run_id": logger.run_id, "seconds": seconds}
+
+
+def _train_in_subprocess(config: RunConfig) -> dict[str, Any]:
+    # Lightning's DDP launcher re-executes the current command line for each extra rank; a fresh
+    # process per run keeps that re-execution to exactly this one run.
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "result.json")
+        command = [sys.executable, "-m", "lightning_optsurvey.cli", "_run-one",
+                   json.dumps(asdict(config)), result_file]
+        completed = subprocess.run(command, check=False)
+        if completed.returncode != 0 or not os.path.exists(result_file):
+            raise RuntimeError(f"run {config.run_name} failed (exit code {completed.returncode})")
+        with open(result_file) as f:
+            return json.load(f)
+
+
+def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lightning_optsurvey.optim import available_optimizers, create_optimizer, get_spec
+    from lightning_optsurvey.tasks import available_models, build_model
+
+    known = available_optimizers()
+    unknown = [o for o in args.optimizers if o not in known]
+    if unknown:
+        raise CLIError(f"unknown optimizer(s) {', '.join(unknown)}; known optimizers: {', '.join(known)}")
+    if args.model not in available_models():
+        raise CLIError(f"unknown model {args.model!r}; known models: {', '.join(available_models())}")
+    strategies: list[str | None] = list(args.strategy) if args.strategy else [None]
+    known_strategies = sorted(StrategyRegistry.available_strategies())
+    for s in strategies:
+        if s is not None and s not in known_strategies:
+            raise CLIError(f"unknown strategy {s!r}; known strategies: {', '.join(known_strategies)}")
+    if args.devices * args.num_nodes > 1 and strategies == [None]:
+        strategies = ["ddp"]
+    kwargs: dict[str, dict[str, Any]] = {o: {} for o in args.optimizers}
+    for name, key, value in args.hparam or []:
+        if name not in kwargs:
+            raise CLIError(f"--hparam names optimizer {name!r}, which is not among --optimizers {args.optimizers}")
+        kwargs[name][key] = value
+    # Build each optimizer once on a throw-away model: bad hyperparameters fail here, before any run.
+    for name in args.optimizers:
+        probe = build_model(args.model)
+        try:
+            create_optimizer(name, probe.parameters(), model=probe if get_spec(name).needs_model else None,
+                             **kwargs[name])
+        except (TypeError, ValueError) as err:
+            raise CLIError(f"optimizer {name!r}: {err}") from None
+    check_tracking_uri(args.tracking_uri)
+    return [
+        RunConfig(
+            optimizer=o, seed=s, strategy=st, model=args.model, devices=args.devices, num_nodes=args.num_nodes,
+            max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator,
+            experiment=args.experiment, tracking_uri=args.tracking_uri, optimizer_kwargs=kwargs[o],
+            measure=not args.no_measure, limit_train_batches=args.limit_train_batches,
+        )
+        for st in strategies
+        for o in args.optimizers
+        for s in args.seeds
+    ]
+
+
+def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in columns]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)).ljust(w) for c, w in zip(columns, widths)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run ``optsurvey compare``; returns the exit code."""
+    from mlflow.tracking import MlflowClient
+
+    configs = _validate_compare(args)
+    experiment_id = ensure_experiment(args.tracking_uri, args.experiment)
+    client = MlflowClient(tracking_uri=args.tracking_uri)
+    rows: list[dict[str, Any]] = []
+    extra_metrics: list[str] = []
+    for i, config in enumerate(configs, start=1):
+        print(f"run {i}/{len(configs)}: {config.run_name}", file=sys.stderr, flush=True)
+        multi = config.devices * config.num_nodes > 1
+        result = _train_in_subprocess(config) if multi else train_one(config)
+        metrics = client.get_run(result["run_id"]).data.metrics
+        row = {"optimizer": config.optimizer, "seed": config.seed, "strategy": config.strategy or "single",
+               "seconds": result["seconds"], **metrics}
+        rows.append(row)
+        extra_metrics += [k for k in sorted(metrics) if k not in extra_metrics and k not in _SUMMARY_METRICS
+                          and k != "time/train_seconds" and not k.startswith(("train_eval/", "epoch"))]
+    columns = ["optimizer", "seed"]
+    if any(c.strategy for c in configs):
+        columns.append("strategy")
+    columns += [*_SUMMARY_METRICS, "seconds", *extra_metrics]
+    print()
+    print(_format_table(rows, columns))
+    best = max(rows, key=lambda r: r.get("val/acc", float("-inf")))
+    command, address = ui_hint(args.tracking_uri, experiment_id)
+    print(f"\nbest: {best['optimizer']} (seed {best['seed']}) val/acc={best.get('val/acc', float('nan')):.4f}")
+    print(f"\n{len(rows)} runs in experiment {args.experiment!r} (id {experiment_id}) at {args.tracking_uri}")
+    print(f"open the MLflow UI:  {command}")
+    print(f"then browse:         {address}")
+    return 0
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train optimizers/strategies on digits as MLflow runs and compare them",
+                       description="Train each optimizer (x seed x strategy) on the digits task with the measuring "
+                                   "callbacks, one MLflow run each, then print a summary table.")
+    p.add_argument("--optimizers", type=_name_list, default=list(DEFAULT_OPTIMIZERS),
+                   help=f"comma-separated registry names (default: {','.join(DEFAULT_OPTIMIZERS)})")
+    p.add_argument("--model", default="cnn", help="model name (default: cnn)")
+    p.add_argument("--strategy", type=_name_list, default=None,
+                   help="comma-separated strategy names (default: single device, or ddp with --devices > 1)")
+    p.add_argument("--devices", type=_positive_int, default=1, help="processes (or GPUs) per node")
+    p.add_argument("--num-nodes", type=_positive_int, default=1, help="nodes")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"], help="default: cpu")
+    p.add_argument("--max-epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default: 0)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"default: {DEFAULT_EXPERIMENT}")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help=f"default: {DEFAULT_TRACKING_URI}")
+    p.add_argument("--hparam", type=_hparam, action="append", metavar="OPT.KEY=VALUE",
+                   help="override a hyperparameter, e.g. --hparam adam.lr=0.003 (repeatable)")
+    p.add_argument("--no-measure", action="store_true", help="skip the measuring callbacks")
+    p.add_argument("--limit-train-batches", type=float, default=None, help=argparse.SUPPRESS)
+
+
+# --------------------------------------------------------------------------------------------- list
+
+
+def list_available(args: argparse.Namespace) -> int:
+    """Print the registered optimizers, strategies and callbacks."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lightning_optsurvey import callbacks as cb
+    from lightning_optsurvey import strategies as st
+    from lightning_optsurvey.optim import available_optimizers, get_spec
+
+    rows = [{"name": n, "family": get_spec(n).family, "reference": get_spec(n).reference}
+            for n in available_optimizers()]
+    print("Optimizers\n" + _format_table(rows, ["name", "family", "reference"]))
+    ours = sorted(getattr(st, "STRATEGY_NAMES", ()))
+    others = sorted(set(StrategyRegistry.available_strategies()) - set(ours))
+    print("\nStrategies (ours): " + (", ".join(ours) or "none"))
+    print("Strategies (Lightning): " + ", ".join(others))
+    print("\nCallbacks: " + ", ".join(sorted(getattr(cb, "__all__", []))))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- theory
+
+
+def theory(args: argparse.Namespace) -> int:
+    """Run the executable theorems; exit code 1 if any fails."""
+    from lightning_optsurvey import theory as th
+
+    outcomes = th.run_checks(only=args.only)
+    print(th.format_table(outcomes))
+    if args.tracking_uri:
+        _log_theory(args.tracking_uri, args.experiment, outcomes)
+    return 0 if all(o.outcome.holds for o in outcomes) else 1
+
+
+def _log_theory(tracking_uri: str, experiment: str, outcomes: Sequence[Any]) -> None:
+    import mlflow
+    from matplotlib import pyplot as plt
+
+    from lightning_optsurvey import theory as th
+
+    check_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
+    for item in outcomes:
+        run = client.create_run(experiment_id, run_name=item.result.name)
+        client.log_param(run.info.run_id, "reference", item.result.reference[:250])
+        client.log_metric(run.info.run_id, "holds", float(item.outcome.holds))
+        figure = th.plot_outcome(item.result, item.outcome)
+        client.log_figure(run.info.run_id, figure, f"theory/{item.result.name}.png")
+        plt.close(figure)
+        client.set_terminated(run.info.run_id, "FINISHED" if item.outcome.holds else "FAILED")
+
+
+# --------------------------------------------------------------------------------------------- Lightning CLI
+
+
+def _lightning_cli(argv: list[str]) -> int:
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+    class MLflowSaveConfigCallback(SaveConfigCallback):
+        """Save the resolved config as an MLflow artifact when logging to MLflow, else to ``log_dir``."""
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            mlflow_loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+            if not mlflow_loggers:
+                super().setup(trainer, pl_module, stage)
+                return
+            if self.already_saved:
+                return
+            if trainer.is_global_zero:
+                text = self.parser.dump(self.config, skip_none=False)
+                for lg in mlflow_loggers:
+                    key, value = EXPERIMENT_KIND_TAG
+                    lg.experiment.set_experiment_tag(lg.experiment_id, key, value)
+                    lg.experiment.log_text(lg.run_id, text, self.config_filename)
+            self.already_saved = True
+            self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    LightningCLI(
+        ClassifierModule,
+        DigitsDataModule,
+        save_config_callback=MLflowSaveConfigCallback,
+        trainer_defaults={
+            # MLFlowLogger has no local save_dir for sqlite/http URIs; keep checkpoints out of the cwd's top level.
+            "default_root_dir": "lightning_logs",
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                "init_args": {"experiment_name": "optsurvey", "tracking_uri": DEFAULT_TRACKING_URI},
+            },
+        },
+        args=argv,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+_USAGE = """usage: optsurvey {compare,list,theory,fit,validate,test} ...
+
+  compare    train optimizers (and strategies) on digits, one MLflow run each, and compare them
+  list       print the registered optimizers, strategies and callbacks
+  theory     run the survey's theorems as executable checks
+  fit, validate, test
+             Lightning's CLI over ClassifierModule and DigitsDataModule (see `optsurvey fit --help`)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``optsurvey`` console script."""
+    import lightning_optsurvey  # noqa: F401  (registers the strategy names)
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0 if args_list else 2
+    command = args_list[0]
+    if command == "_run-one":
+        config = RunConfig(**json.loads(args_list[1]))
+        result = train_one(config)
+        if result:  # global rank 0 only
+            with open(args_list[2], "w") as f:
+                json.dump(result, f)
+        return 0
+    if command in ("fit", "validate", "test", "predict"):
+        return _lightning_cli(args_list)
+
+    parser = argparse.ArgumentParser(prog="optsurvey")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _compare_parser(sub)
+    sub.add_parser("list", help="print the registered optimizers, strategies and callbacks")
+    p_theory = sub.add_parser("theory", help="run the survey's theorems as executable checks")
+    p_theory.add_argument("--only", default=None, help="run only the result of this name")
+    p_theory.add_argument("--tracking-uri", default=None, help="also log each check as an MLflow run")
+    p_theory.add_argument("--experiment", default="optsurvey-theory")
+    args = parser.parse_args(args_list)
+    handlers = {"compare": compare, "list": list_available, "theory": theory}
+    try:
+        return handlers[args.command](args)
+    except CLIError as err:
+        print(f"optsurvey {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
