@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test lint install install-test clean readme
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,6 @@ test: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns lightning_logs .pytest_cache
+
+readme: $(VENV)/.installed
+	$(BIN)/python tools/update_readme.py

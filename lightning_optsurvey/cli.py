@@ -385,8 +385,11 @@ def list_available(args: argparse.Namespace) -> int:
 
     from lightning_optsurvey import callbacks as cb
     from lightning_optsurvey import strategies as st
-    from lightning_optsurvey.optim import available_optimizers, get_spec
+    from lightning_optsurvey.optim import available_optimizers, get_spec, methods_markdown
 
+    if args.markdown:
+        print(methods_markdown())
+        return 0
     rows = [{"name": n, "family": get_spec(n).family, "reference": get_spec(n).reference}
             for n in available_optimizers()]
     print("Optimizers\n" + _format_table(rows, ["name", "family", "reference"]))
@@ -510,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optsurvey")
     sub = parser.add_subparsers(dest="command", required=True)
     _compare_parser(sub)
-    sub.add_parser("list", help="print the registered optimizers, strategies and callbacks")
+    p_list = sub.add_parser("list", help="print the registered optimizers, strategies and callbacks")
+    p_list.add_argument("--markdown", action="store_true", help="print the optimizer table of the README")
     p_theory = sub.add_parser("theory", help="run the survey's theorems as executable checks")
     p_theory.add_argument("--only", default=None, help="run only the result of this name")
     p_theory.add_argument("--tracking-uri", default=None, help="also log each check as an MLflow run")

@@ -10,6 +10,7 @@ from lightning_optsurvey.optim.registry import (
     available_optimizers,
     create_optimizer,
     get_spec,
+    methods_markdown,
     register,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "available_optimizers",
     "create_optimizer",
     "get_spec",
+    "methods_markdown",
     "register",
 ]

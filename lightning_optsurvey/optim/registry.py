@@ -180,3 +180,17 @@ def create_optimizer(
             raise ValueError(f"optimizer {name!r} needs the model: call create_optimizer(..., model=module)")
         return spec.factory(params, model=model, **kwargs)
     return spec.factory(params, **kwargs)
+
+
+def methods_markdown() -> str:
+    """The registry as a markdown table (name, family, closure, summary, reference), as in the README."""
+    _ensure_loaded()
+    lines = ["| name | family | needs | summary | reference |", "|---|---|---|---|---|"]
+    for name in available_optimizers():
+        spec = _REGISTRY[name]
+        needs = ", ".join(
+            flag for flag, on in (("closure", spec.needs_closure), ("create_graph", spec.create_graph),
+                                  ("model", spec.needs_model)) if on
+        )
+        lines.append(f"| `{name}` | {spec.family} | {needs} | {spec.summary} | {spec.reference} |")
+    return "\n".join(lines)

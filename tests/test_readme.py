@@ -1,0 +1,28 @@
+"""The README stays true: its methods table is the registry's, and its two commands are the Makefile's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lightning_optsurvey.optim import methods_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_methods_table_matches_the_registry():
+    match = re.search(r"<!-- methods-table:start -->\n(.*?)\n?<!-- methods-table:end -->", README, re.S)
+    assert match, "README lacks the methods-table markers"
+    assert match.group(1).strip() == methods_markdown().strip(), (
+        "README's methods table is stale: replace it with the output of `optsurvey list --markdown`"
+    )
+
+
+def test_readme_shows_the_two_commands_and_ci_runs_the_test_one():
+    assert "make demo" in README and "make test" in README
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    assert "TORCH_SPEC ?=" in makefile
