@@ -48,10 +48,11 @@ def _dense_reference(model: nn.Module, batches: list, names: list[str] | None = 
     return hessian(loss)(flat)
 
 
-def test_matvec_and_matmat_match_dense_hessian_with_unequal_batches():
+@pytest.mark.parametrize("linearize", [True, False])
+def test_matvec_and_matmat_match_dense_hessian_with_unequal_batches(linearize):
     model = _tanh_mlp()
     batches = _batches((7, 3, 11))
-    op = HessianOperator(model, F.cross_entropy, batches)
+    op = HessianOperator(model, F.cross_entropy, batches, linearize=linearize, chunk_size=3)
     reference = _dense_reference(model, batches)
     v = torch.randn(op.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(op @ v, reference @ v, rtol=0, atol=MATVEC_TOL)
@@ -128,13 +129,14 @@ def _bn_reference(net: _BNNet, batches: list, mode: str) -> torch.Tensor:
     return hessian(loss)(torch.cat([params[n].detach().reshape(-1) for n in names]))
 
 
+@pytest.mark.parametrize("linearize", [True, False])
 @pytest.mark.parametrize("bn_mode", ["eval", "batch"])
 @pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_modes_match_hand_written_reference_and_leave_the_model_alone(bn_mode, training):
+def test_batchnorm_modes_match_hand_written_reference_and_leave_the_model_alone(bn_mode, training, linearize):
     net = _bn_net().train(training)
     batches = _batches((6, 9), in_dim=4)
     buffers = {n: b.clone() for n, b in net.named_buffers()}
-    op = HessianOperator(net, F.cross_entropy, batches, bn_mode=bn_mode)
+    op = HessianOperator(net, F.cross_entropy, batches, bn_mode=bn_mode, linearize=linearize)
     torch.testing.assert_close(op.dense(), _bn_reference(net, batches, bn_mode), rtol=0, atol=MATVEC_TOL)
     for n, b in net.named_buffers():
         assert torch.equal(b, buffers[n]), n
@@ -155,6 +157,39 @@ def test_dropout_is_off_during_products_and_rng_untouched():
     assert torch.equal(torch.get_rng_state(), rng)
     torch.testing.assert_close(dense, _dense_reference(without, batches), rtol=0, atol=MATVEC_TOL)
     assert with_dropout.training
+
+
+def test_retained_graph_follows_in_place_parameter_changes():
+    model = _tanh_mlp()
+    batches = _batches((6,))
+    op = HessianOperator(model, F.cross_entropy, batches)
+    v = torch.randn(op.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    before = op @ v
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # as an optimizer step would
+    after = op @ v
+    torch.testing.assert_close(after, _dense_reference(model, batches) @ v, rtol=0, atol=MATVEC_TOL)
+    assert not torch.allclose(before, after)
+
+
+def test_unused_parameters_have_zero_rows():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    net = WithUnused().double()
+    batches = _batches((5,))
+    for linearize in (True, False):
+        dense = HessianOperator(net, F.cross_entropy, batches, linearize=linearize).dense()
+        assert torch.equal(dense[15:], torch.zeros_like(dense[15:]))
+        torch.testing.assert_close(dense[:15, :15], _dense_reference(net, batches, ["used.weight", "used.bias"]),
+                                   rtol=0, atol=MATVEC_TOL)
 
 
 def test_products_run_in_the_model_dtype():
