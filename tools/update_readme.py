@@ -11,6 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def main() -> None:
+    """Replace the table between the methods-table markers with the registry's."""
     text = README.read_text()
     table = methods_markdown()
     new = re.sub(r"(<!-- methods-table:start -->\n).*?(<!-- methods-table:end -->)",
