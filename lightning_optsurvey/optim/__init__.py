@@ -3,23 +3,37 @@
 ``create_optimizer(name, params, **hparams)`` builds any of them; ``available_optimizers()`` lists them.
 """
 
-from lightning_optsurvey.optim import _torch  # noqa: F401  (registers torch.optim's methods)
+from lightning_optsurvey.optim import (
+    _external,  # noqa: F401  (registers pytorch-optimizer's methods)
+    _torch,  # noqa: F401  (registers torch.optim's methods)
+)
+from lightning_optsurvey.optim.entropy_sgd import EntropySGD
+from lightning_optsurvey.optim.gsam import GSAM
+from lightning_optsurvey.optim.kfac import KFAC
+from lightning_optsurvey.optim.lpf_sgd import LPFSGD
 from lightning_optsurvey.optim.registry import (
     FAMILIES,
     OptimizerSpec,
     available_optimizers,
     create_optimizer,
     get_spec,
-    methods_markdown,
     register,
 )
+from lightning_optsurvey.optim.sam import SAM
+from lightning_optsurvey.optim.svrg import SVRG, SVRGSnapshot
 
 __all__ = [
     "FAMILIES",
+    "GSAM",
+    "KFAC",
+    "LPFSGD",
+    "SAM",
+    "SVRG",
+    "EntropySGD",
     "OptimizerSpec",
+    "SVRGSnapshot",
     "available_optimizers",
     "create_optimizer",
     "get_spec",
-    "methods_markdown",
     "register",
 ]

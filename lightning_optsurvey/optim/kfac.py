@@ -1,0 +1,354 @@
+"""K-FAC: Kronecker-factored approximate curvature for ``Linear`` and ``Conv2d`` layers.
+
+Why ours: no maintained package offers K-FAC as a plain ``torch.optim.Optimizer`` that works with
+Lightning's automatic optimization (kfac-pytorch is a separate preconditioner object stepped by hand,
+pytorch-optimizer has none). Here the statistics are taken by module hooks that are *active only while
+``step`` evaluates its closure* (the training forward and backward of that step), so validation,
+measuring callbacks and any other forward pass never touch the factors; everything, factors and their
+inverses included, lives in ``self.state`` so that a checkpoint resumes the exact trajectory.
+
+The curvature is the empirical Fisher of the training loss (the gradients that the closure's backward
+produces), as in kfac-pytorch's default; outputs are not re-sampled from the model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_optsurvey.optim._common import call_closure, check_int, check_number
+
+_STEP_KEY = "kfac"
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _activations(module: nn.Module, x: Tensor) -> Tensor:
+    """Rows ``a`` whose outer products make up ``A``: inputs (Linear) or unfolded patches (Conv2d)."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)  # (B, C*kh*kw, L)
+        a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        a = x.reshape(-1, x.shape[-1])
+    if module.bias is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    return a
+
+
+def _output_rows(module: nn.Module, g: Tensor) -> Tensor:
+    if isinstance(module, nn.Conv2d):
+        return g.transpose(1, -1).reshape(-1, g.shape[1])  # (B*H*W, C_out)
+    return g.reshape(-1, g.shape[-1])
+
+
+class _Hooks:
+    """Forward hook of one layer; holds the optimizer weakly so that copying the model does not copy it."""
+
+    def __init__(self, optimizer: KFAC, module: nn.Module) -> None:
+        self._optimizer = weakref.ref(optimizer)
+        self._module = weakref.ref(module)
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        opt = self._optimizer()
+        if opt is None or not opt._capturing or not module.training or not torch.is_grad_enabled():
+            return
+        if module in opt._seen_forward or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        opt._seen_forward.add(module)
+        x = inputs[0].detach()
+        batch = x.shape[0]
+        with torch.no_grad():
+            a = _activations(module, x)
+            opt._pending.setdefault(module, {})["A"] = (a.T @ a) / batch
+        output.register_hook(_OutputGradHook(opt, module, batch))
+
+
+class _OutputGradHook:
+    def __init__(self, optimizer: KFAC, module: nn.Module, batch: int) -> None:
+        self._optimizer = weakref.ref(optimizer)
+        self._module = module
+        self._batch = batch
+
+    def __call__(self, grad: Tensor) -> None:
+        opt = self._optimizer()
+        if opt is None or self._module in opt._seen_backward:
+            return
+        opt._seen_backward.add(self._module)
+        with torch.no_grad():
+            # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
+            g = _output_rows(self._module, grad.detach()) * self._batch
+            opt._pending.setdefault(self._module, {})["G"] = (g.T @ g) / g.shape[0]
+
+
+class KFAC(Optimizer):
+    r"""K-FAC with momentum, factored Tikhonov damping and KL clipping.
+
+    For a layer with input rows :math:`a` (Conv2d: unfolded patches, Grosse & Martens 2016) and output
+    gradients :math:`\delta`, the Fisher block is approximated by :math:`A \otimes G` with exponential moving
+    averages (decay ``stat_decay``) of :math:`A = \frac1B\sum a a^\top` and
+    :math:`G = \frac1{|T| B}\sum \delta \delta^\top`. The weight gradient :math:`\nabla W` (bias as a last
+    column) is preconditioned as
+
+    .. math::
+        V = (G + \tfrac{\sqrt\lambda}{\pi} I)^{-1}\, \nabla W\, (A + \pi\sqrt\lambda\, I)^{-1},\qquad
+        \pi = \sqrt{\frac{\operatorname{tr}A / \dim A}{\operatorname{tr}G / \dim G}}
+
+    (:math:`\pi = 1` without ``pi_correction`` or when a trace is zero; with no statistics both factors are
+    zero, so ``damping=1`` gives :math:`V = \nabla W`). The inverses are refreshed every ``inv_every`` steps.
+    KL clipping scales every preconditioned gradient by
+    :math:`\nu = \min(1, \sqrt{\kappa / \sum \eta^2 \langle V, \nabla W\rangle})`, then
+    :math:`d = \nu V + \text{wd}\, W`, :math:`b \leftarrow \mu b + d`, :math:`W \leftarrow W - \eta b`.
+    Parameters outside supported layers take the same momentum step on their plain gradient.
+
+    Statistics are collected by hooks that are active only during the closure evaluated by ``step``
+    (first forward and first backward of each layer in it, train mode, grad enabled) and only every
+    ``stat_every`` steps. In a hand-written loop, wrap the forward and backward in
+    ``with optimizer.capture():`` and call ``step()`` afterwards.
+
+    Args:
+        model: The network whose ``Linear``/``Conv2d`` layers are preconditioned (hooks are added).
+        lr: Learning rate :math:`\eta > 0`.
+        momentum: Momentum :math:`\mu \in [0, 1)`.
+        damping: Tikhonov damping :math:`\lambda > 0`.
+        stat_decay: Decay of the factor averages, in :math:`[0, 1)`.
+        inv_every: Steps between recomputations of the inverses (>= 1).
+        kl_clip: :math:`\kappa > 0`, or ``None`` to disable KL clipping.
+        weight_decay: L2 coefficient added after preconditioning, ``>= 0``.
+        pi_correction: Use the :math:`\pi` split of the damping between the factors.
+        stat_every: Steps between statistics updates (>= 1).
+        params: Parameters or groups to optimize (default: all of ``model``'s that require grad).
+
+    Raises:
+        ValueError: For an out-of-range hyperparameter or a model that is not an ``nn.Module``.
+
+    References:
+        Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature",
+        ICML 2015, arXiv:1503.05671.
+        Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",
+        ICML 2016, arXiv:1602.01407.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        stat_decay: float = 0.95,
+        inv_every: int = 10,
+        kl_clip: float | None = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        pi_correction: bool = True,
+        stat_every: int = 1,
+        params: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_number("lr", lr, low_open=True)
+        check_number("momentum", momentum, high=1.0, high_open=True)
+        check_number("damping", damping, low_open=True)
+        check_number("stat_decay", stat_decay, high=1.0, high_open=True)
+        check_int("inv_every", inv_every)
+        check_int("stat_every", stat_every)
+        if kl_clip is not None:
+            check_number("kl_clip", kl_clip, low_open=True)
+        check_number("weight_decay", weight_decay)
+        if not isinstance(pi_correction, bool):
+            raise ValueError(f"pi_correction must be a bool, got {pi_correction!r}")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = {"lr": lr, "momentum": momentum, "damping": damping, "stat_decay": stat_decay,
+                    "kl_clip": kl_clip, "weight_decay": weight_decay, "pi_correction": pi_correction,
+                    "inv_every": inv_every, "stat_every": stat_every}
+        super().__init__(params, defaults)
+        owned = {p for group in self.param_groups for p in group["params"]}
+        self._layers: list[nn.Module] = [
+            m for m in model.modules() if _supported(m) and m.weight in owned
+            and (m.bias is None or m.bias in owned)
+        ]
+        self._capturing = False
+        self._seen_forward: set[nn.Module] = set()
+        self._seen_backward: set[nn.Module] = set()
+        self._pending: dict[nn.Module, dict[str, Tensor]] = {}
+        self._handles = [m.register_forward_hook(_Hooks(self, m)) for m in self._layers]
+
+    def remove_hooks(self) -> None:
+        """Detach the statistics hooks from the model (the optimizer then steps with its last factors)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Collect factor statistics from the first forward and backward of each layer inside the block."""
+        self._capturing, self._seen_forward, self._seen_backward = True, set(), set()
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    def _step_state(self) -> dict[str, int]:
+        return self.state.setdefault(_STEP_KEY, {"step": 0})  # type: ignore[call-overload]
+
+    def _update_factors(self) -> None:
+        pending, self._pending = self._pending, {}
+        for module in self._layers:
+            stats = pending.get(module, {})
+            if "A" not in stats or "G" not in stats:
+                continue
+            state = self.state[module.weight]
+            decay = self._group_of(module.weight)["stat_decay"]
+            for key in ("A", "G"):
+                if key in state:
+                    state[key].mul_(decay).add_(stats[key], alpha=1.0 - decay)
+                else:
+                    state[key] = stats[key].clone()
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is q for q in group["params"]):
+                return group
+        raise KeyError("parameter not in this optimizer")
+
+    @staticmethod
+    def _damped_inverse(matrix: Tensor, shift: float) -> Tensor:
+        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        damped = matrix + shift * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return torch.cholesky_inverse(chol)
+        values, vectors = torch.linalg.eigh(damped)  # round-off made it indefinite: clip the spectrum
+        return (vectors / values.clamp_min(shift)) @ vectors.T
+
+    def _update_inverses(self, only_missing: bool) -> None:
+        for module in self._layers:
+            state = self.state[module.weight]
+            if "A" not in state or (only_missing and "A_inv" in state):
+                continue
+            group = self._group_of(module.weight)
+            a_fac, g_fac = state["A"], state["G"]
+            pi = 1.0
+            if group["pi_correction"]:
+                ta = float(torch.trace(a_fac)) / a_fac.shape[0]
+                tg = float(torch.trace(g_fac)) / g_fac.shape[0]
+                if ta > 0 and tg > 0:
+                    pi = (ta / tg) ** 0.5
+            root = group["damping"] ** 0.5
+            state["A_inv"] = self._damped_inverse(a_fac, pi * root)
+            state["G_inv"] = self._damped_inverse(g_fac, root / pi)
+
+    def _precondition(self) -> dict[Tensor, Tensor]:
+        """Preconditioned gradients of the supported layers' parameters."""
+        out: dict[Tensor, Tensor] = {}
+        for module in self._layers:
+            weight, bias = module.weight, module.bias
+            if weight.grad is None:
+                continue
+            grad = weight.grad.reshape(weight.shape[0], -1)
+            if bias is not None:
+                bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+                grad = torch.cat([grad, bias_grad.reshape(-1, 1)], dim=1)
+            state = self.state[weight]
+            if "A_inv" in state:
+                v = state["G_inv"] @ grad @ state["A_inv"]
+            else:
+                # No statistics yet: both factors are zero, so only the damping is left.
+                v = grad / self._group_of(weight)["damping"]
+            if bias is not None:
+                out[weight] = v[:, :-1].reshape(weight.shape)
+                if bias.grad is not None:
+                    out[bias] = v[:, -1].reshape(bias.shape)
+            else:
+                out[weight] = v.reshape(weight.shape)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One K-FAC step; the closure (if any) is evaluated once, with the statistics hooks active.
+
+        Args:
+            closure: Zeroes the gradients, recomputes the loss and calls ``backward``.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        counter = self._step_state()
+        step = counter["step"]
+        loss = None
+        if closure is not None:
+            if step % self.defaults["stat_every"] == 0:
+                with self.capture():
+                    loss = call_closure(closure)
+            else:
+                loss = call_closure(closure)
+        self._update_factors()
+        # Refresh every inv_every steps; a layer whose first statistics just arrived is inverted at once.
+        self._update_inverses(only_missing=step % self.defaults["inv_every"] != 0)
+
+        updates = self._precondition()
+        nu = 1.0
+        if updates and self.defaults["kl_clip"] is not None:
+            vg = sum(
+                (self._group_of(p)["lr"] ** 2) * torch.vdot(v.flatten(), p.grad.flatten())
+                for p, v in updates.items()
+            )
+            vg = float(vg)
+            if vg > 0:
+                nu = min(1.0, (self.defaults["kl_clip"] / vg) ** 0.5)
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = updates[p].mul_(nu) if p in updates else p.grad.clone()
+                if wd:
+                    d_p.add_(p, alpha=wd)
+                if momentum:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        state["momentum_buffer"] = buf = d_p.clone()
+                    else:
+                        buf.mul_(momentum).add_(d_p)
+                    d_p = buf
+                p.add_(d_p, alpha=-lr)
+        counter["step"] = step + 1
+        return loss
+
+
+def _register() -> None:
+    import inspect
+
+    from lightning_optsurvey.optim.registry import OptimizerSpec, register
+
+    def factory(params: Any, *, model: nn.Module, **hparams: Any) -> KFAC:
+        return KFAC(model, params=params, **hparams)
+
+    factory.__signature__ = inspect.signature(KFAC)  # type: ignore[attr-defined]
+    register(OptimizerSpec(
+        "kfac", factory, "second_order", needs_model=True,
+        defaults={"lr": 0.05, "momentum": 0.9, "damping": 1e-2, "inv_every": 10, "kl_clip": 1e-2},
+        reference="Martens & Grosse 2015, arXiv:1503.05671; Grosse & Martens 2016, arXiv:1602.01407",
+        summary="Kronecker-factored natural gradient (Linear and Conv2d layers)",
+    ))
+
+
+_register()

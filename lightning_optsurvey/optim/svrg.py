@@ -1,0 +1,276 @@
+"""SVRG: stochastic variance-reduced gradient, with the snapshot taken by a Lightning callback.
+
+Why ours: no maintained package offers SVRG as an optimizer that fits a training loop; it needs the
+full gradient at a snapshot once per epoch and a second gradient evaluation, on the same mini-batch, at
+the snapshot. :class:`SVRG` does the second evaluation inside ``step(closure)`` (at the snapshot weights,
+with the same random state, so dropout masks match) and keeps the snapshot and its full gradient in
+``self.state``; :class:`SVRGSnapshot` computes the full gradient at the start of each epoch.
+``ClassifierModule`` adds the callback itself, so ``optsurvey compare --optimizers svrg`` needs nothing
+special.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_optsurvey.optim._common import call_closure, check_int, check_number, require_closure
+
+_SNAPSHOT_KEY = "svrg"
+
+
+def _rng_states(params: list[Tensor]) -> list[tuple[str, Any]]:
+    states: list[tuple[str, Any]] = [("cpu", torch.get_rng_state())]
+    for device in {p.device for p in params if p.device.type == "cuda"}:
+        states.append((str(device), torch.cuda.get_rng_state(device)))
+    return states
+
+
+def _set_rng_states(states: list[tuple[str, Any]]) -> None:
+    for device, state in states:
+        if device == "cpu":
+            torch.set_rng_state(state)
+        else:
+            torch.cuda.set_rng_state(state, device)
+
+
+class SVRG(Optimizer):
+    r"""Stochastic variance-reduced gradient (with optional momentum).
+
+    With a snapshot :math:`\tilde w` and its full gradient :math:`\tilde\mu = \nabla F(\tilde w)`, each step on a
+    mini-batch :math:`i` uses
+
+    .. math::
+        v = \nabla f_i(w) - \nabla f_i(\tilde w) + \tilde\mu, \qquad b \leftarrow m b + v + \text{wd}\,w,
+        \qquad w \leftarrow w - \eta b .
+
+    ``step(closure)`` evaluates the closure at :math:`w` (the evaluation that is logged and whose loss is
+    returned) and, once a snapshot exists, again at :math:`\tilde w` with the same RNG state. Before the first
+    snapshot the step is plain SGD. :meth:`snapshot` stores the current weights and their ``.grad`` (which
+    the caller has filled with the full gradient); :class:`SVRGSnapshot` does this every epoch under
+    Lightning. A snapshot at every step makes the method full-batch gradient descent.
+
+    Args:
+        params: Parameters or parameter groups.
+        lr: Learning rate :math:`\eta > 0`.
+        momentum: Momentum :math:`m \in [0, 1)` (0 in the paper).
+        weight_decay: L2 coefficient, ``>= 0``.
+
+    Raises:
+        ValueError: For an out-of-range hyperparameter.
+
+    References:
+        Johnson & Zhang, "Accelerating Stochastic Gradient Descent using Predictive Variance Reduction",
+        NeurIPS 2013, papers.nips.cc/paper/4937.
+    """
+
+    #: Under Lightning the snapshot is taken by :class:`SVRGSnapshot`; ``ClassifierModule`` adds it.
+    requires_snapshot_callback = True
+
+    def __init__(self, params: Any, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        check_number("lr", lr, low_open=True)
+        check_number("momentum", momentum, high=1.0, high_open=True)
+        check_number("weight_decay", weight_decay)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @property
+    def snapshot_tag(self) -> Any:
+        """The ``tag`` given to the last :meth:`snapshot` (``None`` before the first)."""
+        return self.state.get(_SNAPSHOT_KEY, {}).get("tag")
+
+    @torch.no_grad()
+    def snapshot(self, tag: Any = None) -> None:
+        """Take the current weights as the snapshot and their ``.grad`` as its full gradient.
+
+        Parameters without a gradient get a zero full gradient.
+
+        Args:
+            tag: Any value remembered with the snapshot (the callback stores the epoch).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["snapshot"] = p.detach().clone()
+                state["full_grad"] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        self.state[_SNAPSHOT_KEY] = {"tag": tag}  # type: ignore[index]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One variance-reduced step.
+
+        Args:
+            closure: Zeroes the gradients, recomputes the loss and calls ``backward``; required.
+
+        Returns:
+            The loss at the current weights.
+
+        Raises:
+            ValueError: If no closure is given.
+        """
+        closure = require_closure("SVRG", closure)
+        params = [p for group in self.param_groups for p in group["params"]]
+        have_snapshot = _SNAPSHOT_KEY in self.state
+        rng = _rng_states(params) if have_snapshot else []
+        loss = call_closure(closure)
+        directions: dict[Tensor, Tensor] = {p: p.grad.clone() for p in params if p.grad is not None}
+        if have_snapshot and directions:
+            current = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, [self.state[p]["snapshot"] for p in params])
+            _set_rng_states(rng)  # same dropout masks as the first evaluation
+            try:
+                call_closure(closure)
+            finally:
+                torch._foreach_copy_(params, current)
+            for p, v in directions.items():
+                if p.grad is not None:
+                    v.sub_(p.grad)
+                v.add_(self.state[p]["full_grad"])
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p not in directions:
+                    continue
+                d_p = directions[p]
+                if wd:
+                    d_p.add_(p, alpha=wd)
+                if m:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        state["momentum_buffer"] = buf = d_p.clone()
+                    else:
+                        buf.mul_(m).add_(d_p)
+                    d_p = buf
+                p.add_(d_p, alpha=-lr)
+        return loss
+
+
+@contextmanager
+def _frozen_batchnorm(module: nn.Module) -> Iterator[None]:
+    saved = [(b, b.detach().clone()) for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _default_loss(pl_module: LightningModule, batch: Any) -> Tensor:
+    compute = getattr(pl_module, "compute_loss", None)
+    if compute is None:
+        raise ValueError(
+            f"SVRGSnapshot needs loss_fn(pl_module, batch) or a {type(pl_module).__name__}.compute_loss(batch) "
+            "method returning the mean training loss of a batch"
+        )
+    return compute(batch)
+
+
+class SVRGSnapshot(Callback):
+    """Take SVRG's snapshot and full training gradient at the start of every ``every_n_epochs``-th epoch.
+
+    The full gradient is the size-weighted mean of the batch gradients over the whole training set (a
+    sequential pass over the train loader's dataset, so the training shuffle is not disturbed), computed in
+    train mode with BatchNorm running statistics left untouched. Under DDP every rank computes it over the
+    whole dataset, so the ranks agree without communication.
+
+    Args:
+        every_n_epochs: Epochs between snapshots (>= 1).
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor``, the mean loss of a batch; defaults to
+            ``pl_module.compute_loss(batch)``.
+        batch_size: Batch size of the full-gradient pass (default: the train loader's).
+
+    Raises:
+        ValueError: For a bad ``every_n_epochs``/``batch_size``, or at fit start when no SVRG optimizer is
+            configured or the train loader is not a single ``DataLoader``.
+
+    References:
+        Johnson & Zhang 2013, papers.nips.cc/paper/4937.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs)
+        if batch_size is not None:
+            check_int("batch_size", batch_size)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+        self.loss_fn = loss_fn or _default_loss
+        self.batch_size = batch_size
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_epochs=self.every_n_epochs)
+
+    @staticmethod
+    def _optimizers(trainer: Trainer) -> list[SVRG]:
+        return [opt for opt in trainer.optimizers if isinstance(opt, SVRG)]
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._optimizers(trainer):
+            raise ValueError("SVRGSnapshot is attached but no configured optimizer is an SVRG instance")
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch % self.every_n_epochs:
+            return
+        optimizers = [opt for opt in self._optimizers(trainer) if opt.snapshot_tag != epoch]
+        if not optimizers:  # resumed inside an epoch whose snapshot the checkpoint already holds
+            return
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"SVRGSnapshot needs a single DataLoader for training, got {type(loader).__name__}")
+        sequential = DataLoader(loader.dataset, batch_size=self.batch_size or loader.batch_size or 1,
+                                shuffle=False, collate_fn=loader.collate_fn)
+        total = len(loader.dataset)  # type: ignore[arg-type]
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = None
+        was_training = pl_module.training
+        pl_module.train()
+        try:
+            with torch.enable_grad(), _frozen_batchnorm(pl_module):
+                for batch_idx, batch in enumerate(sequential):
+                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, batch_idx)
+                    size = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+                    loss = self.loss_fn(pl_module, batch) * (size / total)
+                    loss.backward()
+            for opt in optimizers:
+                opt.snapshot(tag=epoch)
+        finally:
+            for p in params:
+                p.grad = None
+            pl_module.train(was_training)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"every_n_epochs": self.every_n_epochs}
+
+
+def _register() -> None:
+    from lightning_optsurvey.optim.registry import OptimizerSpec, register
+
+    register(OptimizerSpec(
+        "svrg", SVRG, "first_order", needs_closure=True,
+        defaults={"lr": 0.05},
+        reference="Johnson & Zhang 2013, papers.nips.cc/paper/4937",
+        summary="variance-reduced SGD with a full gradient each epoch (SVRGSnapshot callback)",
+    ))
+
+
+_register()
