@@ -1,0 +1,180 @@
+"""The loss of a model as a function of a flat parameter vector, without touching the model.
+
+Every measure in this package evaluates ``L(w + d)`` at perturbed weights. Writing the perturbation into
+the model's parameters and undoing it afterwards is fragile (an exception half-way leaves the model
+perturbed; optimizer state and DDP hold references to the tensors). Instead the loss is evaluated with
+:func:`torch.func.functional_call` on *new* tensors: the model's parameters, buffers and ``.grad`` are
+never written. Buffers are passed as clones, so a BatchNorm layer in train mode updates the clones, not
+the model's running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Batch = tuple[Any, Any]
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def _batch_size(targets: Any, inputs: Any) -> int:
+    for value in (targets, inputs):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("cannot tell the batch size: neither inputs nor targets is a tensor with a batch "
+                     "dimension")
+
+
+def check_batches(batches: Sequence[Batch]) -> list[Batch]:
+    """Validate ``batches`` (a non-empty sequence of ``(inputs, targets)``) and return it as a list."""
+    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
+        raise TypeError("batches must be a sequence of (inputs, targets) pairs; wrap a single batch in a "
+                        "list")
+    out = list(batches)
+    if not out:
+        raise ValueError("batches must hold at least one (inputs, targets) pair, got none")
+    for i, batch in enumerate(out):
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise TypeError(f"batches[{i}] must be an (inputs, targets) pair, got {type(batch).__name__}")
+    return out
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Return ``float(value)`` if it is a (non-negative when ``allow_zero``) finite number, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    ok = value >= 0.0 if allow_zero else value > 0.0
+    if not ok or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, "
+                         f"got {value!r}")
+    return value
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    """Return ``value`` if it is an integer ``>= minimum``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class FlatObjective:
+    """``L(v)``: the model's mean loss over ``batches`` with its trainable parameters set to the flat ``v``.
+
+    The loss over several batches is the mean over all samples (each batch weighted by its size), with
+    ``loss_fn(outputs, targets)`` the mean over one batch. The model is run in its current train/eval mode.
+
+    Args:
+        model: The network; only read.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
+        batches: Sequence of ``(inputs, targets)``.
+        params: Names of the parameters to perturb (default: all that require grad).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Batch],
+        params: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = check_batches(batches)
+        named = dict(model.named_parameters())
+        if params is None:
+            self.names = [n for n, p in named.items() if p.requires_grad]
+        else:
+            unknown = [n for n in params if n not in named]
+            if unknown:
+                raise ValueError(f"unknown parameter names {unknown}; the model has {sorted(named)}")
+            self.names = list(params)
+        if not self.names:
+            raise ValueError("the model has no parameter to measure (none requires grad)")
+        tensors = [named[n].detach() for n in self.names]
+        self.shapes = [t.shape for t in tensors]
+        self.numels = [t.numel() for t in tensors]
+        self.w = torch.cat([t.reshape(-1) for t in tensors]).clone()
+        self.numel = self.w.numel()
+        self.sizes = [_batch_size(y, x) for x, y in self.batches]
+        self.total = sum(self.sizes)
+        self._buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.num_evaluations = 0  # forward passes over all batches
+        self.num_gradients = 0  # forward+backward passes over all batches
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w.dtype
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector into ``{name: tensor}`` shaped like the parameters (views of ``flat``)."""
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
+
+    def flatten(self, tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (in parameter order) into one flat vector."""
+        seq = [tensors[n] for n in self.names] if isinstance(tensors, dict) else list(tensors)
+        return torch.cat([t.reshape(-1) for t in seq])
+
+    def forward(self, flat: Tensor, inputs: Any) -> Any:
+        """Outputs of the model with parameters ``flat`` (buffers passed as clones, so never updated)."""
+        state = {n: b.clone() for n, b in self._buffers.items()}
+        state.update(self.unflatten(flat))
+        return functional_call(self.model, state, (inputs,))
+
+    def _batch_loss(self, flat: Tensor, index: int) -> Tensor:
+        inputs, targets = self.batches[index]
+        return self.loss_fn(self.forward(flat, inputs), targets) * (self.sizes[index] / self.total)
+
+    def loss(self, flat: Tensor | None = None, batches: Sequence[int] | None = None) -> Tensor:
+        """Mean loss at ``flat`` (default: the model's weights) over all batches or the given indices."""
+        flat = self.w if flat is None else flat
+        indices = range(len(self.batches)) if batches is None else batches
+        scale = self.total / sum(self.sizes[i] for i in indices)
+        with torch.no_grad():
+            total = sum(self._batch_loss(flat, i) for i in indices)
+        self.num_evaluations += 1
+        return total * scale  # type: ignore[return-value]
+
+    def loss_and_grad(
+        self, flat: Tensor | None = None, batches: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Mean loss and its gradient with respect to the flat parameters (one backward per batch)."""
+        flat = (self.w if flat is None else flat).detach()
+        indices = range(len(self.batches)) if batches is None else batches
+        scale = self.total / sum(self.sizes[i] for i in indices)
+        loss = torch.zeros((), dtype=flat.dtype, device=flat.device)
+        grad = torch.zeros_like(flat)
+        with torch.enable_grad():
+            for i in indices:
+                leaf = flat.clone().requires_grad_(True)
+                value = self._batch_loss(leaf, i) * scale
+                (g,) = torch.autograd.grad(value, leaf)
+                loss += value.detach()
+                grad += g
+        self.num_gradients += 1
+        return loss, grad
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (for callers that hold a seed, not a generator)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(shape: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal samples with ``like``'s dtype and device, from ``generator`` (global RNG if None)."""
+    if generator is not None and generator.device.type != like.device.type:
+        # A CPU generator with CUDA parameters: draw on the CPU, then move (still reproducible).
+        return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
