@@ -1,0 +1,338 @@
+"""A base for strategies in which every rank trains its own copy of the model.
+
+Gossip (D-PSGD, SGP) and the centralized model-averaging methods (local SGD, EASGD, LSGD) share the
+same skeleton, which :class:`LocalModelStrategy` (a :class:`~lightning.pytorch.strategies.DDPStrategy`
+subclass) provides so each method only writes its communication:
+
+- No ``DistributedDataParallel`` wrapper: each rank steps on its own gradient. ``reduce``,
+  ``barrier``, ``broadcast`` and ``all_gather`` stay global (inherited from DDP), so
+  ``self.log(..., sync_dist=True)``, ``ModelCheckpoint`` and ``EarlyStopping`` work unchanged.
+- At the first fit the ranks start from rank 0's parameters and buffers (as DDP does); later stages
+  of the same Trainer (validate/test after fit) and resumed runs keep each rank's own model.
+- ``Trainer(sync_batchnorm=True)`` raises ``ValueError`` in ``Trainer.__init__``: per-rank models
+  normalize with their own statistics.
+- World size 1: a warning, no process group, local training.
+- Every ``optimizer_step`` calls :meth:`LocalModelStrategy._pre_optimizer_step` and
+  :meth:`LocalModelStrategy._post_optimizer_step` around the step (the closure, i.e. forward and
+  backward, runs inside the step), then logs ``comm/bytes_sent``: the bytes this rank sent in the
+  current batch, counted by :attr:`LocalModelStrategy.comm` (a :class:`~._comm.CommCounter`).
+- At train start, :meth:`LocalModelStrategy._logged_params` go to every logger's
+  ``log_hyperparams`` (``world_size`` and whatever the subclass adds, e.g. ``topology``,
+  ``spectral_gap``).
+- Checkpoints: :meth:`lightning_module_state_dict` returns :meth:`consensus_state_dict` (the average
+  over ranks of the floating-point entries, weighted by :meth:`_consensus_weight` if given), so a
+  checkpoint loads into a single-device Trainer as the consensus model. :meth:`save_checkpoint`
+  gathers every rank's own module state, optimizer states and :meth:`_rank_state` to rank 0 and
+  stores them under ``checkpoint["per_rank_states"]``; a run resumed with the same strategy and world
+  size loads its own rank's entry and continues exactly, other runs load the consensus.
+
+Subclass hooks (all optional): ``_validate_world_size(n)`` (raise ``ValueError`` early; called in
+``Trainer.__init__`` and at setup), ``_on_fit_setup()`` (model and optimizers are on the device),
+``_pre_optimizer_step(optimizer)``, ``_post_optimizer_step(optimizer)``, ``_rank_state()`` /
+``_load_rank_state(state)`` (extra per-rank state; call ``super()``), ``_logged_params()`` (call
+``super()``), ``_consensus_weight()``. Helper: :meth:`synced_tensors` lists what a method should
+communicate (the optimizers' parameters, then the module's floating-point buffers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_optsurvey.strategies._comm import CommCounter, all_reduce_mean_, all_reduce_sum_, is_distributed
+
+__all__ = ["PER_RANK_STATES_KEY", "LocalModelStrategy"]
+
+PER_RANK_STATES_KEY = "per_rank_states"
+"""Checkpoint key of the per-rank states: ``{"strategy", "world_size", "ranks": [state_0, ...]}``."""
+
+_DDP_STRATEGY_KWARGS = frozenset({
+    "accelerator",
+    "parallel_devices",
+    "cluster_environment",
+    "checkpoint_io",
+    "precision_plugin",
+    "process_group_backend",
+    "timeout",
+    "start_method",
+})
+_LOGGING_HOOKS = frozenset({"optimizer_step", "training_step"})
+
+
+def _to_cpu_copy(obj: Any) -> Any:
+    return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+class LocalModelStrategy(DDPStrategy):
+    """DDP without the DDP wrapper: per-rank models, consensus checkpoints, byte accounting.
+
+    Args:
+        **ddp_kwargs: Keyword arguments of :class:`~lightning.pytorch.strategies.DDPStrategy` that
+            make sense without the wrapper: ``accelerator``, ``parallel_devices``,
+            ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
+            ``process_group_backend``, ``timeout``, ``start_method``.
+
+    Raises:
+        TypeError: For any other keyword (``find_unused_parameters``, ``ddp_comm_hook``, ...): those
+            configure ``DistributedDataParallel``, which these strategies do not use.
+    """
+
+    def __init__(self, **ddp_kwargs: Any) -> None:
+        unknown = sorted(set(ddp_kwargs) - _DDP_STRATEGY_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so it does not take "
+                f"{unknown}; it takes: {sorted(_DDP_STRATEGY_KWARGS)}"
+            )
+        self.__layer_sync = None
+        super().__init__(**ddp_kwargs)
+        self.comm = CommCounter()
+        self._restored_rank_state = False
+        self._models_diverged = False
+        self._warned_consensus_load = False
+
+    # ----------------------------------------------------------------------------------------------
+    # Configuration
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def _layer_sync(self) -> None:
+        return self.__layer_sync
+
+    @_layer_sync.setter
+    def _layer_sync(self, value: Any) -> None:
+        # The Trainer's accelerator connector assigns this in ``Trainer.__init__``, so the error is early.
+        if value is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support sync_batchnorm=True: each rank keeps its own model "
+                "and BatchNorm statistics (they are averaged with the parameters). Use sync_batchnorm=False."
+            )
+        self.__layer_sync = None
+
+    def _validate_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` if the method cannot run on ``world_size`` ranks."""
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self.parallel_devices is not None:
+            self._validate_world_size(self.num_nodes * self.num_processes)
+
+    @override
+    def setup_distributed(self) -> None:
+        if self.num_nodes * self.num_processes == 1:
+            reset_seed()
+            self.set_world_ranks()
+            self._process_group_backend = self._get_process_group_backend()
+            rank_zero_warn(
+                f"{type(self).__name__} runs on a single process: there is nothing to communicate, so it trains "
+                "the local model only. Use devices > 1 or num_nodes > 1 to train in parallel."
+            )
+            return
+        super().setup_distributed()
+
+    # ----------------------------------------------------------------------------------------------
+    # Setup: no DDP wrapper
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None
+        assert self.model is not None
+        self.accelerator.setup(trainer)
+        self._validate_world_size(self.world_size)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if is_distributed() and not (self._restored_rank_state or self._models_diverged):
+            _sync_module_states(self.model)
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+            self._models_diverged = True
+            self._on_fit_setup()
+
+    def _on_fit_setup(self) -> None:
+        """Called at the end of setup when fitting: model and optimizers are on the device."""
+
+    def synced_tensors(self) -> list[Tensor]:
+        """What a method communicates: the optimizers' parameters, then the floating-point buffers.
+
+        Parameters are listed once, in optimizer order; buffers in ``named_buffers`` order. The list is
+        the same on every rank for the same model and optimizers.
+        """
+        module = self.lightning_module
+        assert module is not None
+        seen: set[int] = set()
+        tensors: list[Tensor] = []
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        tensors.append(param)
+        tensors += [b for _, b in module.named_buffers() if b is not None and b.is_floating_point()]
+        return tensors
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.comm.start_step()
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        self._pre_optimizer_step(inner)
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._post_optimizer_step(inner)
+        self._log_comm()
+        return output
+
+    def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Called before the optimizer step (before the closure computes the gradient)."""
+
+    def _post_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Called after the optimizer step; communicate here."""
+
+    def _log_comm(self) -> None:
+        module = self.lightning_module
+        if module is None or module._trainer is None or module._current_fx_name not in _LOGGING_HOOKS:
+            return
+        module.log("comm/bytes_sent", float(self.comm.step_bytes), on_step=True, on_epoch=False)
+
+    def _logged_params(self) -> dict[str, Any]:
+        """Parameters recorded by every logger at train start."""
+        return {"world_size": self.world_size}
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        module = self.lightning_module
+        if module is None or module._trainer is None:
+            return
+        params = self._logged_params()
+        for logger in module.trainer.loggers:
+            logger.log_hyperparams(params)
+
+    # ----------------------------------------------------------------------------------------------
+    # Consensus and checkpoints
+    # ----------------------------------------------------------------------------------------------
+    def _consensus_weight(self) -> Tensor | None:
+        """This rank's weight in the consensus average (``None``: uniform). Push-sum returns its weight."""
+        return None
+
+    def consensus_state_dict(self) -> dict[str, Any]:
+        r"""The module's state dict with every floating-point entry averaged over the ranks.
+
+        :math:`\bar x = \sum_i w_i x_i / \sum_i w_i` with :math:`w_i` from :meth:`_consensus_weight`
+        (1 by default). Integer entries (``num_batches_tracked``) are this rank's. A collective call:
+        every rank must make it. The returned tensors are copies; the model is not changed.
+        """
+        module = self.lightning_module
+        assert module is not None
+        state = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+        floats = [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+        if not floats or not is_distributed():
+            return state
+        weight = self._consensus_weight()
+        if weight is None:
+            all_reduce_mean_(floats)
+            return state
+        w = weight.detach().to(torch.float64).reshape(1)
+        weighted = [v.to(torch.float64) * w.to(v.device) for v in floats]
+        total = w.to(floats[0].device, copy=True)
+        all_reduce_sum_([*weighted, total])
+        for v, s in zip(floats, weighted):
+            v.copy_(s / total.to(s.device))
+        return state
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The consensus model (see :meth:`consensus_state_dict`); collective."""
+        return self.consensus_state_dict()
+
+    def _rank_state(self) -> dict[str, Any]:
+        """Extra per-rank state saved in checkpoints (tensors are moved to the CPU)."""
+        return {"comm": self.comm.state_dict()}
+
+    def _load_rank_state(self, state: Mapping[str, Any]) -> None:
+        if "comm" in state:
+            self.comm.load_state_dict(state["comm"])
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if is_distributed():
+            module = self.lightning_module
+            assert module is not None
+            local: dict[str, Any] = {"state_dict": module.state_dict(), "strategy": self._rank_state()}
+            if "optimizer_states" in checkpoint:
+                local["optimizer_states"] = [self.optimizer_state(o) for o in self.optimizers]
+            local = _to_cpu_copy(local)
+            gathered: list[Any] | None = [None] * self.world_size if self.is_global_zero else None
+            torch.distributed.gather_object(local, gathered, dst=0)
+            if self.is_global_zero:
+                checkpoint[PER_RANK_STATES_KEY] = {
+                    "strategy": type(self).__name__,
+                    "world_size": self.world_size,
+                    "ranks": gathered,
+                }
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _own_rank_state(self, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        states = checkpoint.get(PER_RANK_STATES_KEY)
+        if states is None:
+            return None
+        if states["strategy"] == type(self).__name__ and states["world_size"] == self.world_size:
+            return states["ranks"][self.global_rank]
+        if not self._warned_consensus_load:
+            self._warned_consensus_load = True
+            rank_zero_warn(
+                f"The checkpoint holds per-rank states of {states['strategy']} on {states['world_size']} ranks; "
+                f"this run is {type(self).__name__} on {self.world_size}, so every rank starts from the "
+                "consensus model and rank 0's optimizer state."
+            )
+        return None
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        own = self._own_rank_state(checkpoint)
+        if own is None:
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        assert self.lightning_module is not None
+        self.lightning_module.load_state_dict(own["state_dict"], strict=strict)
+        self._load_rank_state(own.get("strategy", {}))
+        self._restored_rank_state = True
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        own = self._own_rank_state(checkpoint)
+        if own is None or "optimizer_states" not in own:
+            super().load_optimizer_state_dict(checkpoint)
+            return
+        for optimizer, state in zip(self.optimizers, own["optimizer_states"]):
+            optimizer.load_state_dict(state)
+            _optimizer_to_device(optimizer, self.root_device)
