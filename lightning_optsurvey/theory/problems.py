@@ -1,0 +1,356 @@
+"""Synthetic problems whose constants are known exactly, for the theory checks.
+
+Each problem is built in float64 from a seeded ``torch.Generator`` and carries the constants that the
+theorems are stated in (``mu``, ``L``, the noise covariance, the margin, ...), computed in closed form
+from how it was built rather than estimated. Functions accept a batch of points ``x`` of shape
+``(..., d)`` so that many independent runs of a stochastic method can be simulated as the rows of one
+parameter (the optimizers used are coordinate-wise, so rows do not interact).
+
+Why our own: benchmark suites (e.g. ``pycutest``, ``libsvm`` data) give problems, not their exact
+smoothness, strong convexity and noise constants, which the checks need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DTYPE",
+    "LeastSquaresSum",
+    "LogisticRegression",
+    "NoisyQuadratic",
+    "Quadratic",
+    "ReddiOnline",
+    "SeparableLogistic",
+    "WavyFunction",
+    "generator",
+    "random_orthogonal",
+]
+
+DTYPE = torch.float64
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (checks never touch the global RNG)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
+def random_orthogonal(d: int, gen: torch.Generator) -> Tensor:
+    """A Haar-distributed ``d x d`` orthogonal matrix (QR of a Gaussian matrix, signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=DTYPE))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@dataclass(frozen=True)
+class Quadratic:
+    r"""The strongly convex quadratic :math:`f(x) = \tfrac12 (x - x^*)^\top A (x - x^*)`, :math:`f^* = 0`.
+
+    Args:
+        eigenvalues: Spectrum of ``A`` (positive), shape ``(d,)``.
+        basis: Orthogonal eigenvectors of ``A`` as columns, ``(d, d)``.
+        minimizer: ``x*``, shape ``(d,)``.
+    """
+
+    eigenvalues: Tensor
+    basis: Tensor
+    minimizer: Tensor
+
+    @classmethod
+    def with_spectrum(cls, eigenvalues: Tensor, gen: torch.Generator) -> Quadratic:
+        """A quadratic with the given spectrum, a random eigenbasis and a standard normal minimizer."""
+        eigenvalues = torch.as_tensor(eigenvalues, dtype=DTYPE)
+        if eigenvalues.ndim != 1 or bool((eigenvalues <= 0).any()):
+            raise ValueError("eigenvalues must be a 1-D tensor of positive numbers")
+        d = eigenvalues.numel()
+        basis = random_orthogonal(d, gen)
+        return cls(eigenvalues, basis, torch.randn(d, generator=gen, dtype=DTYPE))
+
+    @property
+    def dim(self) -> int:
+        return self.eigenvalues.numel()
+
+    @property
+    def mu(self) -> float:
+        """Strong convexity constant: the smallest eigenvalue."""
+        return float(self.eigenvalues.min())
+
+    @property
+    def L(self) -> float:
+        """Smoothness constant: the largest eigenvalue."""
+        return float(self.eigenvalues.max())
+
+    @cached_property
+    def matrix(self) -> Tensor:
+        return (self.basis * self.eigenvalues) @ self.basis.T
+
+    def value(self, x: Tensor) -> Tensor:
+        """``f(x) - f*`` for a batch ``(..., d)``."""
+        e = x - self.minimizer
+        return 0.5 * ((e @ self.matrix) * e).sum(-1)
+
+    def gradient(self, x: Tensor) -> Tensor:
+        return (x - self.minimizer) @ self.matrix
+
+    def distance(self, x: Tensor) -> Tensor:
+        """``||x - x*||``."""
+        return torch.linalg.vector_norm(x - self.minimizer, dim=-1)
+
+
+@dataclass(frozen=True)
+class NoisyQuadratic:
+    r"""A finite sum with known gradient noise.
+
+    :math:`f_i(x) = f(x) + z_i^\top (x - x^*)` with :math:`\sum_i z_i = 0`.
+
+    The mean of the :math:`f_i` is the quadratic ``f``; a stochastic gradient with a uniformly drawn
+    ``i`` is unbiased and its noise :math:`z_i` does not depend on ``x``: the covariance is exactly
+    :math:`\Sigma = \frac1n \sum_i z_i z_i^\top` and the variance :math:`\sigma^2 = \operatorname{tr}\Sigma`
+    (Bottou et al.'s constants are then ``M = sigma^2``, ``M_V = 0``, ``mu_G = mu_desc = 1``).
+
+    Args:
+        quadratic: The mean function.
+        shifts: The ``z_i``, shape ``(n, d)``, centred.
+    """
+
+    quadratic: Quadratic
+    shifts: Tensor
+
+    @classmethod
+    def build(cls, quadratic: Quadratic, n: int, sigma2: float, gen: torch.Generator) -> NoisyQuadratic:
+        """Draw ``n`` centred shifts and rescale them so that the variance is exactly ``sigma2``."""
+        z = torch.randn(n, quadratic.dim, generator=gen, dtype=DTYPE)
+        z = z - z.mean(0)
+        z = z * math.sqrt(sigma2 / float((z * z).sum(1).mean()))
+        return cls(quadratic, z)
+
+    @cached_property
+    def covariance(self) -> Tensor:
+        return self.shifts.T @ self.shifts / self.shifts.shape[0]
+
+    @property
+    def sigma2(self) -> float:
+        """``E||g - grad f||^2``."""
+        return float((self.shifts * self.shifts).sum(1).mean())
+
+    def stochastic_gradient(self, x: Tensor, gen: torch.Generator, batch: int = 1) -> Tensor:
+        """Gradient of the mean of ``batch`` uniformly drawn ``f_i`` (with replacement), one draw per row of ``x``."""
+        rows = x.shape[:-1]
+        idx = torch.randint(self.shifts.shape[0], (*rows, batch), generator=gen)
+        return self.quadratic.gradient(x) + self.shifts[idx].mean(-2)
+
+
+@dataclass(frozen=True)
+class LeastSquaresSum:
+    r"""A regularized least-squares finite sum :math:`f(x) = \frac1n \sum_i f_i(x)`.
+
+    :math:`f_i(x) = \tfrac12 (a_i^\top x - b_i)^2 + \tfrac{\lambda}{2}\|x\|^2`.
+
+    ``L_max = max_i ||a_i||^2 + lambda`` bounds every :math:`f_i`'s smoothness; ``mu`` is the smallest
+    eigenvalue of :math:`A^\top A / n + \lambda I`; the minimizer solves the normal equations.
+    """
+
+    features: Tensor
+    targets: Tensor
+    reg: float
+
+    @classmethod
+    def build(cls, n: int, d: int, reg: float, gen: torch.Generator) -> LeastSquaresSum:
+        a = torch.randn(n, d, generator=gen, dtype=DTYPE) / math.sqrt(d)
+        b = a @ torch.randn(d, generator=gen, dtype=DTYPE) + 0.5 * torch.randn(n, generator=gen, dtype=DTYPE)
+        return cls(a, b, float(reg))
+
+    @property
+    def n(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def hessian(self) -> Tensor:
+        d = self.features.shape[1]
+        return self.features.T @ self.features / self.n + self.reg * torch.eye(d, dtype=DTYPE)
+
+    @property
+    def mu(self) -> float:
+        return float(torch.linalg.eigvalsh(self.hessian)[0])
+
+    @property
+    def L_max(self) -> float:
+        return float((self.features * self.features).sum(1).max()) + self.reg
+
+    @property
+    def minimizer(self) -> Tensor:
+        return torch.linalg.solve(self.hessian, self.features.T @ self.targets / self.n)
+
+    def value(self, x: Tensor) -> Tensor:
+        residual = x @ self.features.T - self.targets
+        return 0.5 * (residual * residual).mean(-1) + 0.5 * self.reg * (x * x).sum(-1)
+
+    def component_gradient(self, x: Tensor, i: Tensor) -> Tensor:
+        a = self.features[i]
+        return ((a * x).sum(-1) - self.targets[i]).unsqueeze(-1) * a + self.reg * x
+
+    def gradient(self, x: Tensor) -> Tensor:
+        return (x @ self.features.T - self.targets) @ self.features / self.n + self.reg * x
+
+
+@dataclass(frozen=True)
+class WavyFunction:
+    r"""The smooth non-convex :math:`f(x) = \sum_j \tfrac12 x_j^2 + a \cos(b x_j)`.
+
+    :math:`f''` per coordinate is :math:`1 - a b^2 \cos(b x_j) \in [1 - ab^2, 1 + ab^2]`, so
+    ``L = 1 + a b^2`` exactly (attained at ``x_j = 0``) and ``f`` is non-convex when ``a b^2 > 1``. The
+    infimum is ``d`` times the one-dimensional minimum, found by Newton's method from a fine grid.
+    """
+
+    dim: int
+    amplitude: float = 1.0
+    frequency: float = 2.0
+
+    @property
+    def L(self) -> float:
+        return 1.0 + self.amplitude * self.frequency**2
+
+    def value(self, x: Tensor) -> Tensor:
+        return (0.5 * x * x + self.amplitude * torch.cos(self.frequency * x)).sum(-1)
+
+    def gradient(self, x: Tensor) -> Tensor:
+        return x - self.amplitude * self.frequency * torch.sin(self.frequency * x)
+
+    @property
+    def infimum(self) -> float:
+        a, b = self.amplitude, self.frequency
+        t = torch.linspace(-4.0 - 2 * a, 4.0 + 2 * a, 20001, dtype=DTYPE)
+        t = t[torch.argmin(0.5 * t * t + a * torch.cos(b * t))]
+        for _ in range(50):
+            t = t - (t - a * b * torch.sin(b * t)) / (1.0 - a * b * b * torch.cos(b * t))
+        return self.dim * float(0.5 * t * t + a * torch.cos(b * t))
+
+
+@dataclass(frozen=True)
+class LogisticRegression:
+    r"""L2-regularized logistic regression.
+
+    :math:`f(w) = \frac1n\sum_i \log(1 + e^{-y_i a_i^\top w}) + \tfrac\lambda2\|w\|^2`.
+
+    ``mu = lambda`` bounds the Hessian from below everywhere, and the Hessian is Lipschitz with
+    :math:`M = \frac{1}{6\sqrt3}\,\frac1n \sum_i \|a_i\|^3` (:math:`|\sigma''| \le 1/(6\sqrt3)`).
+    """
+
+    features: Tensor
+    labels: Tensor
+    reg: float
+
+    @classmethod
+    def build(cls, n: int, d: int, reg: float, gen: torch.Generator) -> LogisticRegression:
+        a = torch.randn(n, d, generator=gen, dtype=DTYPE)
+        w = torch.randn(d, generator=gen, dtype=DTYPE)
+        noise = torch.randn(n, generator=gen, dtype=DTYPE)
+        labels = torch.sign(a @ w + noise)
+        labels[labels == 0] = 1.0
+        return cls(a, labels, float(reg))
+
+    @property
+    def mu(self) -> float:
+        return self.reg
+
+    @property
+    def hessian_lipschitz(self) -> float:
+        norms = torch.linalg.vector_norm(self.features, dim=1)
+        return float((norms**3).mean()) / (6.0 * math.sqrt(3.0))
+
+    def value(self, w: Tensor) -> Tensor:
+        margins = (w @ self.features.T) * self.labels
+        return torch.nn.functional.softplus(-margins).mean(-1) + 0.5 * self.reg * (w * w).sum(-1)
+
+    def gradient(self, w: Tensor) -> Tensor:
+        margins = (w @ self.features.T) * self.labels
+        weights = -torch.sigmoid(-margins) * self.labels / self.features.shape[0]
+        return weights @ self.features + self.reg * w
+
+    def hessian(self, w: Tensor) -> Tensor:
+        margins = (self.features @ w) * self.labels
+        s = torch.sigmoid(margins)
+        curvature = s * (1.0 - s) / self.features.shape[0]
+        d = self.features.shape[1]
+        return (self.features.T * curvature) @ self.features + self.reg * torch.eye(d, dtype=DTYPE)
+
+
+@dataclass(frozen=True)
+class SeparableLogistic:
+    r"""Linearly separable data in 2-D whose max-margin separator and GD's asymptotic offset are known.
+
+    The signed points :math:`z_n = y_n x_n` are two support vectors :math:`(1, s)` and :math:`(1, -t)`
+    (margin 1 on :math:`\hat w = (1, 0)`) and points with first coordinate greater than 1. The hard-margin
+    SVM :math:`\min \|w\|^2` s.t. :math:`z_n^\top w \ge 1` is solved by :math:`\hat w = e_1` with duals
+    :math:`\alpha = (t, s)/(s + t)` (KKT). For GD with step ``eta`` on the summed logistic loss,
+    Soudry et al. (2018) show :math:`w(k) = \hat w \log k + \tilde w + o(1)`, where
+    :math:`\eta\, e^{-z_n^\top \tilde w} = \alpha_n` on the support vectors: two linear equations.
+    """
+
+    points: Tensor
+    support: tuple[float, float]
+
+    @classmethod
+    def build(cls, gen: torch.Generator, s: float = 1.0, t: float = 0.5, extra: int = 6) -> SeparableLogistic:
+        support = torch.tensor([[1.0, s], [1.0, -t]], dtype=DTYPE)
+        others = torch.stack(
+            [
+                1.5 + 2.0 * torch.rand(extra, generator=gen, dtype=DTYPE),
+                2.0 * torch.rand(extra, generator=gen, dtype=DTYPE) - 1.0,
+            ],
+            dim=1,
+        )
+        return cls(torch.cat([support, others]), (float(s), float(t)))
+
+    @property
+    def max_margin(self) -> Tensor:
+        return torch.tensor([1.0, 0.0], dtype=DTYPE)
+
+    @property
+    def duals(self) -> tuple[float, float]:
+        s, t = self.support
+        return t / (s + t), s / (s + t)
+
+    def offset(self, lr: float) -> Tensor:
+        r""":math:`\tilde w` solving :math:`z_n^\top \tilde w = \log(\eta / \alpha_n)` on the support vectors."""
+        rhs = torch.tensor([math.log(lr / a) for a in self.duals], dtype=DTYPE)
+        return torch.linalg.solve(self.points[:2], rhs)
+
+    def value(self, w: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(-(w @ self.points.T)).sum(-1)
+
+    def gradient(self, w: Tensor) -> Tensor:
+        return -torch.sigmoid(-(w @ self.points.T)) @ self.points
+
+    @property
+    def smoothness(self) -> float:
+        """``||Z||_2^2 / 4``: the summed loss's smoothness constant."""
+        return float(torch.linalg.matrix_norm(self.points, ord=2)) ** 2 / 4.0
+
+
+@dataclass(frozen=True)
+class ReddiOnline:
+    r"""Reddi, Kale & Kumar's online problem on :math:`[-1, 1]`.
+
+    :math:`f_t(x) = Cx` if :math:`t \bmod 3 = 1`, else :math:`-x`.
+
+    With :math:`C > 2` the best fixed point is :math:`x = -1`; a method stuck at :math:`x = +1` has
+    average regret :math:`2(C - 2)/3` per round.
+    """
+
+    C: float = 3.0
+
+    def coefficient(self, t: int) -> float:
+        """The slope of :math:`f_t` (rounds numbered from 1)."""
+        return self.C if t % 3 == 1 else -1.0
+
+    def best_fixed_loss(self, rounds: int) -> float:
+        r""":math:`\min_{x \in [-1,1]} \sum_{t \le T} f_t(x)`."""
+        total = sum(self.coefficient(t) for t in range(1, rounds + 1))
+        return -abs(total)

@@ -1,0 +1,305 @@
+"""Stochastic gradient descent: results 6-8 of the survey's list.
+
+The problems are finite sums whose gradient noise is additive and known exactly (see
+:class:`~lightning_optsurvey.theory.problems.NoisyQuadratic`): Bottou, Curtis & Nocedal's constants are
+then ``M = sigma^2``, ``M_V = 0``, ``mu_G = mu_desc = 1``. Expectations are estimated over ``runs``
+independent runs simulated as the rows of one parameter: torch's SGD is coordinate-wise, so each row is
+exactly an independent run of the registry's ``sgd``. Bounds on expectations are checked with a
+Monte-Carlo allowance of ``MC_Z`` standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
+from lightning_optsurvey.theory.problems import DTYPE, NoisyQuadratic, Quadratic, WavyFunction, generator
+from lightning_optsurvey.theory.result import CheckOutcome, Result, loglog_slope, register_result
+
+__all__ = ["SGDConstantStep", "SGDDiminishingStep", "SGDNonConvex"]
+
+#: Standard errors allowed above a bound on an expectation (Monte-Carlo estimate over the runs).
+MC_Z = 4.0
+#: Allowed distance of a fitted log-log exponent from the predicted one (transients, Monte-Carlo noise).
+EXPONENT_ATOL = 0.15
+
+
+def _noisy_quadratic(dim: int, mu: float, sigma2: float, seed: int) -> NoisyQuadratic:
+    gen = generator(seed)
+    q = Quadratic.with_spectrum(torch.linspace(mu, 1.0, dim, dtype=DTYPE), gen)
+    return NoisyQuadratic.build(q, 100, sigma2, gen)
+
+
+def _mean_and_stderr(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error over the last axis (the runs)."""
+    return values.mean(-1), values.std(-1) / math.sqrt(values.shape[-1])
+
+
+@register_result
+@dataclass(frozen=True)
+class SGDDiminishingStep(Result):
+    """SGD with steps ``beta/(gamma + k)`` on a strongly convex finite sum."""
+
+    number = 6
+    name = "sgd_diminishing_step"
+    statement = (
+        "f c-strongly convex, L-smooth, unbiased gradients with variance <= M; steps beta/(gamma+k), "
+        "beta > 1/c, beta/(gamma+1) <= 1/L: E f(x_k) - f* <= nu/(gamma+k), "
+        "nu = max(beta^2 L M / (2(beta c - 1)), (gamma+1)(f(x_1) - f*)), i.e. O(1/k)"
+    )
+    reference = "Bottou, Curtis & Nocedal 2018, arXiv:1606.04838, Thm. 4.7; Robbins & Monro 1951"
+    criterion = (
+        f"bound at every k with {MC_Z:g} standard errors of Monte-Carlo allowance, and the log-log slope of "
+        f"E f(x_k) - f* on [K/8, K] within {EXPONENT_ATOL:g} of -1"
+    )
+
+    dim: int = 10
+    runs: int = 400
+    steps: int = 2000
+    mu: float = 0.1
+    sigma2: float = 1.0
+    beta_scale: float = 2.0
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim, 2)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("steps", self.steps, 16)
+        _positive_float("mu", self.mu)
+        _positive_float("sigma2", self.sigma2)
+        _positive_float("beta_scale", self.beta_scale)
+
+    def problem(self, seed: int = 0) -> NoisyQuadratic:
+        return _noisy_quadratic(self.dim, self.mu, self.sigma2, seed)
+
+    def _constants(self, p: NoisyQuadratic) -> tuple[float, float, float]:
+        q = p.quadratic
+        beta = self.beta_scale / q.mu
+        gamma = beta * q.L - 1.0  # makes the first step exactly 1/L
+        start = float(q.value(torch.zeros(q.dim, dtype=DTYPE)))
+        nu = max(beta**2 * q.L * p.sigma2 / (2.0 * (beta * q.mu - 1.0)), (gamma + 1.0) * start)
+        return beta, gamma, nu
+
+    def predict(self, problem: NoisyQuadratic, k: int) -> float:
+        beta, gamma, nu = self._constants(problem)
+        return nu / (gamma + k) if beta * problem.quadratic.mu > 1 else math.inf
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        q = p.quadratic
+        beta, gamma, nu = self._constants(p)
+        gen = generator(seed + 1)
+
+        def schedule(optimizer: torch.optim.Optimizer, k: int) -> None:
+            optimizer.param_groups[0]["lr"] = beta / (gamma + k + 1)  # Bottou's k starts at 1
+
+        values, _ = run_optimizer(
+            "sgd", torch.zeros(self.runs, q.dim, dtype=DTYPE), lambda x, k: p.stochastic_gradient(x, gen),
+            self.steps, before_step=schedule, record=q.value, lr=beta / (gamma + 1),
+        )
+        mean, stderr = _mean_and_stderr(values)
+        ks = list(range(1, self.steps + 2))  # xs[0] is Bottou's x_1
+        bound = [nu / (gamma + k) for k in ks]
+        violations = sum(1 for m, s, b in zip(mean.tolist(), stderr.tolist(), bound) if m - MC_Z * s > b)
+        tail = [i for i, k in enumerate(ks) if k >= self.steps // 8]
+        slope = loglog_slope([ks[i] for i in tail], [float(mean[i]) for i in tail])
+        holds = violations == 0 and abs(slope + 1.0) <= EXPONENT_ATOL and beta * q.mu > 1
+        return CheckOutcome(
+            predicted=-1.0, measured=slope, holds=holds, name=self.name,
+            quantity="log-log slope of E f(x_k) - f*",
+            details=f"c=mu={q.mu:g}, L={q.L:g}, M={p.sigma2:g}, beta={beta:g}, gamma={gamma:g}, nu={nu:.4g}, "
+            f"{self.runs} runs; bound violations {violations}/{len(ks)}, at K: {float(mean[-1]):.3g} <= "
+            f"{bound[-1]:.3g}",
+            steps=ks, predicted_curve=bound, measured_curve=mean.tolist(), y_label="E f(x_k) - f*", log_x=True,
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class SGDConstantStep(Result):
+    """SGD with a constant step converges linearly to a neighbourhood of size O(eta L M / c)."""
+
+    number = 7
+    name = "sgd_constant_step"
+    statement = (
+        "f c-strongly convex, L-smooth, gradient variance M, constant step eta <= 1/L: "
+        "E f(x_k) - f* <= eta L M/(2c) + (1 - eta c)^(k-1) (f(x_1) - f* - eta L M/(2c))"
+    )
+    reference = "Bottou, Curtis & Nocedal 2018, arXiv:1606.04838, Thm. 4.6"
+    criterion = (
+        f"bound at every k for two step sizes ({MC_Z:g} standard errors allowance), and the plateau "
+        "(mean over [K/2, K]) within the Monte-Carlo band of its exact value on the quadratic, "
+        "(eta/2) sum_j Sigma_jj / (2 - eta lambda_j), which is linear in eta"
+    )
+
+    dim: int = 10
+    runs: int = 400
+    steps: int = 2000
+    mu: float = 0.1
+    sigma2: float = 1.0
+    lrs: tuple[float, ...] = (0.5, 0.125)
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim, 2)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("steps", self.steps, 16)
+        _positive_float("mu", self.mu)
+        _positive_float("sigma2", self.sigma2)
+        if not self.lrs:
+            raise ValueError("lrs must hold at least one step size")
+        for lr in self.lrs:
+            _positive_float("lrs[i]", lr)
+
+    def problem(self, seed: int = 0) -> NoisyQuadratic:
+        return _noisy_quadratic(self.dim, self.mu, self.sigma2, seed)
+
+    def predict(self, problem: NoisyQuadratic, k: int, lr: float | None = None) -> float:
+        return self._bound(problem, [k], self.lrs[0] if lr is None else lr)[0]
+
+    @staticmethod
+    def _bound(problem: NoisyQuadratic, ks: list[int], lr: float) -> list[float]:
+        q = problem.quadratic
+        floor = lr * q.L * problem.sigma2 / (2.0 * q.mu)
+        start = float(q.value(torch.zeros(q.dim, dtype=DTYPE)))
+        return [floor + (1.0 - lr * q.mu) ** (k - 1) * (start - floor) for k in ks]
+
+    @staticmethod
+    def exact_plateau(problem: NoisyQuadratic, lr: float) -> float:
+        """Stationary ``E f - f*`` of SGD on the quadratic: ``(lr/2) sum_j Sigma_jj / (2 - lr lambda_j)``."""
+        q = problem.quadratic
+        sigma_jj = torch.diagonal(q.basis.T @ problem.covariance @ q.basis)
+        return float(0.5 * lr * (sigma_jj / (2.0 - lr * q.eigenvalues)).sum())
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        q = p.quadratic
+        gen = generator(seed + 1)
+        ks = list(range(1, self.steps + 2))
+        lines, all_ok, measured_curve, predicted_curve = [], True, [], []
+        plateau_measured = plateau_exact = math.nan
+        for lr in self.lrs:
+            values, _ = run_optimizer(
+                "sgd", torch.zeros(self.runs, q.dim, dtype=DTYPE), lambda x, k: p.stochastic_gradient(x, gen),
+                self.steps, record=q.value, lr=lr,
+            )
+            mean, stderr = _mean_and_stderr(values)
+            bound = self._bound(p, ks, lr)
+            violations = sum(1 for m, s, b in zip(mean.tolist(), stderr.tolist(), bound) if m - MC_Z * s > b)
+            per_run = values[self.steps // 2 :].mean(0)
+            plateau, plateau_err = float(per_run.mean()), float(per_run.std()) / math.sqrt(self.runs)
+            exact = self.exact_plateau(p, lr)
+            plateau_ok = abs(plateau - exact) <= MC_Z * plateau_err and math.isfinite(plateau)
+            all_ok = all_ok and violations == 0 and plateau_ok and lr <= 1.0 / q.L
+            lines.append(
+                f"eta={lr:g}: plateau {plateau:.4g} +- {plateau_err:.2g} vs exact {exact:.4g}, "
+                f"bound's floor {lr * q.L * p.sigma2 / (2 * q.mu):.4g}, violations {violations}"
+            )
+            if not measured_curve:
+                measured_curve, predicted_curve = mean.tolist(), bound
+                plateau_measured, plateau_exact = plateau, exact
+        return CheckOutcome(
+            predicted=plateau_exact, measured=plateau_measured, holds=all_ok, name=self.name,
+            quantity=f"plateau of E f(x_k) - f* at eta={self.lrs[0]:g}",
+            details=f"c=mu={q.mu:g}, L={q.L:g}, M={p.sigma2:g}, {self.runs} runs; " + "; ".join(lines),
+            steps=ks, predicted_curve=predicted_curve, measured_curve=measured_curve,
+            y_label=f"E f(x_k) - f* (eta={self.lrs[0]:g})",
+        )
+
+
+@dataclass(frozen=True)
+class _WavyNoise:
+    function: WavyFunction
+    shifts: torch.Tensor
+
+    @property
+    def sigma2(self) -> float:
+        return float((self.shifts * self.shifts).sum(1).mean())
+
+
+@register_result
+@dataclass(frozen=True)
+class SGDNonConvex(Result):
+    """SGD with step ``c/sqrt(K)`` on a smooth non-convex function."""
+
+    number = 8
+    name = "sgd_nonconvex"
+    statement = (
+        "f L-smooth (non-convex), bounded below by f_inf, gradient variance M, K steps of size eta <= 1/L: "
+        "E (1/K) sum_k ||grad f(x_k)||^2 <= eta L M + 2 (f(x_1) - f_inf)/(K eta); with eta = c/sqrt(K) "
+        "(so min_k E||grad f||^2) is O(1/sqrt(K))"
+    )
+    reference = "Bottou, Curtis & Nocedal 2018, arXiv:1606.04838, Thm. 4.8; Ghadimi & Lan 2013, arXiv:1309.5549"
+    criterion = (
+        f"bound at each horizon K with {MC_Z:g} standard errors allowance, and the log-log slope of the "
+        f"measured average over the horizons within {EXPONENT_ATOL:g} of -1/2"
+    )
+
+    dim: int = 5
+    runs: int = 200
+    horizons: tuple[int, ...] = (100, 400, 1600, 6400)
+    c: float = 1.0
+    sigma2: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim, 1)
+        _positive_int("runs", self.runs, 10)
+        if len(self.horizons) < 2:
+            raise ValueError(f"horizons needs at least two values, got {self.horizons!r}")
+        for k in self.horizons:
+            _positive_int("horizons[i]", k)
+        _positive_float("c", self.c)
+        _positive_float("sigma2", self.sigma2)
+
+    def problem(self, seed: int = 0) -> _WavyNoise:
+        gen = generator(seed)
+        z = torch.randn(100, self.dim, generator=gen, dtype=DTYPE)
+        z = z - z.mean(0)
+        z = z * math.sqrt(self.sigma2 / float((z * z).sum(1).mean()))
+        return _WavyNoise(WavyFunction(self.dim, 1.0, 2.0), z)
+
+    def _start(self, seed: int) -> torch.Tensor:
+        return 3.0 * torch.randn(self.dim, generator=generator(seed + 2), dtype=DTYPE)
+
+    def predict(self, problem: _WavyNoise, k: int, seed: int = 0) -> float:
+        f = problem.function
+        lr = self.c / math.sqrt(k)
+        gap = float(f.value(self._start(seed))) - f.infimum
+        return lr * f.L * problem.sigma2 + 2.0 * gap / (k * lr)
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        f = p.function
+        gen = generator(seed + 1)
+        x0 = self._start(seed).expand(self.runs, self.dim)
+        measured, bounds, lines, ok = [], [], [], True
+
+        def noisy(x: torch.Tensor, k: int) -> torch.Tensor:
+            idx = torch.randint(p.shifts.shape[0], x.shape[:-1], generator=gen)
+            return f.gradient(x) + p.shifts[idx]
+
+        for horizon in self.horizons:
+            lr = self.c / math.sqrt(horizon)
+            norms, _ = run_optimizer(
+                "sgd", x0, noisy, horizon, record=lambda x: f.gradient(x).square().sum(-1), lr=lr
+            )
+            norms = norms[:-1]  # ||grad f(x_k)||^2, k = 1..K
+            per_run = norms.mean(0)
+            mean, err = float(per_run.mean()), float(per_run.std()) / math.sqrt(self.runs)
+            bound = self.predict(p, horizon, seed)
+            ok = ok and mean - MC_Z * err <= bound and lr <= 1.0 / f.L
+            measured.append(mean)
+            bounds.append(bound)
+            lines.append(f"K={horizon}: {mean:.4g} <= {bound:.4g} (min_k {float(norms.mean(1).min()):.3g})")
+        slope = loglog_slope(list(self.horizons), measured)
+        ok = ok and abs(slope + 0.5) <= EXPONENT_ATOL
+        return CheckOutcome(
+            predicted=-0.5, measured=slope, holds=ok, name=self.name,
+            quantity="log-log slope of the average E||grad f||^2 against K",
+            details=f"L={f.L:g}, M={p.sigma2:g}, f_inf={f.infimum:.4f}, eta={self.c:g}/sqrt(K), {self.runs} runs; "
+            + "; ".join(lines),
+            steps=list(self.horizons), predicted_curve=bounds, measured_curve=measured,
+            x_label="K", y_label="(1/K) sum_k E||grad f(x_k)||^2", log_x=True,
+        )
