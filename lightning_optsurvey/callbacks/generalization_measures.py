@@ -1,0 +1,131 @@
+"""Norm-based generalization measures callback: logs ``measures/<name>`` (Jiang et al. 2020).
+
+A thin wrapper over :mod:`lightning_optsurvey.measures.norms`. It keeps the initial weights (taken at the
+start of the first fit) in its checkpoint state, so the distance from initialization survives a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_optsurvey.callbacks._measure import MeasuringCallback, resolve_loss_fn, unwrap_module
+from lightning_optsurvey.measures._functional import make_generator
+from lightning_optsurvey.measures.norms import (
+    distance_from_init,
+    fisher_rao_norm,
+    frobenius_norm_product,
+    parameter_norm,
+    path_norm,
+    spectral_norm_product,
+)
+
+__all__ = ["MEASURES", "GeneralizationMeasures"]
+
+MEASURES = ("param_norm", "distance_from_init", "spectral_product", "frobenius_product", "path_norm", "fisher_rao")
+
+
+class GeneralizationMeasures(MeasuringCallback):
+    """Log norm-based measures of the weights, each as ``measures/<name>``.
+
+    - ``param_norm``: :func:`~lightning_optsurvey.measures.parameter_norm`;
+    - ``distance_from_init``: :func:`~lightning_optsurvey.measures.distance_from_init` from the weights
+      at the start of the first fit;
+    - ``spectral_product``: :func:`~lightning_optsurvey.measures.spectral_norm_product` (convolutions as
+      the linear maps they compute, at the input size of the measurement batches);
+    - ``frobenius_product``: :func:`~lightning_optsurvey.measures.frobenius_norm_product`;
+    - ``path_norm``: :func:`~lightning_optsurvey.measures.path_norm`;
+    - ``fisher_rao``: :func:`~lightning_optsurvey.measures.fisher_rao_norm` on the fixed subset.
+
+    The module is measured in eval mode. Its weight layers are those of the LightningModule itself.
+
+    Args:
+        measures: A non-empty subset of :data:`MEASURES`.
+        loss_fn: ``loss_fn(outputs, targets)`` for the Fisher-Rao norm; default the module's or
+            cross-entropy.
+        every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
+        every_n_steps: Measure after every n-th optimizer step (``None``: never).
+        num_batches: Batches in the fixed subset.
+        seed: Seed of the subset and of the spectral norms' start vectors.
+
+    Raises:
+        ValueError: For an unknown or repeated measure, or a bad cadence.
+
+    References:
+        Jiang, Neyshabur, Mobahi, Krishnan, Bengio. Fantastic Generalization Measures and Where to Find
+        Them. ICLR 2020. https://arxiv.org/abs/1912.02178
+    """
+
+    def __init__(
+        self,
+        measures: Sequence[str] = MEASURES,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        num_batches: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, num_batches=num_batches,
+                         seed=seed)
+        if isinstance(measures, str):
+            raise ValueError(f"measures must be a sequence of names, got the string {measures!r}")
+        measures = tuple(measures)
+        if not measures or any(m not in MEASURES for m in measures) or len(set(measures)) != len(measures):
+            raise ValueError(f"measures must be distinct names among {MEASURES}, got {measures!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        self.measures = measures
+        self.loss_fn = loss_fn
+        self._initial: dict[str, Tensor] | None = None
+
+    @override
+    def state_key_config(self) -> dict[str, Any]:
+        return {**super().state_key_config(), "measures": self.measures}
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Callback states are restored before on_fit_start, so a resumed run keeps its initial weights.
+        if self._initial is None and "distance_from_init" in self.measures:
+            module = unwrap_module(pl_module)
+            self._initial = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @override
+    def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
+        pl_module.eval()
+        example = batches[0][0]
+        out: dict[str, float] = {}
+        for name in self.measures:
+            if name == "param_norm":
+                value = parameter_norm(pl_module)
+            elif name == "distance_from_init":
+                if self._initial is None:
+                    raise RuntimeError("no initial weights recorded: the callback missed on_fit_start")
+                value = distance_from_init(pl_module, self._initial)
+            elif name == "spectral_product":
+                value = spectral_norm_product(pl_module, example, tol=1e-4,
+                                              generator=make_generator(example.device, self.seed))
+            elif name == "frobenius_product":
+                value = frobenius_norm_product(pl_module)
+            elif name == "path_norm":
+                value = path_norm(pl_module, example)
+            else:
+                value = fisher_rao_norm(pl_module, resolve_loss_fn(pl_module, self.loss_fn), batches)
+            out[f"measures/{name}"] = value
+        return out
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["initial"] = None if self._initial is None else {k: v.clone() for k, v in self._initial.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        initial = state_dict.get("initial")
+        self._initial = None if initial is None else {k: torch.as_tensor(v).clone() for k, v in initial.items()}
