@@ -297,12 +297,12 @@ class SeparableLogistic:
     support: tuple[float, float]
 
     @classmethod
-    def build(cls, gen: torch.Generator, s: float = 1.0, t: float = 0.5, extra: int = 6) -> SeparableLogistic:
+    def build(cls, gen: torch.Generator, s: float = 1.0, t: float = 0.5, extra: int = 4) -> SeparableLogistic:
         support = torch.tensor([[1.0, s], [1.0, -t]], dtype=DTYPE)
         others = torch.stack(
             [
-                1.5 + 2.0 * torch.rand(extra, generator=gen, dtype=DTYPE),
-                2.0 * torch.rand(extra, generator=gen, dtype=DTYPE) - 1.0,
+                1.5 + torch.rand(extra, generator=gen, dtype=DTYPE),
+                torch.rand(extra, generator=gen, dtype=DTYPE) - 0.5,
             ],
             dim=1,
         )

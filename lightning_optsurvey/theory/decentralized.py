@@ -1,0 +1,311 @@
+"""Decentralized averaging and D-PSGD on known graphs: results 14-16 of the survey's list.
+
+The graphs and their weights come from :class:`~lightning_optsurvey.strategies.Topology`, the object
+``GossipStrategy`` mixes with: its rank ``i`` combines ``x_i <- sum_j W_ij x_j`` with row ``i`` of
+``Topology.mixing_matrix(step)``, after its optimizer step (adapt then combine). The checks apply the
+same matrices to all ranks at once, ``X <- W X``, on rows stacked in one tensor: the arithmetic of a
+gossip round without the processes. Spectral quantities are recomputed here from the eigenvalues of
+``W`` (``torch.linalg.eigvals``), independently of ``Topology.spectral_gap``, and the two are compared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lightning_optsurvey.strategies.topology import Topology
+from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
+from lightning_optsurvey.theory.problems import DTYPE, generator
+from lightning_optsurvey.theory.result import (
+    CheckOutcome,
+    Result,
+    bound_violations,
+    register_result,
+    tail_rate,
+)
+from lightning_optsurvey.theory.stochastic import MC_Z
+
+__all__ = ["DPSGDConsensus", "GossipConsensus", "OnePeerExactAveraging", "second_eigenvalue_modulus"]
+
+#: Relative slack on the contraction bound (round-off of the matrix products).
+BOUND_RTOL = 1e-9
+#: Each graph is run until its bound falls to this fraction of the initial error (round-off beyond).
+CONTRACTION_FLOOR = 1e-12
+#: Two-sided relative band on the fitted consensus contraction against |lambda_2|.
+RATE_RTOL = 1e-2
+#: Relative consensus error that counts as exact averaging (float64 round-off over a few rounds).
+EXACT_TOL = 1e-13
+#: Agreement required between Topology.spectral_gap and the gap recomputed from the eigenvalues.
+GAP_ATOL = 1e-10
+
+
+def second_eigenvalue_modulus(matrix: torch.Tensor) -> float:
+    """``|lambda_2|``: the second largest eigenvalue modulus (the largest is 1 for a stochastic matrix)."""
+    moduli = torch.linalg.eigvals(matrix).abs().sort(descending=True).values
+    return float(moduli[1]) if moduli.numel() > 1 else 0.0
+
+
+def _consensus_error(x: torch.Tensor) -> torch.Tensor:
+    """``||X - 1 xbar^T||_F`` over the rank axis (-2)."""
+    return torch.linalg.vector_norm(x - x.mean(-2, keepdim=True), dim=(-2, -1))
+
+
+@register_result
+@dataclass(frozen=True)
+class GossipConsensus(Result):
+    """Gossip averaging contracts the disagreement by |lambda_2(W)| per round."""
+
+    number = 14
+    name = "gossip_consensus"
+    statement = (
+        "W doubly stochastic and normal (symmetric, or circulant), x_(k+1) = W x_k: "
+        "||x_k - 1 xbar|| <= |lambda_2(W)|^k ||x_0 - 1 xbar||, on the ring, torus and exponential graphs"
+    )
+    reference = (
+        "Xiao & Boyd 2004, Fast linear iterations for distributed averaging, Sec. 2; "
+        "Boyd, Ghosh, Prabhakar & Shah 2006, Randomized gossip algorithms"
+    )
+    criterion = (
+        f"bound at every round for each graph (slack {BOUND_RTOL:g}) until it reaches {CONTRACTION_FLOOR:g} "
+        f"(round-off below), the consensus contraction fitted on the last half of those rounds within "
+        f"{RATE_RTOL:g} (relative) of |lambda_2|; Topology.spectral_gap equal to "
+        f"1 - |lambda_2| within {GAP_ATOL:g}"
+    )
+
+    world_size: int = 16
+    rounds: int = 150
+    dim: int = 3
+    kinds: tuple[str, ...] = ("ring", "torus", "exponential")
+
+    def __post_init__(self) -> None:
+        _positive_int("world_size", self.world_size, 4)
+        _positive_int("rounds", self.rounds, 10)
+        _positive_int("dim", self.dim)
+        if not self.kinds:
+            raise ValueError("kinds must name at least one static topology")
+        for kind in self.kinds:
+            if kind == "one_peer_exponential":
+                raise ValueError("gossip_consensus needs static graphs; one_peer_exponential is time-varying")
+
+    def problem(self, seed: int = 0) -> dict[str, Topology]:
+        return {kind: Topology(kind, self.world_size) for kind in self.kinds}
+
+    def predict(self, problem: dict[str, Topology], k: int) -> float:
+        """The bound's factor ``|lambda_2|^k`` of the slowest graph."""
+        return max(second_eigenvalue_modulus(t.mixing_matrix(0)) for t in problem.values()) ** k
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        topologies = self.problem(seed)
+        x0 = torch.randn(self.world_size, self.dim, generator=generator(seed), dtype=DTYPE)
+        ks = list(range(self.rounds + 1))
+        holds, lines, curves, first = True, [], {}, None
+        for kind, topology in topologies.items():
+            w = topology.mixing_matrix(0)
+            lam2 = second_eigenvalue_modulus(w)
+            rounds = min(self.rounds, math.ceil(math.log(CONTRACTION_FLOOR) / math.log(lam2)))
+            x, errors = x0.clone(), [float(_consensus_error(x0))]
+            for _ in range(self.rounds):
+                x = w @ x
+                errors.append(float(_consensus_error(x)))
+            bound = [errors[0] * lam2**k for k in ks]
+            violations = bound_violations(errors[: rounds + 1], bound[: rounds + 1], BOUND_RTOL)
+            rate = tail_rate(errors, rounds // 2, rounds + 1)
+            gap_ok = abs(topology.spectral_gap() - (1.0 - lam2)) <= GAP_ATOL
+            ok = violations == 0 and abs(rate - lam2) <= RATE_RTOL * lam2 and gap_ok
+            holds = holds and ok
+            lines.append(
+                f"{kind}: |lambda_2|={lam2:.4f}, fitted {rate:.4f} over {rounds} rounds, violations {violations}"
+            )
+            curves[f"{kind} measured"] = errors
+            if first is None:
+                first = (lam2, rate, bound, errors, kind)
+        lam2, rate, bound, errors, kind = first
+        return CheckOutcome(
+            predicted=lam2, measured=rate, holds=holds, name=self.name,
+            quantity=f"consensus contraction per round on the {kind} (N={self.world_size})",
+            details="; ".join(lines), steps=ks, predicted_curve=bound, measured_curve=errors,
+            extra_curves={k: tuple(v) for k, v in curves.items() if not k.startswith(kind)},
+            x_label="round", y_label="||x_k - 1 xbar||",
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class OnePeerExactAveraging(Result):
+    """The one-peer exponential graph averages exactly in log2(N) rounds."""
+
+    number = 15
+    name = "one_peer_exact_averaging"
+    statement = (
+        "N a power of 2, one-peer exponential graph (round t: i sends to i + 2^(t mod log2 N), weights 1/2): "
+        "W^(log2 N - 1) ... W^(0) = 11^T/N, so gossip reaches the exact average after log2(N) rounds"
+    )
+    reference = "Ying, Yuan, Chen, Hu, Pan & Yin 2021, arXiv:2110.13363, Thm. 2 (and Lemma 1)"
+    criterion = (
+        f"relative consensus error after log2(N) rounds <= {EXACT_TOL:g} for N in 4..32, and > 1e-3 one round "
+        "earlier (not exact before); the static exponential graph is shown for contrast"
+    )
+
+    sizes: tuple[int, ...] = (4, 8, 16, 32)
+    dim: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            raise ValueError("sizes must hold at least one world size")
+        for n in self.sizes:
+            _positive_int("sizes[i]", n, 2)
+        _positive_int("dim", self.dim)
+
+    def problem(self, seed: int = 0) -> dict[int, Topology]:
+        return {n: Topology("one_peer_exponential", n) for n in self.sizes}
+
+    def predict(self, problem: dict[int, Topology], k: int) -> float:
+        """Rounds to exact averaging for world size ``k``: ``log2 k`` when ``k`` is a power of two, else inf."""
+        return float(math.log2(k)) if k & (k - 1) == 0 else math.inf
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        gen = generator(seed)
+        holds, lines, measured, predicted, static = True, [], [], [], []
+        for n, topology in self.problem(seed).items():
+            x0 = torch.randn(n, self.dim, generator=gen, dtype=DTYPE)
+            start = float(_consensus_error(x0))
+            rounds = topology.period  # ceil(log2 N): log2 N exactly when N is a power of two
+            x, errors = x0.clone(), []
+            for t in range(rounds):
+                x = topology.mixing_matrix(t) @ x
+                errors.append(float(_consensus_error(x)) / start)
+            fixed = Topology("exponential", n).mixing_matrix(0)
+            y = x0.clone()
+            for _ in range(rounds):
+                y = fixed @ y
+            static_error = float(_consensus_error(y)) / start
+            before = errors[-2] if len(errors) > 1 else 1.0
+            ok = n & (n - 1) == 0 and errors[-1] <= EXACT_TOL and before > 1e-3
+            holds = holds and ok
+            measured.append(errors[-1])
+            predicted.append(0.0)
+            static.append(static_error)
+            lines.append(f"N={n}: after {rounds} rounds {errors[-1]:.1e} (one earlier {before:.2g}; static "
+                         f"exponential {static_error:.2g})")
+        return CheckOutcome(
+            predicted=0.0, measured=max(measured), holds=holds, name=self.name,
+            quantity="largest relative consensus error after log2(N) rounds",
+            details="; ".join(lines), steps=list(self.sizes), predicted_curve=predicted,
+            measured_curve=measured, extra_curves={"static exponential graph": tuple(static)},
+            x_label="N", y_label="relative consensus error after log2 N rounds", log_x=True, log_y=False,
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class DPSGDConsensus(Result):
+    """D-PSGD's consensus distance grows as the spectral gap shrinks."""
+
+    number = 16
+    name = "dpsgd_consensus_gap"
+    statement = (
+        "D-PSGD (local SGD step, then gossip with W) with step eta on f_i(x) = ||x - b_i||^2/2 + noise of "
+        "variance sigma^2, heterogeneity zeta^2: stationary consensus distance "
+        "(1/N) E||X - 1 xbar||^2 <= eta^2 sigma^2 / p + eta^2 zeta^2 / p^2, p = 1 - |lambda_2| the spectral gap"
+    )
+    reference = (
+        "Lian et al. 2017, arXiv:1705.09056, Thm. 1 (1/(1 - rho) consensus term); Koloskova et al. 2020, "
+        "arXiv:2003.10422, Lemma 8 (sigma^2/p and zeta^2/p^2)"
+    )
+    criterion = (
+        f"for each graph, the measured consensus distance (mean over the last half and over runs) within "
+        f"{MC_Z:g} standard errors of its exact stationary value on these quadratics, "
+        "(a Stein equation for the noise and a linear solve for the heterogeneity), that value below the "
+        "bound, and the distance decreasing as the gap grows"
+    )
+
+    world_size: int = 16
+    dim: int = 2
+    runs: int = 100
+    steps: int = 200
+    lr: float = 0.1
+    sigma2: float = 1.0
+    kinds: tuple[str, ...] = ("ring", "torus", "exponential", "complete")
+
+    def __post_init__(self) -> None:
+        _positive_int("world_size", self.world_size, 4)
+        _positive_int("dim", self.dim)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("steps", self.steps, 20)
+        _positive_float("lr", self.lr)
+        _positive_float("sigma2", self.sigma2)
+        if not self.kinds:
+            raise ValueError("kinds must name at least one static topology")
+
+    def problem(self, seed: int = 0) -> tuple[dict[str, Topology], torch.Tensor]:
+        targets = torch.randn(self.world_size, self.dim, generator=generator(seed), dtype=DTYPE)
+        return {kind: Topology(kind, self.world_size) for kind in self.kinds}, targets
+
+    def exact(self, w: torch.Tensor, targets: torch.Tensor) -> float:
+        """Exact stationary consensus distance of D-PSGD (adapt then combine) on these quadratics.
+
+        With ``P = I - 11^T/N`` (``W`` commutes with it), the disagreement ``E = P X`` follows
+        ``E <- W((1 - eta) E + eta P B - eta P Xi)``: its mean converges to the solution of
+        ``(I - (1 - eta) W) E = eta W P B`` and its per-coordinate covariance to the solution of the
+        Stein equation ``C = (1 - eta)^2 W C W^T + eta^2 (sigma^2/d) W P W^T``, solved here as a linear
+        system in ``vec(C)``. The distance is ``(d tr C + ||E||_F^2) / N``.
+        """
+        n, eta = self.world_size, self.lr
+        eye = torch.eye(n, dtype=DTYPE)
+        projector = eye - torch.full((n, n), 1.0 / n, dtype=DTYPE)
+        mean = torch.linalg.solve(eye - (1.0 - eta) * w, eta * w @ projector @ targets)
+        source = eta**2 * (self.sigma2 / self.dim) * w @ projector @ w.T
+        system = torch.eye(n * n, dtype=DTYPE) - (1.0 - eta) ** 2 * torch.kron(w, w)
+        covariance = torch.linalg.solve(system, source.reshape(-1)).reshape(n, n)
+        return (self.dim * float(torch.trace(covariance)) + float(mean.square().sum())) / n
+
+    def predict(self, problem: tuple[dict[str, Topology], torch.Tensor], k: int) -> float:
+        """The bound for the graph of index ``k`` in ``kinds``."""
+        topologies, targets = problem
+        gap = 1.0 - second_eigenvalue_modulus(topologies[self.kinds[k]].mixing_matrix(0))
+        zeta2 = float((targets - targets.mean(0)).square().sum(1).mean())
+        return self.lr**2 * self.sigma2 / gap + self.lr**2 * zeta2 / gap**2
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        topologies, targets = self.problem(seed)
+        gen = generator(seed + 1)
+        noise_scale = math.sqrt(self.sigma2 / self.dim)
+        rows = []
+        for index, (kind, topology) in enumerate(topologies.items()):
+            w = topology.mixing_matrix(0)
+            gap = 1.0 - second_eigenvalue_modulus(w)
+
+            def gradient(x: torch.Tensor, k: int) -> torch.Tensor:
+                return x - targets + noise_scale * torch.randn(x.shape, generator=gen, dtype=DTYPE)
+
+            def gossip(x: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:
+                return torch.einsum("ij,rjd->rid", w, x)
+
+            distances, _ = run_optimizer(
+                "sgd", torch.zeros(self.runs, self.world_size, self.dim, dtype=DTYPE), gradient, self.steps,
+                project=gossip, record=lambda x: _consensus_error(x).square() / self.world_size, lr=self.lr,
+            )
+            per_run = distances[self.steps // 2 :].mean(0)
+            mean, err = float(per_run.mean()), float(per_run.std()) / math.sqrt(self.runs)
+            exact = self.exact(w, targets)
+            bound = self.predict((topologies, targets), index)
+            ok = abs(mean - exact) <= MC_Z * err + 1e-12 and exact <= bound
+            rows.append((gap, kind, mean, err, exact, bound, ok))
+        rows.sort(key=lambda r: r[0])
+        monotone = all(a[4] >= b[4] for a, b in zip(rows, rows[1:]) if b[0] - a[0] > GAP_ATOL)
+        holds = monotone and all(r[6] for r in rows)
+        details = "; ".join(
+            f"{kind}: gap {gap:.3f}, measured {mean:.4g} +- {err:.1g}, exact {exact:.4g}, bound {bound:.3g}"
+            for gap, kind, mean, err, exact, bound, _ in rows
+        )
+        return CheckOutcome(
+            predicted=rows[0][4], measured=rows[0][2], holds=holds, name=self.name,
+            quantity=f"stationary consensus distance on the {rows[0][1]} (smallest gap)",
+            details=f"eta={self.lr:g}, sigma^2={self.sigma2:g}, N={self.world_size}, {self.runs} runs; " + details,
+            steps=[1.0 / r[0] for r in rows], predicted_curve=[r[4] for r in rows],
+            measured_curve=[r[2] for r in rows], extra_curves={"bound": tuple(r[5] for r in rows)},
+            x_label="1 / spectral gap", y_label="(1/N) E||X - 1 xbar||^2", log_x=True,
+        )
