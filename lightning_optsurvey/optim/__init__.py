@@ -20,6 +20,7 @@ from lightning_optsurvey.optim.registry import (
     register,
 )
 from lightning_optsurvey.optim.sam import SAM
+from lightning_optsurvey.optim.shampoo import Shampoo
 from lightning_optsurvey.optim.svrg import SVRG, SVRGSnapshot
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "EntropySGD",
     "OptimizerSpec",
     "SVRGSnapshot",
+    "Shampoo",
     "available_optimizers",
     "create_optimizer",
     "get_spec",

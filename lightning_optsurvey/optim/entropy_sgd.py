@@ -182,7 +182,7 @@ def _register() -> None:
 
     register(OptimizerSpec(
         "entropy_sgd", EntropySGD, "landscape", needs_closure=True,
-        defaults={"lr": 1.0, "momentum": 0.9, "gamma": 0.03, "inner_steps": 5, "inner_lr": 0.1,
+        defaults={"lr": 5.0, "momentum": 0.9, "gamma": 0.03, "inner_steps": 5, "inner_lr": 0.1,
                   "noise": 1e-4, "alpha": 0.75},
         reference="Chaudhari, Choromanska et al. 2017, arXiv:1611.01838",
         summary="descent on the local entropy, estimated by Langevin inner steps",

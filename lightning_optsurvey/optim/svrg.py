@@ -155,14 +155,16 @@ class SVRG(Optimizer):
 
 @contextmanager
 def _frozen_batchnorm(module: nn.Module) -> Iterator[None]:
-    saved = [(b, b.detach().clone()) for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(recurse=False)]
+    # Batch statistics are used, running statistics neither read nor written (not even in place).
+    switched = [m for m in module.modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    for m in switched:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+        for m in switched:
+            m.track_running_stats = True
 
 
 def _default_loss(pl_module: LightningModule, batch: Any) -> Tensor:
@@ -267,7 +269,7 @@ def _register() -> None:
 
     register(OptimizerSpec(
         "svrg", SVRG, "first_order", needs_closure=True,
-        defaults={"lr": 0.05},
+        defaults={"lr": 0.1},
         reference="Johnson & Zhang 2013, papers.nips.cc/paper/4937",
         summary="variance-reduced SGD with a full gradient each epoch (SVRGSnapshot callback)",
     ))

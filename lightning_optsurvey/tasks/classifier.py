@@ -5,9 +5,13 @@ to it, so that every method works under Lightning's automatic optimization:
 
 - ``create_graph`` methods (AdaHessian, Sophia-H) get a backward pass that keeps its graph;
 - ``needs_model`` methods (K-FAC) get the network;
-- closure methods (L-BFGS, the SAM family) may evaluate ``training_step`` several times per
-  optimizer step. Only the first evaluation logs, and the later ones leave BatchNorm's running
-  statistics as the first left them, so neither the logged loss nor the statistics are counted twice.
+- closure methods (L-BFGS, the SAM family, Entropy-SGD, LPF-SGD, SVRG) may evaluate ``training_step``
+  several times per optimizer step. Only the first evaluation logs, and the later ones leave BatchNorm's
+  running statistics as the first left them, so neither the logged loss nor the statistics are counted
+  twice. Gradient accumulation is refused for them (the later evaluations would only see the last
+  micro-batch); gradient clipping applies to every evaluation's gradient;
+- SVRG gets its per-epoch snapshot callback (:class:`~lightning_optsurvey.optim.SVRGSnapshot`) from
+  ``configure_callbacks``, so nothing else has to be attached.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_optsurvey.optim import create_optimizer, get_spec
+from lightning_optsurvey.optim import SVRGSnapshot, create_optimizer, get_spec
 from lightning_optsurvey.tasks.models import build_model
 
 _SCHEDULERS = ("cosine", "step", "exponential")
@@ -32,21 +36,23 @@ _SCHEDULERS = ("cosine", "step", "exponential")
 def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     """Run forward passes in train mode without changing any BatchNorm running statistic.
 
-    Batch statistics are still used for normalization; the running mean, variance and
-    ``num_batches_tracked`` are restored on exit.
+    Batch statistics are still used for normalization, exactly as in a normal training forward. The
+    running statistics are not *restored* afterwards but never written: ``track_running_stats`` is switched
+    off for the duration, so the buffers are not even touched in place. (Copying saved values back after
+    the forward bumps the buffers' autograd version, and the backward of that forward then fails with
+    "modified by an inplace operation".)
     """
-    saved = [
-        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None})
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase)
+    switched = [
+        m for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
     ]
+    for m in switched:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, buffers in saved:
-                for k, value in buffers.items():
-                    getattr(m, k).copy_(value)
+        for m in switched:
+            m.track_running_stats = True
 
 
 class ClassifierModule(LightningModule):
@@ -100,6 +106,25 @@ class ClassifierModule(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._evals_this_batch = 0
+
+    def on_fit_start(self) -> None:
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
+        if self.spec.needs_closure and accumulate > 1:
+            raise ValueError(
+                f"optimizer {self.spec.name!r} evaluates the closure several times per step, which cannot be "
+                f"combined with gradient accumulation (accumulate_grad_batches={accumulate}): only the last "
+                "micro-batch would be seen by the later evaluations. Use a larger batch size instead."
+            )
+
+    def configure_callbacks(self) -> list[Any]:
+        if getattr(self.spec.factory, "requires_snapshot_callback", False):
+            return [SVRGSnapshot()]
+        return []
+
+    def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Mean cross-entropy of a batch, without logging (used by full-gradient passes such as SVRG's)."""
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
