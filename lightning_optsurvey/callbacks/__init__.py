@@ -5,5 +5,6 @@ training with the callback is bitwise identical to training without it.
 """
 
 from lightning_optsurvey.callbacks._measure import Cadence, MeasuringCallback, measuring
+from lightning_optsurvey.callbacks.consensus import ConsensusDistance
 
-__all__ = ["Cadence", "MeasuringCallback", "measuring"]
+__all__ = ["Cadence", "ConsensusDistance", "MeasuringCallback", "measuring"]
