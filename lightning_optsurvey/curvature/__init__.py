@@ -4,6 +4,26 @@ Everything is a plain function of a :class:`HessianOperator`, so any of it can b
 model: ``lanczos(HessianOperator(model, loss_fn, batches), k=5)``.
 """
 
+from lightning_optsurvey.curvature.density import SpectralDensity, spectral_density
+from lightning_optsurvey.curvature.lanczos import EigenResult, lanczos
 from lightning_optsurvey.curvature.operator import HessianOperator
+from lightning_optsurvey.curvature.trace import (
+    DiagonalResult,
+    TraceResult,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+)
 
-__all__ = ["HessianOperator"]
+__all__ = [
+    "DiagonalResult",
+    "EigenResult",
+    "HessianOperator",
+    "SpectralDensity",
+    "TraceResult",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
+    "spectral_density",
+]
