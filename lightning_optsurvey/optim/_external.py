@@ -92,7 +92,8 @@ _ENTRIES = [
         summary=f"Adam with an additive, sign-controlled second-moment update ({_PO})",
     ),
     OptimizerSpec(
-        "lars", _translated(po.LARS), "adaptive", defaults={"lr": 5.0, "momentum": 0.9},
+        "lars", _translated(po.LARS), "adaptive",
+        defaults={"lr": 0.1, "momentum": 0.9, "trust_coefficient": 0.05},
         reference="You, Gitman & Ginsburg 2017, arXiv:1708.03888",
         summary=f"layer-wise trust-ratio scaled momentum SGD ({_PO})",
     ),
