@@ -6,5 +6,6 @@ training with the callback is bitwise identical to training without it.
 
 from lightning_optsurvey.callbacks._measure import Cadence, MeasuringCallback, measuring
 from lightning_optsurvey.callbacks.consensus import ConsensusDistance
+from lightning_optsurvey.callbacks.hessian import HessianSpectrum
 
-__all__ = ["Cadence", "ConsensusDistance", "MeasuringCallback", "measuring"]
+__all__ = ["Cadence", "ConsensusDistance", "HessianSpectrum", "MeasuringCallback", "measuring"]

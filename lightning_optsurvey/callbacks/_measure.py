@@ -403,6 +403,7 @@ class MeasuringCallback(Callback):
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
         self._last_step_measured = -1
+        self.trigger = "epoch"  # what started the current/last measurement: "step" or "epoch"
 
     # -- configuration -----------------------------------------------------------------------------------
     def state_key_config(self) -> dict[str, Any]:
@@ -460,11 +461,13 @@ class MeasuringCallback(Callback):
         step = trainer.global_step
         if self.cadence.due_at_step(step) and step != self._last_step_measured:
             self._last_step_measured = step  # gradient accumulation: one measurement per optimizer step
+            self.trigger = "step"
             self.run_measurement(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.cadence.due_at_epoch_end(trainer.current_epoch):
+            self.trigger = "epoch"
             self.run_measurement(trainer, pl_module)
 
     @override
