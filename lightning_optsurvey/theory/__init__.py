@@ -1,13 +1,41 @@
-"""The survey's theorems as executable checks (work in progress; see :mod:`.result`)."""
+"""The survey's theorems as executable checks.
+
+Each result (:class:`Result`) states its assumptions and rate, predicts a quantity on a synthetic
+problem with exactly known constants (:mod:`.problems`), runs the method from the registry on it and
+compares: ``result.check(seed) -> CheckOutcome(predicted, measured, holds, details, ...)``.
+
+Example:
+    >>> from lightning_optsurvey.theory import get_result
+    >>> outcome = get_result("gd_strongly_convex").check()
+    >>> outcome.holds
+    True
+
+Importing the group modules registers their results; :func:`all_results` lists them in the survey's
+order, :func:`run_checks` runs them, :func:`format_table` and :func:`plot_outcome` report them and
+:func:`render_docs` writes ``docs/theory.md``.
+"""
 
 from lightning_optsurvey.theory import (  # noqa: F401  (importing the group modules registers their results)
     adaptive,
     decentralized,
     first_order,
     generalization,
+    landscape,
     second_order,
     stochastic,
 )
-from lightning_optsurvey.theory.result import CheckOutcome, Result, all_results, get_result
+from lightning_optsurvey.theory.result import CheckOutcome, Result, all_results, get_result, register_result
+from lightning_optsurvey.theory.runner import format_table, plot_outcome, render_docs, run_checks, select_results
 
-__all__ = ["CheckOutcome", "Result", "all_results", "get_result"]
+__all__ = [
+    "CheckOutcome",
+    "Result",
+    "all_results",
+    "format_table",
+    "get_result",
+    "plot_outcome",
+    "register_result",
+    "render_docs",
+    "run_checks",
+    "select_results",
+]

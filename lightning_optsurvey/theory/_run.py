@@ -53,7 +53,7 @@ def run_optimizer(
     for k in range(steps):
         with torch.no_grad():
             g = gradient(param.detach(), k)
-        param.grad = g.clone()
+        param.grad = g.clone() if keep else g
         if keep:
             gradients.append(g)
         if before_step is not None:

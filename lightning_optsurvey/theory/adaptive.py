@@ -62,7 +62,7 @@ class AdaGradRegret(Result):
     )
 
     dim: int = 5
-    rounds: int = 3000
+    rounds: int = 2000
     box: float = 3.0
     lr: float | None = None
 
@@ -135,7 +135,7 @@ class AdamFailsAMSGradConverges(Result):
     )
 
     C: float = 3.0
-    rounds: int = 3000
+    rounds: int = 1500
     alpha: float = 0.5
     beta2: float | None = None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -236,7 +237,11 @@ class DPSGDConsensus(Result):
         _positive_int("runs", self.runs, 10)
         _positive_int("steps", self.steps, 20)
         _positive_float("lr", self.lr)
-        _positive_float("sigma2", self.sigma2)
+        if self.lr >= 1.0:
+            raise ValueError(f"lr must be below 1 (the local contraction 1 - lr must be positive), got {self.lr!r}")
+        sigma2 = self.sigma2
+        if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)) or not 0 <= sigma2 < math.inf:
+            raise ValueError(f"sigma2 must be a finite number >= 0, got {self.sigma2!r}")
         if not self.kinds:
             raise ValueError("kinds must name at least one static topology")
 
@@ -295,7 +300,7 @@ class DPSGDConsensus(Result):
             ok = abs(mean - exact) <= MC_Z * err + 1e-12 and exact <= bound
             rows.append((gap, kind, mean, err, exact, bound, ok))
         rows.sort(key=lambda r: r[0])
-        monotone = all(a[4] >= b[4] for a, b in zip(rows, rows[1:]) if b[0] - a[0] > GAP_ATOL)
+        monotone = all(a[4] >= b[4] for a, b in pairwise(rows) if b[0] - a[0] > GAP_ATOL)
         holds = monotone and all(r[6] for r in rows)
         details = "; ".join(
             f"{kind}: gap {gap:.3f}, measured {mean:.4g} +- {err:.1g}, exact {exact:.4g}, bound {bound:.3g}"

@@ -67,7 +67,7 @@ class ImplicitBiasMaxMargin(Result):
         lr = self.lr_scale / p.smoothness
         offset = p.offset(lr)
         ws, _ = run_optimizer("sgd", torch.zeros(2, dtype=DTYPE), lambda w, k: p.gradient(w), self.steps, lr=lr)
-        checkpoints = sorted({int(round(t)) for t in torch.logspace(1, math.log10(self.steps), 30).tolist()})
+        checkpoints = sorted({round(t) for t in torch.logspace(1, math.log10(self.steps), 30).tolist()})
         angles = [math.atan2(abs(float(ws[t, 1])), float(ws[t, 0])) for t in checkpoints]
         predicted = [self.predict(p, t) for t in checkpoints]
 
@@ -89,7 +89,7 @@ class ImplicitBiasMaxMargin(Result):
 
 @dataclass(frozen=True)
 class _LogisticDistribution:
-    """``x`` Gaussian with norm clipped to 1 (so ``G = 1``, ``beta = 1/4``), labels of a linear rule flipped with prob. ``noise``."""
+    """Features of norm at most 1 (so ``G = 1``, ``beta = 1/4``); linear labels flipped with probability ``noise``."""
 
     direction: torch.Tensor
     noise: float

@@ -13,8 +13,7 @@ smoothness, strong convexity and noise constants, which the checks need.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -61,6 +60,11 @@ class Quadratic:
     eigenvalues: Tensor
     basis: Tensor
     minimizer: Tensor
+    matrix: Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Built once, eagerly: a lazily cached tensor first computed under torch.func would escape it.
+        object.__setattr__(self, "matrix", (self.basis * self.eigenvalues) @ self.basis.T)
 
     @classmethod
     def with_spectrum(cls, eigenvalues: Tensor, gen: torch.Generator) -> Quadratic:
@@ -85,10 +89,6 @@ class Quadratic:
     def L(self) -> float:
         """Smoothness constant: the largest eigenvalue."""
         return float(self.eigenvalues.max())
-
-    @cached_property
-    def matrix(self) -> Tensor:
-        return (self.basis * self.eigenvalues) @ self.basis.T
 
     def value(self, x: Tensor) -> Tensor:
         """``f(x) - f*`` for a batch ``(..., d)``."""
@@ -121,6 +121,10 @@ class NoisyQuadratic:
 
     quadratic: Quadratic
     shifts: Tensor
+    covariance: Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "covariance", self.shifts.T @ self.shifts / self.shifts.shape[0])
 
     @classmethod
     def build(cls, quadratic: Quadratic, n: int, sigma2: float, gen: torch.Generator) -> NoisyQuadratic:
@@ -129,10 +133,6 @@ class NoisyQuadratic:
         z = z - z.mean(0)
         z = z * math.sqrt(sigma2 / float((z * z).sum(1).mean()))
         return cls(quadratic, z)
-
-    @cached_property
-    def covariance(self) -> Tensor:
-        return self.shifts.T @ self.shifts / self.shifts.shape[0]
 
     @property
     def sigma2(self) -> float:

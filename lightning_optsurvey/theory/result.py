@@ -42,6 +42,7 @@ class CheckOutcome:
         log_x: Plot the x-axis on a log scale.
         log_y: Plot the y-axis on a log scale.
         extra_curves: Further measured curves over ``steps``, by label (e.g. a second method).
+        seconds: Wall-clock time of the check (filled in by :func:`~lightning_optsurvey.theory.run_checks`).
     """
 
     predicted: float
@@ -58,6 +59,7 @@ class CheckOutcome:
     log_x: bool = False
     log_y: bool = True
     extra_curves: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.predicted_curve) not in (0, len(self.steps)) or len(self.measured_curve) not in (

@@ -55,7 +55,7 @@ class NewtonQuadratic(Result):
     samples: int = 100
     dim: int = 5
     reg: float = 0.1
-    steps: int = 12
+    steps: int = 7
     lr_scale: float = 1.0
 
     def __post_init__(self) -> None:

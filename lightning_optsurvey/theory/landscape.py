@@ -1,0 +1,256 @@
+"""Landscape-aware results: edge of stability (19), SAM's sharpness (20), smoothing (23).
+
+The curvature comes from the package's engine (:class:`~lightning_optsurvey.curvature.HessianOperator`
+and :func:`~lightning_optsurvey.curvature.lanczos`) and is checked against a dense float64 Hessian;
+sharpness from :func:`~lightning_optsurvey.measures.worst_case_sharpness`; the smoothed losses' curvature
+is read off the registry's ``entropy_sgd`` and ``lpf_sgd`` themselves, from the gradients they step with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_optsurvey.curvature import HessianOperator, lanczos
+from lightning_optsurvey.measures import worst_case_sharpness
+from lightning_optsurvey.optim import create_optimizer
+from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
+from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, WavyFunction, generator
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
+from lightning_optsurvey.theory.stochastic import MC_Z
+
+__all__ = ["SAMSharpness", "SmoothingFlattens"]
+
+#: Relative band on worst-case sharpness / (rho^2 lambda_max / 2) for the radii checked (the cubic term
+#: of a logistic loss is below 0.1 % at rho <= 0.1 here).
+SAM_RTOL = 1e-2
+#: Agreement of Lanczos's lambda_max with the dense Hessian's.
+LANCZOS_RTOL = 1e-8
+#: Agreement of the Hessian of the local entropy read off Entropy-SGD with gamma A (A + gamma I)^(-1)
+#: (the inner Langevin loop, run without noise, converges to ~1e-12).
+ENTROPY_RTOL = 1e-6
+
+
+def _logistic_model(problem: LogisticRegression, w: torch.Tensor) -> tuple[nn.Module, nn.Module, list]:
+    model = nn.Linear(w.numel(), 1, bias=False).to(DTYPE)
+    with torch.no_grad():
+        model.weight.copy_(w[None])
+    targets = ((problem.labels + 1.0) / 2.0)[:, None]
+    return model, nn.BCEWithLogitsLoss(), [(problem.features, targets)]
+
+
+def _newton_minimizer(problem: LogisticRegression) -> torch.Tensor:
+    w = torch.zeros(problem.features.shape[1], dtype=DTYPE)
+    for _ in range(100):
+        step = torch.linalg.solve(problem.hessian(w), problem.gradient(w))
+        w = w - step
+        if float(torch.linalg.vector_norm(step)) < 1e-15:
+            break
+    return w
+
+
+@register_result
+@dataclass(frozen=True)
+class SAMSharpness(Result):
+    """At a minimum, SAM's sharpness is rho^2 lambda_max / 2 to second order."""
+
+    number = 20
+    name = "sam_sharpness"
+    statement = (
+        "at a minimum w* of a C^3 loss, max_(||e|| <= rho) L(w* + e) - L(w*) = rho^2 lambda_max(H)/2 + O(rho^3)"
+    )
+    reference = "Foret, Kleiner, Mobahi & Neyshabur 2021, arXiv:2010.01412, Sec. 2 (and survey Sec. 4.1)"
+    criterion = (
+        f"worst-case sharpness (Auto-PGD, measures.worst_case_sharpness) over rho^2 lambda_max / 2 within "
+        f"{SAM_RTOL:g} of 1 for each rho; lambda_max from Lanczos on HessianOperator, equal to the dense "
+        f"Hessian's within {LANCZOS_RTOL:g}; the minimum of an unregularized logistic regression on "
+        "non-separable data, found by Newton's method to a zero gradient"
+    )
+
+    samples: int = 100
+    dim: int = 5
+    radii: tuple[float, ...] = (0.01, 0.03, 0.1)
+    ascent_steps: int = 20
+
+    def __post_init__(self) -> None:
+        _positive_int("samples", self.samples, 2)
+        _positive_int("dim", self.dim)
+        if not self.radii:
+            raise ValueError("radii must hold at least one radius")
+        for rho in self.radii:
+            _positive_float("radii[i]", rho)
+        _positive_int("ascent_steps", self.ascent_steps)
+
+    def problem(self, seed: int = 0) -> LogisticRegression:
+        return LogisticRegression.build(self.samples, self.dim, 0.0, generator(seed))
+
+    def predict(self, problem: LogisticRegression, k: int, rho: float | None = None) -> float:
+        """``rho^2 lambda_max / 2`` for the radius of index ``k`` in ``radii`` (or ``rho``)."""
+        rho = self.radii[k] if rho is None else rho
+        lam = float(torch.linalg.eigvalsh(problem.hessian(_newton_minimizer(problem)))[-1])
+        return 0.5 * rho**2 * lam
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        w = _newton_minimizer(p)
+        model, loss_fn, batches = _logistic_model(p, w)
+        eig = lanczos(HessianOperator(model, loss_fn, batches), k=1, tol=1e-10)
+        lam = float(eig.eigenvalues[0])
+        dense = float(torch.linalg.eigvalsh(p.hessian(w))[-1])
+        lanczos_ok = abs(lam - dense) <= LANCZOS_RTOL * dense
+        measured = [
+            worst_case_sharpness(model, loss_fn, batches, rho=rho, steps=self.ascent_steps, generator=generator(seed))
+            for rho in self.radii
+        ]
+        predicted = [0.5 * rho**2 * lam for rho in self.radii]
+        ratios = [m / q for m, q in zip(measured, predicted)]
+        holds = lanczos_ok and all(abs(r - 1.0) <= SAM_RTOL for r in ratios)
+        return CheckOutcome(
+            predicted=predicted[-1], measured=measured[-1], holds=holds, name=self.name,
+            quantity=f"worst-case sharpness at rho={self.radii[-1]:g}",
+            details=f"||grad L(w*)|| = {float(torch.linalg.vector_norm(p.gradient(w))):.1e}, lambda_max = {lam:.6g} "
+            f"(dense {dense:.6g}); sharpness / (rho^2 lambda_max/2): "
+            + ", ".join(f"rho={rho:g}: {r:.5f}" for rho, r in zip(self.radii, ratios)),
+            steps=list(self.radii), predicted_curve=predicted, measured_curve=measured, x_label="rho",
+            y_label="max_(||e||<=rho) L(w*+e) - L(w*)", log_x=True,
+        )
+
+
+@dataclass(frozen=True)
+class _SmoothingProblem:
+    quadratic: Quadratic
+    wavy: WavyFunction
+    point: torch.Tensor
+    radius: float
+
+
+@register_result
+@dataclass(frozen=True)
+class SmoothingFlattens(Result):
+    """The losses that Entropy-SGD and LPF-SGD minimize have a smaller Hessian norm than the original."""
+
+    number = 23
+    name = "smoothing_flattens"
+    statement = (
+        "local entropy -F_gamma of f: Hessian gamma A (A + gamma I)^(-1) on a quadratic f = x^T A x/2, so "
+        "||H|| = gamma lambda/(lambda + gamma) < lambda_max(A); Gaussian smoothing E f(x + s e): "
+        "||Hessian|| <= sup ||Hessian of f|| (on f = sum x_j^2/2 + a cos(b x_j): curvature "
+        "1 - a b^2 exp(-b^2 s^2/2) cos(b x_j) <= L = 1 + a b^2)"
+    )
+    reference = (
+        "Chaudhari et al. 2017, arXiv:1611.01838, Sec. 4.1 (local entropy smooths the Hessian); "
+        "Bisla, Wang & Choromanska 2022, arXiv:2201.08025, Sec. 3 (Gaussian smoothing lowers the Hessian norm)"
+    )
+    criterion = (
+        f"Entropy-SGD (noise 0, alpha 1, 300 inner steps) read as the map x -> gamma (x - <x'>): its matrix's "
+        f"eigenvalues within {ENTROPY_RTOL:g} (relative) of gamma lambda_j/(lambda_j + gamma) and all below "
+        f"lambda_max(A); LPF-SGD's Monte-Carlo smoothed gradient differentiated along v orthogonal to x (so "
+        f"its kernel radius sigma ||x|| stays fixed): curvature within {MC_Z:g} standard errors of the exact "
+        "smoothed value and below L, at the point where f's curvature is L"
+    )
+
+    dim: int = 6
+    gamma: float = 1.0
+    largest_eigenvalue: float = 10.0
+    inner_steps: int = 300
+    radius: float = 0.5
+    lpf_seeds: int = 8
+    lpf_samples: int = 400
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim, 2)
+        _positive_float("gamma", self.gamma)
+        _positive_float("largest_eigenvalue", self.largest_eigenvalue)
+        _positive_int("inner_steps", self.inner_steps)
+        _positive_float("radius", self.radius)
+        _positive_int("lpf_seeds", self.lpf_seeds, 2)
+        _positive_int("lpf_samples", self.lpf_samples)
+
+    def problem(self, seed: int = 0) -> _SmoothingProblem:
+        eigenvalues = torch.logspace(-2, math.log10(self.largest_eigenvalue), self.dim, dtype=DTYPE)
+        quadratic = Quadratic.with_spectrum(eigenvalues, generator(seed))
+        quadratic = Quadratic(quadratic.eigenvalues, quadratic.basis, torch.zeros(self.dim, dtype=DTYPE))
+        wavy = WavyFunction(2, 1.0, 2.0)
+        # cos(b x_j) = -1 on both coordinates: f's curvature is L = 1 + a b^2 in every direction there.
+        point = torch.full((2,), math.pi / wavy.frequency, dtype=DTYPE)
+        return _SmoothingProblem(quadratic, wavy, point, self.radius)
+
+    def predict(self, problem: _SmoothingProblem, k: int) -> float:
+        """Eigenvalue ``k`` (ascending) of the local entropy's Hessian, ``gamma lambda_k/(lambda_k + gamma)``."""
+        lam = float(problem.quadratic.eigenvalues[k])
+        return self.gamma * lam / (lam + self.gamma)
+
+    def exact_smoothed_curvature(self, problem: _SmoothingProblem, direction: torch.Tensor) -> float:
+        """``v^T E[Hess f(x + s e)] v`` in closed form: ``E cos(b(x + s e)) = exp(-b^2 s^2/2) cos(b x)``."""
+        f = problem.wavy
+        damping = math.exp(-0.5 * (f.frequency * problem.radius) ** 2)
+        diagonal = 1.0 - f.amplitude * f.frequency**2 * damping * torch.cos(f.frequency * problem.point)
+        return float((direction * direction * diagonal).sum())
+
+    def _entropy_hessian(self, q: Quadratic) -> torch.Tensor:
+        columns = []
+        inner_lr = 1.0 / (q.L + self.gamma)
+        for i in range(q.dim):
+            x = torch.nn.Parameter(torch.eye(q.dim, dtype=DTYPE)[i].clone())
+            optimizer = create_optimizer(
+                "entropy_sgd", [x], lr=1.0, momentum=0.0, gamma=self.gamma, gamma_scoping=0.0,
+                inner_steps=self.inner_steps, inner_lr=inner_lr, noise=0.0, alpha=1.0,
+            )
+
+            def closure(x: torch.nn.Parameter = x) -> torch.Tensor:
+                x.grad = q.gradient(x.detach())
+                return q.value(x.detach())
+
+            before = x.detach().clone()
+            optimizer.step(closure)
+            columns.append(before - x.detach())  # lr = 1: the step is gamma (x - <x'>)
+        matrix = torch.stack(columns, dim=1)
+        return 0.5 * (matrix + matrix.T)
+
+    def _lpf_curvature(self, p: _SmoothingProblem, direction: torch.Tensor, seed: int, h: float = 1e-5) -> float:
+        f = p.wavy
+        sigma = p.radius / float(torch.linalg.vector_norm(p.point))
+        gradients = []
+        for sign in (1.0, -1.0):
+            x = torch.nn.Parameter(p.point + sign * h * direction)
+            optimizer = create_optimizer(
+                "lpf_sgd", [x], lr=1.0, momentum=0.0, sigma=sigma, num_samples=self.lpf_samples, seed=seed
+            )
+
+            def closure(x: torch.nn.Parameter = x) -> torch.Tensor:
+                x.grad = f.gradient(x.detach())
+                return f.value(x.detach())
+
+            optimizer.step(closure)
+            gradients.append(x.grad.detach().clone())  # LPF-SGD leaves its smoothed gradient in .grad
+        return float(direction @ (gradients[0] - gradients[1])) / (2.0 * h)
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        q = p.quadratic
+        measured = torch.linalg.eigvalsh(self._entropy_hessian(q)).tolist()
+        predicted = [self.predict(p, k) for k in range(q.dim)]
+        entropy_ok = all(abs(m - e) <= ENTROPY_RTOL * e for m, e in zip(measured, predicted)) and max(measured) < q.L
+        x = p.point
+        direction = torch.stack([-x[1], x[0]]) / torch.linalg.vector_norm(x)
+        samples = torch.tensor([self._lpf_curvature(p, direction, seed * 1000 + i) for i in range(self.lpf_seeds)])
+        curvature, error = float(samples.mean()), float(samples.std()) / math.sqrt(self.lpf_seeds)
+        exact = self.exact_smoothed_curvature(p, direction)
+        f = p.wavy
+        curvature_of_f = 1.0 - f.amplitude * f.frequency**2 * torch.cos(f.frequency * x)
+        original = float((direction * direction * curvature_of_f).sum())
+        lpf_ok = abs(curvature - exact) <= MC_Z * error and curvature < p.wavy.L
+        return CheckOutcome(
+            predicted=predicted[-1], measured=measured[-1], holds=entropy_ok and lpf_ok, name=self.name,
+            quantity="largest Hessian eigenvalue of the local entropy (lambda_max(A) = "
+            f"{q.L:g}, gamma = {self.gamma:g})",
+            details=f"Entropy-SGD: lambda_max {measured[-1]:.8g} vs gamma lambda/(lambda+gamma) {predicted[-1]:.8g} "
+            f"(original {q.L:g}); LPF-SGD (radius {p.radius:g}) curvature at the sharpest point: {curvature:.4f} +- "
+            f"{error:.2g} vs exact {exact:.4f}, original {original:g} = L",
+            steps=q.eigenvalues.tolist(), predicted_curve=predicted, measured_curve=measured,
+            extra_curves={"original (lambda_j)": tuple(q.eigenvalues.tolist())}, x_label="lambda_j of A",
+            y_label="Hessian eigenvalue of -F_gamma", log_x=True,
+        )

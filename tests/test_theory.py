@@ -1,0 +1,277 @@
+"""The survey's theorems as executable checks: every check holds, can fail, and is documented."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from lightning_optsurvey.theory import (
+    CheckOutcome,
+    Result,
+    adaptive,
+    all_results,
+    decentralized,
+    first_order,
+    format_table,
+    generalization,
+    get_result,
+    plot_outcome,
+    render_docs,
+    run_checks,
+    second_order,
+    stochastic,
+)
+from lightning_optsurvey.theory.problems import (
+    DTYPE,
+    LeastSquaresSum,
+    LogisticRegression,
+    NoisyQuadratic,
+    Quadratic,
+    SeparableLogistic,
+    WavyFunction,
+    generator,
+)
+from lightning_optsurvey.theory.result import _RESULTS, loglog_slope, register_result, tail_rate
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "theory.md"
+#: float64 agreement between closed forms and automatic differentiation.
+CLOSED_FORM_RTOL = 1e-10
+
+RESULTS = all_results()
+
+
+def test_at_least_the_issue_results_are_registered():
+    numbers = [r.number for r in RESULTS]
+    names = [r.name for r in RESULTS]
+    assert len(RESULTS) >= 20
+    assert len(set(names)) == len(names)
+    assert numbers == sorted(numbers)
+    for result in RESULTS:
+        assert result.statement and result.reference and result.criterion
+        assert get_result(result.name).name == result.name
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=[r.name for r in RESULTS])
+def test_every_check_holds(result: Result):
+    outcome = result.check(seed=0)
+    assert isinstance(outcome, CheckOutcome)
+    assert outcome.holds, f"{result.name}: {outcome.details}"
+    assert math.isfinite(outcome.predicted) and math.isfinite(outcome.measured)
+    assert len(outcome.measured_curve) == len(outcome.steps) > 0
+
+
+# A configuration outside each theorem's assumptions (a step size beyond the allowed range, a missing
+# ingredient) must make the check report that the result does not hold.
+FAILING = [
+    first_order.GDConvex(lr_scale=2.5),
+    first_order.GDStronglyConvex(lr_scale=2.1),
+    first_order.HeavyBall(lr_scale=0.5),
+    first_order.NesterovStronglyConvex(lr_scale=2.5),
+    first_order.NesterovConvex(lr_scale=2.5),
+    stochastic.SGDConstantStep(lrs=(2.5,), steps=200),
+    stochastic.SGDNonConvex(c=5.0),
+    adaptive.AdamFailsAMSGradConverges(beta2=0.999),
+    second_order.NewtonQuadratic(lr_scale=0.5),
+    second_order.LBFGSSuperlinear(history_size=1),
+    generalization.UniformStabilitySGD(lr=10.0, runs=100),
+]
+
+
+@pytest.mark.parametrize("result", FAILING, ids=[repr(r) for r in FAILING])
+def test_a_check_can_fail(result: Result):
+    assert not result.check(seed=0).holds
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (first_order.GDConvex, {"steps": 0}),
+        (first_order.HeavyBall, {"kappa": 1.0}),
+        (first_order.GDStronglyConvex, {"mu": 2.0}),
+        (stochastic.SGDConstantStep, {"lrs": ()}),
+        (stochastic.SGDNonConvex, {"horizons": (100,)}),
+        (adaptive.AdamFailsAMSGradConverges, {"beta2": 1.0}),
+        (second_order.LBFGSSuperlinear, {"tol": 2.0}),
+        (decentralized.GossipConsensus, {"kinds": ("one_peer_exponential",)}),
+        (decentralized.OnePeerExactAveraging, {"sizes": ()}),
+    ],
+)
+def test_bad_configuration_is_rejected(cls, kwargs):
+    with pytest.raises(ValueError):
+        cls(**kwargs)
+
+
+def test_unknown_names_are_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match="gd_convex"):
+        get_result("no_such_result")
+    with pytest.raises(ValueError, match="gd_convex"):
+        run_checks(only="gd_convex,no_such_result")
+    with pytest.raises(TypeError):
+        run_checks(only=3)
+    with pytest.raises(TypeError):
+        run_checks(seed=1.5)
+
+
+def test_run_checks_selects_times_and_reports_a_crash_as_not_holding():
+    @register_result
+    class _Crashing(Result):
+        number = 999
+        name = "zz_crashing_for_test"
+        statement = "never holds"
+        reference = "none"
+        criterion = "raises"
+
+        def problem(self, seed=0):
+            return None
+
+        def predict(self, problem, k):
+            return 0.0
+
+        def check(self, seed=0):
+            raise RuntimeError("boom")
+
+    try:
+        outcomes = run_checks(only=["gd_strongly_convex", "zz_crashing_for_test"])
+    finally:
+        del _RESULTS["zz_crashing_for_test"]
+    assert [o.name for o in outcomes] == ["gd_strongly_convex", "zz_crashing_for_test"]
+    assert outcomes[0].holds and outcomes[0].seconds > 0
+    assert not outcomes[1].holds and "RuntimeError: boom" in outcomes[1].details
+    table = format_table(outcomes)
+    assert table.splitlines()[0].startswith("| # | result | reference")
+    assert "| 2 | gd_strongly_convex |" in table and "| NO |" in table and "1/2 hold" in table
+
+
+def test_register_result_rejects_a_taken_name():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_result
+        class _Duplicate(first_order.GDConvex):
+            pass
+
+
+def test_plot_outcome_draws_measured_and_predicted():
+    result = get_result("adam_vs_amsgrad")
+    outcome = result.check()
+    figure = plot_outcome(result, outcome)
+    assert isinstance(figure, Figure)
+    (axes,) = figure.axes
+    labels = [line.get_label() for line in axes.get_lines()]
+    assert labels == ["measured", "AMSGrad R_t/t", "predicted"]
+    assert list(axes.get_lines()[0].get_ydata()) == list(outcome.measured_curve)
+
+
+def test_docs_are_in_sync_with_the_result_objects():
+    assert DOCS.read_text() == render_docs(), (
+        "docs/theory.md is stale; regenerate it with "
+        "python -c \"from lightning_optsurvey.theory import render_docs; print(render_docs(), end='')\" "
+        "> docs/theory.md"
+    )
+    for result in RESULTS:
+        assert f"`{result.name}`" in DOCS.read_text()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The problems' constants against independent computations
+# ------------------------------------------------------------------------------------------------------
+def test_quadratic_constants_and_derivatives():
+    q = Quadratic.with_spectrum(torch.tensor([0.1, 0.5, 2.0], dtype=DTYPE), generator(0))
+    eigenvalues = torch.linalg.eigvalsh(torch.func.hessian(q.value)(torch.zeros(3, dtype=DTYPE)))
+    torch.testing.assert_close(eigenvalues, torch.tensor([0.1, 0.5, 2.0], dtype=DTYPE), rtol=CLOSED_FORM_RTOL, atol=0)
+    assert (q.mu, q.L) == (0.1, 2.0)
+    x = torch.randn(4, 3, generator=generator(1), dtype=DTYPE)
+    torch.testing.assert_close(q.gradient(x), torch.func.vmap(torch.func.grad(q.value))(x))
+    assert float(q.value(q.minimizer)) == 0.0
+
+
+def test_noisy_quadratic_has_the_stated_variance():
+    q = Quadratic.with_spectrum(torch.linspace(0.1, 1.0, 4, dtype=DTYPE), generator(0))
+    p = NoisyQuadratic.build(q, 20, 2.5, generator(1))
+    assert abs(p.sigma2 - 2.5) < 1e-12
+    torch.testing.assert_close(p.shifts.mean(0), torch.zeros(4, dtype=DTYPE), atol=1e-14, rtol=0)
+    x = torch.randn(4, dtype=DTYPE, generator=generator(2))
+    all_gradients = q.gradient(x) + p.shifts  # every component's gradient
+    torch.testing.assert_close(all_gradients.mean(0), q.gradient(x))
+    assert abs(float((all_gradients - q.gradient(x)).square().sum(1).mean()) - 2.5) < 1e-12
+
+
+def test_wavy_function_smoothness_and_infimum():
+    f = WavyFunction(1, 1.0, 2.0)
+    grid = torch.linspace(-6, 6, 200001, dtype=DTYPE)[:, None]
+    assert abs(f.infimum - float(f.value(grid).min())) < 1e-8
+    second = 1.0 - 4.0 * torch.cos(2.0 * grid)
+    assert abs(float(second.abs().max()) - f.L) < 1e-9
+
+
+def test_logistic_regression_derivatives_and_hessian_lipschitz_constant():
+    p = LogisticRegression.build(30, 3, 0.1, generator(0))
+    w = torch.randn(3, generator=generator(1), dtype=DTYPE)
+    torch.testing.assert_close(p.gradient(w), torch.func.grad(p.value)(w), rtol=CLOSED_FORM_RTOL, atol=1e-14)
+    torch.testing.assert_close(p.hessian(w), torch.func.hessian(p.value)(w), rtol=CLOSED_FORM_RTOL, atol=1e-14)
+    gen = generator(2)
+    for _ in range(20):
+        a, b = torch.randn(3, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)
+        change = float(torch.linalg.matrix_norm(p.hessian(a) - p.hessian(b), ord=2))
+        assert change <= p.hessian_lipschitz * float(torch.linalg.vector_norm(a - b))
+    assert float(torch.linalg.eigvalsh(p.hessian(w))[0]) >= p.mu
+
+
+def test_least_squares_minimizer_and_constants():
+    p = LeastSquaresSum.build(20, 3, 0.1, generator(0))
+    assert float(torch.linalg.vector_norm(p.gradient(p.minimizer))) < 1e-12
+    for i in range(p.n):
+        hessian = torch.func.hessian(lambda x, i=i: p.component_gradient(x, torch.tensor(i)).dot(x) * 0.5)
+        assert float(torch.linalg.eigvalsh(hessian(torch.zeros(3, dtype=DTYPE)))[-1]) <= p.L_max + 1e-12
+    assert abs(p.mu - float(torch.linalg.eigvalsh(torch.func.hessian(p.value)(p.minimizer))[0])) < 1e-12
+
+
+def test_separable_data_has_the_stated_max_margin_separator():
+    p = SeparableLogistic.build(generator(0))
+    margins = p.points @ p.max_margin
+    assert torch.all(margins >= 1.0 - 1e-12) and torch.allclose(margins[:2], torch.ones(2, dtype=DTYPE))
+    # KKT: w^ = sum_n alpha_n z_n over the support vectors with alpha >= 0 certifies the SVM optimum.
+    alpha = torch.tensor(p.duals, dtype=DTYPE)
+    assert torch.all(alpha > 0)
+    torch.testing.assert_close(alpha @ p.points[:2], p.max_margin)
+    lr = 0.1
+    offset = p.offset(lr)
+    torch.testing.assert_close(lr * torch.exp(-(p.points[:2] @ offset)), alpha)
+
+
+def test_fit_helpers_on_exact_sequences():
+    assert abs(tail_rate([0.7**k for k in range(50)], 10) - 0.7) < 1e-12
+    assert abs(loglog_slope([1, 10, 100], [3.0, 0.3, 0.03]) + 1.0) < 1e-12
+
+
+def test_torch_nesterov_with_rescaled_buffer_is_nesterovs_scheme():
+    q = Quadratic.with_spectrum(torch.logspace(-3, 0, 6, dtype=DTYPE), generator(0))
+    lr, steps = 1.0 / q.L, 30
+
+    def beta(k):
+        return max(k - 1, 0) / (k + 2)
+
+    gaps, _ = first_order._nesterov_run(q, steps, lr, beta, rescale=True)
+    # Su, Boyd & Candes' form: x_k = y_(k-1) - s grad f(y_(k-1)), y_k = x_k + (k-1)/(k+2) (x_k - x_(k-1)).
+    x_prev = y = torch.zeros(6, dtype=DTYPE)
+    reference = [float(q.value(y))]
+    for k in range(1, steps + 1):
+        x = y - lr * q.gradient(y)
+        y = x + beta(k) * (x - x_prev)
+        x_prev = x
+        reference.append(float(q.value(x)))
+    torch.testing.assert_close(torch.tensor(gaps), torch.tensor(reference), rtol=1e-10, atol=1e-14)
+
+
+def test_dpsgd_stationary_distance_matches_a_direct_fixed_point_iteration():
+    result = decentralized.DPSGDConsensus(world_size=8, sigma2=0.0)
+    topologies, targets = result.problem(0)
+    w = topologies["ring"].mixing_matrix(0)
+    x = torch.zeros(8, result.dim, dtype=DTYPE)
+    for _ in range(2000):
+        x = w @ ((1 - result.lr) * x + result.lr * targets)
+    direct = float((x - x.mean(0)).square().sum()) / 8
+    assert abs(result.exact(w, targets) - direct) <= 1e-12 * direct
