@@ -6,6 +6,24 @@ training with the callback is bitwise identical to training without it.
 
 from lightning_optsurvey.callbacks._measure import Cadence, MeasuringCallback, measuring
 from lightning_optsurvey.callbacks.consensus import ConsensusDistance
+from lightning_optsurvey.callbacks.generalization import GeneralizationGap
+from lightning_optsurvey.callbacks.generalization_measures import GeneralizationMeasures
 from lightning_optsurvey.callbacks.hessian import HessianSpectrum
+from lightning_optsurvey.callbacks.landscape import LossLandscape
+from lightning_optsurvey.callbacks.noise import GradientNoiseScale
+from lightning_optsurvey.callbacks.sharpness import Sharpness
+from lightning_optsurvey.callbacks.stability import EdgeOfStability
 
-__all__ = ["Cadence", "ConsensusDistance", "HessianSpectrum", "MeasuringCallback", "measuring"]
+__all__ = [
+    "Cadence",
+    "ConsensusDistance",
+    "EdgeOfStability",
+    "GeneralizationGap",
+    "GeneralizationMeasures",
+    "GradientNoiseScale",
+    "HessianSpectrum",
+    "LossLandscape",
+    "MeasuringCallback",
+    "Sharpness",
+    "measuring",
+]
