@@ -155,12 +155,16 @@ def test_adaptive_kinds_are_invariant_to_relu_rescaling_and_plain_kinds_are_not(
             "average": average_sharpness(m, cross_entropy, batches, sigma=0.2, num_samples=8,
                                          generator=torch.Generator().manual_seed(3)),
             "sam": sam_sharpness(m, cross_entropy, batches, rho=0.5),
+            "adaptive_pac_bayes": pac_bayes_sigma(m, cross_entropy, batches, max_deviation=0.05, adaptive=True,
+                                                  num_samples=4, generator=torch.Generator().manual_seed(4)),
+            "pac_bayes": pac_bayes_sigma(m, cross_entropy, batches, max_deviation=0.05, num_samples=4,
+                                         generator=torch.Generator().manual_seed(4)),
         }
 
     before, after = kinds(model), kinds(scaled)
-    for kind in ("adaptive_worst_case", "adaptive_linf", "adaptive_average"):
+    for kind in ("adaptive_worst_case", "adaptive_linf", "adaptive_average", "adaptive_pac_bayes"):
         assert after[kind] == pytest.approx(before[kind], rel=INVARIANCE_RTOL), kind
-    for kind in ("worst_case", "average", "sam"):
+    for kind in ("worst_case", "average", "sam", "pac_bayes"):
         assert abs(after[kind] - before[kind]) > 0.05 * abs(before[kind]), kind
 
 
