@@ -48,14 +48,24 @@ def callbacks(nb: int) -> dict[str, object]:
     }
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def paired_times(fn, anchor, repeats: int) -> tuple[float, float]:
+    """Median CPU seconds of ``fn`` and median ratio to ``anchor``, the two timed alternately.
+
+    CPU time of this process (one thread) rather than wall time: the benchmark machine is shared, and
+    alternating the two keeps slow drifts out of the ratio.
+    """
+    fn(), anchor()  # warm-up
+    seconds, ratios = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
+        anchor()
+        base = time.process_time() - start
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        took = time.process_time() - start
+        seconds.append(took)
+        ratios.append(took / base)
+    return statistics.median(seconds), statistics.median(ratios)
 
 
 def main() -> None:
@@ -88,16 +98,16 @@ def main() -> None:
 
     rows = []
     for name, cb in cbs.items():
-        anchor = median_time(gradient, args.repeats)
-        seconds = median_time(lambda cb=cb: cb.run_measurement(trainer, module), args.repeats)
-        rows.append((name, seconds, seconds / anchor, anchor))
+        seconds, ratio = paired_times(lambda cb=cb: cb.run_measurement(trainer, module), gradient, args.repeats)
+        rows.append((name, seconds, ratio))
+    anchor, _ = paired_times(gradient, gradient, args.repeats)
     n_params = sum(p.numel() for p in module.parameters())
     print(f"digits CNN ({n_params} parameters), measurement subset {args.num_batches} x {args.batch_size} "
-          f"samples, 1 CPU thread, median of {args.repeats}\n")
-    print("| callback | seconds / measurement | gradient-equivalents | anchor: 1 gradient (s) |")
-    print("|---|---:|---:|---:|")
-    for name, seconds, ratio, anchor in rows:
-        print(f"| {name} | {seconds:.4f} | {ratio:.1f} | {anchor:.4f} |")
+          f"samples, 1 CPU thread, CPU seconds, median of {args.repeats}; anchor: 1 gradient = {anchor:.4f} s\n")
+    print("| callback | CPU seconds / measurement | gradient-equivalents |")
+    print("|---|---:|---:|")
+    for name, seconds, ratio in rows:
+        print(f"| {name} | {seconds:.4f} | {ratio:.1f} |")
 
 
 if __name__ == "__main__":
