@@ -7,8 +7,13 @@ pytorch-optimizer has none). Here the statistics are taken by module hooks that 
 measuring callbacks and any other forward pass never touch the factors; everything, factors and their
 inverses included, lives in ``self.state`` so that a checkpoint resumes the exact trajectory.
 
-The curvature is the empirical Fisher of the training loss (the gradients that the closure's backward
-produces), as in kfac-pytorch's default; outputs are not re-sampled from the model.
+By default the curvature is the empirical Fisher of the training loss (the gradients that the closure's
+backward produces), as in kfac-pytorch. ``fisher="mc"`` gives Martens & Grosse's Monte-Carlo Fisher:
+the training code passes the network's outputs to :meth:`KFAC.sample_fisher` (``ClassifierModule``
+does), which back-propagates a loss on targets sampled from the model's own predictive distribution
+to collect ``G``. The empirical Fisher's ``G`` shrinks with the residuals, so near a good fit its steps
+grow like ``1 / loss``; the Monte-Carlo Fisher does not (for least squares it is the Gauss-Newton
+matrix, and K-FAC is Newton's method).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import call_closure, check_int, check_number
+from lightning_optsurvey.optim._common import StateGenerator, call_closure, check_int, check_number
 
 _STEP_KEY = "kfac"
+_FISHERS = ("empirical", "mc")
+_LIKELIHOODS = ("categorical", "gaussian")
 
 
 def _supported(module: nn.Module) -> bool:
@@ -90,6 +97,8 @@ class _OutputGradHook:
         opt = self._optimizer()
         if opt is None or self._module in opt._seen_backward:
             return
+        if opt.defaults["fisher"] == "mc" and not opt._sampling:
+            return  # the Monte-Carlo Fisher only takes the sampled backward
         opt._seen_backward.add(self._module)
         with torch.no_grad():
             # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
@@ -133,6 +142,9 @@ class KFAC(Optimizer):
         weight_decay: L2 coefficient added after preconditioning, ``>= 0``.
         pi_correction: Use the :math:`\pi` split of the damping between the factors.
         stat_every: Steps between statistics updates (>= 1).
+        fisher: ``"empirical"`` (``G`` from the training loss's backward) or ``"mc"`` (``G`` from
+            :meth:`sample_fisher`'s backward of a loss on targets sampled from the model).
+        seed: Seed of the target sampler (``fisher="mc"``); its position is kept in ``self.state``.
         params: Parameters or groups to optimize (default: all of ``model``'s that require grad).
 
     Raises:
@@ -158,6 +170,8 @@ class KFAC(Optimizer):
         *,
         pi_correction: bool = True,
         stat_every: int = 1,
+        fisher: str = "empirical",
+        seed: int = 0,
         params: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -171,13 +185,16 @@ class KFAC(Optimizer):
         if kl_clip is not None:
             check_number("kl_clip", kl_clip, low_open=True)
         check_number("weight_decay", weight_decay)
+        if fisher not in _FISHERS:
+            raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}")
+        check_int("seed", seed, low=0)
         if not isinstance(pi_correction, bool):
             raise ValueError(f"pi_correction must be a bool, got {pi_correction!r}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = {"lr": lr, "momentum": momentum, "damping": damping, "stat_decay": stat_decay,
                     "kl_clip": kl_clip, "weight_decay": weight_decay, "pi_correction": pi_correction,
-                    "inv_every": inv_every, "stat_every": stat_every}
+                    "inv_every": inv_every, "stat_every": stat_every, "fisher": fisher}
         super().__init__(params, defaults)
         owned = {p for group in self.param_groups for p in group["params"]}
         self._layers: list[nn.Module] = [
@@ -185,6 +202,8 @@ class KFAC(Optimizer):
             and (m.bias is None or m.bias in owned)
         ]
         self._capturing = False
+        self._sampling = False
+        self._rng = StateGenerator(seed)
         self._seen_forward: set[nn.Module] = set()
         self._seen_backward: set[nn.Module] = set()
         self._pending: dict[nn.Module, dict[str, Tensor]] = {}
@@ -204,6 +223,47 @@ class KFAC(Optimizer):
             yield
         finally:
             self._capturing = False
+
+    def sample_fisher(self, outputs: Tensor, likelihood: str = "categorical") -> None:
+        r"""Collect ``G`` for the Monte-Carlo Fisher from the network's outputs (no-op unless ``fisher="mc"``).
+
+        Targets are drawn from the model's predictive distribution and the loss on them is
+        back-propagated (with ``torch.autograd.grad``, so no ``.grad`` is touched) while the output
+        hooks listen. Call it inside the capture window, before the training loss's backward.
+
+        Args:
+            outputs: ``(B, C)`` logits (``"categorical"``: :math:`\hat y \sim \mathrm{softmax}`) or
+                ``(B, ...)`` predictions (``"gaussian"``: :math:`\hat y \sim \mathcal N(\text{outputs}, I)`,
+                the Fisher of a squared loss).
+            likelihood: ``"categorical"`` or ``"gaussian"``.
+
+        Raises:
+            ValueError: For an unknown likelihood.
+        """
+        if likelihood not in _LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
+        if self.defaults["fisher"] != "mc" or not self._capturing or not outputs.requires_grad:
+            return
+        generator = self._rng.fetch(self.state, outputs.device)
+        batch = outputs.shape[0]
+        with torch.enable_grad():
+            if likelihood == "categorical":
+                logits = outputs.reshape(-1, outputs.shape[-1])
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach().float(), dim=-1)
+                    target = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                loss = F.cross_entropy(logits, target, reduction="sum") / batch
+            else:
+                noise = torch.randn(outputs.shape, generator=generator, device=outputs.device,
+                                    dtype=outputs.dtype)
+                loss = 0.5 * (outputs - (outputs.detach() + noise)).pow(2).sum() / batch
+            weights = [m.weight for m in self._layers]
+            self._sampling = True
+            try:
+                torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+            finally:
+                self._sampling = False
+        self._rng.store(self.state)
 
     def _step_state(self) -> dict[str, int]:
         return self.state.setdefault(_STEP_KEY, {"step": 0})  # type: ignore[call-overload]

@@ -4,7 +4,7 @@ The module reads the optimizer's :class:`~lightning_optsurvey.optim.OptimizerSpe
 to it, so that every method works under Lightning's automatic optimization:
 
 - ``create_graph`` methods (AdaHessian, Sophia-H) get a backward pass that keeps its graph;
-- ``needs_model`` methods (K-FAC) get the network;
+- ``needs_model`` methods (K-FAC) get the network, and K-FAC's Monte-Carlo Fisher gets the logits;
 - closure methods (L-BFGS, the SAM family, Entropy-SGD, LPF-SGD, SVRG) may evaluate ``training_step``
   several times per optimizer step. Only the first evaluation logs, and the later ones leave BatchNorm's
   running statistics as the first left them, so neither the logged loss nor the statistics are counted
@@ -135,7 +135,16 @@ class ClassifierModule(LightningModule):
         loss = F.cross_entropy(logits, y)
         if first:
             self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+            # K-FAC with fisher="mc" samples targets from the model's outputs (a no-op otherwise).
+            sample_fisher = getattr(self._optimizer_or_none(), "sample_fisher", None)
+            if sample_fisher is not None:
+                sample_fisher(logits, "categorical")
         return loss
+
+    def _optimizer_or_none(self) -> Any:
+        trainer = self._trainer
+        optimizers = trainer.optimizers if trainer is not None else []
+        return optimizers[0] if optimizers else None
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch

@@ -1,0 +1,288 @@
+"""K-FAC: factors against direct computation, the preconditioned step against a dense Kronecker solve,
+the identity-factor degenerate case, hook discipline, ill-conditioned least squares, Lightning resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optsurvey.optim import KFAC
+from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+DTYPE = torch.float64
+#: Float64 products of a few small matrices.
+TOL = 1e-10
+
+
+def _batch(seed: int = 0, n: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 5, 5, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(50, 3)).double()
+
+
+def _closure(opt, net, x, y, extra_forwards: int = 0):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        for _ in range(extra_forwards):  # e.g. a callback measuring something inside the closure
+            F.cross_entropy(net(2 * x), y).backward()
+            opt.zero_grad()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _reference_factors(net, x, y):
+    """A and G of both layers computed directly: patches by slicing, output gradients by autograd."""
+    conv, linear = net[0], net[3]
+    batch = x.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1))
+    rows = [torch.cat([padded[i, :, r:r + 3, c:c + 3].flatten(), torch.ones(1, dtype=DTYPE)])
+            for i in range(batch) for r in range(5) for c in range(5)]
+    a_conv = torch.stack(rows)
+    conv_out = conv(x)
+    hidden = net[2](net[1](conv_out))
+    logits = linear(hidden)
+    loss = F.cross_entropy(logits, y)
+    g_conv, g_lin = torch.autograd.grad(loss, [conv_out, logits])
+    d_conv = (g_conv * batch).permute(0, 2, 3, 1).reshape(-1, 2)
+    d_lin = g_lin * batch
+    a_lin = torch.cat([hidden, torch.ones(batch, 1, dtype=DTYPE)], 1).detach()
+    return {
+        "conv": (a_conv.T @ a_conv / batch, d_conv.T @ d_conv / d_conv.shape[0]),
+        "linear": (a_lin.T @ a_lin / batch, d_lin.T @ d_lin / batch),
+    }
+
+
+def test_factors_match_direct_computation_and_ignore_extra_forwards():
+    net = _net()
+    x, y = _batch()
+    reference = _reference_factors(net, x, y)
+    opt = KFAC(net, lr=0.1, momentum=0.0, stat_decay=0.5, kl_clip=None)
+    opt.step(_closure(opt, net, x, y, extra_forwards=2))
+    for key, layer in (("conv", net[0]), ("linear", net[3])):
+        state = opt.state[layer.weight]
+        torch.testing.assert_close(state["A"], reference[key][0], rtol=0, atol=TOL)
+        torch.testing.assert_close(state["G"], reference[key][1], rtol=0, atol=TOL)
+
+
+def test_step_is_the_dense_kronecker_solve():
+    net = _net()
+    x, y = _batch(1)
+    lr, damping = 0.3, 0.05
+    layer = net[3]
+    w0 = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().clone()
+    reference = _reference_factors(net, x, y)["linear"]
+    opt = KFAC(net, lr=lr, momentum=0.0, damping=damping, kl_clip=None, pi_correction=False)
+    closure = _closure(opt, net, x, y)
+    opt.step(closure)
+    # gradient at w0 (closure ran at w0)
+    grad = None
+    net_copy = _net()
+    logits = net_copy(x)
+    loss = F.cross_entropy(logits, y)
+    gw, gb = torch.autograd.grad(loss, [net_copy[3].weight, net_copy[3].bias])
+    grad = torch.cat([gw, gb[:, None]], 1)
+    a, g = reference
+    root = math.sqrt(damping)
+    kron = torch.kron(a + root * torch.eye(len(a), dtype=DTYPE), g + root * torch.eye(len(g), dtype=DTYPE))
+    # vec is column-major: vec(G^-1 X A^-1) = (A^-1 kron G^-1) vec(X)
+    v = torch.linalg.solve(kron, grad.T.reshape(-1)).reshape(grad.shape[1], grad.shape[0]).T
+    w1 = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+    torch.testing.assert_close(w1, w0 - lr * v, rtol=0, atol=1e-9)
+
+
+def test_identity_factors_are_sgd_with_momentum():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    ref = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    ref.load_state_dict(net.state_dict())
+    kfac = KFAC(net, lr=0.1, momentum=0.9, damping=1.0, kl_clip=None, weight_decay=1e-3)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(16, 4, generator=gen)
+        for model, opt in ((net, kfac), (ref, sgd)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()  # outside capture(): no statistics, factors stay zero
+            opt.step()
+    assert not any("A" in s for s in kfac.state.values() if isinstance(s, dict))
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_monte_carlo_fisher_uses_targets_sampled_from_the_model():
+    net = _net()
+    x, y = _batch(2)
+    opt = KFAC(net, lr=0.1, kl_clip=None, fisher="mc", seed=7)
+
+    def closure():
+        opt.zero_grad()
+        logits = net(x)
+        opt.sample_fisher(logits, "categorical")
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        probs = torch.softmax(_net()(x), -1)
+    sampled = torch.multinomial(probs.float(), 1, generator=torch.Generator().manual_seed(7)).squeeze(1)
+    delta = probs - F.one_hot(sampled, 3).to(DTYPE)  # per-sample d(CE)/d(logits) at the sampled targets
+    opt.step(closure)
+    torch.testing.assert_close(opt.state[net[3].weight]["G"], delta.T @ delta / len(x), rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="likelihood"):
+        opt.sample_fisher(net(x), "poisson")
+
+
+def test_hooks_are_inactive_outside_the_step_closure():
+    net = _net()
+    x, y = _batch()
+    opt = KFAC(net)
+    F.cross_entropy(net(x), y).backward()  # a plain training forward/backward
+    net.eval()
+    with torch.no_grad():
+        net(x)  # validation
+    net.train()
+    assert opt._pending == {}
+    assert all("A" not in opt.state[m.weight] for m in (net[0], net[3]))
+
+
+def test_conv_with_unsupported_options_gets_a_plain_step():
+    net = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2 * 3 * 3, 1))
+    opt = KFAC(net)
+    assert opt._layers == [net[2]]
+
+
+def _least_squares(cond: float = 1e4, n: int = 256, d: int = 8, noise: float = 0.5):
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=DTYPE))
+    scales = torch.logspace(0, math.log10(cond) / 2, d, dtype=DTYPE)  # singular values: eigs span cond
+    x = torch.randn(n, d, generator=gen, dtype=DTYPE)
+    x = (x - x.mean(0)) / x.std(0)
+    x = x @ torch.diag(scales) @ q.T
+    w_star = torch.randn(d, 1, generator=gen, dtype=DTYPE)
+    y = x @ w_star + noise * torch.randn(n, 1, generator=gen, dtype=DTYPE)
+    hessian = x.T @ x / n
+    solution = torch.linalg.solve(hessian, x.T @ y / n)
+    f_star = float(0.5 * (x @ solution - y).pow(2).mean())
+    return x, y, hessian, f_star
+
+
+def _steps_to_tolerance(make_opt, x, y, f_star, budget, rel_tol=1e-6):
+    model = nn.Linear(x.shape[1], 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    opt = make_opt(model)
+    sample_fisher = getattr(opt, "sample_fisher", None)
+
+    def loss_fn():
+        out = model(x)
+        if sample_fisher is not None:
+            sample_fisher(out, "gaussian")  # the Fisher of a squared loss: Gauss-Newton
+        return 0.5 * (out - y).pow(2).mean()
+
+    with torch.no_grad():
+        f0 = float(loss_fn())
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    for step in range(1, budget + 1):
+        opt.step(closure)
+        with torch.no_grad():
+            gap = float(loss_fn()) - f_star
+        if not math.isfinite(gap):
+            return None
+        if gap <= rel_tol * (f0 - f_star):
+            return step
+    return None
+
+
+#: K-FAC must reach the tolerance within this many steps; SGD gets SGD_FACTOR times as many per step size.
+KFAC_STEP_BUDGET = 30
+SGD_FACTOR = 100
+
+
+def test_kfac_beats_sgd_at_its_best_step_size_on_ill_conditioned_least_squares():
+    x, y, hessian, f_star = _least_squares()
+    eigs = torch.linalg.eigvalsh(hessian)
+    assert float(eigs[-1] / eigs[0]) >= 1e3
+    kfac_steps = _steps_to_tolerance(
+        lambda m: KFAC(m, lr=1.0, momentum=0.0, damping=1e-8, inv_every=1, kl_clip=None, fisher="mc",
+                       pi_correction=False),
+        x, y, f_star, budget=KFAC_STEP_BUDGET)
+    assert kfac_steps is not None
+    # SGD: the optimal constant step 2/(L+mu), and a grid up to the stability limit 2/L.
+    lam_max, lam_min = float(eigs[-1]), float(eigs[0])
+    grid = [2 / (lam_max + lam_min)] + [c / lam_max for c in (0.5, 1.0, 1.5, 1.9)]
+    budget = SGD_FACTOR * kfac_steps
+    for lr in grid:
+        sgd_steps = _steps_to_tolerance(lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr),
+                                        x, y, f_star, budget=budget)
+        assert sgd_steps is None, (lr, sgd_steps, kfac_steps)
+
+
+def test_empirical_fisher_is_not_gauss_newton_on_least_squares():
+    # Its G is the mean squared residual, so each step moves by lr / (2 loss) along the Newton
+    # direction: from a far start it crawls where the Monte-Carlo Fisher converges.
+    x, y, _, f_star = _least_squares()
+    steps = _steps_to_tolerance(
+        lambda m: KFAC(m, lr=1.0, momentum=0.0, damping=1e-8, inv_every=1, kl_clip=None, pi_correction=False),
+        x, y, f_star, budget=KFAC_STEP_BUDGET)
+    assert steps is None
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_registry_passes_the_model_and_classifier_module_trains_with_it(fisher):
+    module = ClassifierModule("mlp", optimizer="kfac", optimizer_kwargs={"fisher": fisher})
+    trainer = Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu",
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, DigitsDataModule())
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, KFAC)
+    assert all("A_inv" in opt.state[m.weight] for m in opt._layers)
+    assert opt.state["kfac"]["step"] == 3
+
+
+# ------------------------------------------------------------------------ resume under Lightning (ours)
+
+def _loader() -> DataLoader:
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    x, y = dm.train_set.tensors
+    return DataLoader(TensorDataset(x[:160], y[:160]), batch_size=32, shuffle=False)
+
+
+def _fit(optimizer: str, epochs: int, tmp_path, ckpt_path=None, save=False):
+    torch.manual_seed(0)
+    module = ClassifierModule("cnn_bn", optimizer=optimizer)
+    callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)] if save else []
+    trainer = Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=save,
+                      callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, deterministic=True)
+    trainer.fit(module, train_dataloaders=_loader(), ckpt_path=ckpt_path)
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "sam", "entropy_sgd", "lpf_sgd", "svrg", "shampoo"])
+def test_resume_mid_run_gives_the_same_trajectory(optimizer, tmp_path):
+    straight = _fit(optimizer, 2, tmp_path / "a")
+    _fit(optimizer, 1, tmp_path / "b", save=True)
+    resumed = _fit(optimizer, 2, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q), optimizer
