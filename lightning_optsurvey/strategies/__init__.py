@@ -9,18 +9,28 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_optsurvey.strategies._base import LocalModelStrategy
 from lightning_optsurvey.strategies._comm import CommCounter, FlatBuffers, consensus_distance
+from lightning_optsurvey.strategies.easgd import EASGDStrategy
 from lightning_optsurvey.strategies.gossip import GOSSIP_STRATEGY_NAMES, GossipStrategy
+from lightning_optsurvey.strategies.local_sgd import LocalSGDStrategy, PeriodicSyncStrategy
+from lightning_optsurvey.strategies.lsgd import LSGDStrategy
 from lightning_optsurvey.strategies.topology import TOPOLOGY_KINDS, Topology
 
 GossipStrategy.register_strategies(StrategyRegistry)
+LocalSGDStrategy.register_strategies(StrategyRegistry)
+EASGDStrategy.register_strategies(StrategyRegistry)
+LSGDStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "GOSSIP_STRATEGY_NAMES",
     "TOPOLOGY_KINDS",
     "CommCounter",
+    "EASGDStrategy",
     "FlatBuffers",
     "GossipStrategy",
+    "LSGDStrategy",
     "LocalModelStrategy",
+    "LocalSGDStrategy",
+    "PeriodicSyncStrategy",
     "Topology",
     "consensus_distance",
 ]

@@ -1,0 +1,417 @@
+r"""Elastic averaging SGD (synchronous EASGD): ``Trainer(strategy="easgd")``.
+
+Each rank trains its own model :math:`x_i`, tied by an elastic force to a center variable
+:math:`\tilde x` that every rank holds a copy of. Every ``sync_every`` (:math:`\tau`) steps, with
+:math:`\alpha = \eta\rho` (learning rate times the elastic coefficient) or a given moving rate,
+
+.. math::
+
+    x_i &\leftarrow x_i - \eta\, g_i(x_i) - \alpha\,(x_i - \tilde x), \\
+    \tilde x &\leftarrow \tilde x + \alpha \sum_{i=1}^N (x_i - \tilde x),
+
+both differences taken at the parameters *before* the optimizer step, as in the paper's synchronous
+update (the optimizer supplies the :math:`-\eta g_i` part; other steps are purely local). The sum is
+one all-reduce of the differences per dtype and device, started before the forward pass of the
+synchronization step so that it overlaps the gradient computation. The center is identical on every
+rank, so no parameter server is needed. Float buffers (BatchNorm statistics) are coupled the same way.
+
+On a quadratic :math:`f(x) = \frac h2 x^2` the recursion is linear with iteration matrix
+:func:`easgd_quadratic_matrix`; it is stable (Zhang, Choromanska & LeCun 2015, synchronous analysis)
+iff the worker deviations contract, :math:`|1 - \alpha - \eta h| < 1`, and the 2x2 map of the
+workers' mean and the center, :math:`\begin{pmatrix}1-\alpha-\eta h & \alpha\\ \beta & 1-\beta
+\end{pmatrix}` with :math:`\beta = N\alpha`, has spectral radius below one, which by the Jury criterion
+is :math:`\beta\eta h > 0`, :math:`4 - 2\alpha - 2\beta - 2\eta h + \beta\eta h > 0` and
+:math:`|(1-\beta)(1-\eta h) - \alpha| < 1` (:func:`easgd_is_stable`). The elastic coupling can make
+the method diverge where plain SGD (:math:`0 < \eta h < 2`) converges: at :math:`\eta h \to 0` the
+center's eigenvalue is :math:`1 - (N+1)\alpha`, so :math:`(N+1)\alpha \ge 2` always diverges.
+
+The pure functions (:func:`easgd_step`, :func:`easgd_quadratic_matrix`, :func:`easgd_is_stable`,
+:func:`easgd_fixed_point`) know nothing of Lightning or processes; the strategy runs the same
+update per rank, and the theory module can reuse them.
+
+Checkpoints hold the center model (``checkpoint["state_dict"]`` is :math:`\tilde x`), plus every rank's
+own model and optimizer state for an exact resume.
+
+Why our own: EASGD has no maintained implementation for PyTorch Lightning or ``torch.distributed``;
+the authors' code is Lua Torch with a parameter server.
+
+References:
+    Zhang, Choromanska & LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015,
+    arXiv:1412.6651.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies import _StrategyRegistry
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_optsurvey.strategies._comm import is_distributed, world_size
+from lightning_optsurvey.strategies.local_sgd import PeriodicSyncStrategy
+
+__all__ = [
+    "EASGDStrategy",
+    "easgd_fixed_point",
+    "easgd_is_stable",
+    "easgd_quadratic_matrix",
+    "easgd_step",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# The update rule and its analysis on a quadratic (pure functions)
+# --------------------------------------------------------------------------------------------------
+def easgd_step(
+    workers: Sequence[Tensor],
+    center: Tensor,
+    alpha: float,
+    grads: Sequence[Tensor] | None = None,
+    lr: float = 0.0,
+) -> tuple[list[Tensor], Tensor]:
+    r"""One synchronous EASGD step for all workers at once.
+
+    .. math::
+
+        x_i' = x_i - \eta\, g_i - \alpha (x_i - \tilde x), \qquad
+        \tilde x' = \tilde x + \alpha \sum_i (x_i - \tilde x).
+
+    Args:
+        workers: The workers' parameters :math:`x_i` (same shape as ``center``).
+        center: The center variable :math:`\tilde x`.
+        alpha: The moving rate :math:`\alpha = \eta\rho`.
+        grads: The workers' gradients :math:`g_i` at :math:`x_i` (``None``: the elastic part only).
+        lr: The learning rate :math:`\eta` of the gradient part.
+
+    Returns:
+        The new workers and the new center (new tensors; the inputs are not modified).
+
+    Raises:
+        ValueError: If ``workers`` is empty or ``grads`` has a different length.
+
+    References:
+        Zhang, Choromanska & LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015,
+        arXiv:1412.6651, Eq. (5)-(6).
+    """
+    if len(workers) == 0:
+        raise ValueError("easgd_step needs at least one worker")
+    if grads is not None and len(grads) != len(workers):
+        raise ValueError(f"got {len(grads)} gradients for {len(workers)} workers")
+    diffs = [x - center for x in workers]
+    # The gradient step first, then the elastic one: the order in which the strategy applies them.
+    stepped = list(workers) if grads is None else [x - lr * g for x, g in zip(workers, grads)]
+    new_workers = [x - alpha * d for x, d in zip(stepped, diffs)]
+    return new_workers, center + alpha * torch.stack(diffs).sum(0)
+
+
+def easgd_quadratic_matrix(eta_h: float, alpha: float, num_workers: int) -> Tensor:
+    r"""Iteration matrix of synchronous EASGD on :math:`f(x) = \frac h2 x^2`, one coordinate.
+
+    The state is :math:`(x_1, \dots, x_N, \tilde x)` and one step (gradient plus elastic update, as in
+    :func:`easgd_step` with :math:`g_i = h x_i`) maps it to ``matrix @ state``:
+
+    .. math::
+
+        x_i' = (1 - \eta h - \alpha) x_i + \alpha \tilde x, \qquad
+        \tilde x' = \alpha \sum_i x_i + (1 - N\alpha) \tilde x.
+
+    Args:
+        eta_h: Learning rate times curvature, :math:`\eta h`.
+        alpha: Moving rate :math:`\alpha`.
+        num_workers: :math:`N \ge 1`.
+
+    Returns:
+        The :math:`(N+1) \times (N+1)` matrix in float64.
+
+    Raises:
+        ValueError: If ``num_workers < 1``.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    n = num_workers
+    matrix = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    matrix[:n, :n] = torch.eye(n, dtype=torch.float64) * (1.0 - eta_h - alpha)
+    matrix[:n, n] = alpha
+    matrix[n, :n] = alpha
+    matrix[n, n] = 1.0 - n * alpha
+    return matrix
+
+
+def easgd_is_stable(eta_h: float, alpha: float, num_workers: int) -> bool:
+    r"""Whether synchronous EASGD on a quadratic with curvature :math:`h` converges (closed form).
+
+    With :math:`\beta = N\alpha`, all eigenvalues of :func:`easgd_quadratic_matrix` lie strictly inside
+    the unit circle iff
+
+    .. math::
+
+        |1 - \alpha - \eta h| < 1 \ (N \ge 2), \quad \beta\eta h > 0, \quad
+        4 - 2\alpha - 2\beta - 2\eta h + \beta\eta h > 0, \quad |(1-\beta)(1-\eta h) - \alpha| < 1.
+
+    The first is the contraction of each worker's deviation from the workers' mean; the others are the
+    Jury conditions for the mean-and-center block.
+
+    Args:
+        eta_h: :math:`\eta h` (learning rate times curvature along one eigen-direction).
+        alpha: Moving rate :math:`\alpha`.
+        num_workers: :math:`N \ge 1`.
+
+    Returns:
+        ``True`` if the iteration converges to the minimizer from every start.
+
+    Raises:
+        ValueError: If ``num_workers < 1``.
+
+    References:
+        Zhang, Choromanska & LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015,
+        arXiv:1412.6651 (stability of synchronous EASGD in the quadratic case).
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    beta = num_workers * alpha
+    deviations = num_workers == 1 or abs(1.0 - alpha - eta_h) < 1.0
+    return (
+        deviations
+        and beta * eta_h > 0.0
+        and 4.0 - 2.0 * alpha - 2.0 * beta - 2.0 * eta_h + beta * eta_h > 0.0
+        and abs((1.0 - beta) * (1.0 - eta_h) - alpha) < 1.0
+    )
+
+
+def easgd_fixed_point(minimizers: Tensor, eta_h: float, alpha: float) -> tuple[Tensor, Tensor]:
+    r"""Fixed point of synchronous EASGD when worker :math:`i` minimizes :math:`\frac h2 \lVert x - m_i\rVert^2`.
+
+    Setting :math:`x_i' = x_i` and :math:`\tilde x' = \tilde x` in :func:`easgd_step` with
+    :math:`g_i = h (x_i - m_i)` gives :math:`\tilde x = \bar m` (the minimizer of the sum) and
+
+    .. math::
+
+        x_i = \frac{\eta h\, m_i + \alpha \bar m}{\eta h + \alpha}.
+
+    Args:
+        minimizers: The workers' minimizers :math:`m_i`, shape ``(N, ...)``.
+        eta_h: :math:`\eta h > 0`.
+        alpha: :math:`\alpha > 0`.
+
+    Returns:
+        The workers' fixed points (shape of ``minimizers``) and the center (shape ``minimizers[0]``).
+
+    Raises:
+        ValueError: If ``eta_h + alpha`` is not positive.
+    """
+    if not eta_h + alpha > 0:
+        raise ValueError(f"eta_h + alpha must be positive, got {eta_h} + {alpha}")
+    center = minimizers.mean(0)
+    return (eta_h * minimizers + alpha * center) / (eta_h + alpha), center
+
+
+# --------------------------------------------------------------------------------------------------
+# The strategy
+# --------------------------------------------------------------------------------------------------
+class EASGDStrategy(PeriodicSyncStrategy):
+    r"""Synchronous elastic averaging SGD with the center variable replicated on every rank.
+
+    Every ``sync_every`` steps each rank takes its optimizer step and the elastic step of
+    :func:`easgd_step`: :math:`x_i \leftarrow x_i - \alpha(x_i - \tilde x)` and
+    :math:`\tilde x \leftarrow \tilde x + \alpha\sum_i (x_i - \tilde x)`, the differences taken before
+    the optimizer step. :math:`\alpha = \eta\rho` uses the learning rate of each parameter's group at
+    that step (so learning-rate schedules apply; float buffers use the first group's), unless
+    ``moving_rate`` fixes :math:`\alpha`. On a single process it runs EASGD with one worker.
+
+    Args:
+        rho: The elastic coefficient :math:`\rho > 0`.
+        sync_every: :math:`\tau`, the number of optimizer steps between elastic updates.
+        moving_rate: A fixed :math:`\alpha` in (0, 1) instead of :math:`\eta\rho`.
+        **ddp_kwargs: ``accelerator``, ``parallel_devices``, ``cluster_environment``,
+            ``checkpoint_io``, ``precision_plugin``, ``process_group_backend``, ``timeout``,
+            ``start_method`` (see :class:`~lightning.pytorch.strategies.DDPStrategy`).
+
+    Raises:
+        ValueError: If ``rho`` is not a positive finite number, ``sync_every < 1``, ``moving_rate`` is
+            not in (0, 1), or :math:`(N+1)\alpha \ge 2` (the center's update then diverges for any
+            learning rate; checked in ``Trainer.__init__`` for ``moving_rate``, at fit start for
+            :math:`\eta\rho`); for ``Trainer(sync_batchnorm=True)``.
+        TypeError: For arguments of the wrong type, or ``DistributedDataParallel`` keywords.
+
+    Example:
+        >>> import lightning_optsurvey  # registers "easgd"
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(accelerator="cpu", devices=4, strategy="easgd")  # doctest: +SKIP
+        >>> trainer = Trainer(devices=4, strategy=EASGDStrategy(rho=0.5, sync_every=8))  # doctest: +SKIP
+
+    References:
+        Zhang, Choromanska & LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015,
+        arXiv:1412.6651.
+    """
+
+    strategy_name = "easgd"
+
+    def __init__(
+        self, rho: float = 0.1, sync_every: int = 4, moving_rate: float | None = None, **ddp_kwargs: Any
+    ) -> None:
+        if isinstance(rho, bool) or not isinstance(rho, int | float):
+            raise TypeError(f"rho must be a number, got {rho!r}")
+        if not (math.isfinite(rho) and rho > 0):
+            raise ValueError(f"rho must be a positive finite number, got {rho}")
+        if moving_rate is not None:
+            if isinstance(moving_rate, bool) or not isinstance(moving_rate, int | float):
+                raise TypeError(f"moving_rate must be a number or None, got {moving_rate!r}")
+            if not 0 < moving_rate < 1:
+                raise ValueError(f"moving_rate must be in (0, 1), got {moving_rate}")
+        super().__init__(sync_every=sync_every, **ddp_kwargs)
+        self.rho = float(rho)
+        self.moving_rate = None if moving_rate is None else float(moving_rate)
+        self._center: list[Tensor] | None = None
+        self._center_source: Mapping[str, Any] | None = None
+        self._tensors: list[Tensor] = []
+        self._keys: list[str | None] = []
+        self._groups: list[dict[str, Any]] = []
+        self._diff_views: list[Tensor] = []
+        self._sum_views: list[Tensor] = []
+        self._center_views: list[Tensor] = []
+        self._diff: list[Tensor] = []
+        self._sum: list[Tensor] = []
+        self._works: list[Any] = []
+
+    # ----------------------------------------------------------------------------------------------
+    # Configuration
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def _validate_world_size(self, world_size: int) -> None:
+        if self.moving_rate is not None:
+            self._check_alpha(self.moving_rate, world_size)
+
+    @staticmethod
+    def _check_alpha(alpha: float, world_size: int) -> None:
+        if (world_size + 1) * alpha >= 2:
+            raise ValueError(
+                f"EASGD with moving rate alpha={alpha:g} on {world_size} ranks diverges: the center's update "
+                f"has eigenvalue 1 - (N + 1) alpha = {1 - (world_size + 1) * alpha:g} <= -1 for any learning "
+                f"rate. Use alpha < {2 / (world_size + 1):g} (a smaller rho, learning rate or moving_rate)."
+            )
+
+    @property
+    def center(self) -> list[Tensor] | None:
+        """The center variable as flat buffers (one per dtype and device), ``None`` before fitting."""
+        return self._center
+
+    def center_tensors(self) -> dict[str, Tensor]:
+        """The center variable by state-dict key (parameters and float buffers); empty before fitting."""
+        return {k: v for k, v in zip(self._keys, self._center_views) if k is not None}
+
+    def _alphas(self) -> list[float]:
+        if self.moving_rate is not None:
+            return [self.moving_rate] * len(self._tensors)
+        return [self.rho * float(group["lr"]) for group in self._groups]
+
+    # ----------------------------------------------------------------------------------------------
+    # Setup
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def _on_fit_setup(self) -> None:
+        previous = self.center_tensors() if self._center is not None else {}
+        super()._on_fit_setup()
+        self._works = []
+        flat = self._flat
+        if flat is None:
+            self._center = None
+            return
+        module = self.lightning_module
+        assert module is not None
+        names = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
+        group_of = {id(p): g for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        first_group = self.optimizers[0].param_groups[0] if self.optimizers else {"lr": 0.0}
+        order = [i for idx in flat.indices for i in idx]
+        self._tensors = [flat.tensors[i] for i in order]
+        self._keys = [names.get(id(t)) for t in self._tensors]
+        self._groups = [group_of.get(id(t), first_group) for t in self._tensors]
+
+        def views(buffers: list[Tensor]) -> list[Tensor]:
+            return [v for b, buffer in enumerate(buffers) for v in flat.views_of(buffer, b)]
+
+        self._center, self._diff, self._sum = flat.like(), flat.like(), flat.like()
+        self._center_views, self._diff_views, self._sum_views = views(self._center), views(self._diff), views(self._sum)
+        source = self._center_source if self._center_source is not None else previous
+        self._center_source = None
+        with torch.no_grad():
+            for key, center, tensor in zip(self._keys, self._center_views, self._tensors):
+                value = source.get(key) if key is not None else None
+                if isinstance(value, Tensor) and value.shape == center.shape:
+                    center.copy_(value)
+                else:
+                    center.copy_(tensor.detach())
+        self._check_alpha(max(self._alphas()), self.world_size)
+
+    # ----------------------------------------------------------------------------------------------
+    # The elastic step
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
+        if not self._sync_due() or self._flat is None:
+            return
+        assert self._center is not None
+        with torch.no_grad():
+            for diff, current, center, total in zip(self._diff, self._flat.pack(), self._center, self._sum):
+                torch.sub(current, center, out=diff)
+                total.copy_(diff)
+        if is_distributed():
+            # Started before the closure, so the reduction overlaps the forward and backward passes.
+            self._works = [dist.all_reduce(total, async_op=True) for total in self._sum]
+            self.comm.add_all_reduce(self._flat.nbytes, world_size())
+
+    @override
+    def _synchronize(self, optimizer: Optimizer) -> None:
+        alphas = self._alphas()
+        torch._foreach_sub_(self._tensors, torch._foreach_mul(self._diff_views, alphas))
+        for work in self._works:
+            work.wait()
+        self._works = []
+        torch._foreach_add_(self._center_views, torch._foreach_mul(self._sum_views, alphas))
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging and checkpoints
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def _logged_params(self) -> dict[str, Any]:
+        params = super()._logged_params()
+        params.update(easgd_rho=self.rho, easgd_moving_rate=self.moving_rate)
+        return params
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The center model: the module's state with every synchronized tensor replaced by the center.
+
+        Falls back to the consensus average before the first fit. Not a collective call (the center is
+        the same on every rank).
+        """
+        if self._center is None:
+            return super().lightning_module_state_dict()
+        module = self.lightning_module
+        assert module is not None
+        state = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+        for key, center in self.center_tensors().items():
+            state[key] = center.detach().clone()
+        return state
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)
+        # The checkpoint's model is the center (or, from another strategy, the consensus, which is
+        # also what the ranks start from), so the center is restored from it at fit setup.
+        self._center_source = checkpoint.get("state_dict")
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Synchronous elastic averaging SGD (EASGD) with the center replicated on every rank",
+            override=True,
+        )

@@ -1,0 +1,271 @@
+r"""Local SGD and post-local SGD: ``Trainer(strategy="local_sgd")``.
+
+Every rank runs its optimizer on its own mini-batches, with no gradient all-reduce, and every
+``sync_every`` (H) optimizer steps the ranks replace their parameters and floating-point buffers by
+the average over ranks:
+
+.. math::
+
+    x_i \leftarrow x_i + \Delta_i \ \text{(local step)}, \qquad
+    x_i \leftarrow \frac1N \sum_{j=1}^N x_j \quad \text{after steps } H, 2H, \dots
+
+which is one all-reduce of the model per H steps instead of one of the gradient per step. With
+``warmup_steps = T > 0`` the first T steps are ordinary synchronous mini-batch SGD (gradients
+averaged before the optimizer step, BatchNorm statistics broadcast from rank 0 as
+``DistributedDataParallel`` does), and local SGD starts afterwards: post-local SGD. With H = 1 and
+plain SGD, local SGD is mini-batch SGD: averaging the updated models is averaging the gradients.
+
+Local SGD is the centralized baseline of the survey's distributed chapter: it trades communication
+for the drift of the local models between averaging rounds (measured by
+:class:`~lightning_optsurvey.callbacks.ConsensusDistance`). Checkpoints hold the average model and
+each rank's own state for an exact resume (see :mod:`lightning_optsurvey.strategies._base`).
+
+This module also holds :class:`PeriodicSyncStrategy`, the skeleton of the periodic centralized
+methods (local SGD, EASGD, LSGD): a step counter, the due-step rule and flat buffers over the
+synchronized tensors.
+
+Why our own: Lightning's post-local SGD is a ``DistributedDataParallel`` communication hook plus
+``torch.distributed``'s ``PeriodicModelAverager``, which needs the DDP wrapper, counts no bytes and
+keeps no per-rank state in checkpoints, so a resumed run does not continue exactly.
+
+References:
+    Stich, "Local SGD Converges Fast and Communicates Little", ICLR 2019, arXiv:1805.09767.
+    Lin, Stich, Patel & Jaggi, "Don't Use Large Mini-Batches, Use Local SGD", ICLR 2020,
+    arXiv:1808.07217.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch import LightningModule
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_optsurvey.strategies._base import _LOGGING_HOOKS, LocalModelStrategy
+from lightning_optsurvey.strategies._comm import FlatBuffers, all_reduce_mean_, is_distributed, world_size
+
+__all__ = ["LocalSGDStrategy", "PeriodicSyncStrategy"]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+class PeriodicSyncStrategy(LocalModelStrategy):
+    """Per-rank models that communicate every ``sync_every`` optimizer steps (a base class).
+
+    Subclasses implement :meth:`_synchronize`, called after the optimizer step of every due step under
+    ``torch.no_grad()``, and may use :meth:`_sync_due` in :meth:`_pre_optimizer_step` to prepare.
+    ``self._flat`` packs :meth:`synced_tensors` (parameters, then float buffers) when a process group
+    is up. The step counter and the number of synchronizations are part of each rank's checkpointed
+    state, so a resumed run keeps the same schedule.
+
+    Args:
+        sync_every: Communicate after every ``sync_every``-th optimizer step.
+        **ddp_kwargs: See :class:`~lightning_optsurvey.strategies.LocalModelStrategy`.
+
+    Raises:
+        ValueError: If ``sync_every < 1``.
+        TypeError: If ``sync_every`` is not an integer.
+    """
+
+    def __init__(self, sync_every: int = 1, **ddp_kwargs: Any) -> None:
+        self.sync_every = _check_int("sync_every", sync_every, 1)
+        super().__init__(**ddp_kwargs)
+        self._steps = 0
+        self._syncs = 0
+        self._flat: FlatBuffers | None = None
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken so far (over all fits of a resumed run)."""
+        return self._steps
+
+    @property
+    def syncs(self) -> int:
+        """Synchronizations done so far."""
+        return self._syncs
+
+    def _schedule_offset(self) -> int:
+        """Steps before the periodic schedule starts (post-local SGD's warm-up)."""
+        return 0
+
+    def _sync_due(self) -> bool:
+        """Whether the optimizer step about to be taken (step ``self._steps + 1``) ends with a sync."""
+        since = self._steps - self._schedule_offset()
+        return since >= 0 and (since + 1) % self.sync_every == 0
+
+    @override
+    def _on_fit_setup(self) -> None:
+        super()._on_fit_setup()
+        tensors = self.synced_tensors()
+        self._flat = FlatBuffers(tensors) if tensors else None
+
+    @override
+    def _post_optimizer_step(self, optimizer: Optimizer) -> None:
+        due = self._sync_due()
+        self._steps += 1
+        if not due or self._flat is None:
+            return
+        with torch.no_grad():
+            self._synchronize(optimizer)
+        self._syncs += 1
+
+    def _synchronize(self, optimizer: Optimizer) -> None:
+        """Communicate after the optimizer step of a due step (under ``torch.no_grad()``)."""
+        raise NotImplementedError
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """Log ``name`` at this step from inside ``optimizer_step`` (a no-op outside training hooks)."""
+        module = self.lightning_module
+        if module is None or module._trainer is None or module._current_fx_name not in _LOGGING_HOOKS:
+            return
+        module.log(name, value, on_step=True, on_epoch=False)
+
+    @override
+    def _logged_params(self) -> dict[str, Any]:
+        params = super()._logged_params()
+        params["sync_every"] = self.sync_every
+        return params
+
+    @override
+    def _rank_state(self) -> dict[str, Any]:
+        state = super()._rank_state()
+        state.update(steps=self._steps, syncs=self._syncs)
+        return state
+
+    @override
+    def _load_rank_state(self, state: Mapping[str, Any]) -> None:
+        super()._load_rank_state(state)
+        self._steps = int(state.get("steps", 0))
+        self._syncs = int(state.get("syncs", 0))
+
+
+class LocalSGDStrategy(PeriodicSyncStrategy):
+    r"""Local SGD: average the models every ``sync_every`` steps; optional synchronous warm-up.
+
+    After the optimizer step of steps :math:`T + H, T + 2H, \dots` (``T = warmup_steps``,
+    ``H = sync_every``) the parameters and floating-point buffers are replaced by their average over
+    the ranks, :math:`x_i \leftarrow \frac1N \sum_j x_j`, in one all-reduce per dtype and device.
+    During the first ``T`` steps the gradients are averaged before the optimizer step (after the
+    closure's backward, before gradient clipping, as ``DistributedDataParallel`` does) and the float
+    buffers are broadcast from rank 0 before the forward pass, so the warm-up is exactly mini-batch SGD
+    (post-local SGD). Optimizer states (momentum) stay local.
+
+    Args:
+        sync_every: H, the number of optimizer steps between averaging rounds.
+        warmup_steps: T, the number of initial steps with averaged gradients (0: local SGD throughout).
+        **ddp_kwargs: ``accelerator``, ``parallel_devices``, ``cluster_environment``,
+            ``checkpoint_io``, ``precision_plugin``, ``process_group_backend``, ``timeout``,
+            ``start_method`` (see :class:`~lightning.pytorch.strategies.DDPStrategy`).
+
+    Raises:
+        ValueError: If ``sync_every < 1`` or ``warmup_steps < 0``, or for ``Trainer(sync_batchnorm=True)``.
+        TypeError: If they are not integers, or for ``DistributedDataParallel`` keywords.
+
+    Example:
+        >>> import lightning_optsurvey  # registers "local_sgd"
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(accelerator="cpu", devices=4, strategy="local_sgd")  # doctest: +SKIP
+        >>> trainer = Trainer(devices=4, strategy=LocalSGDStrategy(sync_every=16, warmup_steps=500))  # doctest: +SKIP
+
+    References:
+        Stich, "Local SGD Converges Fast and Communicates Little", ICLR 2019, arXiv:1805.09767.
+        Lin, Stich, Patel & Jaggi, "Don't Use Large Mini-Batches, Use Local SGD", ICLR 2020,
+        arXiv:1808.07217.
+    """
+
+    strategy_name = "local_sgd"
+
+    def __init__(self, sync_every: int = 8, warmup_steps: int = 0, **ddp_kwargs: Any) -> None:
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        super().__init__(sync_every=sync_every, **ddp_kwargs)
+        self._buffers: list[Tensor] = []
+
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the next optimizer step averages gradients (post-local SGD's warm-up phase)."""
+        return self._steps < self.warmup_steps
+
+    @override
+    def _schedule_offset(self) -> int:
+        return self.warmup_steps
+
+    @override
+    def _on_fit_setup(self) -> None:
+        super()._on_fit_setup()
+        module = self.lightning_module
+        assert module is not None
+        self._buffers = [b for _, b in module.named_buffers() if b is not None and b.is_floating_point()]
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if self.in_warmup and is_distributed():
+            inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+            closure = partial(self._averaging_closure, inner, closure)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def _averaging_closure(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Any:
+        """Run the closure (forward and backward), then average the gradients over the ranks."""
+        output = closure()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        all_reduce_mean_(grads, counter=self.comm)
+        return output
+
+    @override
+    def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self.in_warmup and self._buffers and is_distributed():
+            # DistributedDataParallel(broadcast_buffers=True): rank 0's statistics before each forward.
+            flat = FlatBuffers(self._buffers)
+            for buffer in flat.pack():
+                dist.broadcast(buffer, src=0)
+            flat.unpack()
+            if self.global_rank == 0:
+                peers = world_size() - 1
+                self.comm.add_send(flat.nbytes * peers, messages=peers * len(flat.buffers))
+
+    @override
+    def _synchronize(self, optimizer: Optimizer) -> None:
+        if not is_distributed():
+            return
+        assert self._flat is not None
+        size = world_size()
+        for buffer in self._flat.pack():
+            dist.all_reduce(buffer)
+            buffer.div_(size)
+        self.comm.add_all_reduce(self._flat.nbytes, size)
+        self._flat.unpack()
+
+    @override
+    def _logged_params(self) -> dict[str, Any]:
+        params = super()._logged_params()
+        params["warmup_steps"] = self.warmup_steps
+        return params
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Local SGD: per-rank steps, parameters and float buffers averaged every sync_every steps",
+            override=True,
+        )
