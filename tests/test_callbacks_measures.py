@@ -308,3 +308,18 @@ def test_state_keys_differ_by_configuration():
 def test_bad_arguments(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_generalization_measures_log_the_functional_values(tmp_path):
+    from lightning_optsurvey.measures import fisher_rao_norm, parameter_norm, path_norm, spectral_norm_product
+
+    cb = GeneralizationMeasures(measures=("param_norm", "spectral_product", "path_norm", "fisher_rao"), num_batches=1)
+    module, _ = fit("cnn", [cb], tmp_path, epochs=1)
+    module.eval()
+    x = cb._batches[0][0]
+    h = cb.history[-1]
+    assert h["measures/param_norm"] == pytest.approx(parameter_norm(module), rel=FLOAT_RTOL)
+    assert h["measures/path_norm"] == pytest.approx(path_norm(module, x), rel=FLOAT_RTOL)
+    assert h["measures/fisher_rao"] == pytest.approx(fisher_rao_norm(module, F.cross_entropy, cb._batches),
+                                                     rel=FLOAT_RTOL)
+    assert h["measures/spectral_product"] == pytest.approx(spectral_norm_product(module, x, tol=1e-6), rel=1e-3)
