@@ -155,13 +155,13 @@ def test_register_result_rejects_a_taken_name():
 
 
 def test_plot_outcome_draws_measured_and_predicted():
-    result = get_result("adam_vs_amsgrad")
+    result = get_result("one_peer_exact_averaging")
     outcome = result.check()
     figure = plot_outcome(result, outcome)
     assert isinstance(figure, Figure)
     (axes,) = figure.axes
     labels = [line.get_label() for line in axes.get_lines()]
-    assert labels == ["measured", "AMSGrad R_t/t", "predicted"]
+    assert labels == ["measured", "static exponential graph", "predicted"]
     assert list(axes.get_lines()[0].get_ydata()) == list(outcome.measured_curve)
 
 

@@ -17,6 +17,7 @@ order, :func:`run_checks` runs them, :func:`format_table` and :func:`plot_outcom
 
 from lightning_optsurvey.theory import (  # noqa: F401  (importing the group modules registers their results)
     adaptive,
+    centralized,
     decentralized,
     first_order,
     generalization,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -22,16 +23,40 @@ from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadr
 from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 from lightning_optsurvey.theory.stochastic import MC_Z
 
-__all__ = ["SAMSharpness", "SmoothingFlattens"]
+__all__ = ["EdgeOfStability", "SAMSharpness", "SmoothingFlattens"]
 
 #: Relative band on worst-case sharpness / (rho^2 lambda_max / 2) for the radii checked (the cubic term
 #: of a logistic loss is below 0.1 % at rho <= 0.1 here).
 SAM_RTOL = 1e-2
 #: Agreement of Lanczos's lambda_max with the dense Hessian's.
 LANCZOS_RTOL = 1e-8
+#: Edge of stability: the median of lambda_max / (2/eta) over the second half of training must lie in
+#: this band, and every value in the wider one: with MSE the sharpness saw-tooths around 2/eta, rising
+#: above it until a catapult drops it (seen between 0.47 and 1.72 over seeds 0-5; medians 0.96-1.04).
+EOS_MEDIAN_BAND = (0.85, 1.15)
+EOS_RANGE_BAND = (0.4, 2.0)
+#: Progressive sharpening: lambda_max starts below this fraction of 2/eta ...
+EOS_START_FRACTION = 0.5
+#: ... and reaches at least this fraction of 2/eta.
+EOS_REACH_FRACTION = 0.95
 #: Agreement of the Hessian of the local entropy read off Entropy-SGD with gamma A (A + gamma I)^(-1)
 #: (the inner Langevin loop, run without noise, converges to ~1e-12).
 ENTROPY_RTOL = 1e-6
+
+
+def _mlp(widths: tuple[int, ...], gen: torch.Generator) -> nn.Module:
+    """A tanh MLP initialized from ``gen`` (PyTorch's default uniform ranges), without touching the global RNG."""
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in pairwise(widths):
+        layers += [nn.Linear(fan_in, fan_out, device="meta", dtype=DTYPE), nn.Tanh()]
+    model = nn.Sequential(*layers[:-1]).to_empty(device="cpu")
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                for tensor in (module.weight, module.bias):
+                    tensor.copy_((2.0 * torch.rand(tensor.shape, generator=gen, dtype=DTYPE) - 1.0) * bound)
+    return model
 
 
 def _logistic_model(problem: LogisticRegression, w: torch.Tensor) -> tuple[nn.Module, nn.Module, list]:
@@ -253,4 +278,91 @@ class SmoothingFlattens(Result):
             steps=q.eigenvalues.tolist(), predicted_curve=predicted, measured_curve=measured,
             extra_curves={"original (lambda_j)": tuple(q.eigenvalues.tolist())}, x_label="lambda_j of A",
             y_label="Hessian eigenvalue of -F_gamma", log_x=True,
+        )
+
+
+@dataclass(frozen=True)
+class _RegressionTask:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    model: nn.Module
+
+
+@register_result
+@dataclass(frozen=True)
+class EdgeOfStability(Result):
+    """Full-batch GD drives the sharpness up to 2/eta and keeps it there."""
+
+    number = 19
+    name = "edge_of_stability"
+    statement = (
+        "full-batch GD with step eta on a neural network (MSE): lambda_max of the training-loss Hessian rises "
+        "(progressive sharpening) until it reaches 2/eta, then hovers around 2/eta while the loss keeps "
+        "decreasing non-monotonically"
+    )
+    reference = "Cohen, Kaur, Li, Kolter & Talwalkar 2021, arXiv:2103.00065, Sec. 3"
+    criterion = (
+        f"tolerance band: lambda_max (Lanczos on HessianOperator, warm-started) starts below "
+        f"{EOS_START_FRACTION:g} x 2/eta and reaches {EOS_REACH_FRACTION:g} x 2/eta; over the second half of "
+        f"training its median over 2/eta lies in {list(EOS_MEDIAN_BAND)} and every value in "
+        f"{list(EOS_RANGE_BAND)}; tanh MLP 4-24-24-1, 20 random points, the registry's 'sgd' as GD"
+    )
+
+    samples: int = 20
+    width: int = 24
+    lr: float = 0.1
+    steps: int = 300
+    every: int = 15
+
+    def __post_init__(self) -> None:
+        _positive_int("samples", self.samples, 2)
+        _positive_int("width", self.width)
+        _positive_float("lr", self.lr)
+        _positive_int("steps", self.steps, 10)
+        _positive_int("every", self.every)
+
+    def problem(self, seed: int = 0) -> _RegressionTask:
+        gen = generator(seed)
+        inputs = torch.randn(self.samples, 4, generator=gen, dtype=DTYPE)
+        targets = torch.randn(self.samples, 1, generator=gen, dtype=DTYPE)
+        return _RegressionTask(inputs, targets, _mlp((4, self.width, self.width, 1), gen))
+
+    def predict(self, problem: _RegressionTask, k: int) -> float:
+        """The stability threshold ``2/eta`` (the same at every step)."""
+        return 2.0 / self.lr
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        task = self.problem(seed)
+        model, loss_fn, batches = task.model, nn.MSELoss(), [(task.inputs, task.targets)]
+        optimizer = create_optimizer("sgd", model.parameters(), lr=self.lr)
+        threshold = self.predict(task, 0)
+        ks, sharpness, losses, start = [], [], [], None
+        for k in range(self.steps + 1):
+            if k % self.every == 0:
+                eig = lanczos(HessianOperator(model, loss_fn, batches), k=1, tol=1e-3, v0=start)
+                start = eig.eigenvectors[:, 0]
+                ks.append(k)
+                sharpness.append(float(eig.eigenvalues[0]))
+            optimizer.zero_grad()
+            loss = loss_fn(model(task.inputs), task.targets)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            optimizer.step()
+        ratios = [s / threshold for s in sharpness]
+        tail = ratios[len(ratios) // 2 :]
+        median = sorted(tail)[len(tail) // 2]
+        holds = (
+            ratios[0] < EOS_START_FRACTION
+            and max(ratios) >= EOS_REACH_FRACTION
+            and EOS_MEDIAN_BAND[0] <= median <= EOS_MEDIAN_BAND[1]
+            and all(EOS_RANGE_BAND[0] <= r <= EOS_RANGE_BAND[1] for r in tail)
+        )
+        return CheckOutcome(
+            predicted=threshold, measured=median * threshold, holds=holds, name=self.name,
+            quantity="median lambda_max over the second half of training",
+            details=f"eta={self.lr:g}, 2/eta={threshold:g}; lambda_max/(2/eta): start {ratios[0]:.2f}, peak "
+            f"{max(ratios):.2f}, second half in [{min(tail):.2f}, {max(tail):.2f}] (median {median:.2f}); loss "
+            f"{losses[0]:.3g} -> {losses[-1]:.3g}",
+            steps=ks, predicted_curve=[threshold] * len(ks), measured_curve=sharpness, x_label="GD step",
+            y_label="lambda_max of the training loss", log_y=False,
         )
