@@ -466,7 +466,9 @@ class MeasuringCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.cadence.due_at_epoch_end(trainer.current_epoch):
+        # Skipped when a step-cadence measurement already ran after this epoch's last step.
+        if self.cadence.due_at_epoch_end(trainer.current_epoch) and trainer.global_step != self._last_step_measured:
+            self._last_step_measured = trainer.global_step
             self.trigger = "epoch"
             self.run_measurement(trainer, pl_module)
 
