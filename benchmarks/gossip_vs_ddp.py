@@ -1,0 +1,284 @@
+"""Gossip against DDP on 4 CPU processes (gloo): step time, bytes per rank per step, accuracy; plus a model.
+
+Measured: the digits CNN (~49k parameters) and ``mlp_wide`` (~1.2M parameters), trained for
+``--epochs`` epochs with SGD (momentum 0.9) on 4 gloo processes, under Lightning's ``"ddp"`` (the
+anchor, measured side by side in the same process group) and ``gossip_ring`` / ``gossip_one_peer``,
+each with and without ``overlap``. Step time is the median wall time from ``on_train_batch_start`` to
+``on_train_batch_end`` on rank 0 after the first epoch. Bytes are counted per rank per step: by the
+strategy's ``CommCounter`` for gossip, and for DDP by a gradient-bucket comm hook that counts each
+bucket as a ring all-reduce (``2 (N-1)/N`` times its size). DDP always overlaps its bucketed
+all-reduce with the backward pass; it has no non-overlapped mode. Accuracy: ``val/acc`` as logged
+(each rank's own model on its shard, summed over ranks) and of the consensus (average) model.
+
+Modelled: the alpha-beta cost of one step's communication, ring all-reduce
+``2 (N-1) alpha + 2 (N-1)/N * B * beta`` against one-peer gossip ``alpha + B * beta`` (one send and
+one receive, full duplex), for B = 4 bytes x parameters.
+
+    .venv/bin/python benchmarks/gossip_vs_ddp.py [--epochs 10] [--batch-size 32] [--alpha 5e-6]
+        [--bandwidth-gbps 100]
+
+The 4 ranks run as 4 processes on however many cores the machine has; on a 2-core machine they are
+oversubscribed (2 processes per core), which the output states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+WORLD = 4
+STRATEGIES = (
+    ("ddp", None),
+    ("gossip_ring", False),
+    ("gossip_ring", True),
+    ("gossip_one_peer", False),
+    ("gossip_one_peer", True),
+)
+MODELS = ("cnn", "mlp_wide")
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker (one rank)
+# --------------------------------------------------------------------------------------------------
+def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    import lightning_optsurvey  # noqa: F401
+    from lightning_optsurvey.strategies import CommCounter, GossipStrategy
+    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+    class CountingDDP(DDPStrategy):
+        """Lightning's DDP with a bucket hook that counts ring all-reduce bytes (also on gloo)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.comm = CommCounter()
+
+        def _register_ddp_hooks(self) -> None:
+            def hook(counter, bucket):  # DDP rejects non-GradBucket annotations; leave them off
+                buffer = bucket.buffer()
+                counter.add_all_reduce(buffer.numel() * buffer.element_size(), dist.get_world_size())
+                return default_hooks.allreduce_hook(None, bucket)
+
+            self.model.register_comm_hook(self.comm, hook)
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.bytes: list[int] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            trainer.strategy.comm.start_step()
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            if trainer.current_epoch > 0:
+                self.times.append(time.perf_counter() - self._start)
+                self.bytes.append(trainer.strategy.comm.step_bytes)
+
+    def evaluate(module: ClassifierModule, state: dict[str, torch.Tensor], data: DigitsDataModule) -> float:
+        net = ClassifierModule(module.hparams.model).net
+        net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+        net.eval()
+        x, y = data.val_set.tensors
+        with torch.no_grad():
+            return float((net(x).argmax(1) == y).float().mean())
+
+    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+    configs = [(m, s, o) for m in MODELS for s, o in STRATEGIES]
+    # A warm-up fit, then `repeats` passes over the configurations in rotated order, so drift in the
+    # machine's load (it is shared) spreads over all of them instead of biasing one.
+    runs: list[tuple[int, tuple[str, str, bool | None]]] = [(-1, ("cnn", "ddp", None))]
+    for rep in range(repeats):
+        shift = rep % len(configs)
+        runs += [(rep, c) for c in configs[shift:] + configs[:shift]]
+    results: dict[tuple[str, str, bool | None], dict[str, Any]] = {}
+    for rep, (model_name, strategy_name, overlap) in runs:
+        if strategy_name == "ddp":
+            strategy: Any = CountingDDP()
+        else:
+            kind = {"gossip_ring": "ring", "gossip_one_peer": "one_peer_exponential"}[strategy_name]
+            strategy = GossipStrategy(kind, overlap=bool(overlap))
+        torch.manual_seed(0)
+        module = ClassifierModule(model_name, optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
+        data = DigitsDataModule(batch_size=batch_size)
+        timer = Timer()
+        trainer = Trainer(
+            accelerator="cpu", devices=local_world, strategy=strategy, max_epochs=2 if rep < 0 else epochs,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[timer], num_sanity_val_steps=0,
+        )
+        trainer.fit(module, data)
+        val_acc = float(trainer.callback_metrics["val/acc"])
+        consensus = (
+            trainer.strategy.consensus_state_dict() if isinstance(strategy, GossipStrategy)
+            else module.state_dict()
+        )
+        consensus_acc = evaluate(module, consensus, data)
+        if rep < 0:
+            continue
+        entry = results.setdefault((model_name, strategy_name, overlap), {
+            "model": model_name,
+            "params": sum(p.numel() for p in module.parameters()),
+            "strategy": strategy_name,
+            "overlap": overlap,
+            "epochs": epochs,
+            "steps": trainer.global_step,
+            "times": [],
+            "rep_medians": [],
+            "bytes": [],
+            "model_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
+            "val_acc": [],
+            "consensus_acc": [],
+        })
+        entry["times"] += timer.times
+        entry["rep_medians"].append(statistics.median(timer.times))
+        entry["bytes"] += timer.bytes
+        entry["val_acc"].append(val_acc)
+        entry["consensus_acc"].append(consensus_acc)
+    summary = []
+    for entry in results.values():
+        times, nbytes = entry.pop("times"), entry.pop("bytes")
+        entry.update(
+            step_ms=1e3 * statistics.median(times),
+            step_ms_lo=1e3 * min(entry["rep_medians"]),
+            step_ms_hi=1e3 * max(entry["rep_medians"]),
+            bytes_per_step=statistics.mean(nbytes),
+            bytes_min=min(nbytes),
+            bytes_max=max(nbytes),
+            val_acc=entry["val_acc"][0],
+            val_acc_repeatable=len(set(entry["val_acc"])) == 1,
+            consensus_acc=entry["consensus_acc"][0],
+        )
+        summary.append(entry)
+    if int(os.environ["LOCAL_RANK"]) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        (out / "results.json").write_text(json.dumps(summary))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent: launch, then print tables
+# --------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(out: Path, epochs: int, batch_size: int, repeats: int, timeout: float) -> list[dict[str, Any]]:
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                   OMP_NUM_THREADS="1")
+        cmd = [sys.executable, __file__, "--worker", str(out), "--epochs", str(epochs),
+               "--batch-size", str(batch_size), "--repeats", str(repeats)]
+        log = open(out / f"rank{rank}.log", "w")  # closed below
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    if any(proc.returncode for proc, _ in procs):
+        raise RuntimeError("a rank failed:\n" + "\n".join((out / f"rank{r}.log").read_text()[-3000:]
+                                                           for r in range(WORLD)))
+    return json.loads((out / "results.json").read_text())
+
+
+def _measured_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model (params) | strategy | overlap | steps | step ms (repeat medians) | step time / DDP "
+        "| bytes/rank/step "
+        "| bytes / model bytes | val acc (own models) | val acc (consensus) | acc - DDP (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in MODELS:
+        rows = [r for r in results if r["model"] == model]
+        ddp = next(r for r in rows if r["strategy"] == "ddp")
+        for r in rows:
+            overlap = "bucketed (always)" if r["strategy"] == "ddp" else ("yes" if r["overlap"] else "no")
+            spread = "" if r["bytes_min"] == r["bytes_max"] else f" ({r['bytes_min']}-{r['bytes_max']})"
+            lines.append(
+                f"| {model} ({r['params']:,}) | {r['strategy']} | {overlap} | {r['steps']} "
+                f"| {r['step_ms']:.1f} ({r['step_ms_lo']:.1f}-{r['step_ms_hi']:.1f}) "
+                f"| {r['step_ms'] / ddp['step_ms']:.2f} | {r['bytes_per_step']:,.0f}{spread} "
+                f"| {r['bytes_per_step'] / r['model_bytes']:.3f} | {100 * r['val_acc']:.1f} "
+                f"| {100 * r['consensus_acc']:.1f} | {100 * (r['val_acc'] - ddp['val_acc']):+.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def _model_table(alpha: float, beta: float) -> str:
+    sizes = (8, 32, 128, 1024)
+    params = (1_000_000, 10_000_000, 100_000_000, 1_000_000_000)
+    lines = [
+        "| params | N | ring all-reduce ms | one-peer gossip ms | gossip / all-reduce |",
+        "|---|---|---|---|---|",
+    ]
+    for m in params:
+        nbytes = 4 * m
+        for n in sizes:
+            ring = 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta
+            gossip = alpha + nbytes * beta
+            lines.append(f"| {m:,} | {n} | {1e3 * ring:.3f} | {1e3 * gossip:.3f} | {gossip / ring:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="passes over all configurations")
+    parser.add_argument("--alpha", type=float, default=5e-6, help="latency per message, seconds")
+    parser.add_argument("--bandwidth-gbps", type=float, default=100.0, help="link bandwidth, Gbit/s")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        _worker(args.worker, args.epochs, args.batch_size, args.repeats)
+        return
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _launch(Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
+    beta = 8.0 / (args.bandwidth_gbps * 1e9)
+    note = " (oversubscribed: more processes than cores)" if WORLD > cores else ""
+    print(f"## Measured: {WORLD} gloo processes on {cores} CPU cores{note}, batch {args.batch_size} per rank, "
+          f"{args.epochs} epochs, SGD lr 0.05 momentum 0.9, digits, {args.repeats} repeats\n")
+    print("Step time: median over all steps after the first epoch of all repeats (on rank 0); in brackets the "
+          "smallest and largest per-repeat median. Accuracy is deterministic: "
+          f"{'identical' if all(r['val_acc_repeatable'] for r in results) else 'NOT identical'} in every repeat.\n")
+    print(_measured_table(results))
+    print(f"\n## Modelled: communication per step, alpha = {args.alpha * 1e6:g} us per message, "
+          f"beta = {beta * 1e12:g} ps/byte ({args.bandwidth_gbps:g} Gbit/s), float32 parameters\n")
+    print(_model_table(args.alpha, beta))
+
+
+if __name__ == "__main__":
+    main()
