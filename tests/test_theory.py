@@ -19,6 +19,7 @@ from lightning_optsurvey.theory import (
     format_table,
     generalization,
     get_result,
+    landscape,
     plot_outcome,
     render_docs,
     run_checks,
@@ -78,6 +79,7 @@ FAILING = [
     second_order.NewtonQuadratic(lr_scale=0.5),
     second_order.LBFGSSuperlinear(history_size=1),
     generalization.UniformStabilitySGD(lr=10.0, runs=100),
+    landscape.EdgeOfStability(lr=0.02, steps=150),
 ]
 
 

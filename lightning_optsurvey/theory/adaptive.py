@@ -54,7 +54,7 @@ class AdaGradRegret(Result):
         "Regret_T <= (D^2/(2 eta) + eta) sum_i ||g_(1:T,i)||_2 (+ D^2 d delta/(2 eta)) <= "
         "(D^2/(2 eta) + eta) d G sqrt(T)"
     )
-    reference = "Duchi, Hazan & Singer 2011, jmlr.org/papers/v12/duchi11a, Thm. 5 (diagonal case)"
+    reference = "Duchi, Hazan & Singer 2011, jmlr.org/papers/v12/duchi11a, Thm. 5 (diagonal case; delta = torch's eps)"
     criterion = (
         f"regret against the best fixed point in hindsight (the coordinate-wise median of z_1..z_T) "
         f"below the bound at every checkpoint T (slack {REGRET_RTOL:g}); losses ||x - z_t||_1 have "

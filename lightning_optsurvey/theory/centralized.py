@@ -65,8 +65,8 @@ class LocalSGDvsMinibatch(Result):
         "with batch NH and R steps (same gradients and rounds) follows its own closed form"
     )
     reference = (
-        "Woodworth, Patel, Stich, Dai, Bullins, McMahan, Shamir & Srebro 2020, arXiv:2002.07839, Sec. 3 "
-        "(local SGD on quadratics); Stich 2019, arXiv:1805.09767"
+        "Woodworth, Patel, Stich, Dai, Bullins, McMahan, Shamir & Srebro 2020, arXiv:2002.07839 "
+        "(local SGD on quadratic objectives); Stich 2019, arXiv:1805.09767"
     )
     criterion = (
         f"for H in the list, E f(xbar) - f* at every synchronization within {MC_Z:g} standard errors of the "
@@ -188,7 +188,9 @@ class EASGDStability(Result):
         "beta eta h > 0, 4 - 2 alpha - 2 beta - 2 eta h + beta eta h > 0, |(1 - beta)(1 - eta h) - alpha| < 1 "
         "hold (beta = N alpha); the elastic force can destabilize steps where SGD converges"
     )
-    reference = "Zhang, Choromanska & LeCun 2015, arXiv:1412.6651, Sec. 5 (stability of synchronous EASGD)"
+    reference = (
+        "Zhang, Choromanska & LeCun 2015, arXiv:1412.6651 (stability analysis of synchronous EASGD, quadratic case)"
+    )
     criterion = (
         "over a grid of (eta h, alpha), the growth rate of ||state|| fitted on the last half of the steps of "
         f"strategies.easgd.easgd_step within {EASGD_RATE_RTOL:g} (relative) of the closed-form spectral radius, "

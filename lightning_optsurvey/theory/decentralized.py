@@ -144,7 +144,7 @@ class OnePeerExactAveraging(Result):
         "N a power of 2, one-peer exponential graph (round t: i sends to i + 2^(t mod log2 N), weights 1/2): "
         "W^(log2 N - 1) ... W^(0) = 11^T/N, so gossip reaches the exact average after log2(N) rounds"
     )
-    reference = "Ying, Yuan, Chen, Hu, Pan & Yin 2021, arXiv:2110.13363, Thm. 2 (and Lemma 1)"
+    reference = "Ying, Yuan, Chen, Hu, Pan & Yin 2021, arXiv:2110.13363 (one-peer exponential graphs)"
     criterion = (
         f"relative consensus error after log2(N) rounds <= {EXACT_TOL:g} for N in 4..32, and > 1e-3 one round "
         "earlier (not exact before); the static exponential graph is shown for contrast"
@@ -214,7 +214,7 @@ class DPSGDConsensus(Result):
     )
     reference = (
         "Lian et al. 2017, arXiv:1705.09056, Thm. 1 (1/(1 - rho) consensus term); Koloskova et al. 2020, "
-        "arXiv:2003.10422, Lemma 8 (sigma^2/p and zeta^2/p^2)"
+        "arXiv:2003.10422 (consensus terms sigma^2/p and zeta^2/p^2)"
     )
     criterion = (
         f"for each graph, the measured consensus distance (mean over the last half and over runs) within "

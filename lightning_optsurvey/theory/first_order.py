@@ -67,7 +67,7 @@ class GDConvex(Result):
     number = 1
     name = "gd_convex"
     statement = "f convex and L-smooth, GD with step 1/L: f(x_k) - f* <= L ||x_0 - x*||^2 / (2k) for every k >= 1"
-    reference = "Nesterov 2018, Lectures on Convex Optimization, Cor. 2.1.2 (survey Sec. 3.1)"
+    reference = "Beck 2017, First-Order Methods in Optimization, Thm. 10.21; Nesterov 2004, Sec. 2.1.5 (2LR^2/(k+4))"
     criterion = f"bound checked at every k = 1..K (relative slack {BOUND_RTOL:g}, round-off)"
 
     dim: int = 40
@@ -120,7 +120,10 @@ class GDStronglyConvex(Result):
         "f mu-strongly convex and L-smooth, GD with step 1/L: f(x_k) - f* <= (1 - mu/L)^k (f(x_0) - f*); "
         "on a quadratic ||x_k - x*|| contracts at exactly 1 - mu/L"
     )
-    reference = "Nesterov 2018, Thm. 2.1.15; Bottou, Curtis & Nocedal 2018, arXiv:1606.04838, Thm. 4.6"
+    reference = (
+        "Bottou, Curtis & Nocedal 2018, arXiv:1606.04838, Thm. 4.6 with M = 0; "
+        "Karimi, Nutini & Schmidt 2016, arXiv:1608.04636, Thm. 1"
+    )
     criterion = (
         f"bound at every k (slack {BOUND_RTOL:g}) and tail rate of ||x_k - x*|| fitted on [K/2, K] "
         f"within {GD_RATE_RTOL:g} (relative) of 1 - mu/L"
@@ -197,7 +200,10 @@ class HeavyBall(Result):
         "quadratic with spectrum in [mu, L], heavy ball with lr = 4/(sqrt(L)+sqrt(mu))^2, "
         "beta = ((sqrt(kappa)-1)/(sqrt(kappa)+1))^2: ||x_k - x*|| -> 0 at rate 1 - 2/(sqrt(kappa)+1)"
     )
-    reference = "Polyak 1964, doi:10.1016/0041-5553(64)90137-5, Thm. 9; survey Sec. 3.1 (momentum)"
+    reference = (
+        "Polyak 1964, doi:10.1016/0041-5553(64)90137-5; "
+        "Lessard, Recht & Packard 2016, arXiv:1408.3595 (quadratics)"
+    )
     criterion = (
         f"rate of ||x_k - x*|| fitted on [K/2, K] within {ACCEL_RATE_RTOL:g} (relative) of "
         "(sqrt(kappa)-1)/(sqrt(kappa)+1); torch's SGD momentum (v <- beta v + g, x <- x - lr v) is exactly "
@@ -277,7 +283,10 @@ class NesterovStronglyConvex(Result):
         "f mu-strongly convex, L-smooth; Nesterov with lr 1/L, beta = (sqrt(L)-sqrt(mu))/(sqrt(L)+sqrt(mu)): "
         "f(y_k) - f* <= (1 - sqrt(mu/L))^k (f(x_0) - f* + mu/2 ||x_0 - x*||^2)"
     )
-    reference = "Nesterov 2018, Thm. 2.2.3 with scheme (2.2.22); Sutskever et al. 2013 (torch's form)"
+    reference = (
+        "Nesterov 2004, Introductory Lectures on Convex Optimization, Sec. 2.2.1 (constant step scheme, mu > 0); "
+        "Sutskever et al. 2013 (torch's form)"
+    )
     criterion = (
         f"bound on f(y_k), y_(k+1) = x_k - g_k / L, at every k (slack {BOUND_RTOL:g}) and rate of ||x_k - x*|| "
         f"fitted on [K/2, K] within {ACCEL_RATE_RTOL:g} (relative) of 1 - sqrt(mu/L) (tight on quadratics)"
@@ -326,7 +335,7 @@ class NesterovConvex(Result):
         "f convex, L-smooth; Nesterov with lr s <= 1/L and momentum (k-1)/(k+2): "
         "f(y_k) - f* <= 2 ||x_0 - x*||^2 / (s (k+1)^2), i.e. O(1/k^2)"
     )
-    reference = "Nesterov 1983; Su, Boyd & Candes 2016, arXiv:1503.01243, Thm. 6 (the constant)"
+    reference = "Nesterov 1983; Su, Boyd & Candes 2016, arXiv:1503.01243 (the (k-1)/(k+2) scheme and its constant)"
     criterion = (
         f"bound on f(y_k) checked at every k = 1..K (slack {BOUND_RTOL:g}); torch's nesterov buffer is "
         "rescaled by beta_k/beta_(k+1) before step k so that the time-varying Sutskever form equals the scheme"

@@ -40,7 +40,9 @@ class ImplicitBiasMaxMargin(Result):
         "w^ the hard-margin SVM solution and eta exp(-z_n^T w~) = alpha_n on the support vectors, so "
         "w(k)/||w(k)|| -> w^/||w^|| at rate ~ 1/log k"
     )
-    reference = "Soudry, Hoffer, Nacson, Gunasekar & Srebro 2018, arXiv:1710.10345, Thm. 3 (and Thm. 4's w~)"
+    reference = (
+        "Soudry, Hoffer, Nacson, Gunasekar & Srebro 2018, arXiv:1710.10345, Thm. 3 and the limit w~ of its residual"
+    )
     criterion = (
         f"angle between w(K) and w^ within {ANGLE_RTOL:g} (relative) of atan(|w~_2| / (log K + w~_1)), and "
         f"the residual ||w(k) - w^ log k - w~|| at K at most {RESIDUAL_SHRINK:g} x its value at K/10; data "

@@ -166,8 +166,8 @@ class SmoothingFlattens(Result):
         "1 - a b^2 exp(-b^2 s^2/2) cos(b x_j) <= L = 1 + a b^2)"
     )
     reference = (
-        "Chaudhari et al. 2017, arXiv:1611.01838, Sec. 4.1 (local entropy smooths the Hessian); "
-        "Bisla, Wang & Choromanska 2022, arXiv:2201.08025, Sec. 3 (Gaussian smoothing lowers the Hessian norm)"
+        "Chaudhari et al. 2017, arXiv:1611.01838 (local entropy smooths the Hessian); "
+        "Bisla, Wang & Choromanska 2022, arXiv:2201.08025 (Gaussian smoothing lowers the Hessian norm)"
     )
     criterion = (
         f"Entropy-SGD (noise 0, alpha 1, 300 inner steps) read as the map x -> gamma (x - <x'>): its matrix's "

@@ -45,7 +45,7 @@ class NewtonQuadratic(Result):
         "f mu-strongly convex with M-Lipschitz Hessian: the Newton step satisfies "
         "||x_(k+1) - x*|| <= M/(2 mu) ||x_k - x*||^2 (local quadratic convergence)"
     )
-    reference = "Nesterov 2018, Thm. 1.2.5; Nocedal & Wright 2006, Thm. 3.5; survey Sec. 3.2"
+    reference = "Nesterov 2004, Thm. 1.2.5; Nocedal & Wright 2006, Numerical Optimization, Thm. 3.5"
     criterion = (
         f"bound at every k with ||x_k - x*|| > {ERROR_FLOOR:g} (slack {NEWTON_RTOL:g}) and empirical order "
         f">= {NEWTON_MIN_ORDER:g} at the last step above the floor; on L2-regularized logistic regression, "
@@ -136,7 +136,7 @@ class LBFGSSuperlinear(Result):
     )
     reference = (
         "Liu & Nocedal 1989, doi:10.1007/BF01589116; Dennis & More 1974 (superlinear characterization); "
-        "Nesterov 2018, Thm. 2.1.13 (first-order lower bound)"
+        "Nesterov 2004, Thm. 2.1.13 (first-order lower bound)"
     )
     criterion = (
         f"iterations to ||x_k - x*|| <= tol ||x_0 - x*|| at most {LBFGS_SPEEDUP:g} x the count "
