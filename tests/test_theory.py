@@ -140,12 +140,16 @@ def test_run_checks_selects_times_and_reports_a_crash_as_not_holding():
         outcomes = run_checks(only=["gd_strongly_convex", "zz_crashing_for_test"])
     finally:
         del _RESULTS["zz_crashing_for_test"]
-    assert [o.name for o in outcomes] == ["gd_strongly_convex", "zz_crashing_for_test"]
-    assert outcomes[0].holds and outcomes[0].seconds > 0
-    assert not outcomes[1].holds and "RuntimeError: boom" in outcomes[1].details
+    assert [run.result.name for run in outcomes] == ["gd_strongly_convex", "zz_crashing_for_test"]
+    assert [run.outcome.name for run in outcomes] == ["gd_strongly_convex", "zz_crashing_for_test"]
+    assert outcomes[0].outcome.holds and outcomes[0].outcome.seconds > 0
+    assert not outcomes[1].holds and "RuntimeError: boom" in outcomes[1].outcome.details
     table = format_table(outcomes)
     assert table.splitlines()[0].startswith("| # | result | reference")
-    assert "| 2 | gd_strongly_convex |" in table and "| NO |" in table and "1/2 hold" in table
+    assert "| 2 | gd_strongly_convex |" in table and "| 999 | zz_crashing_for_test |" in table
+    assert "| NO |" in table and "1/2 hold" in table
+    # Bare outcomes are looked up by name.
+    assert format_table([outcomes[0].outcome]).splitlines()[2].startswith("| 2 | gd_strongly_convex |")
 
 
 def test_register_result_rejects_a_taken_name():

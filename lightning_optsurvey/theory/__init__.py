@@ -26,10 +26,18 @@ from lightning_optsurvey.theory import (  # noqa: F401  (importing the group mod
     stochastic,
 )
 from lightning_optsurvey.theory.result import CheckOutcome, Result, all_results, get_result, register_result
-from lightning_optsurvey.theory.runner import format_table, plot_outcome, render_docs, run_checks, select_results
+from lightning_optsurvey.theory.runner import (
+    CheckRun,
+    format_table,
+    plot_outcome,
+    render_docs,
+    run_checks,
+    select_results,
+)
 
 __all__ = [
     "CheckOutcome",
+    "CheckRun",
     "Result",
     "all_results",
     "format_table",

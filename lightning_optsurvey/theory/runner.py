@@ -11,13 +11,34 @@ import math
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from matplotlib.figure import Figure
 
 from lightning_optsurvey.theory.result import CheckOutcome, Result, all_results, get_result
 
-__all__ = ["format_table", "plot_outcome", "render_docs", "run_checks", "select_results"]
+__all__ = ["CheckRun", "format_table", "plot_outcome", "render_docs", "run_checks", "select_results"]
+
+
+@dataclass(frozen=True)
+class CheckRun:
+    """One result and what its check found.
+
+    Attributes:
+        result: The result (its ``name``, ``statement``, ``reference``, ``criterion``).
+        outcome: The check's :class:`CheckOutcome` (with ``name`` and ``seconds`` filled in).
+    """
+
+    result: Result
+    outcome: CheckOutcome
+
+    @property
+    def name(self) -> str:
+        return self.result.name
+
+    @property
+    def holds(self) -> bool:
+        return self.outcome.holds
 
 
 def select_results(only: str | Sequence[str] | None = None) -> list[Result]:
@@ -40,7 +61,7 @@ def select_results(only: str | Sequence[str] | None = None) -> list[Result]:
     return [get_result(name) for name in names]
 
 
-def run_checks(only: str | Sequence[str] | None = None, seed: int = 0) -> list[CheckOutcome]:
+def run_checks(only: str | Sequence[str] | None = None, seed: int = 0) -> list[CheckRun]:
     """Run the selected checks, in the survey's order.
 
     Args:
@@ -48,8 +69,9 @@ def run_checks(only: str | Sequence[str] | None = None, seed: int = 0) -> list[C
         seed: Seed of every problem and every random draw.
 
     Returns:
-        One :class:`CheckOutcome` per result, with ``name`` and ``seconds`` filled in. A check that raises
-        yields an outcome with ``holds=False`` and the error in ``details``.
+        One :class:`CheckRun` (``result``, ``outcome``) per result, the outcome with ``name`` and
+        ``seconds`` filled in. A check that raises yields an outcome with ``holds=False`` and the error in
+        ``details``.
 
     Raises:
         ValueError: For an unknown name in ``only``.
@@ -68,7 +90,8 @@ def run_checks(only: str | Sequence[str] | None = None, seed: int = 0) -> list[C
                 predicted=math.nan, measured=math.nan, holds=False,
                 details=f"error: {type(error).__name__}: {error} ({last.filename}:{last.lineno})",
             )
-        outcomes.append(replace(outcome, name=result.name, seconds=time.perf_counter() - start))
+        outcome = replace(outcome, name=result.name, seconds=time.perf_counter() - start)
+        outcomes.append(CheckRun(result, outcome))
     return outcomes
 
 
@@ -80,23 +103,32 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def format_table(outcomes: Sequence[CheckOutcome]) -> str:
-    """A markdown table: result, reference, quantity, predicted, measured, holds (one row per outcome)."""
+def format_table(outcomes: Sequence[CheckRun | CheckOutcome]) -> str:
+    """A markdown table: result, reference, quantity, predicted, measured, holds (one row per check).
+
+    Args:
+        outcomes: What :func:`run_checks` returned, or bare outcomes (looked up by ``name``).
+    """
     lines = [
         "| # | result | reference | quantity | predicted | measured | holds |",
         "|---|---|---|---|---|---|---|",
     ]
-    for outcome in outcomes:
-        try:
-            result = get_result(outcome.name)
-            number, reference = str(result.number), result.reference
-        except ValueError:
-            number, reference = "", ""
+    held = 0
+    for item in outcomes:
+        if isinstance(item, CheckRun):
+            result, outcome = item.result, item.outcome
+        else:
+            outcome = item
+            try:
+                result = get_result(outcome.name)
+            except ValueError:
+                result = None
+        number, reference = ("", "") if result is None else (str(result.number), result.reference)
+        held += outcome.holds
         lines.append(
             f"| {number} | {_cell(outcome.name)} | {_cell(reference)} | {_cell(outcome.quantity)} | "
             f"{_number(outcome.predicted)} | {_number(outcome.measured)} | {'yes' if outcome.holds else 'NO'} |"
         )
-    held = sum(o.holds for o in outcomes)
     lines.append("")
     lines.append(f"{held}/{len(outcomes)} hold")
     return "\n".join(lines)

@@ -236,7 +236,7 @@ class SGDNonConvex(Result):
     statement = (
         "f L-smooth (non-convex), bounded below by f_inf, gradient variance M, K steps of size eta <= 1/L: "
         "E (1/K) sum_k ||grad f(x_k)||^2 <= eta L M + 2 (f(x_1) - f_inf)/(K eta); with eta = c/sqrt(K) "
-        "(so min_k E||grad f||^2) is O(1/sqrt(K))"
+        "this average, hence min_k E||grad f(x_k)||^2, is O(1/sqrt(K))"
     )
     reference = "Bottou, Curtis & Nocedal 2018, arXiv:1606.04838, Thm. 4.8; Ghadimi & Lan 2013, arXiv:1309.5549"
     criterion = (
