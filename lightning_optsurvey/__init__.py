@@ -6,6 +6,6 @@ idempotent, so importing twice is harmless.
 
 __version__ = "0.1.0"
 
-from lightning_optsurvey import strategies as strategies  # noqa: E402  (registers the strategy names)
+from lightning_optsurvey import strategies as strategies
 
 __all__ = ["__version__", "strategies"]

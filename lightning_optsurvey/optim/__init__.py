@@ -17,6 +17,7 @@ from lightning_optsurvey.optim.registry import (
     available_optimizers,
     create_optimizer,
     get_spec,
+    methods_markdown,
     register,
 )
 from lightning_optsurvey.optim.sam import SAM
@@ -37,5 +38,6 @@ __all__ = [
     "available_optimizers",
     "create_optimizer",
     "get_spec",
+    "methods_markdown",
     "register",
 ]

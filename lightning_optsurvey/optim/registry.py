@@ -71,6 +71,14 @@ class OptimizerSpec:
             raise TypeError(f"factory of {self.name!r} must be callable, got {self.factory!r}")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mappingproxy does not pickle; rebuild from a plain dict (needed by ddp_spawn and checkpoints).
+        return (
+            type(self),
+            (self.name, self.factory, self.family, self.needs_closure, self.create_graph, self.needs_model,
+             self.reference, dict(self.defaults), self.summary, self.strict),
+        )
+
     def accepted_hparams(self) -> set[str] | None:
         """Names the factory accepts, or ``None`` when it takes arbitrary keywords and ``strict`` is off."""
         signature = inspect.signature(self.factory)
