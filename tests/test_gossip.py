@@ -17,15 +17,18 @@ import torch
 from _dist.launch import launch
 from torch import nn
 
+from lightning_optsurvey.strategies import Topology
+
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
 
 WORLD = 4
 NODES = 2
-SCENARIOS = ("ddp_equivalence", "one_peer", "ring_contraction", "checkpoint_resume", "validation_logging")
+SCENARIOS = ("ddp_equivalence", "one_peer", "float64_gossip", "checkpoint_resume", "validation_logging")
 DDP_TOL = 1e-6  # the bound: 20 float32 SGD steps, parameters vs gradients averaged
 AVERAGE_TOL = 1e-6  # float32 average of 4 numbers of magnitude < 2, vs a float64 reference
 FLOAT32_REL = 2e-7  # one float32 rounding (callback_metrics store float32), relative
 CONTRACTION_REL = 1e-12  # float64 rounding in a ratio of sums of squares
+PUSH_SUM_REL = 1e-12  # 80 float64 rounds, in a different summation order than the dense reference
 
 
 @pytest.fixture(scope="module")
@@ -59,30 +62,58 @@ def test_one_peer_exponential_reaches_exact_average_in_log2_rounds(out_dir: Path
     starts = [_pure_gossip_start(r) for r in range(WORLD)]
     mean_w = torch.stack([w for w, _ in starts]).mean(0)
     mean_stat = torch.stack([s for _, s in starts]).mean(0)
-    rounds = int(math.log2(WORLD))
+    assert int(math.log2(WORLD)) == 2
     model_bytes = (5 + 3) * 4  # the parameter and the float buffer, float32
     for variant, extra_bytes in (("dpsgd", 0), ("overlap", 0), ("push_sum", 8)):
         for rank, result in enumerate(results):
-            params = result[variant]["params"]
-            assert not torch.equal(params[rounds - 2], mean_w), (variant, rank)  # not averaged after 1 round
-            assert torch.equal(params[rounds - 1], mean_w), (variant, rank)  # exact after log2(N) rounds
-            assert torch.equal(params[rounds], mean_w), (variant, rank)  # and stays there
+            params = result[variant]["params"]  # after steps 1..4
+            assert not torch.equal(params[0], mean_w), (variant, rank)  # not averaged after 1 round
+            for after in params[1:]:  # exact after log2(N) = 2 rounds, and stays there
+                assert torch.equal(after, mean_w), (variant, rank)
             assert torch.equal(result[variant]["stat"], mean_stat), (variant, rank)  # float buffers too
             # One peer per round: one model's bytes per rank per step (+ the push-sum weight).
-            assert result[variant]["bytes"] == [float(model_bytes + extra_bytes)] * 3
+            assert result[variant]["bytes"] == [float(model_bytes + extra_bytes)] * 4
+    for rank, result in enumerate(results):  # gossip_every=2: rounds after steps 2 and 4 only
+        params = result["every2"]["params"]
+        assert torch.equal(params[0], starts[rank][0])
+        assert torch.equal(params[2], params[1]) and not torch.equal(params[1], mean_w)
+        assert torch.equal(params[3], mean_w)
+        assert result["every2"]["bytes"] == [0.0, float(model_bytes), 0.0, float(model_bytes)]
 
 
-def test_ring_consensus_distance_contracts_by_lambda2_squared(out_dir: Path) -> None:
-    lambda_2 = max(abs(1 + 2 * math.cos(2 * math.pi * k / WORLD)) / 3 for k in range(1, WORLD))
-    results = load(out_dir, "ring_contraction")
+@pytest.mark.parametrize("kind", ["ring", "exponential"])
+def test_consensus_distance_contracts_by_lambda2_squared(out_dir: Path, kind: str) -> None:
+    # N = 4. Ring, weights 1/3: eigenvalues (1 + 2 cos(2 pi k / 4)) / 3 = 1, 1/3, -1/3, 1/3.
+    # Exponential (receive from i-1, i-2, weights 1/3): (1 + w^-k + w^-2k) / 3 with w = i: 1, -i/3, 1/3, i/3.
+    # Both normal (circulant), so ||W - 11^T/N||_2 = |lambda_2| = 1/3.
+    lambda_2 = 1 / 3
+    results = [r[kind] for r in load(out_dir, "float64_gossip")]
     gathered = results[0]["gathered"]  # independent: all_gather of every rank's parameters, float64
-    assert gathered[0] > 1.0
+    assert gathered[0] > 1.0 and len(gathered) == 6
     for before, after in itertools.pairwise(gathered):
         assert after <= lambda_2**2 * before * (1 + CONTRACTION_REL)
     # ConsensusDistance logs the same numbers on every rank (after each step).
     for result in results:
         assert result["gathered"] == pytest.approx(gathered, rel=CONTRACTION_REL)
         assert result["logged"] == pytest.approx(gathered[1:], rel=FLOAT32_REL)
+
+
+def test_push_sum_matches_dense_reference_and_debiases(out_dir: Path) -> None:
+    results = [r["push_sum"] for r in load(out_dir, "float64_gossip")]
+    topology = Topology("erdos_renyi", WORLD, seed=0)
+    p = topology.push_sum_matrix()
+    # Dense reference of pure push-sum: z <- P z, w <- P w, x = z / w, 80 rounds.
+    z = torch.stack([r["init"] for r in results])
+    w = torch.ones(WORLD, 1, dtype=torch.float64)
+    for _ in range(80):
+        z, w = p @ z, p @ w
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["final"], z[rank] / w[rank], rtol=PUSH_SUM_REL, atol=PUSH_SUM_REL)
+        torch.testing.assert_close(result["weight"], w[rank], rtol=PUSH_SUM_REL, atol=0)
+        # De-biased: the true average of the starts, although P is only column-stochastic.
+        mean = torch.stack([r["init"] for r in results]).mean(0)
+        torch.testing.assert_close(result["final"], mean, rtol=0, atol=PUSH_SUM_REL)
+    assert not torch.allclose(w, torch.ones_like(w), atol=1e-3)  # the weights did move
 
 
 def _regression_model() -> nn.Module:

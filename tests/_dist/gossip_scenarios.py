@@ -179,34 +179,41 @@ def pure_gossip_init(rank: int) -> dict[str, torch.Tensor]:
 
 def one_peer() -> None:
     """Pure gossip on one_peer_exponential: the exact average after log2(N) rounds."""
-    data = TensorDataset(torch.zeros(WORLD * 3, 1))
+    data = TensorDataset(torch.zeros(WORLD * 4, 1))
     results: dict[str, Any] = {}
     variants = {
         "dpsgd": GossipStrategy("one_peer_exponential"),
         "overlap": GossipStrategy("one_peer_exponential", overlap=True),
         "push_sum": GossipStrategy("one_peer_exponential", algorithm="push_sum"),
+        "every2": GossipStrategy("one_peer_exponential", gossip_every=2),
     }
     for name, strategy in variants.items():
         model = PureGossip(pure_gossip_init(RANK))
         recorder = Recorder()
-        fit = trainer(strategy, max_steps=3, callbacks=[recorder])
+        fit = trainer(strategy, max_steps=4, callbacks=[recorder])
         fit.fit(model, DataLoader(data, batch_size=1))
         results[name] = {"params": recorder.params, "stat": model.stat.clone(), "bytes": recorder.bytes}
     save("one_peer", results)
 
 
-def ring_contraction() -> None:
-    """Pure gossip on a ring in float64: the consensus distance after every round."""
-    generator = torch.Generator().manual_seed(100 + RANK)
-    init = {"w": torch.randn(10, generator=generator, dtype=torch.float64), "stat": torch.zeros(1)}
-    model = PureGossip(init)
-    recorder = Recorder()
-    fit = trainer(
-        GossipStrategy("ring"), max_steps=5, precision="64-true",
-        callbacks=[ConsensusDistance(every_n_steps=1), recorder],
-    )
-    fit.fit(model, DataLoader(TensorDataset(torch.zeros(WORLD * 5, 1)), batch_size=1))
-    save("ring_contraction", {"logged": recorder.logged_xi, "gathered": recorder.gathered_xi})
+def float64_gossip() -> None:
+    """Pure gossip in float64 from random starts: consensus distance per round, and push-sum's limit."""
+    results: dict[str, Any] = {}
+    for name, strategy, steps in (
+        ("ring", GossipStrategy("ring"), 5),
+        ("exponential", GossipStrategy("exponential", overlap=True), 5),
+        ("push_sum", GossipStrategy(Topology("erdos_renyi", WORLD, seed=0), algorithm="push_sum"), 80),
+    ):
+        generator = torch.Generator().manual_seed(100 + RANK)
+        init = {"w": torch.randn(10, generator=generator, dtype=torch.float64), "stat": torch.zeros(1)}
+        model = PureGossip(init)
+        recorder = Recorder()
+        callbacks = [ConsensusDistance(every_n_steps=1), recorder] if name != "push_sum" else [recorder]
+        fit = trainer(strategy, max_steps=steps, precision="64-true", callbacks=callbacks)
+        fit.fit(model, DataLoader(TensorDataset(torch.zeros(WORLD * steps, 1)), batch_size=1))
+        results[name] = {"logged": recorder.logged_xi, "gathered": recorder.gathered_xi, "init": init["w"],
+                         "final": model.w.detach().clone(), "weight": fit.strategy._weight.clone()}
+    save("float64_gossip", results)
 
 
 def checkpoint_resume() -> None:
@@ -265,7 +272,7 @@ def validation_logging() -> None:
     })
 
 
-SCENARIOS = {f.__name__: f for f in (ddp_equivalence, one_peer, ring_contraction, checkpoint_resume,
+SCENARIOS = {f.__name__: f for f in (ddp_equivalence, one_peer, float64_gossip, checkpoint_resume,
                                      validation_logging)}
 
 if __name__ == "__main__":
