@@ -106,9 +106,13 @@ class LocalSGDvsMinibatch(Result):
     def _local_sgd(self, p: NoisyQuadratic, h: int, gen: torch.Generator) -> torch.Tensor:
         q = p.quadratic
 
-        def average(x: torch.Tensor, step: list[int] = [0]) -> torch.Tensor:  # noqa: B006 (step counter)
-            step[0] += 1
-            return x.mean(-2, keepdim=True).expand_as(x) if step[0] % h == 0 else x
+        taken = 0
+
+        def average(x: torch.Tensor) -> torch.Tensor:
+            # Applied after every step: every h-th step all workers are replaced by their average.
+            nonlocal taken
+            taken += 1
+            return x.mean(-2, keepdim=True).expand_as(x) if taken % h == 0 else x
 
         values, _ = run_optimizer(
             "sgd", torch.zeros(self.runs, self.workers, self.dim, dtype=DTYPE),

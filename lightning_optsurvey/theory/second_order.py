@@ -3,7 +3,7 @@ r"""Second-order methods: Newton's local quadratic convergence (11) and L-BFGS o
 Newton's method is not an optimizer of the registry (no library ships the exact, dense Newton step for
 deep learning, and the survey treats it as the reference point of the quasi-Newton family), so the
 check takes the step :math:`x - \nabla^2 f(x)^{-1} \nabla f(x)` with the dense Hessian from
-``torch.func.hessian``. L-BFGS is the registry's ``lbfgs`` (torch's, strong Wolfe line search).
+``torch.autograd.functional.hessian``. L-BFGS is the registry's ``lbfgs`` (torch's, strong Wolfe line search).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class NewtonQuadratic(Result):
     @staticmethod
     def _newton(problem: LogisticRegression, w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         # Derivatives by automatic differentiation of the loss, not the problem's closed forms.
-        hessian = torch.func.hessian(problem.value)(w)
-        gradient = torch.func.grad(problem.value)(w)
+        hessian = torch.autograd.functional.hessian(problem.value, w)
+        gradient = torch.autograd.functional.jacobian(problem.value, w)
         return w - scale * torch.linalg.solve(hessian, gradient)
 
     @staticmethod

@@ -337,7 +337,7 @@ class SVRGLinearRate(Result):
     runs: int = 100
     epochs: int = 4
     lr_scale: float = 0.1
-    inner_scale: float = 2.0
+    inner_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _positive_int("samples", self.samples, 2)
