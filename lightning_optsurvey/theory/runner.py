@@ -134,6 +134,9 @@ def format_table(outcomes: Sequence[CheckRun | CheckOutcome]) -> str:
     return "\n".join(lines)
 
 
+_EXTRA_COLORS = ("C1", "C2", "C4", "C5", "C6", "C8", "C9")  # C0 is measured, C3 predicted
+
+
 def plot_outcome(result: Result, outcome: CheckOutcome) -> Figure:
     """Measured against predicted: the outcome's curves over its ``steps``.
 
@@ -147,18 +150,22 @@ def plot_outcome(result: Result, outcome: CheckOutcome) -> Figure:
     axes = figure.add_subplot()
     steps = list(outcome.steps)
     curves = [("measured", outcome.measured_curve, {"color": "C0", "lw": 1.8})]
-    curves += [(label, values, {"lw": 1.2}) for label, values in outcome.extra_curves.items()]
+    curves += [
+        (label, values, {"color": _EXTRA_COLORS[i % len(_EXTRA_COLORS)], "lw": 1.2})
+        for i, (label, values) in enumerate(outcome.extra_curves.items())
+    ]
     curves.append(("predicted", outcome.predicted_curve, {"color": "C3", "ls": "--", "lw": 1.5}))
-    positive = True
+    # On a log axis, values <= 0 (an exact zero, a consensus reached) are left out of the line.
+    log_y = outcome.log_y and any(v > 0 for _, values, _ in curves for v in values if math.isfinite(v))
     for label, values, style in curves:
         if not values:
             continue
+        shown = [v if (v > 0 or not log_y) else math.nan for v in values]
         marker = "o" if len(values) <= 12 else None
-        axes.plot(steps, list(values), label=label, marker=marker, ms=4, **style)
-        positive = positive and all(v > 0 for v in values if math.isfinite(v))
+        axes.plot(steps, shown, label=label, marker=marker, ms=4, **style)
     if outcome.log_x and steps and all(s > 0 for s in steps):
         axes.set_xscale("log")
-    if outcome.log_y and positive:
+    if log_y:
         axes.set_yscale("log")
     axes.set_xlabel(outcome.x_label)
     axes.set_ylabel(outcome.y_label or outcome.quantity)
