@@ -186,3 +186,26 @@ def test_k_larger_than_the_parameter_count_raises_at_setup(tmp_path):
     frozen = _Tiny().requires_grad_(False)
     with pytest.raises(ValueError, match="requires grad"):
         _fit([HessianSpectrum()], None, None, tmp_path, max_epochs=1, module=frozen)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_ranks_measure_the_global_hessian_under_ddp_spawn(tmp_path):
+    world, batch_size = 2, 16
+    module = _Tiny()
+    cb = HessianSpectrum(top_k=2, tol=1e-6)
+    trainer = Trainer(accelerator="cpu", strategy="ddp_spawn", devices=world, max_epochs=1, limit_train_batches=2,
+                      limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path)
+    trainer.fit(module, DigitsDataModule(batch_size=batch_size))
+    dm = DigitsDataModule(batch_size=batch_size)
+    dm.setup()
+    shards = [batch for rank in range(world)
+              for batch in draw_batches(dm.train_set, 1, batch_size, generator=torch.Generator().manual_seed(0),
+                                        rank=rank, world_size=world)]
+    reference = lanczos(HessianOperator(module, F.cross_entropy, shards), k=2, tol=1e-8)
+    one_shard = lanczos(HessianOperator(module, F.cross_entropy, shards[:1]), k=1, tol=1e-8)
+    logged = float(trainer.callback_metrics["hessian/eig_1"])
+    assert logged == pytest.approx(float(reference.eigenvalues[0]), rel=1e-4)
+    assert logged != pytest.approx(float(one_shard.eigenvalues[0]), rel=1e-3)  # not just rank 0's shard
