@@ -106,7 +106,9 @@ class _LogisticDistribution:
 
 
 def _logistic_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.softplus(-y * (x * w.unsqueeze(-2)).sum(-1))
+    """Per-sample logistic losses of the runs ``w`` ``(R, d)`` on ``x`` ``(R, n, d)`` or shared ``(n, d)``."""
+    logits = w @ x.T if x.ndim == 2 else torch.bmm(x, w.unsqueeze(-1)).squeeze(-1)
+    return torch.nn.functional.softplus(-y * logits)
 
 
 @register_result
@@ -180,7 +182,7 @@ class UniformStabilitySGD(Result):
             1 for m, e, b in zip(mean_stab.tolist(), err_stab.tolist(), bound) if m - MC_Z * e > b
         )
         x_test, y_test = dist.sample((self.test_size,), gen)
-        test = _logistic_loss(w, x_test.expand(self.runs, -1, -1), y_test).mean(1)
+        test = _logistic_loss(w, x_test, y_test).mean(1)
         train = _logistic_loss(w, x, y).mean(1)
         gaps = test - train
         gap, gap_err = float(gaps.mean()), float(gaps.std()) / math.sqrt(self.runs)
