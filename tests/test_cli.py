@@ -134,3 +134,20 @@ def test_fit_with_a_yaml_config_saves_it_as_an_mlflow_artifact(tmp_path):
     assert "config.yaml" in artifacts
     text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     assert "optimizer: adam" in text
+
+
+def test_compare_with_the_measuring_callbacks_and_a_closure_optimizer(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'x.db'}"
+    code = main(["compare", "--optimizers", "sgd,adam,sam", "--max-epochs", "2", "--limit-train-batches", "4",
+                 "--tracking-uri", uri, "--experiment", "e"])
+    assert code == 0
+    client, _, runs = _runs(uri, "e")
+    assert sorted(r.info.run_name for r in runs) == ["adam-seed0", "sam-seed0", "sgd-seed0"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        metrics = run.data.metrics
+        assert {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "gen_gap/acc", "sharpness/sam"} <= set(metrics)
+        assert metrics["hessian/eig_1"] >= metrics["hessian/eig_2"]
+        assert len(client.get_metric_history(run.info.run_id, "hessian/eig_1")) == 2  # once per epoch
+    header = capsys.readouterr().out
+    assert "hessian/eig_1" in header and "gen_gap/acc" in header and "sharpness/sam" in header
