@@ -23,11 +23,14 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
 
 WORLD = 4
 NODES = 2
-SCENARIOS = ("ddp_equivalence", "one_peer", "float64_gossip", "checkpoint_resume", "validation_logging")
+SCENARIOS = (
+    "ddp_equivalence", "one_peer", "float64_gossip", "linear_reference", "checkpoint_resume", "validation_logging"
+)
 DDP_TOL = 1e-6  # the issue's bound: 20 float32 SGD steps, parameters vs gradients averaged
 AVERAGE_TOL = 1e-6  # float32 average of 4 numbers of magnitude < 2, vs a float64 reference
 FLOAT32_REL = 2e-7  # one float32 rounding (callback_metrics store float32), relative
 CONTRACTION_REL = 1e-12  # float64 rounding in a ratio of sums of squares
+REFERENCE_REL = 1e-12  # a few float64 steps, summed in another order than the reference
 PUSH_SUM_REL = 1e-12  # 80 float64 rounds, in a different summation order than the dense reference
 
 
@@ -114,6 +117,43 @@ def test_push_sum_matches_dense_reference_and_debiases(out_dir: Path) -> None:
         mean = torch.stack([r["init"] for r in results]).mean(0)
         torch.testing.assert_close(result["final"], mean, rtol=0, atol=PUSH_SUM_REL)
     assert not torch.allclose(w, torch.ones_like(w), atol=1e-3)  # the weights did move
+
+
+@pytest.mark.parametrize("variant", ["dpsgd", "dpsgd_overlap", "push_sum", "push_sum_overlap"])
+def test_update_rules_match_a_dense_reference(out_dir: Path, variant: str) -> None:
+    """Least squares, float64, plain SGD: each rank's trajectory against a dense simulation of all ranks.
+
+    x_i + Delta_i with Delta_i = -lr grad_i(x_i), and W (ring) or P (push-sum, irregular graph):
+    dpsgd: x <- W (x + Delta); overlap: x <- W x + Delta; push-sum: z <- P (w x + Delta), w <- P w,
+    x = z / w; push-sum overlap: z <- P (w x) + Delta, w <- P w, x = z / w.
+    """
+    results = [r[variant] for r in load(out_dir, "linear_reference")]
+    lr, steps = 0.1, 6
+    push_sum = variant.startswith("push_sum")
+    topology = Topology("erdos_renyi", WORLD, seed=0) if push_sum else Topology("ring", WORLD)
+    mix = topology.push_sum_matrix() if push_sum else topology.mixing_matrix()
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64).repeat(WORLD, 1)
+    w = torch.ones(WORLD, 1, dtype=torch.float64)
+    for step in range(steps):
+        delta = torch.stack([
+            -lr * (xb.T @ (xb @ x[r] - yb)) / len(yb) for r, (xb, yb) in
+            ((r, results[r]["batches"][step]) for r in range(WORLD))
+        ])
+        if variant == "dpsgd":
+            x = mix @ (x + delta)
+        elif variant == "dpsgd_overlap":
+            x = mix @ x + delta
+        elif variant == "push_sum":
+            z, w = mix @ (w * x + delta), mix @ w
+            x = z / w
+        else:
+            z, w = mix @ (w * x) + delta, mix @ w
+            x = z / w
+        for rank in range(WORLD):
+            torch.testing.assert_close(results[rank]["params"][step], x[rank], rtol=REFERENCE_REL,
+                                       atol=REFERENCE_REL)
+    if push_sum:
+        assert not torch.allclose(w, torch.ones_like(w), atol=1e-3)
 
 
 def _regression_model() -> nn.Module:

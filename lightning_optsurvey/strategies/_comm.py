@@ -200,7 +200,9 @@ def neighbour_exchange(
     """Send every buffer in ``send`` to each rank of ``send_to``; receive the same layout from ``recv_from``.
 
     All operations go into one ``torch.distributed.batch_isend_irecv`` call. Buffer ``b`` travels with
-    tag ``b``, so several buffers between the same pair of ranks cannot be mismatched on gloo.
+    tag ``b``, so several buffers between the same pair of ranks cannot be mismatched on gloo (NCCL
+    ignores tags and matches in order, which is the same order). With NCCL, the first batched P2P call
+    of a group must involve every rank; Lightning's setup collectives (barrier, broadcast) come first.
 
     Args:
         send: Buffers to send (not to be modified until :meth:`Exchange.wait` returns).

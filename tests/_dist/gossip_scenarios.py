@@ -216,6 +216,46 @@ def float64_gossip() -> None:
     save("float64_gossip", results)
 
 
+class LinearRegression(LightningModule):
+    """Least squares ``0.5 mean((X w - y)^2)`` with plain SGD; records the batch of each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self.batches.append((x.clone(), y.clone()))
+        return 0.5 * (x @ self.w - y).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def linear_reference() -> None:
+    """Full-batch least squares in float64 under each gossip update rule, for a dense reference."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(8 * WORLD, 3, generator=generator, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64) + torch.randn(8 * WORLD, generator=generator,
+                                                                               dtype=torch.float64)
+    er = Topology("erdos_renyi", WORLD, seed=0)
+    variants = {
+        "dpsgd": GossipStrategy("ring"),
+        "dpsgd_overlap": GossipStrategy("ring", overlap=True),
+        "push_sum": GossipStrategy(er, algorithm="push_sum"),
+        "push_sum_overlap": GossipStrategy(er, algorithm="push_sum", overlap=True),
+    }
+    results: dict[str, Any] = {}
+    for name, strategy in variants.items():
+        model = LinearRegression()
+        recorder = Recorder()
+        fit = trainer(strategy, max_steps=6, precision="64-true", callbacks=[recorder])
+        fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False))
+        results[name] = {"params": recorder.params, "batches": model.batches}
+    save("linear_reference", results)
+
+
 def checkpoint_resume() -> None:
     """Train 2 epochs straight, and 1 epoch + checkpoint + resume for 1 more; compare exactly."""
     data = regression_data(6 * BATCH * WORLD, seed=1)
@@ -272,8 +312,10 @@ def validation_logging() -> None:
     })
 
 
-SCENARIOS = {f.__name__: f for f in (ddp_equivalence, one_peer, float64_gossip, checkpoint_resume,
-                                     validation_logging)}
+SCENARIOS = {
+    f.__name__: f
+    for f in (ddp_equivalence, one_peer, float64_gossip, linear_reference, checkpoint_resume, validation_logging)
+}
 
 if __name__ == "__main__":
     for scenario in sys.argv[2:]:
