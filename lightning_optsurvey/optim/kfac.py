@@ -46,17 +46,32 @@ def _supported(module: nn.Module) -> bool:
     )
 
 
-def _activations(module: nn.Module, x: Tensor) -> Tensor:
-    """Rows ``a`` whose outer products make up ``A``: inputs (Linear) or unfolded patches (Conv2d)."""
+def _activation_factor(module: nn.Module, x: Tensor) -> Tensor:
+    """Sum of the outer products of the rows of the inputs (Linear) or of the unfolded patches (Conv2d).
+
+    A constant 1 is appended to each row when the layer has a bias; the result is assembled by blocks
+    so that the rows are never copied.
+    """
     if isinstance(module, nn.Conv2d):
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                           stride=module.stride)  # (B, C*kh*kw, L)
-        a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+                           stride=module.stride)  # (B, d, L)
+        gram = torch.bmm(patches, patches.transpose(1, 2)).sum(0)
+        sums = patches.sum(dim=(0, 2))
+        count = patches.shape[0] * patches.shape[2]
     else:
         a = x.reshape(-1, x.shape[-1])
-    if module.bias is not None:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    return a
+        gram = a.T @ a
+        sums = a.sum(0)
+        count = a.shape[0]
+    if module.bias is None:
+        return gram
+    d = gram.shape[0]
+    out = gram.new_empty(d + 1, d + 1)
+    out[:d, :d] = gram
+    out[:d, d] = sums
+    out[d, :d] = sums
+    out[d, d] = count
+    return out
 
 
 def _output_rows(module: nn.Module, g: Tensor) -> Tensor:
@@ -82,8 +97,7 @@ class _Hooks:
         x = inputs[0].detach()
         batch = x.shape[0]
         with torch.no_grad():
-            a = _activations(module, x)
-            opt._pending.setdefault(module, {})["A"] = (a.T @ a) / batch
+            opt._pending.setdefault(module, {})["A"] = _activation_factor(module, x).div_(batch)
         output.register_hook(_OutputGradHook(opt, module, batch))
 
 
@@ -323,16 +337,24 @@ class KFAC(Optimizer):
             if weight.grad is None:
                 continue
             grad = weight.grad.reshape(weight.shape[0], -1)
-            if bias is not None:
-                bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-                grad = torch.cat([grad, bias_grad.reshape(-1, 1)], dim=1)
             state = self.state[weight]
+            has_bias = bias is not None
+            bias_grad = None
+            if has_bias:
+                bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
             if "A_inv" in state:
-                v = state["G_inv"] @ grad @ state["A_inv"]
+                a_inv, g_inv = state["A_inv"], state["G_inv"]
+                if has_bias:
+                    # [gW, gb] A^-1 by blocks, so the gradient is never concatenated
+                    right = torch.addmm(bias_grad[:, None] @ a_inv[-1:], grad, a_inv[:-1])
+                else:
+                    right = grad @ a_inv
+                v = g_inv @ right
             else:
                 # No statistics yet: both factors are zero, so only the damping is left.
-                v = grad / self._group_of(weight)["damping"]
-            if bias is not None:
+                damping = self._group_of(weight)["damping"]
+                v = torch.cat([grad, bias_grad[:, None]], 1) / damping if has_bias else grad / damping
+            if has_bias:
                 out[weight] = v[:, :-1].reshape(weight.shape)
                 if bias.grad is not None:
                     out[bias] = v[:, -1].reshape(bias.shape)

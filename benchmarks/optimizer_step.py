@@ -1,0 +1,172 @@
+"""Per-step cost of every registered optimizer, as a ratio to SGD, on the digits CNN and a ~1.2M MLP.
+
+One "iteration" is what a training loop pays per optimizer step: ``opt.step(closure)`` where the closure
+zeroes the gradients and runs forward + backward (with ``create_graph`` when the method needs it), so
+methods that evaluate the closure several times are charged for every evaluation. For the closure-free
+methods the optimizer's ``step`` alone (gradients already computed) is also timed, against
+``torch.optim.Adam(foreach=True)``. K-FAC is timed over whole multiples of ``inv_every`` steps, so its
+inverse refreshes are amortized exactly. Where pytorch-optimizer has a class we replaced, it is timed
+side by side (its SAM needs the first gradient computed before ``step``: charged as one extra closure).
+
+The machine may be shared: every figure is the median over ``--repeats`` blocks of ``--steps`` steps,
+with all optimizers interleaved within each repeat so that load changes hit them alike.
+
+Usage::
+
+    python benchmarks/optimizer_step.py [--models cnn,mlp_wide] [--steps 20] [--repeats 5] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import pytorch_optimizer as po
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_optsurvey.optim import available_optimizers, create_optimizer, get_spec
+from lightning_optsurvey.tasks import build_model
+
+Builder = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+def _builders() -> dict[str, tuple[Builder, bool]]:
+    """name -> (builder, create_graph)."""
+    out: dict[str, tuple[Builder, bool]] = {}
+    for name in available_optimizers():
+        spec = get_spec(name)
+        out[name] = (lambda m, name=name: create_optimizer(name, m.parameters(), model=m), spec.create_graph)
+    out["adam_foreach"] = (lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True), False)
+    out["kfac_stat10"] = (lambda m: create_optimizer("kfac", m.parameters(), model=m, stat_every=10), False)
+    out["kfac_mc"] = (lambda m: create_optimizer("kfac", m.parameters(), model=m, fisher="mc"), False)
+    out["po:sam"] = (lambda m: po.SAM(m.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9), False)
+    out["po:shampoo"] = (lambda m: po.Shampoo(m.parameters(), lr=0.05, momentum=0.9,
+                                              preconditioning_compute_steps=10), False)
+    return out
+
+
+def _iteration(name: str, opt, model, x, y, create_graph: bool) -> None:
+    sample_fisher = getattr(opt, "sample_fisher", None)
+
+    def closure():
+        opt.zero_grad()
+        logits = model(x)
+        if sample_fisher is not None:
+            sample_fisher(logits, "categorical")
+        loss = F.cross_entropy(logits, y)
+        loss.backward(create_graph=create_graph)
+        return loss
+
+    if name == "po:sam":
+        closure()  # its step expects the gradient at w to be there already
+    opt.step(closure)
+
+
+def _time_block(fn: Callable[[], None], steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] | None) -> list[str]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    builders = _builders()
+    if names:
+        builders = {k: v for k, v in builders.items() if k in names or k in ("sgd", "adam_foreach")}
+    iteration: dict[str, list[float]] = {k: [] for k in builders}
+    step_only: dict[str, list[float]] = {k: [] for k in builders}
+    setups = {}
+    for name, (build, create_graph) in builders.items():
+        torch.manual_seed(0)
+        model = build_model(model_name)
+        opt = build(model)
+        for _ in range(2):  # warm-up: lazy state, first factor inversions
+            _iteration(name, opt, model, x, y, create_graph)
+        setups[name] = (model, opt, create_graph)
+    for _ in range(repeats):
+        for name, (model, opt, create_graph) in setups.items():
+            def one(name=name, opt=opt, model=model, create_graph=create_graph):
+                _iteration(name, opt, model, x, y, create_graph)
+
+            iteration[name].append(_time_block(one, steps))
+            spec_closure = name.startswith("po:") or (name in available_optimizers()
+                                                      and get_spec(name).needs_closure)
+            if not spec_closure and not create_graph and not name.startswith("kfac"):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                step_only[name].append(_time_block(opt.step, steps))
+    med = {k: statistics.median(v) for k, v in iteration.items()}
+    med_step = {k: statistics.median(v) for k, v in step_only.items() if v}
+    sgd, adam = med["sgd"], med_step.get("adam_foreach")
+    params = sum(p.numel() for p in build_model(model_name).parameters())
+    lines = [
+        f"\n### {model_name} ({params:,} parameters, batch {batch}; median of {repeats} x {steps} steps)\n",
+        "| optimizer | source | evals/step | iteration ms | / SGD iteration | step-only ms | step / Adam(foreach) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(med, key=lambda k: med[k]):
+        source = "pytorch-optimizer" if name.startswith("po:") else _source(name)
+        evals = _evals(name)
+        step_ms = f"{1e3 * med_step[name]:.3f}" if name in med_step else "-"
+        ratio = f"{med_step[name] / adam:.2f}" if name in med_step and adam else "-"
+        lines.append(f"| {name} | {source} | {evals} | {1e3 * med[name]:.2f} | {med[name] / sgd:.2f} "
+                     f"| {step_ms} | {ratio} |")
+    kfac = med.get("kfac")
+    if kfac:
+        lines.append(f"\nK-FAC (inv_every=10, stats every step) amortized iteration / (SGD step + forward + "
+                     f"backward) = {kfac / sgd:.2f} (target <= 2)")
+    if med.get("kfac_stat10"):
+        lines.append(f"K-FAC with stat_every=10: {med['kfac_stat10'] / sgd:.2f}")
+    return lines
+
+
+def _source(name: str) -> str:
+    if name == "adam_foreach":
+        return "torch"
+    if name.startswith("kfac"):
+        return "ours"
+    factory = get_spec(name).factory
+    module = getattr(factory, "__module__", "") or ""
+    if name in ("adahessian", "sophiah", "adabound", "adabelief", "yogi", "lars", "lamb", "lookahead"):
+        return "pytorch-optimizer"
+    return "ours" if "lightning_optsurvey.optim" in module and "_torch" not in module else "torch"
+
+
+def _evals(name: str) -> str:
+    if name.startswith("po:sam"):
+        return "2"
+    if name.startswith(("po:", "adam_foreach", "kfac")):
+        return "1"
+    spec = get_spec(name)
+    if not spec.needs_closure:
+        return "1"
+    return {"sam": "2", "asam": "2", "gsam": "2", "svrg": "2",
+            "entropy_sgd": str(spec.defaults.get("inner_steps")),
+            "lpf_sgd": str(spec.defaults.get("num_samples")), "lbfgs": "<= 5"}.get(name, "?")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cnn,mlp_wide")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated optimizer names (sgd and Adam always)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = [n for n in args.only.split(",") if n] or None
+    for model_name in args.models.split(","):
+        for line in run(model_name, args.steps, args.repeats, args.batch, names):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
