@@ -407,7 +407,10 @@ def theory(args: argparse.Namespace) -> int:
     """Run the executable theorems; exit code 1 if any fails."""
     from lightning_optsurvey import theory as th
 
-    outcomes = th.run_checks(only=args.only)
+    try:
+        outcomes = th.run_checks(only=args.only, seed=args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     print(th.format_table(outcomes))
     if args.tracking_uri:
         _log_theory(args.tracking_uri, args.experiment, outcomes)
@@ -427,6 +430,10 @@ def _log_theory(tracking_uri: str, experiment: str, outcomes: Sequence[Any]) -> 
         run = client.create_run(experiment_id, run_name=item.result.name)
         client.log_param(run.info.run_id, "reference", item.result.reference[:250])
         client.log_metric(run.info.run_id, "holds", float(item.outcome.holds))
+        for key in ("predicted", "measured"):
+            value = getattr(item.outcome, key)
+            if isinstance(value, (int, float)):
+                client.log_metric(run.info.run_id, f"theory/{key}", float(value))
         figure = th.plot_outcome(item.result, item.outcome)
         client.log_figure(run.info.run_id, figure, f"theory/{item.result.name}.png")
         plt.close(figure)
@@ -516,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_list.add_argument("--markdown", action="store_true", help="print the optimizer table of the README")
     p_theory = sub.add_parser("theory", help="run the survey's theorems as executable checks")
     p_theory.add_argument("--only", default=None, help="run only the result of this name")
+    p_theory.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems (default: 0)")
     p_theory.add_argument("--tracking-uri", default=None, help="also log each check as an MLflow run")
     p_theory.add_argument("--experiment", default="optsurvey-theory")
     args = parser.parse_args(args_list)

@@ -151,3 +151,22 @@ def test_compare_with_the_measuring_callbacks_and_a_closure_optimizer(tmp_path, 
         assert len(client.get_metric_history(run.info.run_id, "hessian/eig_1")) == 2  # once per epoch
     header = capsys.readouterr().out
     assert "hessian/eig_1" in header and "gen_gap/acc" in header and "sharpness/sam" in header
+
+
+def test_theory_prints_the_table_and_logs_each_check(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 't.db'}"
+    assert main(["theory", "--only", "gd_convex,one_peer_exact_averaging", "--tracking-uri", uri,
+                 "--experiment", "th"]) == 0
+    out = capsys.readouterr().out
+    assert "gd_convex" in out and "one_peer_exact_averaging" in out and "2/2 hold" in out
+    client, _, runs = _runs(uri, "th")
+    assert sorted(r.info.run_name for r in runs) == ["gd_convex", "one_peer_exact_averaging"]
+    for run in runs:
+        assert run.data.metrics["holds"] == 1.0
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "theory")] == [
+            f"theory/{run.info.run_name}.png"]
+
+
+def test_theory_rejects_an_unknown_result(capsys):
+    assert main(["theory", "--only", "nosuch"]) == 2
+    assert "known results" in capsys.readouterr().err
