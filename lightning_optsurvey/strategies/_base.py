@@ -144,6 +144,14 @@ class LocalModelStrategy(DDPStrategy):
             return
         super().setup_distributed()
 
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register nothing: DDP's inherited names ("ddp", ...) must keep pointing at DDPStrategy.
+
+        Subclasses register their own names (with ``override=True``, so re-imports are harmless).
+        """
+
     # ----------------------------------------------------------------------------------------------
     # Setup: no DDP wrapper
     # ----------------------------------------------------------------------------------------------
