@@ -120,6 +120,7 @@ if __name__ == "__main__":
         limit_train_batches=args.limit_train_batches,
         logger=logger,  # rank 0 logs: topology, spectral_gap, comm/bytes_sent, gossip/consensus_distance
         callbacks=[ConsensusDistance(every_n_steps=5), checkpoint],
+        log_every_n_steps=5,
         enable_progress_bar=False,
     )
     trainer.fit(DigitsClassifier(), train_loader, val_loader)
