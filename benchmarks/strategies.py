@@ -1,0 +1,288 @@
+"""Every data-parallel strategy on 4 CPU processes (gloo): bytes per step, step time, accuracy.
+
+Extends ``benchmarks/gossip_vs_ddp.py`` (whose helpers and alpha-beta model it imports) from gossip to
+the centralized methods: Lightning's ``"ddp"`` (the anchor, measured side by side in the same process
+group), gossip on a ring and on the one-peer exponential graph, local SGD (H = 8, and post-local SGD with
+a one-epoch warm-up), EASGD, LSGD and GRAWA, each with its default hyperparameters. All train the
+digits CNN with SGD (lr 0.05, momentum 0.9) for ``--epochs`` epochs from the same initialization.
+
+Measured per configuration:
+
+- bytes sent per rank per step, averaged over all steps *and ranks* (LSGD's leader sends more than the
+  others): the strategy's ``CommCounter``; for DDP a gradient-bucket comm hook that counts each bucket as
+  a ring all-reduce (``2 (N-1)/N`` times its size), as the gossip benchmark does;
+- step time: the median wall time from ``on_train_batch_start`` to ``on_train_batch_end`` on rank 0
+  after the first epoch, over ``--repeats`` passes in rotated order (the machine is shared);
+- accuracy after the same epochs: ``val/acc`` as logged (each rank's own model on its shard) and of
+  the model a checkpoint holds (the average; EASGD's center).
+
+Modelled: the alpha-beta cost of communication per step, amortized over a period, for each method
+(ring all-reduce ``2 (N-1) alpha + 2 (N-1)/N B beta``; LSGD's one-to-all broadcast from the leader
+``(N-1)(alpha + B beta)`` plus an all-gather of a scalar).
+
+    .venv/bin/python benchmarks/strategies.py [--epochs 8] [--batch-size 32] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gossip_vs_ddp import WORLD, _free_port, _model_table  # the gossip benchmark
+
+CONFIGS: tuple[tuple[str, str], ...] = (
+    ("ddp", "ddp"),
+    ("gossip_ring", "ring, D-PSGD"),
+    ("gossip_one_peer", "one-peer exponential"),
+    ("local_sgd", "H=8"),
+    ("post_local_sgd", "H=8, warm-up 1 epoch"),
+    ("easgd", "rho=0.1, tau=4"),
+    ("lsgd", "lambda=0.1, tau=4"),
+    ("grawa", "lambda=0.1, tau=4"),
+)
+
+
+def _make_strategy(name: str, steps_per_epoch: int) -> Any:
+    from lightning_optsurvey.strategies import (
+        EASGDStrategy,
+        GossipStrategy,
+        LocalSGDStrategy,
+        LSGDStrategy,
+    )
+
+    return {
+        "gossip_ring": lambda: GossipStrategy("ring"),
+        "gossip_one_peer": lambda: GossipStrategy("one_peer_exponential"),
+        "local_sgd": lambda: LocalSGDStrategy(sync_every=8),
+        "post_local_sgd": lambda: LocalSGDStrategy(sync_every=8, warmup_steps=steps_per_epoch),
+        "easgd": lambda: EASGDStrategy(),
+        "lsgd": lambda: LSGDStrategy(),
+        "grawa": lambda: LSGDStrategy(leader="grawa"),
+    }[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker (one rank)
+# --------------------------------------------------------------------------------------------------
+def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    import lightning_optsurvey  # noqa: F401
+    from lightning_optsurvey.strategies import CommCounter, LocalModelStrategy
+    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+    class CountingDDP(DDPStrategy):
+        """Lightning's DDP with a bucket hook that counts ring all-reduce bytes (as in gossip_vs_ddp)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.comm = CommCounter()
+
+        def _register_ddp_hooks(self) -> None:
+            def hook(counter, bucket):  # DDP rejects non-GradBucket annotations
+                buffer = bucket.buffer()
+                counter.add_all_reduce(buffer.numel() * buffer.element_size(), dist.get_world_size())
+                return default_hooks.allreduce_hook(None, bucket)
+
+            self.model.register_comm_hook(self.comm, hook)
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.bytes: list[int] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            if not isinstance(trainer.strategy, LocalModelStrategy):
+                trainer.strategy.comm.start_step()  # ours restart their counter themselves
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            self.bytes.append(trainer.strategy.comm.step_bytes)  # every step: warm-ups cost bytes too
+            if trainer.current_epoch > 0:
+                self.times.append(time.perf_counter() - self._start)
+
+    def evaluate(state: dict[str, torch.Tensor], data: DigitsDataModule) -> float:
+        net = ClassifierModule("cnn").net
+        net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+        net.eval()
+        x, y = data.val_set.tensors
+        with torch.no_grad():
+            return float((net(x).argmax(1) == y).float().mean())
+
+    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+    probe = DigitsDataModule(batch_size=batch_size)
+    probe.setup("fit")
+    steps_per_epoch = -(-len(probe.train_dataloader().dataset) // (batch_size * WORLD))
+    names = [name for name, _ in CONFIGS]
+    runs: list[tuple[int, str]] = [(-1, "ddp")]  # a warm-up fit
+    for rep in range(repeats):
+        shift = rep % len(names)
+        runs += [(rep, n) for n in names[shift:] + names[:shift]]
+    results: dict[str, dict[str, Any]] = {}
+    for rep, name in runs:
+        strategy = CountingDDP() if name == "ddp" else _make_strategy(name, steps_per_epoch)
+        torch.manual_seed(0)
+        module = ClassifierModule("cnn", optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
+        data = DigitsDataModule(batch_size=batch_size)
+        timer = Timer()
+        trainer = Trainer(
+            accelerator="cpu", devices=local_world, strategy=strategy, max_epochs=2 if rep < 0 else epochs,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[timer], num_sanity_val_steps=0,
+        )
+        trainer.fit(module, data)
+        val_acc = float(trainer.callback_metrics["val/acc"])
+        checkpoint_model = trainer.strategy.lightning_module_state_dict()
+        checkpoint_acc = evaluate(checkpoint_model, data)
+        mean_bytes = torch.tensor(statistics.mean(timer.bytes), dtype=torch.float64)
+        dist.all_reduce(mean_bytes)
+        if rep < 0:
+            continue
+        entry = results.setdefault(name, {
+            "strategy": name, "params": sum(p.numel() for p in module.parameters()),
+            "model_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
+            "steps": trainer.global_step, "times": [], "rep_medians": [], "bytes": [], "val_acc": [],
+            "checkpoint_acc": [],
+        })
+        entry["times"] += timer.times
+        entry["rep_medians"].append(statistics.median(timer.times))
+        entry["bytes"].append(float(mean_bytes) / WORLD)
+        entry["val_acc"].append(val_acc)
+        entry["checkpoint_acc"].append(checkpoint_acc)
+    summary = []
+    for name in names:
+        entry = results[name]
+        times = entry.pop("times")
+        entry.update(
+            step_ms=1e3 * statistics.median(times),
+            step_ms_lo=1e3 * min(entry["rep_medians"]),
+            step_ms_hi=1e3 * max(entry["rep_medians"]),
+            bytes_per_step=statistics.mean(entry.pop("bytes")),
+            val_acc_repeatable=len(set(entry["val_acc"])) == 1,
+            val_acc=entry["val_acc"][0],
+            checkpoint_acc=entry["checkpoint_acc"][0],
+        )
+        summary.append(entry)
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(summary))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent: launch, then print tables
+# --------------------------------------------------------------------------------------------------
+def _launch(out: Path, epochs: int, batch_size: int, repeats: int, timeout: float) -> list[dict[str, Any]]:
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                   OMP_NUM_THREADS="1")
+        cmd = [sys.executable, __file__, "--worker", str(out), "--epochs", str(epochs),
+               "--batch-size", str(batch_size), "--repeats", str(repeats)]
+        log = open(out / f"rank{rank}.log", "w")  # closed below
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    if any(proc.returncode for proc, _ in procs):
+        raise RuntimeError("a rank failed:\n" + "\n".join((out / f"rank{r}.log").read_text()[-3000:]
+                                                           for r in range(WORLD)))
+    return json.loads((out / "results.json").read_text())
+
+
+def _measured_table(results: list[dict[str, Any]]) -> str:
+    configs = dict(CONFIGS)
+    ddp = next(r for r in results if r["strategy"] == "ddp")
+    lines = [
+        "| strategy | configuration | steps | step ms (repeat medians) | step time / DDP | bytes/rank/step "
+        "| bytes / DDP bytes | val acc (own models) | val acc (checkpoint model) | acc - DDP (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['strategy']} | {configs[r['strategy']]} | {r['steps']} "
+            f"| {r['step_ms']:.1f} ({r['step_ms_lo']:.1f}-{r['step_ms_hi']:.1f}) | {r['step_ms'] / ddp['step_ms']:.2f} "
+            f"| {r['bytes_per_step']:,.0f} | {r['bytes_per_step'] / ddp['bytes_per_step']:.3f} "
+            f"| {100 * r['val_acc']:.1f} | {100 * r['checkpoint_acc']:.1f} "
+            f"| {100 * (r['val_acc'] - ddp['val_acc']):+.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _centralized_model_table(alpha: float, beta: float, n: int = 32, period: int = 8) -> str:
+    lines = [
+        f"| params | DDP ms/step | local SGD / EASGD (period {period}) ms/step | LSGD (period {period}) "
+        "ms/step, leader | LSGD / DDP |",
+        "|---|---|---|---|---|",
+    ]
+    for m in (1_000_000, 10_000_000, 100_000_000):
+        nbytes = 4 * m
+        ring = 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta
+        gather = (n - 1) * (alpha + 8 * beta)
+        leader = (n - 1) * (alpha + nbytes * beta) + gather
+        lines.append(f"| {m:,} | {1e3 * ring:.3f} | {1e3 * ring / period:.3f} | {1e3 * leader / period:.3f} "
+                     f"| {leader / period / ring:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="passes over all configurations")
+    parser.add_argument("--alpha", type=float, default=5e-6, help="latency per message, seconds")
+    parser.add_argument("--bandwidth-gbps", type=float, default=100.0, help="link bandwidth, Gbit/s")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        _worker(args.worker, args.epochs, args.batch_size, args.repeats)
+        return
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _launch(Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
+    beta = 8.0 / (args.bandwidth_gbps * 1e9)
+    note = " (oversubscribed: more processes than cores)" if WORLD > cores else ""
+    print(f"## Measured: {WORLD} gloo processes on {cores} CPU cores{note}, digits CNN, batch {args.batch_size} "
+          f"per rank, {args.epochs} epochs, SGD lr 0.05 momentum 0.9, {args.repeats} repeats\n")
+    repeatable = all(r["val_acc_repeatable"] for r in results)
+    print("Step time: median over all steps after the first epoch of all repeats (rank 0); in brackets the "
+          "smallest and largest per-repeat median. Bytes: mean over all steps and ranks. "
+          f"Accuracy is deterministic: {'identical' if repeatable else 'NOT identical'} in every repeat.\n")
+    print(_measured_table(results))
+    print(f"\n## Modelled: communication per step, alpha = {args.alpha * 1e6:g} us per message, "
+          f"beta = {beta * 1e12:g} ps/byte ({args.bandwidth_gbps:g} Gbit/s), float32 parameters, N = 32\n")
+    print(_centralized_model_table(args.alpha, beta))
+    print("\nGossip against the ring all-reduce (from benchmarks/gossip_vs_ddp.py):\n")
+    print(_model_table(args.alpha, beta))
+
+
+if __name__ == "__main__":
+    main()
