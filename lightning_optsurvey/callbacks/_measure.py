@@ -126,7 +126,7 @@ def measuring(module: nn.Module) -> Iterator[nn.Module]:
         >>> net = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5))
         >>> with measuring(net) as m:
         ...     _ = m.eval()
-        ...     m[0].weight.data.zero_()
+        ...     _ = m[0].weight.data.zero_()
         ...     m(torch.randn(4, 3)).sum().backward()
         >>> net.training, bool(net[0].weight.abs().sum() > 0), net[0].weight.grad is None
         (True, True, True)
