@@ -198,8 +198,12 @@ def test_compare_optimizers(tmp_path: Path, store: str) -> None:
         for key, value in get_spec(name).defaults.items():  # the registry's defaults reached the optimizer
             assert r.data.params[f"optimizer_kwargs/{key}"] == str(value)
         assert {"val/acc", "val/loss", "hessian/eig_1", "sharpness/sam", "gen_gap/loss"} <= set(r.data.metrics)
-    best = max(runs, key=lambda r: r.data.metrics["val/acc"])
-    assert f"best: {best.info.run_name} (run {best.info.run_id}), val/acc={best.data.metrics['val/acc']:.4f}" in out
+    match = re.search(r"best: (\S+) \(run (\w+)\), val/acc=([\d.]+)", out)
+    assert match, out[-2000:]
+    best = client.get_run(match.group(2))
+    assert best.info.run_name == match.group(1)
+    assert best.data.metrics["val/acc"] == max(r.data.metrics["val/acc"] for r in runs)  # ties: any of them
+    assert match.group(3) == f"{best.data.metrics['val/acc']:.4f}"
     assert f"mlflow ui --backend-store-uri {store}" in out
     assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in out
 
@@ -255,7 +259,8 @@ def test_config_kfac(tmp_path: Path, store: str) -> None:
 @pytest.mark.timeout(360)
 @class_path_strategy
 def test_config_gossip_ring(tmp_path: Path, store: str) -> None:
-    fit_config("gossip_ring.yaml", store, tmp_path, "--trainer.devices", "2")
+    # 5 batches: ConsensusDistance measures every 5 steps in this config.
+    fit_config("gossip_ring.yaml", store, tmp_path, "--trainer.devices", "2", "--trainer.limit_train_batches", "5")
     found = only_run(store, "optsurvey-gossip-ring")
     params = found.data.params
     assert params["topology"] == "ring" and params["world_size"] == "2"
@@ -268,11 +273,13 @@ def test_config_gossip_ring(tmp_path: Path, store: str) -> None:
 @pytest.mark.timeout(360)
 @class_path_strategy
 def test_config_easgd(tmp_path: Path, store: str) -> None:
-    fit_config("easgd.yaml", store, tmp_path, "--trainer.devices", "2")
+    # 4 batches: one synchronization (sync_every 4), then ConsensusDistance measures (every 4 steps).
+    fit_config("easgd.yaml", store, tmp_path, "--trainer.devices", "2", "--trainer.limit_train_batches", "4")
     found = only_run(store, "optsurvey-easgd")
     params = found.data.params
     assert params["world_size"] == "2" and params["sync_every"] == "4" and float(params["easgd_rho"]) == 0.1
-    assert found.data.metrics["gossip/consensus_distance"] >= 0.0
+    # Unlike exact averaging (the 2-process ring), the elastic pull leaves the workers apart.
+    assert found.data.metrics["gossip/consensus_distance"] > 0.0
 
 
 def test_every_example_and_config_is_run_here() -> None:
