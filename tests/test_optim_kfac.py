@@ -146,6 +146,47 @@ def test_monte_carlo_fisher_uses_targets_sampled_from_the_model():
         opt.sample_fisher(net(x), "poisson")
 
 
+@pytest.mark.parametrize("edit", ["none", "clip", "noise"])
+def test_low_rank_path_equals_the_dense_path(edit, monkeypatch):
+    taken: list[bool] = []
+    original = KFAC._low_rank
+
+    def spy(*args):
+        out = original(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(KFAC, "_low_rank", staticmethod(spy))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=gen, dtype=DTYPE)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    results = []
+    for low_rank in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10)).double()
+        opt = KFAC(net, lr=0.1, low_rank=low_rank, inv_every=2)
+        noise = torch.Generator().manual_seed(1)
+
+        def closure(net=net, opt=opt, noise=noise):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            if edit == "clip":  # what norm clipping does: a common scale
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 0.01)
+            elif edit == "noise":  # anything else: the gradient is no longer the batch's
+                for p in net.parameters():
+                    p.grad.add_(1e-3 * torch.randn(p.shape, generator=noise, dtype=DTYPE))
+            return loss
+
+        for _ in range(4):
+            opt.step(closure)
+        results.append([p.detach().clone() for p in net.parameters()])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    # the first layer qualifies (2 * 8 < min(64, 256)); the last (10 outputs) never does
+    assert any(taken) == (edit != "noise")
+
+
 def test_hooks_are_inactive_outside_the_step_closure():
     net = _net()
     x, y = _batch()

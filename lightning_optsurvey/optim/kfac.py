@@ -31,6 +31,8 @@ from torch.optim import Optimizer
 from lightning_optsurvey.optim._common import StateGenerator, call_closure, check_int, check_number
 
 _STEP_KEY = "kfac"
+#: A gradient counts as the captured batch's (up to a scale, e.g. norm clipping) within this relative error.
+_LOW_RANK_RTOL = 1e-5
 _FISHERS = ("empirical", "mc")
 _LIKELIHOODS = ("categorical", "gaussian")
 
@@ -97,7 +99,10 @@ class _Hooks:
         x = inputs[0].detach()
         batch = x.shape[0]
         with torch.no_grad():
-            opt._pending.setdefault(module, {})["A"] = _activation_factor(module, x).div_(batch)
+            pending = opt._pending.setdefault(module, {})
+            pending["A"] = _activation_factor(module, x).div_(batch)
+            if opt._keeps_rows(module, x):
+                pending["x"] = x
         output.register_hook(_OutputGradHook(opt, module, batch))
 
 
@@ -117,7 +122,10 @@ class _OutputGradHook:
         with torch.no_grad():
             # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
             g = _output_rows(self._module, grad.detach()) * self._batch
-            opt._pending.setdefault(self._module, {})["G"] = (g.T @ g) / g.shape[0]
+            pending = opt._pending.setdefault(self._module, {})
+            pending["G"] = (g.T @ g).div_(g.shape[0])
+            if "x" in pending and grad.ndim == 2:
+                pending["go"] = grad.detach()
 
 
 class KFAC(Optimizer):
@@ -159,6 +167,11 @@ class KFAC(Optimizer):
         fisher: ``"empirical"`` (``G`` from the training loss's backward) or ``"mc"`` (``G`` from
             :meth:`sample_fisher`'s backward of a loss on targets sampled from the model).
         seed: Seed of the target sampler (``fisher="mc"``); its position is kept in ``self.state``.
+        low_rank: For a ``Linear`` layer whose batch ``B`` is below half its width, precondition the
+            gradient through its factorization :math:`\nabla W = \Delta^\top [X, 1]` from the captured
+            batch: :math:`G^{-1}\Delta^\top\,([X, 1] A^{-1})` costs :math:`O(B d^2)` instead of
+            :math:`O(d^3)`. Used only when ``.grad`` equals that product up to a scale (norm clipping)
+            within relative error 1e-5; otherwise (accumulation, other edits) the dense path runs.
         params: Parameters or groups to optimize (default: all of ``model``'s that require grad).
 
     Raises:
@@ -186,6 +199,7 @@ class KFAC(Optimizer):
         stat_every: int = 1,
         fisher: str = "empirical",
         seed: int = 0,
+        low_rank: bool = True,
         params: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -202,13 +216,16 @@ class KFAC(Optimizer):
         if fisher not in _FISHERS:
             raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}")
         check_int("seed", seed, low=0)
+        if not isinstance(low_rank, bool):
+            raise ValueError(f"low_rank must be a bool, got {low_rank!r}")
         if not isinstance(pi_correction, bool):
             raise ValueError(f"pi_correction must be a bool, got {pi_correction!r}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = {"lr": lr, "momentum": momentum, "damping": damping, "stat_decay": stat_decay,
                     "kl_clip": kl_clip, "weight_decay": weight_decay, "pi_correction": pi_correction,
-                    "inv_every": inv_every, "stat_every": stat_every, "fisher": fisher}
+                    "inv_every": inv_every, "stat_every": stat_every, "fisher": fisher,
+                    "low_rank": low_rank}
         super().__init__(params, defaults)
         owned = {p for group in self.param_groups for p in group["params"]}
         self._layers: list[nn.Module] = [
@@ -282,7 +299,15 @@ class KFAC(Optimizer):
     def _step_state(self) -> dict[str, int]:
         return self.state.setdefault(_STEP_KEY, {"step": 0})  # type: ignore[call-overload]
 
-    def _update_factors(self) -> None:
+    def _keeps_rows(self, module: nn.Module, x: Tensor) -> bool:
+        """Whether to keep the layer's input rows for the low-rank preconditioning path."""
+        return (
+            self.defaults["low_rank"] and self.defaults["fisher"] == "empirical"
+            and isinstance(module, nn.Linear) and x.ndim == 2
+            and 2 * x.shape[0] < min(module.in_features, module.out_features)
+        )
+
+    def _update_factors(self) -> dict[nn.Module, dict[str, Tensor]]:
         pending, self._pending = self._pending, {}
         for module in self._layers:
             stats = pending.get(module, {})
@@ -295,6 +320,7 @@ class KFAC(Optimizer):
                     state[key].mul_(decay).add_(stats[key], alpha=1.0 - decay)
                 else:
                     state[key] = stats[key].clone()
+        return pending
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -329,7 +355,37 @@ class KFAC(Optimizer):
             state["A_inv"] = self._damped_inverse(a_fac, pi * root)
             state["G_inv"] = self._damped_inverse(g_fac, root / pi)
 
-    def _precondition(self) -> dict[Tensor, Tensor]:
+    @staticmethod
+    def _low_rank(weight_grad: Tensor, bias_grad: Tensor | None, rows: dict[str, Tensor], a_inv: Tensor,
+                  g_inv: Tensor) -> Tensor | None:
+        """``G^-1 [gW, gb] A^-1`` through the captured batch, or ``None`` if ``.grad`` is not its gradient."""
+        x, go = rows.get("x"), rows.get("go")
+        if x is None or go is None:
+            return None
+        gw = go.T @ x
+        num, den = torch.vdot(weight_grad.flatten(), gw.flatten()), torch.vdot(gw.flatten(), gw.flatten())
+        norm = torch.vdot(weight_grad.flatten(), weight_grad.flatten())
+        gb = None
+        if bias_grad is not None:
+            gb = go.sum(0)
+            num, den = num + torch.vdot(bias_grad, gb), den + torch.vdot(gb, gb)
+            norm = norm + torch.vdot(bias_grad, bias_grad)
+        if float(den) == 0.0:
+            return None
+        scale = num / den
+        residual = gw.mul_(-scale).add_(weight_grad).flatten()  # gw is not needed any more
+        misfit = torch.vdot(residual, residual)
+        if gb is not None:
+            rest = bias_grad - scale * gb
+            misfit = misfit + torch.vdot(rest, rest)
+        if float(misfit) > _LOW_RANK_RTOL**2 * float(norm):
+            return None
+        right = x @ a_inv[: x.shape[1]]
+        if bias_grad is not None:
+            right = right + a_inv[-1:]
+        return (g_inv @ go.T).mul_(scale) @ right
+
+    def _precondition(self, captured: dict[nn.Module, dict[str, Tensor]]) -> dict[Tensor, Tensor]:
         """Preconditioned gradients of the supported layers' parameters."""
         out: dict[Tensor, Tensor] = {}
         for module in self._layers:
@@ -342,7 +398,12 @@ class KFAC(Optimizer):
             bias_grad = None
             if has_bias:
                 bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-            if "A_inv" in state:
+            v = None
+            if "A_inv" in state and module in captured:
+                v = self._low_rank(grad, bias_grad, captured[module], state["A_inv"], state["G_inv"])
+            if v is not None:
+                pass
+            elif "A_inv" in state:
                 a_inv, g_inv = state["A_inv"], state["G_inv"]
                 if has_bias:
                     # [gW, gb] A^-1 by blocks, so the gradient is never concatenated
@@ -381,11 +442,11 @@ class KFAC(Optimizer):
                     loss = call_closure(closure)
             else:
                 loss = call_closure(closure)
-        self._update_factors()
+        captured = self._update_factors()
         # Refresh every inv_every steps; a layer whose first statistics just arrived is inverted at once.
         self._update_inverses(only_missing=step % self.defaults["inv_every"] != 0)
 
-        updates = self._precondition()
+        updates = self._precondition(captured)
         nu = 1.0
         if updates and self.defaults["kl_clip"] is not None:
             vg = sum(
