@@ -17,8 +17,8 @@ Measured per configuration:
   the model a checkpoint holds (the average; EASGD's center).
 
 Modelled: the alpha-beta cost of communication per step, amortized over a period, for each method
-(ring all-reduce ``2 (N-1) alpha + 2 (N-1)/N B beta``; LSGD's one-to-all broadcast from the leader
-``(N-1)(alpha + B beta)`` plus an all-gather of a scalar).
+(ring all-reduce ``2 (N-1) alpha + 2 (N-1)/N B beta``; LSGD's broadcast from the leader either one-to-all,
+``(N-1)(alpha + B beta)``, or scatter + all-gather, plus an all-gather of a scalar).
 
     .venv/bin/python benchmarks/strategies.py [--epochs 8] [--batch-size 32] [--repeats 2]
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -237,18 +238,25 @@ def _measured_table(results: list[dict[str, Any]]) -> str:
 
 
 def _centralized_model_table(alpha: float, beta: float, n: int = 32, period: int = 8) -> str:
+    """Communication time per step, amortized over ``period`` steps, for B = 4 x params bytes.
+
+    LSGD is shown with the one-to-all broadcast it is counted as (gloo's algorithm: the leader sends
+    ``N - 1`` copies) and with a bandwidth-optimal scatter + ring all-gather broadcast
+    (``(log2 N + N - 1) alpha + 2 (N-1)/N B beta``, what NCCL's pipelined ring approaches).
+    """
     lines = [
-        f"| params | DDP ms/step | local SGD / EASGD (period {period}) ms/step | LSGD (period {period}) "
-        "ms/step, leader | LSGD / DDP |",
-        "|---|---|---|---|---|",
+        f"| params | DDP ms/step | local SGD, EASGD, GRAWA (period {period}) ms/step | LSGD one-to-all "
+        f"(period {period}) ms/step | LSGD scatter+all-gather (period {period}) ms/step | LSGD one-to-all / DDP |",
+        "|---|---|---|---|---|---|",
     ]
     for m in (1_000_000, 10_000_000, 100_000_000):
         nbytes = 4 * m
         ring = 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta
         gather = (n - 1) * (alpha + 8 * beta)
-        leader = (n - 1) * (alpha + nbytes * beta) + gather
-        lines.append(f"| {m:,} | {1e3 * ring:.3f} | {1e3 * ring / period:.3f} | {1e3 * leader / period:.3f} "
-                     f"| {leader / period / ring:.3f} |")
+        one_to_all = (n - 1) * (alpha + nbytes * beta) + gather
+        pipelined = (math.log2(n) + n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta + gather
+        lines.append(f"| {m:,} | {1e3 * ring:.3f} | {1e3 * ring / period:.3f} | {1e3 * one_to_all / period:.3f} "
+                     f"| {1e3 * pipelined / period:.3f} | {one_to_all / period / ring:.3f} |")
     return "\n".join(lines)
 
 
