@@ -37,15 +37,20 @@ communicate (the optimizers' parameters, then the module's floating-point buffer
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -55,7 +60,7 @@ from typing_extensions import override
 
 from lightning_optsurvey.strategies._comm import CommCounter, all_reduce_mean_, all_reduce_sum_, is_distributed
 
-__all__ = ["PER_RANK_STATES_KEY", "LocalModelStrategy"]
+__all__ = ["PER_RANK_STATES_KEY", "LocalModelStrategy", "check_ddp_kwargs"]
 
 PER_RANK_STATES_KEY = "per_rank_states"
 """Checkpoint key of the per-rank states: ``{"strategy", "world_size", "ranks": [state_0, ...]}``."""
@@ -77,29 +82,64 @@ def _to_cpu_copy(obj: Any) -> Any:
     return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
+def check_ddp_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming any keyword that is not a wrapper-free DDPStrategy argument.
+
+    For subclasses that take ``**ddp_kwargs``: a clearer message than Python's "unexpected keyword".
+    """
+    unknown = sorted(set(kwargs) - _DDP_STRATEGY_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"{owner} does not wrap the model in DistributedDataParallel, so it does not take {unknown}; "
+            f"it takes: {sorted(_DDP_STRATEGY_KWARGS)}"
+        )
+
+
 class LocalModelStrategy(DDPStrategy):
     """DDP without the DDP wrapper: per-rank models, consensus checkpoints, byte accounting.
 
+    The keyword arguments are those of :class:`~lightning.pytorch.strategies.DDPStrategy` that make sense
+    without the wrapper. They are named explicitly (no ``**kwargs``), so LightningCLI's ``class_path``
+    configs resolve exactly these and never ``DistributedDataParallel``'s.
+
     Args:
-        **ddp_kwargs: Keyword arguments of :class:`~lightning.pytorch.strategies.DDPStrategy` that
-            make sense without the wrapper: ``accelerator``, ``parallel_devices``,
-            ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
-            ``process_group_backend``, ``timeout``, ``start_method``.
+        accelerator: See :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        parallel_devices: Devices of this node (set by the Trainer).
+        cluster_environment: Cluster environment (set by the Trainer).
+        checkpoint_io: Checkpoint IO plugin.
+        precision_plugin: Precision plugin.
+        process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: by device).
+        timeout: Timeout of the process group's operations.
+        start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
 
     Raises:
         TypeError: For any other keyword (``find_unused_parameters``, ``ddp_comm_hook``, ...): those
             configure ``DistributedDataParallel``, which these strategies do not use.
     """
 
-    def __init__(self, **ddp_kwargs: Any) -> None:
-        unknown = sorted(set(ddp_kwargs) - _DDP_STRATEGY_KWARGS)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so it does not take "
-                f"{unknown}; it takes: {sorted(_DDP_STRATEGY_KWARGS)}"
-            )
+    def __init__(
+        self,
+        *,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
         self.__layer_sync = None
-        super().__init__(**ddp_kwargs)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
         self.comm = CommCounter()
         self._restored_rank_state = False
         self._models_diverged = False

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._base import LocalModelStrategy
+from lightning_optsurvey.strategies._base import LocalModelStrategy, check_ddp_kwargs
 from lightning_optsurvey.strategies._comm import Exchange, FlatBuffers, neighbour_exchange
 from lightning_optsurvey.strategies.topology import TOPOLOGY_KINDS, Topology
 
@@ -116,6 +116,7 @@ class GossipStrategy(LocalModelStrategy):
             raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(GOSSIP_ALGORITHMS)}")
         if isinstance(topology_seed, bool) or not isinstance(topology_seed, int):
             raise TypeError(f"topology_seed must be an integer, got {topology_seed!r}")
+        check_ddp_kwargs(type(self).__name__, ddp_kwargs)
         super().__init__(**ddp_kwargs)
         self._topology_spec = topology
         self.topology_seed = topology_seed
