@@ -302,7 +302,11 @@ class EASGDStrategy(PeriodicSyncStrategy):
         return self._center
 
     def center_tensors(self) -> dict[str, Tensor]:
-        """The center variable by state-dict key (parameters and float buffers); empty before fitting."""
+        """The center variable by state-dict key (parameters and float buffers); empty before fitting.
+
+        The tensors are views into the center's flat buffers: clone them to keep a snapshot, and do not
+        modify them.
+        """
         return {k: v for k, v in zip(self._keys, self._center_views) if k is not None}
 
     def _alphas(self) -> list[float]:

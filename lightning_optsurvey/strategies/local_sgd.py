@@ -45,7 +45,6 @@ import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -192,7 +191,7 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     def __init__(self, sync_every: int = 8, warmup_steps: int = 0, **ddp_kwargs: Any) -> None:
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         super().__init__(sync_every=sync_every, **ddp_kwargs)
-        self._buffers: list[Tensor] = []
+        self._buffer_flat: FlatBuffers | None = None
 
     @property
     def in_warmup(self) -> bool:
@@ -208,7 +207,8 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         super()._on_fit_setup()
         module = self.lightning_module
         assert module is not None
-        self._buffers = [b for _, b in module.named_buffers() if b is not None and b.is_floating_point()]
+        buffers = [b for _, b in module.named_buffers() if b is not None and b.is_floating_point()]
+        self._buffer_flat = FlatBuffers(buffers) if buffers else None
 
     @override
     def optimizer_step(
@@ -232,9 +232,9 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
 
     @override
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
-        if self.in_warmup and self._buffers and is_distributed():
+        flat = self._buffer_flat
+        if self.in_warmup and flat is not None and is_distributed():
             # DistributedDataParallel(broadcast_buffers=True): rank 0's statistics before each forward.
-            flat = FlatBuffers(self._buffers)
             for buffer in flat.pack():
                 dist.broadcast(buffer, src=0)
             flat.unpack()
