@@ -48,7 +48,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._base import _LOGGING_HOOKS, LocalModelStrategy
+from lightning_optsurvey.strategies._base import _LOGGING_HOOKS, LocalModelStrategy, check_ddp_kwargs
 from lightning_optsurvey.strategies._comm import FlatBuffers, all_reduce_mean_, is_distributed, world_size
 
 __all__ = ["LocalSGDStrategy", "PeriodicSyncStrategy"]
@@ -82,6 +82,7 @@ class PeriodicSyncStrategy(LocalModelStrategy):
 
     def __init__(self, sync_every: int = 1, **ddp_kwargs: Any) -> None:
         self.sync_every = _check_int("sync_every", sync_every, 1)
+        check_ddp_kwargs(type(self).__name__, ddp_kwargs)
         super().__init__(**ddp_kwargs)
         self._steps = 0
         self._syncs = 0
