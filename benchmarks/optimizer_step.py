@@ -113,19 +113,26 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
             _iteration(name, opt, model, *next(stream), create_graph)
         setups[name] = (model, opt, create_graph, stream)
     x, y = data.batches[0]
+    failed: dict[str, str] = {}
     for _ in range(repeats):
         for name, (model, opt, create_graph, stream) in setups.items():
             def one(name=name, opt=opt, model=model, create_graph=create_graph, stream=stream):
                 _iteration(name, opt, model, *next(stream), create_graph)
 
-            iteration[name].append(_time_block(one, steps))
+            if name in failed:
+                continue
+            try:
+                iteration[name].append(_time_block(one, steps))
+            except RuntimeError as err:  # e.g. a diverged run whose SVD meets NaNs
+                failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+                continue
             spec_closure = name.startswith("po:") or (name in available_optimizers()
                                                       and get_spec(name).needs_closure)
             if not spec_closure and not create_graph and not name.startswith("kfac"):
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 step_only[name].append(_time_block(opt.step, steps))
-    med = {k: statistics.median(v) for k, v in iteration.items()}
+    med = {k: statistics.median(v) for k, v in iteration.items() if v and k not in failed}
     med_step = {k: statistics.median(v) for k, v in step_only.items() if v}
     sgd, adam = med["sgd"], med_step.get("adam_foreach")
     params = sum(p.numel() for p in build_model(model_name).parameters())
@@ -141,6 +148,9 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
         ratio = f"{med_step[name] / adam:.2f}" if name in med_step and adam else "-"
         lines.append(f"| {name} | {source} | {evals} | {1e3 * med[name]:.2f} | {med[name] / sgd:.2f} "
                      f"| {step_ms} | {ratio} |")
+    for name, why in failed.items():
+        lines.append(f"| {name} | {'pytorch-optimizer' if name.startswith('po:') else _source(name)} | - "
+                     f"| failed: {why} | - | - | - |")
     kfac = med.get("kfac")
     if kfac:
         lines.append(f"\nK-FAC (inv_every=10, stats every step) amortized iteration / (SGD step + forward + "

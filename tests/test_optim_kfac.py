@@ -327,3 +327,17 @@ def test_resume_mid_run_gives_the_same_trajectory(optimizer, tmp_path):
     resumed = _fit(optimizer, 2, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     for p, q in zip(straight, resumed):
         assert torch.equal(p, q), optimizer
+
+
+def test_diverged_factors_raise_a_clear_error():
+    net = nn.Linear(3, 2)
+    opt = KFAC(net)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(torch.full((4, 3), float("nan"))).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(FloatingPointError, match="diverged"):
+        opt.step(closure)

@@ -345,6 +345,11 @@ class KFAC(Optimizer):
                 continue
             group = self._group_of(module.weight)
             a_fac, g_fac = state["A"], state["G"]
+            if not (torch.isfinite(a_fac).all() and torch.isfinite(g_fac).all()):
+                raise FloatingPointError(
+                    f"K-FAC factors of {module} are not finite: training diverged; lower lr, raise damping "
+                    "or set kl_clip"
+                )
             pi = 1.0
             if group["pi_correction"]:
                 ta = float(torch.trace(a_fac)) / a_fac.shape[0]
@@ -488,7 +493,7 @@ def _register() -> None:
     factory.__signature__ = inspect.signature(KFAC)  # type: ignore[attr-defined]
     register(OptimizerSpec(
         "kfac", factory, "second_order", needs_model=True,
-        defaults={"lr": 0.05, "momentum": 0.9, "damping": 1e-2, "inv_every": 10, "kl_clip": 1e-2},
+        defaults={"lr": 0.05, "momentum": 0.9, "damping": 0.1, "inv_every": 10, "kl_clip": 1e-3},
         reference="Martens & Grosse 2015, arXiv:1503.05671; Grosse & Martens 2016, arXiv:1602.01407",
         summary="Kronecker-factored natural gradient (Linear and Conv2d layers)",
     ))

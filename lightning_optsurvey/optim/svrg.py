@@ -269,9 +269,9 @@ def _register() -> None:
 
     register(OptimizerSpec(
         "svrg", SVRG, "first_order", needs_closure=True,
-        defaults={"lr": 0.1},
+        defaults={"lr": 0.05, "momentum": 0.9},
         reference="Johnson & Zhang 2013, papers.nips.cc/paper/4937",
-        summary="variance-reduced SGD with a full gradient each epoch (SVRGSnapshot callback)",
+        summary="variance-reduced SGD (here with momentum) with a full gradient each epoch",
     ))
 
 
