@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_optsurvey.callbacks._measure import measuring
 from lightning_optsurvey.optim import KFAC
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
@@ -341,3 +342,38 @@ def test_diverged_factors_raise_a_clear_error():
 
     with pytest.raises(FloatingPointError, match="diverged"):
         opt.step(closure)
+
+
+class _Meddler(Callback):
+    """Runs extra training-mode forward/backward passes where measuring callbacks run, and inside the
+    closure (after its backward), as a callback hooked on on_before_optimizer_step would."""
+
+    def _poke(self, pl_module) -> None:
+        with measuring(pl_module.net) as net:
+            net.train()
+            x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+            F.cross_entropy(net(3 * x), torch.zeros(16, dtype=torch.long)).backward()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._poke(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._poke(pl_module)
+
+
+def test_measuring_and_extra_passes_leave_the_factors_alone():
+    states = []
+    for callbacks in ([], [_Meddler()]):
+        torch.manual_seed(0)
+        module = ClassifierModule("cnn", optimizer="kfac", optimizer_kwargs={"inv_every": 2})
+        trainer = Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu",
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks)
+        trainer.fit(module, _loader())
+        opt = trainer.optimizers[0]
+        factors = {f"{i}{k}": opt.state[m.weight][k].clone() for i, m in enumerate(opt._layers) for k in "AG"}
+        params = {f"p{i}": p.detach().clone() for i, p in enumerate(module.parameters())}
+        states.append(factors | params)
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
