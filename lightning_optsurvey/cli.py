@@ -396,7 +396,11 @@ def list_available(args: argparse.Namespace) -> int:
     others = sorted(set(StrategyRegistry.available_strategies()) - set(ours))
     print("\nStrategies (ours): " + (", ".join(ours) or "none"))
     print("Strategies (Lightning): " + ", ".join(others))
-    print("\nCallbacks: " + ", ".join(sorted(getattr(cb, "__all__", []))))
+    from lightning.pytorch.callbacks import Callback
+
+    measuring = sorted(n for n in cb.__all__ if isinstance(getattr(cb, n), type)
+                       and issubclass(getattr(cb, n), Callback) and getattr(cb, n) is not cb.MeasuringCallback)
+    print("\nCallbacks: " + ", ".join(measuring))
     return 0
 
 

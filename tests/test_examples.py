@@ -33,7 +33,6 @@ from mlflow.tracking import MlflowClient
 from lightning_optsurvey.cli import EXPERIMENT_KIND_TAG
 from lightning_optsurvey.optim import get_spec
 from lightning_optsurvey.strategies import Topology
-from lightning_optsurvey.strategies._base import LocalModelStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -107,19 +106,6 @@ def fit_config(config: str, uri: str, cwd: Path, *extra: str) -> str:
     command = [sys.executable, "-m", "lightning_optsurvey.cli", "fit", "--config", str(CONFIGS / config),
                "--trainer.logger.init_args.tracking_uri", uri, *FIT_TINY, *extra]
     return run(command, cwd)
-
-
-def _class_path_config_broken() -> bool:
-    # LightningCLI (jsonargparse) resolves ``**ddp_kwargs`` to every DDPStrategy/DDP keyword and passes them
-    # all, which LocalModelStrategy refuses; a ``class_path`` strategy works once its signature names them.
-    kinds = {p.kind for p in inspect.signature(LocalModelStrategy.__init__).parameters.values()}
-    return inspect.Parameter.VAR_KEYWORD in kinds
-
-
-class_path_strategy = pytest.mark.xfail(
-    _class_path_config_broken(), strict=True, raises=AssertionError,
-    reason="LocalModelStrategy.__init__ takes **ddp_kwargs, which LightningCLI fills with DDP's keywords",
-)
 
 
 # --------------------------------------------------------------------------------------------- examples
@@ -257,7 +243,6 @@ def test_config_kfac(tmp_path: Path, store: str) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(360)
-@class_path_strategy
 def test_config_gossip_ring(tmp_path: Path, store: str) -> None:
     # 5 batches: ConsensusDistance measures every 5 steps in this config.
     fit_config("gossip_ring.yaml", store, tmp_path, "--trainer.devices", "2", "--trainer.limit_train_batches", "5")
@@ -271,7 +256,6 @@ def test_config_gossip_ring(tmp_path: Path, store: str) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(360)
-@class_path_strategy
 def test_config_easgd(tmp_path: Path, store: str) -> None:
     # 4 batches: one synchronization (sync_every 4), then ConsensusDistance measures (every 4 steps).
     fit_config("easgd.yaml", store, tmp_path, "--trainer.devices", "2", "--trainer.limit_train_batches", "4")

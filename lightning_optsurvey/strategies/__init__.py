@@ -20,8 +20,18 @@ LocalSGDStrategy.register_strategies(StrategyRegistry)
 EASGDStrategy.register_strategies(StrategyRegistry)
 LSGDStrategy.register_strategies(StrategyRegistry)
 
+#: The strategy names this package registers (derived from the registry, so it cannot go stale).
+STRATEGY_NAMES: tuple[str, ...] = tuple(
+    sorted(
+        name
+        for name, entry in StrategyRegistry.items()
+        if isinstance(entry.get("strategy"), type) and issubclass(entry["strategy"], LocalModelStrategy)
+    )
+)
+
 __all__ = [
     "GOSSIP_STRATEGY_NAMES",
+    "STRATEGY_NAMES",
     "TOPOLOGY_KINDS",
     "CommCounter",
     "EASGDStrategy",
