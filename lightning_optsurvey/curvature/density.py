@@ -16,7 +16,10 @@ with a Gaussian kernel :math:`g_\sigma`. In particular :math:`\sum_i \tau_i \the
 without bias.
 
 The tridiagonal is diagonalized with ``torch.linalg.eigh`` (PyHessian's ``density()`` calls
-``torch.eig``, removed from torch, and fails); the Lanczos vectors are reorthogonalized fully in float64.
+``torch.eig``, removed from torch, and fails). The recurrence runs in float64 and every Lanczos vector is
+reorthogonalized against all previous ones, stored in float64 for float64 operators (twice, to working
+precision) and in float32 for float32 operators (once: products carry float32 roundoff anyway, and the
+basis traffic dominates the cost on models with millions of parameters).
 
 Why our own: PyHessian's implementation no longer runs on current torch and keeps no record of nodes
 and weights that could be saved and re-plotted.
@@ -137,8 +140,14 @@ class SpectralDensity:
         )
 
 
-def lanczos_tridiagonal(op: LinearOperator, v: Tensor, num_steps: int) -> tuple[Tensor, Tensor, int]:
-    """Run ``num_steps`` Lanczos steps from ``v`` with full reorthogonalization (float64).
+def lanczos_tridiagonal(
+    op: LinearOperator, v: Tensor, num_steps: int, basis_dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, int]:
+    """Run ``num_steps`` Lanczos steps from ``v`` with full reorthogonalization.
+
+    The recurrence is float64; the stored basis is ``basis_dtype`` (float32 halves the memory traffic of
+    reorthogonalizing against it, which dominates on models with millions of parameters, and keeps
+    orthogonality at float32 roundoff, enough for quadrature nodes and weights).
 
     Returns:
         ``(alpha, beta, steps)``: the diagonal (``steps``) and off-diagonal (``steps - 1``) of the
@@ -147,20 +156,21 @@ def lanczos_tridiagonal(op: LinearOperator, v: Tensor, num_steps: int) -> tuple[
     """
     n = v.shape[0]
     steps = min(num_steps, n)
-    basis = torch.zeros(steps, n, dtype=torch.float64, device=v.device)
-    basis[0] = v / v.norm()
+    basis = torch.empty(steps, n, dtype=basis_dtype, device=v.device)
+    q = v / v.norm()
+    basis[0] = q
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     taken = 0
     for j in range(steps):
-        w = _apply(op, basis[j])
+        w = _apply(op, q)
         taken += 1
-        q = basis[: j + 1]
-        h = q @ w
-        w = w - q.T @ h
-        h2 = q @ w
-        w = w - q.T @ h2
-        alphas.append(h[j] + h2[j])
+        alpha = q @ w
+        alphas.append(alpha)
+        w = w - alpha * q - (betas[-1] * basis[j - 1].to(torch.float64) if betas else 0.0)
+        active = basis[: j + 1]
+        for _ in range(2 if basis_dtype == torch.float64 else 1):
+            w = w - (active.T @ (active @ w.to(basis_dtype))).to(torch.float64)
         if j + 1 == steps:
             break
         beta = w.norm()
@@ -168,7 +178,8 @@ def lanczos_tridiagonal(op: LinearOperator, v: Tensor, num_steps: int) -> tuple[
         if float(beta) <= 8 * _EPS * scale * math.sqrt(j + 1):
             break  # invariant subspace: the quadrature is exact with the nodes so far
         betas.append(beta)
-        basis[j + 1] = w / beta
+        q = w / beta
+        basis[j + 1] = q
     off_diagonal = torch.stack(betas).cpu() if betas else torch.zeros(0, dtype=torch.float64)
     return torch.stack(alphas).cpu(), off_diagonal, taken
 
@@ -199,12 +210,14 @@ def spectral_density(
     _positive_int("num_steps", num_steps)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     width = min(num_steps, n)
+    op_dtype = getattr(op, "dtype", torch.float64)
+    basis_dtype = torch.float32 if op_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
     nodes = torch.zeros(num_probes, width, dtype=torch.float64)
     weights = torch.zeros(num_probes, width, dtype=torch.float64)
     total = 0
     for p in range(num_probes):
         v = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
-        alpha, beta, steps = lanczos_tridiagonal(op, v.to(device) / math.sqrt(n), width)
+        alpha, beta, steps = lanczos_tridiagonal(op, v.to(device) / math.sqrt(n), width, basis_dtype)
         total += steps
         tri = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
         theta, s = torch.linalg.eigh(tri)

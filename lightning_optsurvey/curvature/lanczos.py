@@ -256,7 +256,8 @@ def _krylov(
     n, device = start.shape[0], start.device
     start = start / start.norm(dim=0, keepdim=True) if start.shape[1] == 1 else start
     m = start.shape[1]
-    basis = torch.zeros(max_basis, n, dtype=torch.float64, device=device)
+    # empty, not zeros: only the rows in use are ever touched (zeroing 31 x 1.1M float64 costs 0.3 s)
+    basis = torch.empty(max_basis, n, dtype=torch.float64, device=device)
     basis[:m] = start.T
     image = _apply_columns(op, start)
     matvecs = m

@@ -94,6 +94,16 @@ def _apply_block(op: LinearOperator, block: Tensor, block_size: int) -> Tensor:
     return torch.cat(outs, dim=1)
 
 
+def _blocks(total: int, block_size: int) -> list[int]:
+    """Sizes of consecutive probe blocks; probes are drawn per block so memory stays numel x block_size."""
+    return [min(block_size, total - start) for start in range(0, total, block_size)]
+
+
+def _quadratic_forms(op: LinearOperator, z: Tensor) -> Tensor:
+    """``z_i^T H z_i`` for the columns of ``z``, in one batched product."""
+    return (z * _apply_block(op, z, z.shape[1])).sum(dim=0)
+
+
 def _validate(op: LinearOperator, num_matvecs: int, distribution: str, block_size: int, minimum: int
               ) -> tuple[int, torch.device]:
     n, device = _operator_info(op)
@@ -140,8 +150,8 @@ def hutchinson_trace(
     """
     n, device = _validate(op, num_matvecs, distribution, block_size, 1)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    z = _probes(n, num_matvecs, distribution, generator, device)
-    samples = (z * _apply_block(op, z, block_size)).sum(dim=0)
+    samples = torch.cat([_quadratic_forms(op, _probes(n, count, distribution, generator, device))
+                         for count in _blocks(num_matvecs, block_size)])
     estimate, stderr = _mean_and_stderr(samples)
     return TraceResult(estimate, stderr, num_matvecs)
 
@@ -180,9 +190,11 @@ def hutchpp_trace(
     s = _probes(n, sketch, distribution, generator, device)
     q, _ = torch.linalg.qr(_apply_block(op, s, block_size))
     exact = float(torch.einsum("ij,ij->", q, _apply_block(op, q, block_size)))
-    g = _probes(n, rest, distribution, generator, device)
-    g = g - q @ (q.T @ g)
-    samples = (g * _apply_block(op, g, block_size)).sum(dim=0)
+    pieces = []
+    for count in _blocks(rest, block_size):
+        g = _probes(n, count, distribution, generator, device)
+        pieces.append(_quadratic_forms(op, g - q @ (q.T @ g)))
+    samples = torch.cat(pieces)
     mean, stderr = _mean_and_stderr(samples)
     return TraceResult(exact + mean, stderr, 2 * sketch + rest)
 
