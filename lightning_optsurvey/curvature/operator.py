@@ -17,22 +17,23 @@ written.
 
 Reusing a linearization at the point pays. Measured by the HVP table of
 ``benchmarks/hessian_vs_pyhessian.py`` (one CPU thread, one batch of 256 digits), in
-gradient-equivalents (time of one product / time of one loss gradient):
+gradient-equivalents (median over rounds of the time of one product / the time of one loss gradient
+taken just before it, so the ratio survives a loaded machine):
 
-==========================================  ===============  ==================
-product                                      CNN (49k)        MLP-wide (1.1M)
-==========================================  ===============  ==================
-forward-over-reverse, one vector             2.3 - 3.4        4.4
-forward-over-reverse, vmap of 8, per column  1.9              2.2
-retained double-backward graph (default)     1.3              1.5
-same, batched backward of 8, per column      1.9              2.8
-``torch.func.linearize``, per product        1.1 (+37 build)  1.5 (+17 build)
-==========================================  ===============  ==================
+=================================================  ================  ================
+product                                            CNN (49k params)  MLP-wide (1.1M)
+=================================================  ================  ================
+forward-over-reverse, one vector                   2.6               4.1
+forward-over-reverse, vmap of 8, per column        2.1               2.9
+retained double-backward graph (default)           1.6               2.2
+PyHessian's product (same retained graph)          1.6               2.0
+``torch.func.linearize``, per product              1.1 (+37 build)   1.5 (+17 build)
+=================================================  ================  ================
 
 So by default (``linearize=True``) the double-backward graph of each batch is built once per point and
-every product is one backward pass through it; ``torch.func.linearize`` is no cheaper per product and
-costs 17 to 37 gradients to trace. ``linearize=False`` gives the memory-free forward-over-reverse path
-with vmapped columns.
+every product is one backward pass through it; ``torch.func.linearize`` is a little cheaper per product
+but costs 17 to 37 gradients to trace, more than a whole top-k measurement (6 to 21 products) saves.
+``linearize=False`` gives the memory-free forward-over-reverse path with vmapped columns.
 
 Why our own: PyHessian (the usual tool) changes the model (eval mode, graph-carrying ``.grad``), builds
 a double-backward graph per batch, and has no batched product; curvlinops is not a dependency and its
@@ -87,7 +88,7 @@ class HessianOperator:
             are identical on every process.
         linearize: Reuse the linearization at the current point: the double-backward graph of each batch
             is built on the first product and kept, so later products skip the forward and first
-            backward pass (about 1.4 gradient-equivalents per product instead of 2.3 to 4.4 for a
+            backward pass (1.6 to 2.2 gradient-equivalents per product instead of 2.6 to 4.1 for a
             fresh forward-over-reverse product on CPU, see the module docstring). It is rebuilt
             automatically when a parameter or buffer changes in place; :meth:`clear_cache` frees it.
             ``False``: every product is a fresh forward-over-reverse product (no memory kept).
