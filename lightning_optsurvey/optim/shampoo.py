@@ -21,7 +21,13 @@ from lightning_optsurvey.optim._common import call_closure, check_int, check_num
 
 
 def _inverse_root(matrix: Tensor, exponent: float, eps: float) -> Tensor:
-    """Inverse ``exponent``-th root of a symmetric positive semi-definite matrix (eigenvalues >= eps)."""
+    """Inverse ``exponent``-th root of a symmetric positive semi-definite matrix (eigenvalues >= eps).
+
+    Raises:
+        FloatingPointError: If the statistics are not finite (the run diverged).
+    """
+    if not torch.isfinite(matrix).all():
+        raise FloatingPointError("Shampoo statistics are not finite: training diverged; lower lr")
     values, vectors = torch.linalg.eigh(matrix.double())
     return ((vectors * values.clamp_min(eps).pow(-1.0 / exponent)) @ vectors.T).to(matrix.dtype)
 
@@ -145,7 +151,7 @@ def _register() -> None:
 
     register(OptimizerSpec(
         "shampoo", Shampoo, "second_order",
-        defaults={"lr": 0.1, "momentum": 0.9, "update_every": 10},
+        defaults={"lr": 0.05, "momentum": 0.9, "update_every": 10},
         reference="Gupta, Koren & Singer 2018, arXiv:1802.09568",
         summary="Kronecker-factored full-matrix AdaGrad (one preconditioner per dimension)",
     ))
