@@ -365,7 +365,7 @@ def test_measuring_and_extra_passes_leave_the_factors_alone():
     states = []
     for callbacks in ([], [_Meddler()]):
         torch.manual_seed(0)
-        module = ClassifierModule("cnn", optimizer="kfac", optimizer_kwargs={"inv_every": 2})
+        module = ClassifierModule("cnn", optimizer="kfac", optimizer_kwargs={"inv_every": 2, "stat_every": 1})
         trainer = Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu",
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks)

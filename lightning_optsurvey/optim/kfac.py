@@ -493,7 +493,8 @@ def _register() -> None:
     factory.__signature__ = inspect.signature(KFAC)  # type: ignore[attr-defined]
     register(OptimizerSpec(
         "kfac", factory, "second_order", needs_model=True,
-        defaults={"lr": 0.05, "momentum": 0.9, "damping": 0.1, "inv_every": 10, "kl_clip": 1e-3},
+        defaults={"lr": 0.05, "momentum": 0.9, "damping": 0.1, "inv_every": 10, "stat_every": 10,
+                  "kl_clip": 1e-3},
         reference="Martens & Grosse 2015, arXiv:1503.05671; Grosse & Martens 2016, arXiv:1602.01407",
         summary="Kronecker-factored natural gradient (Linear and Conv2d layers)",
     ))
