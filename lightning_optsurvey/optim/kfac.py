@@ -97,11 +97,15 @@ class _Hooks:
             return
         opt._seen_forward.add(module)
         x = inputs[0].detach()
+        keep_rows = opt._keeps_rows(module, x)
+        if not opt._stats and not keep_rows:
+            return
         batch = x.shape[0]
         with torch.no_grad():
             pending = opt._pending.setdefault(module, {})
-            pending["A"] = _activation_factor(module, x).div_(batch)
-            if opt._keeps_rows(module, x):
+            if opt._stats:
+                pending["A"] = _activation_factor(module, x).div_(batch)
+            if keep_rows:
                 pending["x"] = x
         output.register_hook(_OutputGradHook(opt, module, batch))
 
@@ -120,10 +124,11 @@ class _OutputGradHook:
             return  # the Monte-Carlo Fisher only takes the sampled backward
         opt._seen_backward.add(self._module)
         with torch.no_grad():
-            # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
-            g = _output_rows(self._module, grad.detach()) * self._batch
             pending = opt._pending.setdefault(self._module, {})
-            pending["G"] = (g.T @ g).div_(g.shape[0])
+            if opt._stats:
+                # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
+                g = _output_rows(self._module, grad.detach()) * self._batch
+                pending["G"] = (g.T @ g).div_(g.shape[0])
             if "x" in pending and grad.ndim == 2:
                 pending["go"] = grad.detach()
 
@@ -150,8 +155,9 @@ class KFAC(Optimizer):
 
     Statistics are collected by hooks that are active only during the closure evaluated by ``step``
     (first forward and first backward of each layer in it, train mode, grad enabled) and only every
-    ``stat_every`` steps. In a hand-written loop, wrap the forward and backward in
-    ``with optimizer.capture():`` and call ``step()`` afterwards.
+    ``stat_every`` steps (on the other steps the hooks only keep what the low-rank path needs). In a
+    hand-written loop, wrap the forward and backward in ``with optimizer.capture():`` and call ``step()``
+    afterwards.
 
     Args:
         model: The network whose ``Linear``/``Conv2d`` layers are preconditioned (hooks are added).
@@ -233,6 +239,7 @@ class KFAC(Optimizer):
             and (m.bias is None or m.bias in owned)
         ]
         self._capturing = False
+        self._stats = True
         self._sampling = False
         self._rng = StateGenerator(seed)
         self._seen_forward: set[nn.Module] = set()
@@ -247,9 +254,13 @@ class KFAC(Optimizer):
         self._handles = []
 
     @contextmanager
-    def capture(self) -> Iterator[None]:
-        """Collect factor statistics from the first forward and backward of each layer inside the block."""
-        self._capturing, self._seen_forward, self._seen_backward = True, set(), set()
+    def capture(self, stats: bool = True) -> Iterator[None]:
+        """Listen to the first forward and backward of each layer inside the block.
+
+        Args:
+            stats: Collect factor statistics; if false, only keep the rows for the low-rank path.
+        """
+        self._capturing, self._stats, self._seen_forward, self._seen_backward = True, stats, set(), set()
         try:
             yield
         finally:
@@ -273,7 +284,7 @@ class KFAC(Optimizer):
         """
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
-        if self.defaults["fisher"] != "mc" or not self._capturing or not outputs.requires_grad:
+        if self.defaults["fisher"] != "mc" or not (self._capturing and self._stats) or not outputs.requires_grad:
             return
         generator = self._rng.fetch(self.state, outputs.device)
         batch = outputs.shape[0]
@@ -442,10 +453,7 @@ class KFAC(Optimizer):
         step = counter["step"]
         loss = None
         if closure is not None:
-            if step % self.defaults["stat_every"] == 0:
-                with self.capture():
-                    loss = call_closure(closure)
-            else:
+            with self.capture(stats=step % self.defaults["stat_every"] == 0):
                 loss = call_closure(closure)
         captured = self._update_factors()
         # Refresh every inv_every steps; a layer whose first statistics just arrived is inverted at once.
