@@ -36,6 +36,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+import lightning_optsurvey  # noqa: F401  (registers the strategy names)
+from lightning_optsurvey.strategies import CommCounter, GossipStrategy, LocalModelStrategy
+from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
 WORLD = 4
 STRATEGIES = (
     ("ddp", None),
@@ -50,57 +60,54 @@ MODELS = ("cnn", "mlp_wide")
 # --------------------------------------------------------------------------------------------------
 # Worker (one rank)
 # --------------------------------------------------------------------------------------------------
+class CountingDDP(DDPStrategy):
+    """Lightning's DDP with a bucket hook that counts ring all-reduce bytes (also on gloo)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.comm = CommCounter()
+
+    def _register_ddp_hooks(self) -> None:
+        def hook(counter, bucket):  # DDP rejects non-GradBucket annotations; leave them off
+            buffer = bucket.buffer()
+            counter.add_all_reduce(buffer.numel() * buffer.element_size(), dist.get_world_size())
+            return default_hooks.allreduce_hook(None, bucket)
+
+        self.model.register_comm_hook(self.comm, hook)
+
+
+class StepTimer(Callback):
+    """Wall time of each training step after the first epoch, and the bytes each step sent."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.bytes: list[int] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        if not isinstance(trainer.strategy, LocalModelStrategy):
+            trainer.strategy.comm.start_step()  # ours restart their counter themselves
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self.bytes.append(trainer.strategy.comm.step_bytes)  # every step: warm-ups cost bytes too
+        if trainer.current_epoch > 0:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def val_accuracy(model_name: str, state: dict[str, torch.Tensor], data: DigitsDataModule) -> float:
+    """Validation accuracy of the ``ClassifierModule`` state ``state`` (e.g. a consensus model)."""
+    net = ClassifierModule(model_name).net
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    net.eval()
+    x, y = data.val_set.tensors
+    with torch.no_grad():
+        return float((net(x).argmax(1) == y).float().mean())
+
+
 def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
-    import torch
-    import torch.distributed as dist
-    from lightning.pytorch import Callback, Trainer
-    from lightning.pytorch.strategies import DDPStrategy
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    import lightning_optsurvey  # noqa: F401
-    from lightning_optsurvey.strategies import CommCounter, GossipStrategy
-    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
-
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-
-    class CountingDDP(DDPStrategy):
-        """Lightning's DDP with a bucket hook that counts ring all-reduce bytes (also on gloo)."""
-
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.comm = CommCounter()
-
-        def _register_ddp_hooks(self) -> None:
-            def hook(counter, bucket):  # DDP rejects non-GradBucket annotations; leave them off
-                buffer = bucket.buffer()
-                counter.add_all_reduce(buffer.numel() * buffer.element_size(), dist.get_world_size())
-                return default_hooks.allreduce_hook(None, bucket)
-
-            self.model.register_comm_hook(self.comm, hook)
-
-    class Timer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.bytes: list[int] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-            trainer.strategy.comm.start_step()
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-            if trainer.current_epoch > 0:
-                self.times.append(time.perf_counter() - self._start)
-                self.bytes.append(trainer.strategy.comm.step_bytes)
-
-    def evaluate(module: ClassifierModule, state: dict[str, torch.Tensor], data: DigitsDataModule) -> float:
-        net = ClassifierModule(module.hparams.model).net
-        net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
-        net.eval()
-        x, y = data.val_set.tensors
-        with torch.no_grad():
-            return float((net(x).argmax(1) == y).float().mean())
 
     local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     configs = [(m, s, o) for m in MODELS for s, o in STRATEGIES]
@@ -120,7 +127,7 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
         torch.manual_seed(0)
         module = ClassifierModule(model_name, optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
         data = DigitsDataModule(batch_size=batch_size)
-        timer = Timer()
+        timer = StepTimer()
         trainer = Trainer(
             accelerator="cpu", devices=local_world, strategy=strategy, max_epochs=2 if rep < 0 else epochs,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -132,7 +139,7 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
             trainer.strategy.consensus_state_dict() if isinstance(strategy, GossipStrategy)
             else module.state_dict()
         )
-        consensus_acc = evaluate(module, consensus, data)
+        consensus_acc = val_accuracy(model_name, consensus, data)
         if rep < 0:
             continue
         entry = results.setdefault((model_name, strategy_name, overlap), {
@@ -185,14 +192,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(out: Path, epochs: int, batch_size: int, repeats: int, timeout: float) -> list[dict[str, Any]]:
+def _launch(script: str, out: Path, epochs: int, batch_size: int, repeats: int, timeout: float) -> list[dict[str, Any]]:
     port = _free_port()
     procs = []
     for rank in range(WORLD):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                    OMP_NUM_THREADS="1")
-        cmd = [sys.executable, __file__, "--worker", str(out), "--epochs", str(epochs),
+        cmd = [sys.executable, script, "--worker", str(out), "--epochs", str(epochs),
                "--batch-size", str(batch_size), "--repeats", str(repeats)]
         log = open(out / f"rank{rank}.log", "w")  # closed below
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
@@ -266,7 +273,7 @@ def main() -> None:
         return
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        results = _launch(Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
+        results = _launch(__file__, Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
     beta = 8.0 / (args.bandwidth_gbps * 1e9)
     note = " (oversubscribed: more processes than cores)" if WORLD > cores else ""
     print(f"## Measured: {WORLD} gloo processes on {cores} CPU cores{note}, batch {args.batch_size} per rank, "

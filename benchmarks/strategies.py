@@ -30,16 +30,14 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gossip_vs_ddp import WORLD, _free_port, _model_table  # the gossip benchmark
+from gossip_vs_ddp import WORLD, CountingDDP, StepTimer, _launch, _model_table, val_accuracy  # the gossip benchmark
 
 CONFIGS: tuple[tuple[str, str], ...] = (
     ("ddp", "ddp"),
@@ -78,55 +76,12 @@ def _make_strategy(name: str, steps_per_epoch: int) -> Any:
 def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
     import torch
     import torch.distributed as dist
-    from lightning.pytorch import Callback, Trainer
-    from lightning.pytorch.strategies import DDPStrategy
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from lightning.pytorch import Trainer
 
-    import lightning_optsurvey  # noqa: F401
-    from lightning_optsurvey.strategies import CommCounter, LocalModelStrategy
     from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-
-    class CountingDDP(DDPStrategy):
-        """Lightning's DDP with a bucket hook that counts ring all-reduce bytes (as in gossip_vs_ddp)."""
-
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.comm = CommCounter()
-
-        def _register_ddp_hooks(self) -> None:
-            def hook(counter, bucket):  # DDP rejects non-GradBucket annotations
-                buffer = bucket.buffer()
-                counter.add_all_reduce(buffer.numel() * buffer.element_size(), dist.get_world_size())
-                return default_hooks.allreduce_hook(None, bucket)
-
-            self.model.register_comm_hook(self.comm, hook)
-
-    class Timer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.bytes: list[int] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-            if not isinstance(trainer.strategy, LocalModelStrategy):
-                trainer.strategy.comm.start_step()  # ours restart their counter themselves
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-            self.bytes.append(trainer.strategy.comm.step_bytes)  # every step: warm-ups cost bytes too
-            if trainer.current_epoch > 0:
-                self.times.append(time.perf_counter() - self._start)
-
-    def evaluate(state: dict[str, torch.Tensor], data: DigitsDataModule) -> float:
-        net = ClassifierModule("cnn").net
-        net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
-        net.eval()
-        x, y = data.val_set.tensors
-        with torch.no_grad():
-            return float((net(x).argmax(1) == y).float().mean())
 
     local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     probe = DigitsDataModule(batch_size=batch_size)
@@ -143,7 +98,7 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
         torch.manual_seed(0)
         module = ClassifierModule("cnn", optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
         data = DigitsDataModule(batch_size=batch_size)
-        timer = Timer()
+        timer = StepTimer()
         trainer = Trainer(
             accelerator="cpu", devices=local_world, strategy=strategy, max_epochs=2 if rep < 0 else epochs,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -152,7 +107,7 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
         trainer.fit(module, data)
         val_acc = float(trainer.callback_metrics["val/acc"])
         checkpoint_model = trainer.strategy.lightning_module_state_dict()
-        checkpoint_acc = evaluate(checkpoint_model, data)
+        checkpoint_acc = val_accuracy("cnn", checkpoint_model, data)
         mean_bytes = torch.tensor(statistics.mean(timer.bytes), dtype=torch.float64)
         dist.all_reduce(mean_bytes)
         if rep < 0:
@@ -191,33 +146,6 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Parent: launch, then print tables
 # --------------------------------------------------------------------------------------------------
-def _launch(out: Path, epochs: int, batch_size: int, repeats: int, timeout: float) -> list[dict[str, Any]]:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                   OMP_NUM_THREADS="1")
-        cmd = [sys.executable, __file__, "--worker", str(out), "--epochs", str(epochs),
-               "--batch-size", str(batch_size), "--repeats", str(repeats)]
-        log = open(out / f"rank{rank}.log", "w")  # closed below
-        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    if any(proc.returncode for proc, _ in procs):
-        raise RuntimeError("a rank failed:\n" + "\n".join((out / f"rank{r}.log").read_text()[-3000:]
-                                                           for r in range(WORLD)))
-    return json.loads((out / "results.json").read_text())
-
-
 def _measured_table(results: list[dict[str, Any]]) -> str:
     configs = dict(CONFIGS)
     ddp = next(r for r in results if r["strategy"] == "ddp")
@@ -275,7 +203,7 @@ def main() -> None:
         return
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        results = _launch(Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
+        results = _launch(__file__, Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
     beta = 8.0 / (args.bandwidth_gbps * 1e9)
     note = " (oversubscribed: more processes than cores)" if WORLD > cores else ""
     print(f"## Measured: {WORLD} gloo processes on {cores} CPU cores{note}, digits CNN, batch {args.batch_size} "

@@ -26,3 +26,14 @@ def test_readme_shows_the_two_commands_and_ci_runs_the_test_one():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "TORCH_SPEC ?=" in makefile
+
+
+def test_every_registered_strategy_and_callback_is_documented():
+    from lightning_optsurvey import callbacks
+    from lightning_optsurvey.strategies import STRATEGY_NAMES
+
+    for name in STRATEGY_NAMES:
+        assert f"`{name}`" in README, name
+    for name in ("HessianSpectrum", "Sharpness", "GeneralizationGap", "GradientNoiseScale", "EdgeOfStability",
+                 "GeneralizationMeasures", "LossLandscape", "ConsensusDistance"):
+        assert f"`{name}(" in README and hasattr(callbacks, name), name
