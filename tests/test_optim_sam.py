@@ -202,3 +202,14 @@ def test_registry_builds_the_family():
     asam = create_optimizer("asam", params)
     assert asam.param_groups[0]["adaptive"] is True
     assert isinstance(create_optimizer("gsam", params, base="adam", lr=1e-3), GSAM)
+
+
+def test_fp16_amp_is_refused_for_closure_methods():
+    from types import SimpleNamespace
+
+    module = ClassifierModule(_bn_net(), optimizer="sam")
+    module._trainer = SimpleNamespace(precision="16-mixed", accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(precision="bf16-mixed", accumulate_grad_batches=1)
+    module.on_fit_start()

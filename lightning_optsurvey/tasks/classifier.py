@@ -115,6 +115,12 @@ class ClassifierModule(LightningModule):
                 f"combined with gradient accumulation (accumulate_grad_batches={accumulate}): only the last "
                 "micro-batch would be seen by the later evaluations. Use a larger batch size instead."
             )
+        if self.spec.needs_closure and str(getattr(self.trainer, "precision", "")) == "16-mixed":
+            raise ValueError(
+                f"optimizer {self.spec.name!r} needs the closure in step(), but precision='16-mixed' steps "
+                "through a GradScaler that calls the closure itself and steps without it; use "
+                "precision='bf16-mixed' or 32-bit"
+            )
 
     def configure_callbacks(self) -> list[Any]:
         if getattr(self.spec.factory, "requires_snapshot_callback", False):
