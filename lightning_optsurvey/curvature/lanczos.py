@@ -140,6 +140,37 @@ def _start_block(v0: Tensor | None, n: int, generator: torch.Generator, device: 
     return block
 
 
+def _grow_direction(
+    basis: Tensor, m: int, defect: Tensor, mapped: Tensor, gram: Tensor, idx: Tensor, done: Tensor,
+    all_counted: bool, theta: Tensor, floor: float, scale: float, generator: torch.Generator,
+) -> Tensor:
+    """Principal direction of the unconverged wanted residuals (relative to their eigenvalues), unit norm.
+
+    With a single defect vector every residual is parallel to it and this is the Lanczos direction; with
+    a block start it is the direction that carries most of the remaining residual.
+    """
+    pending = idx[~done] if all_counted else idx
+    weights = mapped[:, pending] / torch.clamp(theta[pending].abs(), min=floor)
+    device = basis.device
+    direction = None
+    if defect.shape[1]:
+        small = weights.T @ gram @ weights
+        _, vecs = torch.linalg.eigh((small + small.T) / 2)
+        direction = defect @ (weights @ vecs[:, -1]).to(device)
+    passes = 1  # the defect is kept orthogonal to the basis; one pass guards against roundoff
+    if direction is None or float(direction.norm()) <= 8 * _EPS * scale:
+        direction = _random_unit(basis.shape[1], generator, device)  # invariant subspace: leave it
+        passes = 2
+    for _ in range(passes):
+        direction = direction - _project(basis[:m], direction)
+    return direction / direction.norm()
+
+
+def _project(rows: Tensor, v: Tensor) -> Tensor:
+    """``Q^T Q v`` for the orthonormal rows ``Q`` (stored in any float dtype), in float64."""
+    return (rows.T @ (rows @ v.to(rows.dtype))).to(torch.float64)
+
+
 def _apply_columns(op: LinearOperator, block: Tensor) -> Tensor:
     if block.shape[1] == 1:
         return _apply(op, block[:, 0]).unsqueeze(1)
@@ -228,7 +259,7 @@ def lanczos(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     block = _start_block(v0, n, generator, device)
-    if k <= block.shape[1] < max_basis:
+    if v0 is not None and v0.ndim == 2 and k <= block.shape[1] < max_basis:
         # Warm start: Rayleigh-Ritz on the previous eigenvectors (one batched product). Enough when the
         # Hessian moved less than the tolerance; otherwise Lanczos from the sum of the Ritz vectors.
         first = _krylov(op, block, k, which, tol, block.shape[1], max_basis, generator)
@@ -240,6 +271,16 @@ def lanczos(
     if block.shape[1] > 1:
         block = block.sum(dim=1, keepdim=True)  # fewer vectors than k: one Krylov sequence from their sum
     return _krylov(op, block, k, which, tol, max_iter, max_basis, generator)
+
+
+def _basis_dtype(op: LinearOperator) -> torch.dtype:
+    """Storage dtype of the Krylov basis: float32 for float32 (or lower) operators.
+
+    Their products carry float32 roundoff anyway, and reading the basis twice per product dominates the
+    cost on models with millions of parameters.
+    """
+    dtype = getattr(op, "dtype", torch.float64)
+    return torch.float32 if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
 
 
 def _krylov(
@@ -257,8 +298,10 @@ def _krylov(
     start = start / start.norm(dim=0, keepdim=True) if start.shape[1] == 1 else start
     m = start.shape[1]
     # empty, not zeros: only the rows in use are ever touched (zeroing 31 x 1.1M float64 costs 0.3 s)
-    basis = torch.empty(max_basis, n, dtype=torch.float64, device=device)
+    bd = _basis_dtype(op)
+    basis = torch.empty(max_basis, n, dtype=bd, device=device)
     basis[:m] = start.T
+    start = basis[:m].T.to(torch.float64)  # the vectors actually stored (and multiplied)
     image = _apply_columns(op, start)
     matvecs = m
     proj = torch.zeros(max_basis, max_basis, dtype=torch.float64)  # T = Q^T H Q, on the host
@@ -267,7 +310,11 @@ def _krylov(
     # The defect H Q - Q T = E C, kept as E (numel x e) and C (e x m); a Lanczos start keeps e <= 1.
     defect = image - start @ proj[:m, :m].to(device)
     defect = defect - start @ (start.T @ defect)
-    coeff = torch.eye(m, dtype=torch.float64)
+    # Unit defect columns (scale in C), so a single one is the next Lanczos vector as it stands.
+    norms = defect.norm(dim=0)
+    live = norms > 0
+    defect = defect[:, live] / norms[live]
+    coeff = torch.diag(norms.cpu())[live.cpu()]
 
     while True:
         theta, s = torch.linalg.eigh(proj[:m, :m])
@@ -276,7 +323,8 @@ def _krylov(
             # Drop defect columns that are zero to working precision (captured by the basis).
             norms = defect.norm(dim=0).cpu() * coeff.abs().amax(dim=1)
             live = norms > 8 * _EPS * scale
-            defect, coeff = defect[:, live.to(device)], coeff[live]
+            if not bool(live.all()):
+                defect, coeff = defect[:, live.to(device)], coeff[live]
         gram = (defect.T @ defect).cpu()
         mapped = coeff @ s  # e x m: defect coordinates of every Ritz vector's residual
         residuals = torch.einsum("im,ij,jm->m", mapped, gram, mapped).clamp_min(0).sqrt()
@@ -286,7 +334,7 @@ def _krylov(
         relative = residuals[idx] / torch.clamp(theta[idx].abs(), min=floor)
         done = relative <= tol
         if (count == k and bool(done.all())) or matvecs >= max_iter or m == n:
-            vectors = basis[:m].T @ s[:, idx].to(device)
+            vectors = basis[:m].T.to(torch.float64) @ s[:, idx].to(device)
             converged = done if count == k else torch.zeros(count, dtype=torch.bool)
             return EigenResult(theta[idx].clone(), vectors, residuals[idx].clone(), matvecs, converged)
         if m == max_basis:
@@ -294,36 +342,34 @@ def _krylov(
             keep_count = min(max(k + (max_basis - k) // 2, k), max_basis - 1)
             keep = _select(theta, keep_count, which)
             kept = s[:, keep]
-            basis[:keep_count] = kept.T.to(device) @ basis[:m]
+            basis[:keep_count] = (kept.T.to(device) @ basis[:m].to(torch.float64)).to(bd)
             proj.zero_()
             proj[:keep_count, :keep_count] = torch.diag(theta[keep])
             coeff = coeff @ kept
             m = keep_count
             continue
-        # Grow along the principal direction of the unconverged wanted residuals (relative to their
-        # eigenvalues). With one defect vector (a Lanczos start) every residual is parallel to it and this
-        # is exactly the Lanczos direction.
-        pending = idx[~done] if count == k else idx
-        weights = mapped[:, pending] / torch.clamp(theta[pending].abs(), min=floor)
-        small = weights.T @ gram @ weights
-        _, vecs = torch.linalg.eigh((small + small.T) / 2)
-        direction = defect @ (weights @ vecs[:, -1]).to(device) if defect.shape[1] else None
-        if direction is None or float(direction.norm()) <= 8 * _EPS * scale:
-            direction = _random_unit(n, generator, device)  # invariant subspace: leave it
-        for _ in range(2):
-            direction = direction - basis[:m].T @ (basis[:m] @ direction)
-        q = direction / direction.norm()
-        basis[m] = q
-        if defect.shape[1]:
-            defect = defect - q.unsqueeze(1) * (q @ defect).unsqueeze(0)
-        coeff = torch.cat([coeff, torch.zeros(coeff.shape[0], 1, dtype=torch.float64)], dim=1)
+        if defect.shape[1] == 1 and abs(float(gram[0, 0]) - 1.0) < 1e-8:
+            # Plain Lanczos: every residual is parallel to the single (unit, orthogonal) defect vector,
+            # which is the next Lanczos vector; it leaves the defect once it joins the basis.
+            basis[m] = defect[:, 0]
+            q = basis[m].to(torch.float64)
+            defect = defect[:, :0]
+            coeff = torch.zeros(0, m + 1, dtype=torch.float64)
+        else:
+            q = _grow_direction(basis, m, defect, mapped, gram, idx, done, count == k, theta, floor, scale,
+                                generator)
+            basis[m] = q.to(bd)
+            q = basis[m].to(torch.float64)
+            if defect.shape[1]:
+                defect = defect - q.unsqueeze(1) * (q @ defect).unsqueeze(0)
+            coeff = torch.cat([coeff, torch.zeros(coeff.shape[0], 1, dtype=torch.float64)], dim=1)
         w = _apply(op, q)
         matvecs += 1
         active = basis[: m + 1]
-        h = active @ w
-        w = w - active.T @ h
-        h2 = active @ w  # second pass: full reorthogonalization to working precision
-        w = w - active.T @ h2
+        h = (active @ w.to(bd)).to(torch.float64)
+        w = w - (active.T @ h.to(bd)).to(torch.float64)
+        h2 = (active @ w.to(bd)).to(torch.float64)  # second pass: full reorthogonalization
+        w = w - (active.T @ h2.to(bd)).to(torch.float64)
         h = (h + h2).cpu()
         proj[: m + 1, m] = h
         proj[m, : m + 1] = h

@@ -304,7 +304,8 @@ class HessianOperator:
                     continue
                 hv = torch.autograd.grad(grads, leaves, [pieces[i] for i in live], retain_graph=True,
                                          allow_unused=True, materialize_grads=True)
-                total.add_(torch.cat([h.reshape(-1) for h in hv]), alpha=weight)
+                for out, h in zip(total.split(self.numels), hv):
+                    out.add_(h.reshape(-1), alpha=weight)  # in place: no concatenated copy
         return total
 
     def matvec(self, v: Tensor) -> Tensor:
