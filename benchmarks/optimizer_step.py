@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -123,15 +124,19 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
                 continue
             try:
                 iteration[name].append(_time_block(one, steps))
-            except RuntimeError as err:  # e.g. a diverged run whose SVD meets NaNs
+            except (RuntimeError, ArithmeticError) as err:  # e.g. a diverged run whose SVD meets NaNs
                 failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
                 continue
             spec_closure = name.startswith("po:") or (name in available_optimizers()
                                                       and get_spec(name).needs_closure)
             if not spec_closure and not create_graph and not name.startswith("kfac"):
+                # Stepping repeatedly on one stale gradient walks off in one direction: undo it after.
+                saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 step_only[name].append(_time_block(opt.step, steps))
+                model.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
     med = {k: statistics.median(v) for k, v in iteration.items() if v and k not in failed}
     med_step = {k: statistics.median(v) for k, v in step_only.items() if v}
     sgd, adam = med["sgd"], med_step.get("adam_foreach")
