@@ -417,9 +417,7 @@ class KFAC(Optimizer):
             v = None
             if "A_inv" in state and module in captured:
                 v = self._low_rank(grad, bias_grad, captured[module], state["A_inv"], state["G_inv"])
-            if v is not None:
-                pass
-            elif "A_inv" in state:
+            if v is None and "A_inv" in state:
                 a_inv, g_inv = state["A_inv"], state["G_inv"]
                 if has_bias:
                     # [gW, gb] A^-1 by blocks, so the gradient is never concatenated
@@ -427,7 +425,7 @@ class KFAC(Optimizer):
                 else:
                     right = grad @ a_inv
                 v = g_inv @ right
-            else:
+            elif v is None:
                 # No statistics yet: both factors are zero, so only the damping is left.
                 damping = self._group_of(weight)["damping"]
                 v = torch.cat([grad, bias_grad[:, None]], 1) / damping if has_bias else grad / damping
