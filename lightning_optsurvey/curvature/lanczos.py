@@ -16,10 +16,17 @@ residual and typically its square over the spectral gap). When the basis reaches
 method restarts thickly (Wu & Simon 2000): the best Ritz vectors are kept, with the residual direction
 :math:`q_{m+1}` as the next basis vector, so no information is thrown away and no product is repeated.
 
-The recurrence runs in float64 whatever the operator's dtype, and every new vector is orthogonalized
-twice against the whole basis (classical Gram-Schmidt twice, "twice is enough"), so no spurious copies
-of converged eigenvalues appear. One scalar per product goes to the host to test convergence, which is
-negligible next to a Hessian-vector product.
+The projected matrix, the residuals and the vectors being orthogonalized are float64 whatever the
+operator's dtype; the basis is stored in float64, or in float32 for float32 operators (whose products
+carry float32 roundoff anyway; reading the basis dominates the cost on models with millions of
+parameters). Every new vector is orthogonalized twice against the whole basis (classical Gram-Schmidt
+twice, "twice is enough"), so no spurious copies of converged eigenvalues appear. A few scalars per
+product go to the host to test convergence, negligible next to a Hessian-vector product.
+
+Measured by ``benchmarks/hessian_vs_pyhessian.py`` (digits, one batch of 256, one CPU thread), against
+PyHessian's power iteration at the loosest tolerance of each that reaches the target: top-1 to 1e-4
+with 1.9x to 5.9x fewer products (1.5x to 3.1x less time), top-5 to 1e-3 with 6.7x to 7.1x fewer
+products (3.2x to 5.8x less time).
 
 Why our own: PyHessian's power iteration with deflation needs 15 products for a top eigenvalue accurate
 to only 2e-3 and 206 for a wrong top-5; ``scipy.sparse.linalg.eigsh`` (ARPACK) round-trips every vector

@@ -23,17 +23,17 @@ taken just before it, so the ratio survives a loaded machine):
 =================================================  ================  ================
 product                                            CNN (49k params)  MLP-wide (1.1M)
 =================================================  ================  ================
-forward-over-reverse, one vector                   2.6               4.1
-forward-over-reverse, vmap of 8, per column        2.1               2.9
-retained double-backward graph (default)           1.6               2.2
+forward-over-reverse, one vector                   2.6               3.6
+forward-over-reverse, vmap of 8, per column        1.7               2.8
+retained double-backward graph (default)           1.6               2.1
 PyHessian's product (same retained graph)          1.6               2.0
-``torch.func.linearize``, per product              1.1 (+37 build)   1.5 (+17 build)
+``torch.func.linearize``, per product              1.4 (+65 trace)   2.1 (+21 trace)
 =================================================  ================  ================
 
 So by default (``linearize=True``) the double-backward graph of each batch is built once per point and
-every product is one backward pass through it; ``torch.func.linearize`` is a little cheaper per product
-but costs 17 to 37 gradients to trace, more than a whole top-k measurement (6 to 21 products) saves.
-``linearize=False`` gives the memory-free forward-over-reverse path with vmapped columns.
+every product is one backward pass through it. ``torch.func.linearize`` saves at most 0.2 gradients per
+product but costs 20 to 65 gradients to trace, more than a whole top-k measurement (5 to 21 products)
+uses. ``linearize=False`` gives the memory-free forward-over-reverse path with vmapped columns.
 
 Why our own: PyHessian (the usual tool) changes the model (eval mode, graph-carrying ``.grad``), builds
 a double-backward graph per batch, and has no batched product; curvlinops is not a dependency and its
@@ -88,7 +88,7 @@ class HessianOperator:
             are identical on every process.
         linearize: Reuse the linearization at the current point: the double-backward graph of each batch
             is built on the first product and kept, so later products skip the forward and first
-            backward pass (1.6 to 2.2 gradient-equivalents per product instead of 2.6 to 4.1 for a
+            backward pass (1.6 to 2.1 gradient-equivalents per product instead of 2.6 to 3.6 for a
             fresh forward-over-reverse product on CPU, see the module docstring). It is rebuilt
             automatically when a parameter or buffer changes in place; :meth:`clear_cache` frees it.
             ``False``: every product is a fresh forward-over-reverse product (no memory kept).
