@@ -342,14 +342,9 @@ def fit_and_check(name: str, *, expected_evaluations: int | None, min_val_acc: f
     return final
 
 
-#: Only for the 1-epoch check; torch's RAdam at its registry default lr=1e-3 spends the epoch in its
-#: warm-up (rectification off) and does not get past 0.3 (reported to the registry's owner).
-FIT_KWARGS: dict[str, dict] = {"radam": {"lr": 1e-2}}
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_trainer_fit_learns_digits(name):
-    fit_and_check(name, expected_evaluations=_expected_evaluations(name), **FIT_KWARGS.get(name, {}))
+    fit_and_check(name, expected_evaluations=_expected_evaluations(name))
 
 
 # ------------------------------------------------------------------ the checks catch the known failures
