@@ -151,3 +151,25 @@ def test_snapshot_callback_needs_an_svrg_optimizer():
         trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
     with pytest.raises(ValueError, match="every_n_epochs"):
         SVRGSnapshot(every_n_epochs=0)
+
+
+class _RecordingClassifier(ClassifierModule):
+    def __init__(self) -> None:
+        super().__init__("mlp", optimizer="svrg")
+        self.dataloader_indices: list[int] = []
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        self.dataloader_indices.append(dataloader_idx)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+def test_snapshot_pass_moves_batches_as_from_the_single_train_loader():
+    # The third argument of transfer_batch_to_device is the dataloader index (0 for the one train
+    # loader), not the batch index: a module that dispatches on it must see 0 for every snapshot batch.
+    x, y = _digits_like()
+    module = _RecordingClassifier()
+    trainer = Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
+    assert len(module.dataloader_indices) == len(x) // 32 + 1  # snapshot batches + one training batch
+    assert set(module.dataloader_indices) == {0}

@@ -1,13 +1,18 @@
-"""Small helpers shared by our optimizers: argument checks, closure calls, generator state in ``self.state``."""
+"""Small helpers shared by our optimizers and the task module.
+
+Argument checks, closure calls, generator state in ``self.state``, the heavy-ball update, and forward
+passes that leave BatchNorm's running statistics alone.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _RNG_KEY = "generator"
 
@@ -40,6 +45,17 @@ def check_int(name: str, value: Any, *, low: int = 1) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` after checking that it is a ``bool``.
+
+    Raises:
+        ValueError: If it is not.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def require_closure(name: str, closure: Callable[[], Any] | None) -> Callable[[], Any]:
     """Return ``closure`` or raise a ``ValueError`` explaining that ``name`` evaluates it itself."""
     if closure is None or not callable(closure):
@@ -59,6 +75,46 @@ def call_closure(closure: Callable[[], Any]) -> Any:
 def params_with_grad(param_groups: list[dict[str, Any]]) -> list[Tensor]:
     """Parameters of all groups whose gradient is not ``None``, in group order."""
     return [p for group in param_groups for p in group["params"] if p.grad is not None]
+
+
+def heavy_ball(state: dict[Any, Any], p: Tensor, d_p: Tensor, momentum: float) -> Tensor:
+    r"""The heavy-ball direction :math:`b \leftarrow m b + d`, kept in ``state[p]["momentum_buffer"]``.
+
+    As ``torch.optim.SGD`` without dampening: the first call starts the buffer at a copy of ``d_p``. With
+    ``momentum == 0`` nothing is stored (``state[p]`` is not even created) and ``d_p`` is returned.
+    """
+    if not momentum:
+        return d_p
+    param_state = state[p]
+    buf = param_state.get("momentum_buffer")
+    if buf is None:
+        param_state["momentum_buffer"] = buf = d_p.clone()
+    else:
+        buf.mul_(momentum).add_(d_p)
+    return buf
+
+
+@contextmanager
+def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Run forward passes in train mode without changing any BatchNorm running statistic.
+
+    Batch statistics are still used for normalization, exactly as in a normal training forward. The
+    running statistics are not *restored* afterwards but never written: ``track_running_stats`` is switched
+    off for the duration, so the buffers are not even touched in place. (Copying saved values back after
+    the forward bumps the buffers' autograd version, and the backward of that forward then fails with
+    "modified by an inplace operation".)
+    """
+    switched = [
+        m for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
 
 
 class StateGenerator:

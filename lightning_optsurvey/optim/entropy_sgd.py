@@ -18,8 +18,10 @@ from torch.optim import Optimizer
 from lightning_optsurvey.optim._common import (
     StateGenerator,
     call_closure,
+    check_bool,
     check_int,
     check_number,
+    heavy_ball,
     require_closure,
 )
 
@@ -92,8 +94,7 @@ class EntropySGD(Optimizer):
         check_number("noise", noise)
         check_number("alpha", alpha, low_open=True, high=1.0)
         check_number("weight_decay", weight_decay)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be a bool, got {nesterov!r}")
+        check_bool("nesterov", nesterov)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         check_int("seed", seed, low=0)
@@ -165,12 +166,7 @@ class EntropySGD(Optimizer):
                 if wd:
                     d_p.add_(p, alpha=wd)
                 if m:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d_p.clone()
-                    else:
-                        buf.mul_(m).add_(d_p)
+                    buf = heavy_ball(self.state, p, d_p, m)
                     d_p = d_p.add(buf, alpha=m) if group["nesterov"] else buf
                 p.add_(d_p, alpha=-lr)
         counter["step"] = t + 1

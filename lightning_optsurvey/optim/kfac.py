@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import StateGenerator, call_closure, check_int, check_number
+from lightning_optsurvey.optim._common import StateGenerator, call_closure, check_int, check_number, heavy_ball
 
 _STEP_KEY = "kfac"
 #: A gradient counts as the captured batch's (up to a scale, e.g. norm clipping) within this relative error.
@@ -475,14 +475,7 @@ class KFAC(Optimizer):
                 d_p = updates[p].mul_(nu) if p in updates else p.grad.clone()
                 if wd:
                     d_p.add_(p, alpha=wd)
-                if momentum:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d_p.clone()
-                    else:
-                        buf.mul_(momentum).add_(d_p)
-                    d_p = buf
+                d_p = heavy_ball(self.state, p, d_p, momentum)
                 p.add_(d_p, alpha=-lr)
         counter["step"] = step + 1
         return loss

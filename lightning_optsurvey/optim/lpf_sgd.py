@@ -20,6 +20,7 @@ from lightning_optsurvey.optim._common import (
     call_closure,
     check_int,
     check_number,
+    heavy_ball,
     require_closure,
 )
 
@@ -152,14 +153,7 @@ class LPFSGD(Optimizer):
                 d_p = d_p.clone()
                 if wd:
                     d_p.add_(p, alpha=wd)
-                if m:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d_p.clone()
-                    else:
-                        buf.mul_(m).add_(d_p)
-                    d_p = buf
+                d_p = heavy_ball(self.state, p, d_p, m)
                 p.add_(d_p, alpha=-lr)
         counter["step"] = t + 1
         if any(loss is None for loss in losses):

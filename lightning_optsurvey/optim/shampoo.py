@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import call_closure, check_int, check_number
+from lightning_optsurvey.optim._common import call_closure, check_bool, check_int, check_number, heavy_ball
 
 
 def _inverse_root(matrix: Tensor, exponent: float, eps: float) -> Tensor:
@@ -87,8 +87,7 @@ class Shampoo(Optimizer):
         check_int("update_every", update_every)
         check_int("max_preconditioner_dim", max_preconditioner_dim)
         check_number("weight_decay", weight_decay)
-        if not isinstance(graft, bool):
-            raise ValueError(f"graft must be a bool, got {graft!r}")
+        check_bool("graft", graft)
         super().__init__(params, {"lr": lr, "momentum": momentum, "eps": eps, "update_every": update_every,
                                   "max_preconditioner_dim": max_preconditioner_dim,
                                   "weight_decay": weight_decay, "graft": graft})
@@ -134,14 +133,7 @@ class Shampoo(Optimizer):
                     norm = torch.linalg.vector_norm(update)
                     update = update * torch.where(norm > 0, torch.linalg.vector_norm(grad) / norm, 0.0)
                 update = update.reshape(p.shape)
-                if m:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = update.clone()
-                    else:
-                        buf.mul_(m).add_(update)
-                    update = buf
-                p.add_(update, alpha=-lr)
+                p.add_(heavy_ball(self.state, p, update, m), alpha=-lr)
                 state["step"] += 1
         return loss
 

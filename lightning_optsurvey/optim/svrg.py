@@ -11,18 +11,24 @@ special.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_optsurvey.optim._common import call_closure, check_int, check_number, require_closure
+from lightning_optsurvey.optim._common import (
+    call_closure,
+    check_int,
+    check_number,
+    frozen_batchnorm_stats,
+    heavy_ball,
+    require_closure,
+)
 
 _SNAPSHOT_KEY = "svrg"
 
@@ -141,30 +147,9 @@ class SVRG(Optimizer):
                 d_p = directions[p]
                 if wd:
                     d_p.add_(p, alpha=wd)
-                if m:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d_p.clone()
-                    else:
-                        buf.mul_(m).add_(d_p)
-                    d_p = buf
+                d_p = heavy_ball(self.state, p, d_p, m)
                 p.add_(d_p, alpha=-lr)
         return loss
-
-
-@contextmanager
-def _frozen_batchnorm(module: nn.Module) -> Iterator[None]:
-    # Batch statistics are used, running statistics neither read nor written (not even in place).
-    switched = [m for m in module.modules()
-                if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
-    for m in switched:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.track_running_stats = True
 
 
 def _default_loss(pl_module: LightningModule, batch: Any) -> Tensor:
@@ -246,9 +231,9 @@ class SVRGSnapshot(Callback):
         was_training = pl_module.training
         pl_module.train()
         try:
-            with torch.enable_grad(), _frozen_batchnorm(pl_module):
-                for batch_idx, batch in enumerate(sequential):
-                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, batch_idx)
+            with torch.enable_grad(), frozen_batchnorm_stats(pl_module):
+                for batch in sequential:
+                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                     size = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
                     loss = self.loss_fn(pl_module, batch) * (size / total)
                     loss.backward()
