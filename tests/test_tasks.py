@@ -91,3 +91,17 @@ def test_classifier_rejects_unknown_names_early():
         ClassifierModule(optimizer="adam", optimizer_kwargs={"lrr": 0.1})
     with pytest.raises(ValueError, match="lr_scheduler"):
         ClassifierModule(lr_scheduler="warp")
+
+
+@pytest.mark.parametrize("optimizer, kwargs", [("adam", {"lr": -1.0}), ("sam", {"rho": -0.1}),
+                                               ("kfac", {"damping": -1.0})])
+def test_classifier_rejects_bad_optimizer_values_at_construction(optimizer, kwargs):
+    # A bad value must fail in __init__ (like a bad name), not minutes later in configure_optimizers.
+    with pytest.raises(ValueError):
+        ClassifierModule("mlp", optimizer=optimizer, optimizer_kwargs=kwargs)
+
+
+def test_classifier_construction_check_leaves_the_network_alone():
+    # K-FAC hooks its layers when built: the construction-time check must not leave hooks on our network.
+    module = ClassifierModule("mlp", optimizer="kfac")
+    assert all(not m._forward_hooks for m in module.net.modules())

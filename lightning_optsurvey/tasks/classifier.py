@@ -16,8 +16,8 @@ to it, so that every method works under Lightning's automatic optimization:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+import copy
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -27,32 +27,10 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_optsurvey.optim import SVRGSnapshot, create_optimizer, get_spec
+from lightning_optsurvey.optim._common import frozen_batchnorm_stats
 from lightning_optsurvey.tasks.models import build_model
 
 _SCHEDULERS = ("cosine", "step", "exponential")
-
-
-@contextmanager
-def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
-    """Run forward passes in train mode without changing any BatchNorm running statistic.
-
-    Batch statistics are still used for normalization, exactly as in a normal training forward. The
-    running statistics are not *restored* afterwards but never written: ``track_running_stats`` is switched
-    off for the duration, so the buffers are not even touched in place. (Copying saved values back after
-    the forward bumps the buffers' autograd version, and the backward of that forward then fails with
-    "modified by an inplace operation".)
-    """
-    switched = [
-        m for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-    ]
-    for m in switched:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.track_running_stats = True
 
 
 class ClassifierModule(LightningModule):
@@ -87,16 +65,13 @@ class ClassifierModule(LightningModule):
         self.net = model if isinstance(model, nn.Module) else build_model(model, num_classes)
         self.spec = get_spec(optimizer)
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
-        # Fail at construction, not at fit time: build once on a throw-away copy of the parameter list.
-        accepted = self.spec.accepted_hparams()
-        if accepted is not None and set(self.optimizer_kwargs) - accepted:
-            bad = sorted(set(self.optimizer_kwargs) - accepted)
-            raise TypeError(f"optimizer {optimizer!r} does not take {bad}; it takes: {sorted(accepted)}")
+        # Fail at construction, not at fit time: build once on a throw-away copy of the network, so that
+        # unknown names and bad values are caught and nothing (K-FAC's layer hooks) stays on ``self.net``.
+        self._build_optimizer(copy.deepcopy(self.net))
         if lr_scheduler is not None and lr_scheduler not in _SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {lr_scheduler!r}; known: None, {', '.join(_SCHEDULERS)}")
         self.lr_scheduler = lr_scheduler
         self.lr_scheduler_kwargs = dict(lr_scheduler_kwargs or {})
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._evals_this_batch = 0
@@ -172,13 +147,12 @@ class ClassifierModule(LightningModule):
             kwargs["create_graph"] = True
         super().backward(loss, *args, **kwargs)
 
+    def _build_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+        return create_optimizer(self.spec.name, net.parameters(), model=net if self.spec.needs_model else None,
+                                **self.optimizer_kwargs)
+
     def configure_optimizers(self) -> Any:
-        optimizer = create_optimizer(
-            self.spec.name,
-            self.net.parameters(),
-            model=self.net if self.spec.needs_model else None,
-            **self.optimizer_kwargs,
-        )
+        optimizer = self._build_optimizer(self.net)
         if self.lr_scheduler is None:
             return optimizer
         kwargs = self.lr_scheduler_kwargs
