@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import StateGenerator, call_closure, check_int, check_number, heavy_ball
+from lightning_optsurvey.optim._common import (
+    StateGenerator,
+    call_closure,
+    check_bool,
+    check_int,
+    check_number,
+    heavy_ball,
+)
 
 _STEP_KEY = "kfac"
 #: A gradient counts as the captured batch's (up to a scale, e.g. norm clipping) within this relative error.
@@ -222,10 +229,8 @@ class KFAC(Optimizer):
         if fisher not in _FISHERS:
             raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}")
         check_int("seed", seed, low=0)
-        if not isinstance(low_rank, bool):
-            raise ValueError(f"low_rank must be a bool, got {low_rank!r}")
-        if not isinstance(pi_correction, bool):
-            raise ValueError(f"pi_correction must be a bool, got {pi_correction!r}")
+        check_bool("low_rank", low_rank)
+        check_bool("pi_correction", pi_correction)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = {"lr": lr, "momentum": momentum, "damping": damping, "stat_decay": stat_decay,

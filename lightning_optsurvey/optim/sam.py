@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import call_closure, check_number, require_closure
+from lightning_optsurvey.optim._common import call_closure, check_bool, check_number, require_closure
 
 BaseOptimizer = str | type[Optimizer] | Callable[..., Optimizer]
 
@@ -110,8 +110,7 @@ class SAM(Optimizer):
     ) -> None:
         check_number("rho", rho)
         check_number("eta", eta)
-        if not isinstance(adaptive, bool):
-            raise ValueError(f"adaptive must be a bool, got {adaptive!r}")
+        check_bool("adaptive", adaptive)
         super().__init__(params, {"rho": rho, "adaptive": adaptive, "eta": eta})
         engine = _build_base(base, self.param_groups, dict(base_kwargs))
         # A base that copied the group dicts still gets its defaults into ours, the one set of groups.
