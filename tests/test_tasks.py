@@ -46,7 +46,7 @@ def test_loader_shapes_and_seeded_order():
     ("kwargs", "match"),
     [({"batch_size": 0}, "batch_size"), ({"val_fraction": 1.5}, "val_fraction"),
      ({"test_fraction": 0.0}, "test_fraction"), ({"val_fraction": 0.5, "test_fraction": 0.45}, "at least 10%"),
-     ({"num_workers": -1}, "num_workers")],
+     ({"num_workers": -1}, "num_workers"), ({"seed": -1}, "seed")],
 )
 def test_datamodule_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -105,3 +105,23 @@ def test_classifier_construction_check_leaves_the_network_alone():
     # K-FAC hooks its layers when built: the construction-time check must not leave hooks on our network.
     module = ClassifierModule("mlp", optimizer="kfac")
     assert all(not m._forward_hooks for m in module.net.modules())
+
+
+def test_classifier_rejects_scheduler_keywords_it_would_ignore():
+    # A misspelt scheduler keyword used to be silently dropped (the default step_size was used instead).
+    with pytest.raises(TypeError, match="stepsize.*step_size"):
+        ClassifierModule("mlp", lr_scheduler="step", lr_scheduler_kwargs={"stepsize": 5})
+    with pytest.raises(TypeError, match="T_max"):
+        ClassifierModule("mlp", lr_scheduler="exponential", lr_scheduler_kwargs={"T_max": 5})
+    with pytest.raises(TypeError, match="lr_scheduler=None"):
+        ClassifierModule("mlp", lr_scheduler_kwargs={"gamma": 0.5})
+
+
+def test_classifier_builds_the_scheduler_it_was_given():
+    module = ClassifierModule("mlp", optimizer="sgd", lr_scheduler="step",
+                              lr_scheduler_kwargs={"step_size": 2, "gamma": 0.5})
+    config = module.configure_optimizers()
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    assert (scheduler.step_size, scheduler.gamma) == (2, 0.5)
+    assert config["lr_scheduler"]["interval"] == "epoch"

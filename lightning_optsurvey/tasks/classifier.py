@@ -30,7 +30,8 @@ from lightning_optsurvey.optim import SVRGSnapshot, create_optimizer, get_spec
 from lightning_optsurvey.optim._common import frozen_batchnorm_stats
 from lightning_optsurvey.tasks.models import build_model
 
-_SCHEDULERS = ("cosine", "step", "exponential")
+#: The schedulers by name, with the keywords each takes.
+_SCHEDULERS = {"cosine": ("T_max", "eta_min"), "step": ("step_size", "gamma"), "exponential": ("gamma",)}
 
 
 class ClassifierModule(LightningModule):
@@ -41,12 +42,14 @@ class ClassifierModule(LightningModule):
         optimizer: A name from :func:`~lightning_optsurvey.optim.available_optimizers`.
         optimizer_kwargs: Hyperparameters overriding the registry's defaults.
         lr_scheduler: ``None``, ``"cosine"`` (over ``max_epochs``), ``"step"`` or ``"exponential"``.
-        lr_scheduler_kwargs: Keyword arguments of the scheduler (``step_size``, ``gamma``).
+        lr_scheduler_kwargs: Keyword arguments of the scheduler: ``T_max`` and ``eta_min`` (cosine),
+            ``step_size`` and ``gamma`` (step), ``gamma`` (exponential).
         num_classes: Number of classes.
 
     Raises:
-        ValueError: For an unknown model, optimizer or scheduler name.
-        TypeError: For an optimizer hyperparameter the optimizer does not take.
+        ValueError: For an unknown model, optimizer or scheduler name, or an invalid optimizer
+            hyperparameter value.
+        TypeError: For an optimizer or scheduler keyword that it does not take.
 
     Logs ``train/loss`` (epoch mean), ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
     """
@@ -72,6 +75,12 @@ class ClassifierModule(LightningModule):
             raise ValueError(f"unknown lr_scheduler {lr_scheduler!r}; known: None, {', '.join(_SCHEDULERS)}")
         self.lr_scheduler = lr_scheduler
         self.lr_scheduler_kwargs = dict(lr_scheduler_kwargs or {})
+        takes = _SCHEDULERS[lr_scheduler] if lr_scheduler is not None else ()
+        unknown = sorted(set(self.lr_scheduler_kwargs) - set(takes))
+        if unknown:
+            raise TypeError(
+                f"lr_scheduler={lr_scheduler!r} does not take {unknown}; it takes: {list(takes)}"
+            )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._evals_this_batch = 0

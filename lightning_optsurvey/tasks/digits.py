@@ -64,6 +64,8 @@ class DigitsDataModule(LightningDataModule):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer, got {seed!r}")
+        if not 0 <= seed < 2**32:  # scikit-learn's random_state range
+            raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         self.save_hyperparameters()
