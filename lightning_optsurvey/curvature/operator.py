@@ -336,22 +336,24 @@ class HessianOperator:
         m = matrix.shape[1]
         if m == 0:
             return matrix.clone()
-        columns = matrix.T.contiguous()
         if self.linearize:
+            # Rows of the transposed block are contiguous: one copy in, products written as rows.
+            columns = matrix.T.contiguous()
             total = torch.stack([self._retained_product(self._split(c)) for c in columns])
-        else:
-            tangents = self._split(columns)
-            primals, constants = self._primals(), self._constants()
-            total = torch.zeros(m, self.numel, dtype=self.dtype, device=self.device)
-            with torch.enable_grad(), self._product_mode():
-                for weight, batch in zip(self._weights, self.batches):
-                    g = grad(self._loss_fn_of(batch, constants))
+            self.num_matvecs += m
+            return self._finish(total).T
+        tangents = self._split(matrix.T.contiguous())
+        primals, constants = self._primals(), self._constants()
+        total = torch.zeros(m, self.numel, dtype=self.dtype, device=self.device)
+        with torch.enable_grad(), self._product_mode():
+            for weight, batch in zip(self._weights, self.batches):
+                g = grad(self._loss_fn_of(batch, constants))
 
-                    def hvp(t: dict[str, Tensor], g: Callable = g) -> dict[str, Tensor]:
-                        return jvp(g, (primals,), (t,))[1]
+                def hvp(t: dict[str, Tensor], g: Callable = g) -> dict[str, Tensor]:
+                    return jvp(g, (primals,), (t,))[1]
 
-                    hv = vmap(hvp, chunk_size=self.chunk_size)(tangents)
-                    total.add_(self._join(hv, m), alpha=weight)
+                hv = vmap(hvp, chunk_size=self.chunk_size)(tangents)
+                total.add_(self._join(hv, m), alpha=weight)
         self.num_matvecs += m
         return self._finish(total).T
 

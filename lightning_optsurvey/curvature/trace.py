@@ -75,13 +75,19 @@ class DiagonalResult(NamedTuple):
 
 
 def _probes(
-    n: int, count: int, distribution: str, generator: torch.Generator, device: torch.device
+    n: int, count: int, distribution: str, generator: torch.Generator, device: torch.device,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    if distribution == "rademacher":
-        z = torch.randint(0, 2, (n, count), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
+    if distribution == "rademacher":  # +-1 is exact in every float dtype
+        z = torch.randint(0, 2, (n, count), generator=generator, dtype=dtype).mul_(2).sub_(1)
     else:
-        z = torch.randn(n, count, generator=generator, dtype=torch.float64)
+        z = torch.randn(n, count, generator=generator, dtype=dtype)
     return z.to(device)
+
+
+def _op_dtype(op: LinearOperator) -> torch.dtype:
+    """Probes in the operator's dtype skip a conversion per product; sums are still taken in float64."""
+    return getattr(op, "dtype", torch.float64)
 
 
 def _apply_block(op: LinearOperator, block: Tensor, block_size: int) -> Tensor:
@@ -99,9 +105,16 @@ def _blocks(total: int, block_size: int) -> list[int]:
     return [min(block_size, total - start) for start in range(0, total, block_size)]
 
 
+def _product(op: LinearOperator, z: Tensor) -> Tensor:
+    """``op @ z`` for a block, in the operator's dtype."""
+    out = op @ z if z.shape[1] > 1 else (op @ z[:, 0]).unsqueeze(1)
+    return out.to(device=z.device)
+
+
 def _quadratic_forms(op: LinearOperator, z: Tensor) -> Tensor:
-    """``z_i^T H z_i`` for the columns of ``z``, in one batched product."""
-    return (z * _apply_block(op, z, z.shape[1])).sum(dim=0)
+    """``z_i^T H z_i`` for the columns of ``z``, in one batched product, summed in float64."""
+    hz = _product(op, z)
+    return (z.to(hz.dtype) * hz).sum(dim=0, dtype=torch.float64)
 
 
 def _validate(op: LinearOperator, num_matvecs: int, distribution: str, block_size: int, minimum: int
@@ -150,7 +163,8 @@ def hutchinson_trace(
     """
     n, device = _validate(op, num_matvecs, distribution, block_size, 1)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    samples = torch.cat([_quadratic_forms(op, _probes(n, count, distribution, generator, device))
+    dtype = _op_dtype(op)
+    samples = torch.cat([_quadratic_forms(op, _probes(n, count, distribution, generator, device, dtype))
                          for count in _blocks(num_matvecs, block_size)])
     estimate, stderr = _mean_and_stderr(samples)
     return TraceResult(estimate, stderr, num_matvecs)
@@ -233,10 +247,11 @@ def hutchinson_diagonal(
     # Blocks keep memory at (numel x block_size) however many probes are asked for.
     for start in range(0, num_matvecs, block_size):
         count = min(block_size, num_matvecs - start)
-        z = _probes(n, count, distribution, generator, device)
-        samples = z * _apply_block(op, z, block_size)
-        total += samples.sum(dim=1)
-        total_sq += (samples * samples).sum(dim=1)
+        z = _probes(n, count, distribution, generator, device, _op_dtype(op))
+        hz = _product(op, z)
+        samples = z.to(hz.dtype) * hz
+        total += samples.sum(dim=1, dtype=torch.float64)
+        total_sq += (samples * samples).sum(dim=1, dtype=torch.float64)
     mean = total / num_matvecs
     if num_matvecs < 2:
         stderr = torch.full_like(mean, math.nan)
