@@ -281,3 +281,15 @@ def test_dpsgd_stationary_distance_matches_a_direct_fixed_point_iteration():
         x = w @ ((1 - result.lr) * x + result.lr * targets)
     direct = float((x - x.mean(0)).square().sum()) / 8
     assert abs(result.exact(w, targets) - direct) <= 1e-12 * direct
+
+
+@pytest.mark.parametrize("cls", [first_order.GDConvex, first_order.NesterovConvex])
+def test_convex_bounds_use_the_step_taken(cls):
+    # Both theorems hold for any step s <= 1/L, with s in the bound: ||x0-x*||^2/(2sk) for GD,
+    # 2||x0-x*||^2/(s(k+1)^2) for Nesterov. A small step is inside the assumptions and must hold.
+    result = cls(lr_scale=0.05)
+    q = result.problem(0)
+    s, r2 = 0.05 / q.L, float(q.minimizer.square().sum())
+    expected = r2 / (2 * s * 7) if cls is first_order.GDConvex else 2 * r2 / (s * 8**2)
+    assert abs(result.predict(q, 7) - expected) <= 1e-12 * expected
+    assert result.check(seed=0).holds
