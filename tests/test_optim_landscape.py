@@ -190,3 +190,31 @@ def test_same_seed_same_noise_and_seed_changes_it(cls):
 
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
+
+
+def test_lpf_sgd_honours_each_groups_num_samples():
+    # Group 0 asks for 1 sample, group 1 for 3: the closure runs 3 times; group 0 is perturbed only in
+    # its one sample (at w0 afterwards) and steps on that sample's gradient, group 1 on the mean of 3.
+    a, b, w0 = _problem(4)
+    lr, k = 0.1, 2
+    u, v = nn.Parameter(w0[:k].clone()), nn.Parameter(w0[k:].clone())
+    opt = LPFSGD([{"params": [u], "num_samples": 1}, {"params": [v], "num_samples": 3}],
+                 lr=lr, momentum=0.0, sigma=0.2)
+    points: list[torch.Tensor] = []
+
+    def closure():
+        opt.zero_grad()
+        w = torch.cat([u, v])
+        points.append(w.detach().clone())
+        loss = 0.5 * w @ a @ w - b @ w
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(points) == 3
+    assert not torch.equal(points[0][:k], w0[:k])
+    assert all(torch.equal(p[:k], w0[:k]) for p in points[1:])
+    grads = [a @ p - b for p in points]
+    torch.testing.assert_close(u.detach(), w0[:k] - lr * grads[0][:k], rtol=0, atol=TOL)
+    mean_v = torch.stack([g[k:] for g in grads]).mean(0)
+    torch.testing.assert_close(v.detach(), w0[k:] - lr * mean_v, rtol=0, atol=TOL)

@@ -58,7 +58,8 @@ class LPFSGD(Optimizer):
         lr: Learning rate :math:`\eta > 0`.
         momentum: Momentum :math:`m \in [0, 1)`.
         sigma: Relative radius :math:`\sigma \ge 0`.
-        num_samples: :math:`M \ge 1` closure evaluations per step.
+        num_samples: :math:`M \ge 1` closure evaluations per step (with groups of different :math:`M`, the
+            step makes the largest number; a group uses only its first :math:`M`, unperturbed after them).
         sigma_schedule: Optional callable ``step -> sigma`` overriding ``sigma`` in every group.
         weight_decay: L2 coefficient, ``>= 0``.
         seed: Seed of the perturbation generator.
@@ -121,21 +122,22 @@ class LPFSGD(Optimizer):
             return call_closure(closure)
         generator = self._rng.fetch(self.state, params[0].device)
         sigmas = [group["sigma"] for group in self.param_groups for _ in group["params"]]
-        samples = max(group["num_samples"] for group in self.param_groups)
+        # A group with fewer samples than another stays at w for the later evaluations and ignores them.
+        counts = [group["num_samples"] for group in self.param_groups for _ in group["params"]]
         saved = [p.detach().clone() for p in params]
         scales = [_filter_scale(p) for p in params]
         sums: list[Tensor | None] = [None] * len(params)
         losses = []
         try:
-            for _ in range(samples):
-                for p, s, sigma in zip(params, scales, sigmas):
-                    if sigma:
+            for j in range(max(counts)):
+                for p, s, sigma, count in zip(params, scales, sigmas, counts):
+                    if sigma and j < count:
                         xi = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
                         p.addcmul_(xi, s, value=sigma)
                 losses.append(call_closure(closure))
                 torch._foreach_copy_(params, saved)
                 for i, p in enumerate(params):
-                    if p.grad is not None:
+                    if p.grad is not None and j < counts[i]:
                         sums[i] = p.grad.clone() if sums[i] is None else sums[i].add_(p.grad)
         finally:
             torch._foreach_copy_(params, saved)
@@ -148,7 +150,7 @@ class LPFSGD(Optimizer):
                 i += 1
                 if total is None:
                     continue
-                d_p = total.div_(samples)
+                d_p = total.div_(group["num_samples"])
                 p.grad = d_p  # the smoothed gradient, for anyone inspecting .grad after the step
                 d_p = d_p.clone()
                 if wd:
