@@ -65,6 +65,11 @@ def test_spec_validation_and_registration_rules():
         OptimizerSpec("x", torch.optim.SGD, "magic")
     with pytest.raises(TypeError, match="OptimizerSpec"):
         register("sgd")  # type: ignore[arg-type]
+    # A default the factory does not take would only fail (or be swallowed) at the first create_optimizer.
+    with pytest.raises(ValueError, match="momentun"):
+        OptimizerSpec("x", torch.optim.SGD, "first_order", defaults={"lr": 0.1, "momentun": 0.9})
+    with pytest.raises(TypeError, match="factory"):
+        OptimizerSpec("x", "not callable", "first_order")  # type: ignore[arg-type]
     clash = OptimizerSpec("sgd", torch.optim.Adam, "adaptive")
     with pytest.raises(ValueError, match="already registered"):
         register(clash)

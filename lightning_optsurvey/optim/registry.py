@@ -46,7 +46,9 @@ class OptimizerSpec:
         strict: Reject hyperparameters that the factory's signature does not name.
 
     Raises:
-        ValueError: If ``name`` or ``family`` is invalid.
+        ValueError: If ``name`` or ``family`` is invalid, or ``defaults`` names a keyword that a ``strict``
+            factory does not take.
+        TypeError: If ``factory`` is not callable.
     """
 
     name: str
@@ -70,6 +72,12 @@ class OptimizerSpec:
         if not callable(self.factory):
             raise TypeError(f"factory of {self.name!r} must be callable, got {self.factory!r}")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        accepted = self.accepted_hparams()
+        if accepted is not None and set(self.defaults) - accepted:
+            raise ValueError(
+                f"defaults of {self.name!r} name {sorted(set(self.defaults) - accepted)}, which its factory "
+                f"does not take; it takes: {sorted(accepted)}"
+            )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A mappingproxy does not pickle; rebuild from a plain dict (needed by ddp_spawn and checkpoints).
