@@ -18,10 +18,17 @@ import torch
 
 from lightning_optsurvey.strategies.easgd import easgd_is_stable, easgd_step
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
 from lightning_optsurvey.theory.problems import DTYPE, NoisyQuadratic, Quadratic, generator
-from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result, tail_rate
-from lightning_optsurvey.theory.stochastic import MC_Z
+from lightning_optsurvey.theory.result import (
+    MC_Z,
+    CheckOutcome,
+    Result,
+    _positive_float,
+    _positive_int,
+    mean_and_stderr,
+    register_result,
+    tail_rate,
+)
 
 __all__ = ["EASGDStability", "LocalSGDvsMinibatch", "easgd_spectral_radius"]
 
@@ -129,8 +136,7 @@ class LocalSGDvsMinibatch(Result):
         holds, lines, curves = True, [], {}
         largest = max(self.local_steps)
         for h in self.local_steps:
-            values = self._local_sgd(p, h, gen)
-            mean, err = values.mean(1), values.std(1) / math.sqrt(self.runs)
+            mean, err = mean_and_stderr(self._local_sgd(p, h, gen))
             predicted = torch.tensor(exact[: h * self.rounds + 1 : h], dtype=DTYPE)
             worst = float(((mean - predicted).abs() - 1e-14).clamp_min(0.0).div(err.clamp_min(1e-300)).max())
             ok = bool(((mean - predicted).abs() <= MC_Z * err + 1e-14).all())
@@ -143,7 +149,7 @@ class LocalSGDvsMinibatch(Result):
             lambda x, k: p.stochastic_gradient(x, gen, batch=big), self.rounds, record=p.quadratic.value,
             lr=self.lr,
         )
-        mean, err = values.mean(1), values.std(1) / math.sqrt(self.runs)
+        mean, err = mean_and_stderr(values)
         exact_big = torch.tensor(_minibatch_expectation(p, self.lr, big, self.rounds), dtype=DTYPE)
         ok_big = bool(((mean - exact_big).abs() <= MC_Z * err + 1e-14).all())
         holds = holds and ok_big

@@ -18,16 +18,18 @@ import torch
 
 from lightning_optsurvey.strategies.topology import Topology
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
 from lightning_optsurvey.theory.problems import DTYPE, generator
 from lightning_optsurvey.theory.result import (
+    MC_Z,
     CheckOutcome,
     Result,
+    _positive_float,
+    _positive_int,
     bound_violations,
+    mean_and_stderr,
     register_result,
     tail_rate,
 )
-from lightning_optsurvey.theory.stochastic import MC_Z
 
 __all__ = ["DPSGDConsensus", "GossipConsensus", "OnePeerExactAveraging", "second_eigenvalue_modulus"]
 
@@ -293,8 +295,7 @@ class DPSGDConsensus(Result):
                 "sgd", torch.zeros(self.runs, self.world_size, self.dim, dtype=DTYPE), gradient, self.steps,
                 project=gossip, record=lambda x: _consensus_error(x).square() / self.world_size, lr=self.lr,
             )
-            per_run = distances[self.steps // 2 :].mean(0)
-            mean, err = float(per_run.mean()), float(per_run.std()) / math.sqrt(self.runs)
+            mean, err = map(float, mean_and_stderr(distances[self.steps // 2 :].mean(0)))
             exact = self.exact(w, targets)
             bound = self.predict((topologies, targets), index)
             ok = abs(mean - exact) <= MC_Z * err + 1e-12 and exact <= bound

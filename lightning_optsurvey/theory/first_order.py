@@ -25,6 +25,8 @@ from lightning_optsurvey.theory.problems import DTYPE, Quadratic, generator
 from lightning_optsurvey.theory.result import (
     CheckOutcome,
     Result,
+    _positive_float,
+    _positive_int,
     bound_violations,
     register_result,
     tail_rate,
@@ -39,16 +41,6 @@ GD_RATE_RTOL = 1e-3
 #: Two-sided relative band on accelerated tail rates. At the optimal parameters the slowest mode is a
 #: Jordan block (error ~ k r^k), which biases a rate fitted on [K/2, K] by (2)^(2/K) - 1 < 0.5 %.
 ACCEL_RATE_RTOL = 1e-2
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _positive_float(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _log_spectrum(dim: int, smallest: float, largest: float) -> torch.Tensor:

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
 from lightning_optsurvey.theory.problems import DTYPE, SeparableLogistic, generator
-from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
-from lightning_optsurvey.theory.stochastic import MC_Z
+from lightning_optsurvey.theory.result import (
+    MC_Z,
+    CheckOutcome,
+    Result,
+    _positive_float,
+    _positive_int,
+    mc_bound_violations,
+    mean_and_stderr,
+    register_result,
+)
 
 __all__ = ["ImplicitBiasMaxMargin", "UniformStabilitySGD"]
 
@@ -175,17 +182,13 @@ class UniformStabilitySGD(Result):
         )
         distances = torch.linalg.vector_norm(iterates[:, : self.runs] - iterates[:, self.runs :], dim=-1)
         w = iterates[-1, : self.runs]
-        mean_stab = distances.mean(1)
-        err_stab = distances.std(1) / math.sqrt(self.runs)
+        mean_stab, err_stab = mean_and_stderr(distances)
         bound = [self.predict(dist, t) for t in range(steps + 1)]
-        violations = sum(
-            1 for m, e, b in zip(mean_stab.tolist(), err_stab.tolist(), bound) if m - MC_Z * e > b
-        )
+        violations = mc_bound_violations(mean_stab.tolist(), err_stab.tolist(), bound)
         x_test, y_test = dist.sample((self.test_size,), gen)
         test = _logistic_loss(w, x_test, y_test).mean(1)
         train = _logistic_loss(w, x, y).mean(1)
-        gaps = test - train
-        gap, gap_err = float(gaps.mean()), float(gaps.std()) / math.sqrt(self.runs)
+        gap, gap_err = map(float, mean_and_stderr(test - train))
         holds = violations == 0 and abs(gap) - MC_Z * gap_err <= bound[-1] and self.lr <= 8.0
         return CheckOutcome(
             predicted=bound[-1], measured=gap, holds=holds, name=self.name,

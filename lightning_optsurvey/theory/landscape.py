@@ -18,10 +18,16 @@ from torch import nn
 from lightning_optsurvey.curvature import HessianOperator, lanczos
 from lightning_optsurvey.measures import worst_case_sharpness
 from lightning_optsurvey.optim import create_optimizer
-from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, WavyFunction, generator
-from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
-from lightning_optsurvey.theory.stochastic import MC_Z
+from lightning_optsurvey.theory.result import (
+    MC_Z,
+    CheckOutcome,
+    Result,
+    _positive_float,
+    _positive_int,
+    mean_and_stderr,
+    register_result,
+)
 
 __all__ = ["EdgeOfStability", "SAMSharpness", "SmoothingFlattens"]
 
@@ -262,7 +268,7 @@ class SmoothingFlattens(Result):
         x = p.point
         direction = torch.stack([-x[1], x[0]]) / torch.linalg.vector_norm(x)
         samples = torch.tensor([self._lpf_curvature(p, direction, seed * 1000 + i) for i in range(self.lpf_seeds)])
-        curvature, error = float(samples.mean()), float(samples.std()) / math.sqrt(self.lpf_seeds)
+        curvature, error = map(float, mean_and_stderr(samples))
         exact = self.exact_smoothed_curvature(p, direction)
         f = p.wavy
         curvature_of_f = 1.0 - f.amplitude * f.frequency**2 * torch.cos(f.frequency * x)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 __all__ = ["CheckOutcome", "Result", "all_results", "get_result", "register_result"]
 
 
@@ -167,8 +169,35 @@ def get_result(name: str) -> Result:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Decision helpers shared by the group modules
+# Helpers shared by the group modules: configuration checks and decisions
 # ------------------------------------------------------------------------------------------------------
+#: Standard errors allowed between a Monte-Carlo estimate (a mean over independent runs) and the bound or
+#: exact value it is compared with.
+MC_Z = 4.0
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive_float(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error of the mean over the last axis (the independent runs)."""
+    return values.mean(-1), values.std(-1) / math.sqrt(values.shape[-1])
+
+
+def mc_bound_violations(
+    mean: Sequence[float], stderr: Sequence[float], bound: Sequence[float], atol: float = 0.0
+) -> int:
+    """Number of ``k`` where a Monte-Carlo mean exceeds the bound by more than ``MC_Z`` standard errors (+ ``atol``)."""
+    return sum(1 for m, e, b in zip(mean, stderr, bound, strict=True) if not m - MC_Z * e <= b + atol)
+
+
 def bound_violations(measured: Sequence[float], bound: Sequence[float], rtol: float, atol: float = 0.0) -> int:
     """Number of ``k`` where ``measured[k] > bound[k] * (1 + rtol) + atol`` (or either is not finite)."""
     count = 0

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.optim import create_optimizer
-from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, generator
-from lightning_optsurvey.theory.result import CheckOutcome, Result, bound_violations, register_result
+from lightning_optsurvey.theory.result import (
+    CheckOutcome,
+    Result,
+    _positive_float,
+    _positive_int,
+    bound_violations,
+    register_result,
+)
 
 __all__ = ["LBFGSSuperlinear", "NewtonQuadratic"]
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.first_order import _positive_float, _positive_int
 from lightning_optsurvey.theory.problems import (
     DTYPE,
     LeastSquaresSum,
@@ -25,12 +24,20 @@ from lightning_optsurvey.theory.problems import (
     WavyFunction,
     generator,
 )
-from lightning_optsurvey.theory.result import CheckOutcome, Result, loglog_slope, register_result
+from lightning_optsurvey.theory.result import (
+    MC_Z,
+    CheckOutcome,
+    Result,
+    _positive_float,
+    _positive_int,
+    loglog_slope,
+    mc_bound_violations,
+    mean_and_stderr,
+    register_result,
+)
 
 __all__ = ["SGDConstantStep", "SGDDiminishingStep", "SGDNonConvex", "SVRGLinearRate"]
 
-#: Standard errors allowed above a bound on an expectation (Monte-Carlo estimate over the runs).
-MC_Z = 4.0
 #: Allowed distance of a fitted log-log exponent from the predicted one (transients, Monte-Carlo noise).
 EXPONENT_ATOL = 0.15
 
@@ -39,11 +46,6 @@ def _noisy_quadratic(dim: int, mu: float, sigma2: float, seed: int) -> NoisyQuad
     gen = generator(seed)
     q = Quadratic.with_spectrum(torch.linspace(mu, 1.0, dim, dtype=DTYPE), gen)
     return NoisyQuadratic.build(q, 100, sigma2, gen)
-
-
-def _mean_and_stderr(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard error over the last axis (the runs)."""
-    return values.mean(-1), values.std(-1) / math.sqrt(values.shape[-1])
 
 
 @register_result
@@ -107,10 +109,10 @@ class SGDDiminishingStep(Result):
             "sgd", torch.zeros(self.runs, q.dim, dtype=DTYPE), lambda x, k: p.stochastic_gradient(x, gen),
             self.steps, before_step=schedule, record=q.value, lr=beta / (gamma + 1),
         )
-        mean, stderr = _mean_and_stderr(values)
+        mean, stderr = mean_and_stderr(values)
         ks = list(range(1, self.steps + 2))  # xs[0] is Bottou's x_1
         bound = [nu / (gamma + k) for k in ks]
-        violations = sum(1 for m, s, b in zip(mean.tolist(), stderr.tolist(), bound) if m - MC_Z * s > b)
+        violations = mc_bound_violations(mean.tolist(), stderr.tolist(), bound)
         tail = [i for i, k in enumerate(ks) if k >= self.steps // 8]
         slope = loglog_slope([ks[i] for i in tail], [float(mean[i]) for i in tail])
         holds = violations == 0 and abs(slope + 1.0) <= EXPONENT_ATOL and beta * q.mu > 1
@@ -192,11 +194,10 @@ class SGDConstantStep(Result):
                 "sgd", q.minimizer.expand(self.runs, q.dim), lambda x, k: p.stochastic_gradient(x, gen),
                 self.steps, record=q.value, lr=lr,
             )
-            mean, stderr = _mean_and_stderr(values)
+            mean, stderr = mean_and_stderr(values)
             bound = self._bound(p, ks, lr)
-            violations = sum(1 for m, s, b in zip(mean.tolist(), stderr.tolist(), bound) if m - MC_Z * s > b + 1e-15)
-            per_run = values[self.steps // 2 :].mean(0)
-            plateau, plateau_err = float(per_run.mean()), float(per_run.std()) / math.sqrt(self.runs)
+            violations = mc_bound_violations(mean.tolist(), stderr.tolist(), bound, atol=1e-15)
+            plateau, plateau_err = map(float, mean_and_stderr(values[self.steps // 2 :].mean(0)))
             exact = self.exact_plateau(p, lr)
             plateau_ok = abs(plateau - exact) <= MC_Z * plateau_err and math.isfinite(plateau)
             all_ok = all_ok and violations == 0 and plateau_ok and lr <= 1.0 / q.L
@@ -293,10 +294,9 @@ class SGDNonConvex(Result):
                 "sgd", x0, noisy, horizon, record=lambda x: f.gradient(x).square().sum(-1), lr=lr
             )
             norms = norms[:-1]  # ||grad f(x_k)||^2, k = 1..K
-            per_run = norms.mean(0)
-            mean, err = float(per_run.mean()), float(per_run.std()) / math.sqrt(self.runs)
+            mean, err = map(float, mean_and_stderr(norms.mean(0)))
             bound = self.predict(p, horizon, seed)
-            ok = ok and mean - MC_Z * err <= bound and lr <= 1.0 / f.L
+            ok = ok and mc_bound_violations([mean], [err], [bound]) == 0 and lr <= 1.0 / f.L
             measured.append(mean)
             bounds.append(bound)
             lines.append(f"K={horizon}: {mean:.4g} <= {bound:.4g} (min_k {float(norms.mean(1).min()):.3g})")
@@ -401,10 +401,10 @@ class SVRGLinearRate(Result):
             snapshot = torch.stack(iterates)[pick, rows]
             gaps.append(p.value(snapshot) - f_star)
         values = torch.stack(gaps)
-        mean, stderr = _mean_and_stderr(values)
+        mean, stderr = mean_and_stderr(values)
         ks = list(range(self.epochs + 1))
         bound = [self.predict(p, k) for k in ks]
-        violations = sum(1 for m, s, b in zip(mean.tolist(), stderr.tolist(), bound) if m - MC_Z * s > b)
+        violations = mc_bound_violations(mean.tolist(), stderr.tolist(), bound)
         rate = (float(mean[-1]) / float(mean[0])) ** (1.0 / self.epochs)
         return CheckOutcome(
             predicted=alpha, measured=rate, holds=violations == 0 and alpha < 1, name=self.name,
