@@ -224,6 +224,8 @@ def test_logistic_regression_derivatives_and_hessian_lipschitz_constant():
         change = float(torch.linalg.matrix_norm(p.hessian(a) - p.hessian(b), ord=2))
         assert change <= p.hessian_lipschitz * float(torch.linalg.vector_norm(a - b))
     assert float(torch.linalg.eigvalsh(p.hessian(w))[0]) >= p.mu
+    # The minimizer (Newton on the closed forms) zeroes the gradient that autograd computes.
+    assert float(torch.linalg.vector_norm(torch.func.grad(p.value)(p.minimizer))) < 1e-15
 
 
 def test_least_squares_minimizer_and_constants():

@@ -73,16 +73,6 @@ def _logistic_model(problem: LogisticRegression, w: torch.Tensor) -> tuple[nn.Mo
     return model, nn.BCEWithLogitsLoss(), [(problem.features, targets)]
 
 
-def _newton_minimizer(problem: LogisticRegression) -> torch.Tensor:
-    w = torch.zeros(problem.features.shape[1], dtype=DTYPE)
-    for _ in range(100):
-        step = torch.linalg.solve(problem.hessian(w), problem.gradient(w))
-        w = w - step
-        if float(torch.linalg.vector_norm(step)) < 1e-15:
-            break
-    return w
-
-
 @register_result
 @dataclass(frozen=True)
 class SAMSharpness(Result):
@@ -121,12 +111,12 @@ class SAMSharpness(Result):
     def predict(self, problem: LogisticRegression, k: int, rho: float | None = None) -> float:
         """``rho^2 lambda_max / 2`` for the radius of index ``k`` in ``radii`` (or ``rho``)."""
         rho = self.radii[k] if rho is None else rho
-        lam = float(torch.linalg.eigvalsh(problem.hessian(_newton_minimizer(problem)))[-1])
+        lam = float(torch.linalg.eigvalsh(problem.hessian(problem.minimizer))[-1])
         return 0.5 * rho**2 * lam
 
     def check(self, seed: int = 0) -> CheckOutcome:
         p = self.problem(seed)
-        w = _newton_minimizer(p)
+        w = p.minimizer
         model, loss_fn, batches = _logistic_model(p, w)
         eig = lanczos(HessianOperator(model, loss_fn, batches), k=1, tol=1e-10)
         lam = float(eig.eigenvalues[0])

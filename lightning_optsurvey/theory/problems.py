@@ -27,6 +27,7 @@ __all__ = [
     "ReddiOnline",
     "SeparableLogistic",
     "WavyFunction",
+    "centred_shifts",
     "generator",
     "random_orthogonal",
 ]
@@ -39,6 +40,13 @@ def generator(seed: int) -> torch.Generator:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     return torch.Generator().manual_seed(seed)
+
+
+def centred_shifts(n: int, d: int, sigma2: float, gen: torch.Generator) -> Tensor:
+    r"""``n`` centred Gaussian vectors in ``R^d`` rescaled so that :math:`\frac1n \sum_i \|z_i\|^2 = \sigma^2`."""
+    z = torch.randn(n, d, generator=gen, dtype=DTYPE)
+    z = z - z.mean(0)
+    return z * math.sqrt(sigma2 / float((z * z).sum(1).mean()))
 
 
 def random_orthogonal(d: int, gen: torch.Generator) -> Tensor:
@@ -129,10 +137,7 @@ class NoisyQuadratic:
     @classmethod
     def build(cls, quadratic: Quadratic, n: int, sigma2: float, gen: torch.Generator) -> NoisyQuadratic:
         """Draw ``n`` centred shifts and rescale them so that the variance is exactly ``sigma2``."""
-        z = torch.randn(n, quadratic.dim, generator=gen, dtype=DTYPE)
-        z = z - z.mean(0)
-        z = z * math.sqrt(sigma2 / float((z * z).sum(1).mean()))
-        return cls(quadratic, z)
+        return cls(quadratic, centred_shifts(n, quadratic.dim, sigma2, gen))
 
     @property
     def sigma2(self) -> float:
@@ -258,6 +263,17 @@ class LogisticRegression:
     @property
     def mu(self) -> float:
         return self.reg
+
+    @property
+    def minimizer(self) -> Tensor:
+        """``w*`` by Newton's method on the closed-form derivatives, to a zero gradient in float64."""
+        w = torch.zeros(self.features.shape[1], dtype=DTYPE)
+        for _ in range(100):
+            step = torch.linalg.solve(self.hessian(w), self.gradient(w))
+            w = w - step
+            if float(torch.linalg.vector_norm(step)) < 1e-15:
+                break
+        return w
 
     @property
     def hessian_lipschitz(self) -> float:

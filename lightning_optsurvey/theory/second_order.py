@@ -77,7 +77,7 @@ class NewtonQuadratic(Result):
     def predict(self, problem: LogisticRegression, k: int, error: float | None = None) -> float:
         """Bound on the next error given the current one (``error``; default ``||x_0 - x*||`` with x_0 = 0)."""
         if error is None:
-            error = float(torch.linalg.vector_norm(self._minimizer(problem)))
+            error = float(torch.linalg.vector_norm(problem.minimizer))
         return problem.hessian_lipschitz / (2.0 * problem.mu) * error**2
 
     @staticmethod
@@ -87,20 +87,9 @@ class NewtonQuadratic(Result):
         gradient = torch.autograd.functional.jacobian(problem.value, w)
         return w - scale * torch.linalg.solve(hessian, gradient)
 
-    @staticmethod
-    def _minimizer(problem: LogisticRegression) -> torch.Tensor:
-        """``x*`` by Newton's method on the closed-form derivatives, to a zero gradient in float64."""
-        w = torch.zeros(problem.features.shape[1], dtype=DTYPE)
-        for _ in range(100):
-            step = torch.linalg.solve(problem.hessian(w), problem.gradient(w))
-            w = w - step
-            if float(torch.linalg.vector_norm(step)) < 1e-16:
-                break
-        return w
-
     def check(self, seed: int = 0) -> CheckOutcome:
         p = self.problem(seed)
-        w_star = self._minimizer(p)
+        w_star = p.minimizer
         w = torch.zeros(self.dim, dtype=DTYPE)
         errors = [float(torch.linalg.vector_norm(w - w_star))]
         for _ in range(self.steps):

@@ -22,6 +22,7 @@ from lightning_optsurvey.theory.problems import (
     NoisyQuadratic,
     Quadratic,
     WavyFunction,
+    centred_shifts,
     generator,
 )
 from lightning_optsurvey.theory.result import (
@@ -262,10 +263,7 @@ class SGDNonConvex(Result):
         _positive_float("sigma2", self.sigma2)
 
     def problem(self, seed: int = 0) -> _WavyNoise:
-        gen = generator(seed)
-        z = torch.randn(100, self.dim, generator=gen, dtype=DTYPE)
-        z = z - z.mean(0)
-        z = z * math.sqrt(self.sigma2 / float((z * z).sum(1).mean()))
+        z = centred_shifts(100, self.dim, self.sigma2, generator(seed))
         return _WavyNoise(WavyFunction(self.dim, 1.0, 2.0), z)
 
     def _start(self, seed: int) -> torch.Tensor:
