@@ -377,3 +377,27 @@ def test_measuring_and_extra_passes_leave_the_factors_alone():
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+#: Unit round-off of bfloat16 (8 significand bits): storing the new weights may move each by this, relatively.
+BF16_UNIT = 2.0**-8
+#: Relative error of the bfloat16 step itself (factors and gradients accumulated in bfloat16).
+BF16_RTOL = 2e-2
+
+
+def test_bfloat16_parameters_step_like_float64():
+    # Cholesky/eigh have no half-precision kernels: the inverses must still be computed (in float32).
+    x, y = _batch(5)
+    low = _net().to(torch.bfloat16)
+    reference = _net()
+    reference.load_state_dict({k: v.double() for k, v in low.state_dict().items()})  # same rounded start
+    start = [p.detach().double() for p in low.parameters()]
+    for net, data in ((reference, x.to(torch.bfloat16).double()), (low, x.to(torch.bfloat16))):
+        opt = KFAC(net, lr=0.1, momentum=0.0, damping=0.1, kl_clip=None, inv_every=1)
+        opt.step(_closure(opt, net, data, y))
+    for p0, p, q in zip(start, reference.parameters(), low.parameters()):
+        assert q.dtype == torch.bfloat16
+        step, low_step = p.detach() - p0, q.detach().double() - p0
+        error = torch.linalg.vector_norm(low_step - step)
+        bound = BF16_RTOL * torch.linalg.vector_norm(step) + BF16_UNIT * torch.linalg.vector_norm(p.detach())
+        assert error <= bound, (error, bound)

@@ -346,13 +346,15 @@ class KFAC(Optimizer):
 
     @staticmethod
     def _damped_inverse(matrix: Tensor, shift: float) -> Tensor:
-        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        damped = matrix + shift * eye
+        # Cholesky and eigh have no half-precision kernels: factorize half factors in float32.
+        work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+        eye = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+        damped = work + shift * eye
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            return torch.cholesky_inverse(chol)
+            return torch.cholesky_inverse(chol).to(matrix.dtype)
         values, vectors = torch.linalg.eigh(damped)  # round-off made it indefinite: clip the spectrum
-        return (vectors / values.clamp_min(shift)) @ vectors.T
+        return ((vectors / values.clamp_min(shift)) @ vectors.T).to(matrix.dtype)
 
     def _update_inverses(self, only_missing: bool) -> None:
         for module in self._layers:
