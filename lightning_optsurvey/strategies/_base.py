@@ -14,7 +14,8 @@ subclass) provides so each method only writes its communication:
 - World size 1: a warning, no process group, local training.
 - Every ``optimizer_step`` calls :meth:`LocalModelStrategy._pre_optimizer_step` and
   :meth:`LocalModelStrategy._post_optimizer_step` around the step (the closure, i.e. forward and
-  backward, runs inside the step), then logs ``comm/bytes_sent``: the bytes this rank sent in the
+  backward, runs inside the step, and :meth:`LocalModelStrategy._after_backward` after each closure
+  evaluation, before gradient clipping), then logs ``comm/bytes_sent``: the bytes this rank sent in the
   current batch, counted by :attr:`LocalModelStrategy.comm` (a :class:`~._comm.CommCounter`).
 - At train start, :meth:`LocalModelStrategy._logged_params` go to every logger's
   ``log_hyperparams`` (``world_size`` and whatever the subclass adds, e.g. ``topology``,
@@ -28,16 +29,19 @@ subclass) provides so each method only writes its communication:
 
 Subclass hooks (all optional): ``_validate_world_size(n)`` (raise ``ValueError`` early; called in
 ``Trainer.__init__`` and at setup), ``_on_fit_setup()`` (model and optimizers are on the device),
-``_pre_optimizer_step(optimizer)``, ``_post_optimizer_step(optimizer)``, ``_rank_state()`` /
+``_pre_optimizer_step(optimizer)``, ``_after_backward(optimizer)``, ``_post_optimizer_step(optimizer)``,
+``_rank_state()`` /
 ``_load_rank_state(state)`` (extra per-rank state; call ``super()``), ``_logged_params()`` (call
-``super()``), ``_consensus_weight()``. Helper: :meth:`synced_tensors` lists what a method should
-communicate (the optimizers' parameters, then the module's floating-point buffers).
+``super()``), ``_consensus_weight()``. Helpers: :meth:`synced_tensors` lists what a method should
+communicate (the optimizers' parameters, then the module's floating-point buffers);
+:meth:`_log_metric` logs a per-step value from inside the optimizer step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -233,8 +237,13 @@ class LocalModelStrategy(DDPStrategy):
                     if id(param) not in seen:
                         seen.add(id(param))
                         tensors.append(param)
-        tensors += [b for _, b in module.named_buffers() if b is not None and b.is_floating_point()]
-        return tensors
+        return tensors + self._float_buffers()
+
+    def _float_buffers(self) -> list[Tensor]:
+        """The module's floating-point buffers, in ``named_buffers`` order."""
+        module = self.lightning_module
+        assert module is not None
+        return [b for _, b in module.named_buffers() if b is not None and b.is_floating_point()]
 
     # ----------------------------------------------------------------------------------------------
     # Training
@@ -254,22 +263,31 @@ class LocalModelStrategy(DDPStrategy):
     ) -> Any:
         inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         self._pre_optimizer_step(inner)
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        output = super().optimizer_step(optimizer, partial(self._run_closure, inner, closure), model, **kwargs)
         self._post_optimizer_step(inner)
-        self._log_comm()
+        self._log_metric("comm/bytes_sent", float(self.comm.step_bytes))
+        return output
+
+    def _run_closure(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Any:
+        output = closure()
+        self._after_backward(optimizer)
         return output
 
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
         """Called before the optimizer step (before the closure computes the gradient)."""
 
+    def _after_backward(self, optimizer: Optimizer) -> None:
+        """Called after every evaluation of the closure (forward and backward), before gradient clipping."""
+
     def _post_optimizer_step(self, optimizer: Optimizer) -> None:
         """Called after the optimizer step; communicate here."""
 
-    def _log_comm(self) -> None:
+    def _log_metric(self, name: str, value: float) -> None:
+        """Log ``name`` at this step from inside ``optimizer_step`` (a no-op outside training hooks)."""
         module = self.lightning_module
         if module is None or module._trainer is None or module._current_fx_name not in _LOGGING_HOOKS:
             return
-        module.log("comm/bytes_sent", float(self.comm.step_bytes), on_step=True, on_epoch=False)
+        module.log(name, value, on_step=True, on_epoch=False)
 
     def _logged_params(self) -> dict[str, Any]:
         """Parameters recorded by every logger at train start."""
@@ -299,9 +317,7 @@ class LocalModelStrategy(DDPStrategy):
         (1 by default). Integer entries (``num_batches_tracked``) are this rank's. A collective call:
         every rank must make it. The returned tensors are copies; the model is not changed.
         """
-        module = self.lightning_module
-        assert module is not None
-        state = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+        state = self._state_copy()
         floats = [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
         if not floats or not is_distributed():
             return state
@@ -316,6 +332,12 @@ class LocalModelStrategy(DDPStrategy):
         for v, s in zip(floats, weighted):
             v.copy_(s / total.to(s.device))
         return state
+
+    def _state_copy(self) -> dict[str, Any]:
+        """This rank's module state dict, tensors detached and cloned."""
+        module = self.lightning_module
+        assert module is not None
+        return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

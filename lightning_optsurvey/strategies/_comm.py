@@ -4,13 +4,17 @@ API (all collective calls must be made by every rank of the group, in the same o
 
 - :class:`FlatBuffers` packs a list of tensors (parameters, float buffers) into one contiguous buffer
   per ``(device, dtype)`` and copies values back. ``pack()`` returns the buffers, ``unpack(flats)``
-  writes them into the tensors; ``like()`` allocates same-shaped scratch buffers.
+  writes them into the tensors; ``like()`` allocates same-shaped scratch buffers; ``ordered`` lists the
+  tensors in buffer order and ``all_views(buffers)`` the matching views into any same-layout buffers.
 - :func:`neighbour_exchange` posts, in one ``torch.distributed.batch_isend_irecv``, a send of every
   flat buffer to every rank in ``send_to`` and a receive from every rank in ``recv_from``; it returns
   an :class:`Exchange` whose ``wait()`` yields the received buffers (``received[k][b]``: peer ``k``,
   buffer ``b``). Non-blocking, so a caller can compute while it is in flight.
 - :func:`all_reduce_mean_` averages tensors in place over the group through flat buffers (one
-  all-reduce per dtype and device); :func:`all_reduce_sum_` sums them.
+  all-reduce per dtype and device); :func:`all_reduce_sum_` sums them; :func:`all_reduce_flat_` does the
+  same over an existing :class:`FlatBuffers` (no allocation per call).
+- :func:`broadcast_flat` sends a :class:`FlatBuffers`' packed values from one rank to all (counted as
+  ``N - 1`` copies on the sender).
 - :func:`consensus_distance` computes ``(1/N) sum_i ||x_i - xbar||^2`` with two all-reduces.
 - :class:`CommCounter` counts bytes sent by this rank: point-to-point sends exactly, an all-reduce as a
   bandwidth-optimal ring all-reduce sends (``2 (N - 1) / N`` times the payload). ``start_step()``
@@ -37,8 +41,10 @@ __all__ = [
     "CommCounter",
     "Exchange",
     "FlatBuffers",
+    "all_reduce_flat_",
     "all_reduce_mean_",
     "all_reduce_sum_",
+    "broadcast_flat",
     "consensus_distance",
     "is_distributed",
     "neighbour_exchange",
@@ -137,12 +143,18 @@ class FlatBuffers:
             for (device, dtype), idx in zip(self.keys, self.indices)
         ]
         self._views = [self.views_of(buffer, b) for b, buffer in enumerate(self.buffers)]
+        self.ordered = [tensors[i] for idx in self.indices for i in idx]
+        """The tensors in buffer order: ``ordered[k]`` matches ``all_views(buffers)[k]``."""
 
     def views_of(self, buffer: Tensor, b: int) -> list[Tensor]:
         """Views into ``buffer`` (laid out like buffer ``b``) with the shapes of its tensors."""
         shapes = [self.tensors[i].shape for i in self.indices[b]]
         sizes = [self.tensors[i].numel() for i in self.indices[b]]
         return [view.view(shape) for view, shape in zip(buffer.split(sizes), shapes)]
+
+    def all_views(self, buffers: Sequence[Tensor]) -> list[Tensor]:
+        """Views into every buffer of ``buffers`` (this layout), in the order of :attr:`ordered`."""
+        return [view for b, buffer in enumerate(buffers) for view in self.views_of(buffer, b)]
 
     @property
     def numel(self) -> int:
@@ -229,29 +241,59 @@ def neighbour_exchange(
     return Exchange(works=list(works), received=recv)
 
 
-def _flat_all_reduce_(
-    tensors: Iterable[Tensor], op: dist.ReduceOp.RedOpType, divide: bool, counter: CommCounter | None,
-    group: dist.ProcessGroup | None,
+def all_reduce_flat_(
+    flat: FlatBuffers, *, average: bool = True, counter: CommCounter | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
-    tensors = list(tensors)
-    if not tensors or not is_distributed():
+    r"""Sum (``average=False``) or average the tensors of ``flat`` in place over the group.
+
+    Packs, runs one all-reduce per buffer and unpacks, reusing ``flat``'s buffers; a no-op without a
+    process group. ``counter`` records the ring all-reduce bytes.
+    """
+    if not is_distributed():
         return
-    flat = FlatBuffers(tensors)
     size = dist.get_world_size(group)
     for buffer in flat.pack():
-        dist.all_reduce(buffer, op=op, group=group)
-        if divide:
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        if average:
             buffer.div_(size)
     if counter is not None:
         counter.add_all_reduce(flat.nbytes, size)
     flat.unpack()
 
 
+def _flat_all_reduce_(
+    tensors: Iterable[Tensor], average: bool, counter: CommCounter | None, group: dist.ProcessGroup | None
+) -> None:
+    tensors = list(tensors)
+    if tensors and is_distributed():
+        all_reduce_flat_(FlatBuffers(tensors), average=average, counter=counter, group=group)
+
+
+def broadcast_flat(
+    flat: FlatBuffers, src: int, *, counter: CommCounter | None = None, group: dist.ProcessGroup | None = None
+) -> list[Tensor]:
+    """Pack ``flat`` and broadcast its buffers from global rank ``src``; return the (received) buffers.
+
+    The tensors are not written: the caller unpacks, or combines the returned buffers itself. On
+    ``src``, ``counter`` records a one-to-all broadcast (gloo's algorithm): ``N - 1`` copies.
+    """
+    buffers = flat.pack()
+    if not is_distributed():
+        return buffers
+    for buffer in buffers:
+        dist.broadcast(buffer, src=src, group=group)
+    if counter is not None and dist.get_rank() == src:
+        peers = dist.get_world_size(group) - 1
+        counter.add_send(flat.nbytes * peers, messages=peers * len(buffers))
+    return buffers
+
+
 def all_reduce_sum_(
     tensors: Iterable[Tensor], *, counter: CommCounter | None = None, group: dist.ProcessGroup | None = None
 ) -> None:
     """Sum ``tensors`` in place over the group (no-op without a process group)."""
-    _flat_all_reduce_(tensors, dist.ReduceOp.SUM, False, counter, group)
+    _flat_all_reduce_(tensors, False, counter, group)
 
 
 def all_reduce_mean_(
@@ -262,7 +304,7 @@ def all_reduce_mean_(
     One all-reduce per ``(device, dtype)`` through :class:`FlatBuffers`; a no-op without a process
     group. ``counter`` records the ring all-reduce bytes.
     """
-    _flat_all_reduce_(tensors, dist.ReduceOp.SUM, True, counter, group)
+    _flat_all_reduce_(tensors, True, counter, group)
 
 
 def consensus_distance(tensors: Sequence[Tensor], *, group: dist.ProcessGroup | None = None) -> Tensor:

@@ -331,16 +331,12 @@ class EASGDStrategy(PeriodicSyncStrategy):
         names = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
         group_of = {id(p): g for o in self.optimizers for g in o.param_groups for p in g["params"]}
         first_group = self.optimizers[0].param_groups[0] if self.optimizers else {"lr": 0.0}
-        order = [i for idx in flat.indices for i in idx]
-        self._tensors = [flat.tensors[i] for i in order]
+        self._tensors = flat.ordered
         self._keys = [names.get(id(t)) for t in self._tensors]
         self._groups = [group_of.get(id(t), first_group) for t in self._tensors]
-
-        def views(buffers: list[Tensor]) -> list[Tensor]:
-            return [v for b, buffer in enumerate(buffers) for v in flat.views_of(buffer, b)]
-
         self._center, self._diff, self._sum = flat.like(), flat.like(), flat.like()
-        self._center_views, self._diff_views, self._sum_views = views(self._center), views(self._diff), views(self._sum)
+        self._center_views = flat.all_views(self._center)
+        self._diff_views, self._sum_views = flat.all_views(self._diff), flat.all_views(self._sum)
         source = self._center_source if self._center_source is not None else previous
         self._center_source = None
         with torch.no_grad():
@@ -396,9 +392,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
         """
         if self._center is None:
             return super().lightning_module_state_dict()
-        module = self.lightning_module
-        assert module is not None
-        state = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+        state = self._state_copy()
         for key, center in self.center_tensors().items():
             state[key] = center.detach().clone()
         return state

@@ -36,20 +36,23 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.pytorch import LightningModule
-from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._base import _LOGGING_HOOKS, LocalModelStrategy, check_ddp_kwargs
-from lightning_optsurvey.strategies._comm import FlatBuffers, all_reduce_mean_, is_distributed, world_size
+from lightning_optsurvey.strategies._base import LocalModelStrategy, check_ddp_kwargs
+from lightning_optsurvey.strategies._comm import (
+    FlatBuffers,
+    all_reduce_flat_,
+    all_reduce_mean_,
+    broadcast_flat,
+    is_distributed,
+)
 
 __all__ = ["LocalSGDStrategy", "PeriodicSyncStrategy"]
 
@@ -67,9 +70,9 @@ class PeriodicSyncStrategy(LocalModelStrategy):
 
     Subclasses implement :meth:`_synchronize`, called after the optimizer step of every due step under
     ``torch.no_grad()``, and may use :meth:`_sync_due` in :meth:`_pre_optimizer_step` to prepare.
-    ``self._flat`` packs :meth:`synced_tensors` (parameters, then float buffers) when a process group
-    is up. The step counter and the number of synchronizations are part of each rank's checkpointed
-    state, so a resumed run keeps the same schedule.
+    ``self._flat`` packs :meth:`synced_tensors` (parameters, then float buffers); :meth:`_pull_toward_`
+    moves them toward a point held in buffers of its layout. The step counter and the number of
+    synchronizations are part of each rank's checkpointed state, so a resumed run keeps the same schedule.
 
     Args:
         sync_every: Communicate after every ``sync_every``-th optimizer step.
@@ -127,12 +130,16 @@ class PeriodicSyncStrategy(LocalModelStrategy):
         """Communicate after the optimizer step of a due step (under ``torch.no_grad()``)."""
         raise NotImplementedError
 
-    def _log_metric(self, name: str, value: float) -> None:
-        """Log ``name`` at this step from inside ``optimizer_step`` (a no-op outside training hooks)."""
-        module = self.lightning_module
-        if module is None or module._trainer is None or module._current_fx_name not in _LOGGING_HOOKS:
-            return
-        module.log(name, value, on_step=True, on_epoch=False)
+    def _pull_toward_(self, target: list[Tensor], strength: float) -> None:
+        r""":math:`x \leftarrow x - \lambda (x - t)` for the synchronized tensors, ``t`` in ``target``.
+
+        ``target`` holds one buffer per buffer of ``self._flat`` (same layout), e.g. a received model.
+        """
+        assert self._flat is not None
+        tensors = self._flat.ordered
+        step = torch._foreach_sub(tensors, self._flat.all_views(target))
+        torch._foreach_mul_(step, strength)
+        torch._foreach_sub_(tensors, step)
 
     @override
     def _logged_params(self) -> dict[str, Any]:
@@ -206,54 +213,28 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     @override
     def _on_fit_setup(self) -> None:
         super()._on_fit_setup()
-        module = self.lightning_module
-        assert module is not None
-        buffers = [b for _, b in module.named_buffers() if b is not None and b.is_floating_point()]
+        buffers = self._float_buffers()
         self._buffer_flat = FlatBuffers(buffers) if buffers else None
 
     @override
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: LightningModule | torch.nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
+    def _after_backward(self, optimizer: Optimizer) -> None:
         if self.in_warmup and is_distributed():
-            inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-            closure = partial(self._averaging_closure, inner, closure)
-        return super().optimizer_step(optimizer, closure, model, **kwargs)
-
-    def _averaging_closure(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Any:
-        """Run the closure (forward and backward), then average the gradients over the ranks."""
-        output = closure()
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        all_reduce_mean_(grads, counter=self.comm)
-        return output
+            # DistributedDataParallel's gradient all-reduce, after the backward and before clipping.
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            all_reduce_mean_(grads, counter=self.comm)
 
     @override
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
         flat = self._buffer_flat
         if self.in_warmup and flat is not None and is_distributed():
             # DistributedDataParallel(broadcast_buffers=True): rank 0's statistics before each forward.
-            for buffer in flat.pack():
-                dist.broadcast(buffer, src=0)
+            broadcast_flat(flat, 0, counter=self.comm)
             flat.unpack()
-            if self.global_rank == 0:
-                peers = world_size() - 1
-                self.comm.add_send(flat.nbytes * peers, messages=peers * len(flat.buffers))
 
     @override
     def _synchronize(self, optimizer: Optimizer) -> None:
-        if not is_distributed():
-            return
         assert self._flat is not None
-        size = world_size()
-        for buffer in self._flat.pack():
-            dist.all_reduce(buffer)
-            buffer.div_(size)
-        self.comm.add_all_reduce(self._flat.nbytes, size)
-        self._flat.unpack()
+        all_reduce_flat_(self._flat, counter=self.comm)
 
     @override
     def _logged_params(self) -> dict[str, Any]:

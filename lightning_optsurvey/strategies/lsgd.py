@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._comm import is_distributed, world_size
+from lightning_optsurvey.strategies._comm import broadcast_flat, is_distributed, world_size
 from lightning_optsurvey.strategies.local_sgd import PeriodicSyncStrategy
 
 __all__ = [
@@ -211,7 +211,6 @@ class LSGDStrategy(PeriodicSyncStrategy):
         super().__init__(sync_every=sync_every, **ddp_kwargs)
         self.pull_strength = float(pull_strength)
         self.leader = leader
-        self._tensors: list[Tensor] = []
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._record_loss = False
@@ -228,8 +227,6 @@ class LSGDStrategy(PeriodicSyncStrategy):
     @override
     def _on_fit_setup(self) -> None:
         super()._on_fit_setup()
-        if self._flat is not None:
-            self._tensors = [self._flat.tensors[i] for idx in self._flat.indices for i in idx]
         if self._loss_sum is None:
             self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.root_device)
         else:
@@ -286,18 +283,9 @@ class LSGDStrategy(PeriodicSyncStrategy):
         leader = select_leader(self._all_gather_scalar(mean.reshape(1)).reshape(-1))
         self._reset_loss()
         self._last_leader = leader
-        payload = self._flat.pack()
-        for buffer in payload:
-            dist.broadcast(buffer, src=leader)
-        if self.global_rank == leader:
-            # Counted as a one-to-all broadcast (gloo's algorithm): the leader sends to every other rank.
-            peers = world_size() - 1
-            self.comm.add_send(self._flat.nbytes * peers, messages=peers * len(payload))
-        else:
-            leader_views = [v for b, buffer in enumerate(payload) for v in self._flat.views_of(buffer, b)]
-            step = torch._foreach_sub(self._tensors, leader_views)
-            torch._foreach_mul_(step, self.pull_strength)
-            torch._foreach_sub_(self._tensors, step)
+        leader_model = broadcast_flat(self._flat, leader, counter=self.comm)
+        if self.global_rank != leader:
+            self._pull_toward_(leader_model, self.pull_strength)
         self._log_metric("lsgd/leader", float(leader))
 
     def _grad_norm(self, optimizer: Optimizer) -> Tensor:
@@ -317,10 +305,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
             buffer.mul_(own)
             dist.all_reduce(buffer)
         self.comm.add_all_reduce(self._flat.nbytes, world_size())
-        center_views = [v for b, buffer in enumerate(center) for v in self._flat.views_of(buffer, b)]
-        step = torch._foreach_sub(self._tensors, center_views)
-        torch._foreach_mul_(step, self.pull_strength)
-        torch._foreach_sub_(self._tensors, step)
+        self._pull_toward_(center, self.pull_strength)
 
     # ----------------------------------------------------------------------------------------------
     # Logging and checkpoints
