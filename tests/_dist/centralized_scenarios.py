@@ -14,7 +14,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from gossip_scenarios import BATCH, OUT, RANK, WORLD, Regression, loader, regression_data, save, state, trainer
+from gossip_scenarios import (
+    BATCH,
+    RANK,
+    WORLD,
+    Regression,
+    loader,
+    regression_data,
+    save,
+    state,
+    straight_and_resumed,
+    trainer,
+)
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -234,27 +245,9 @@ def checkpoint_resume() -> None:
     }
     results: dict[str, Any] = {}
     for name, make in variants.items():
-        runs: dict[str, Any] = {}
-        torch.manual_seed(1)
-        model = Regression(batch_norm=True)
-        trainer(make(), max_epochs=2).fit(model, loader(data))
-        runs["straight"] = state(model)
-        torch.manual_seed(1)
-        model = Regression(batch_norm=True)
-        first = trainer(make(), max_epochs=1)
-        first.fit(model, loader(data))
-        path = OUT / f"{name}.ckpt"
-        first.save_checkpoint(path)
-        runs["first"] = state(model)
-        runs["center"] = (
-            {k: v.clone() for k, v in first.strategy.center_tensors().items()} if name == "easgd" else None
-        )
-        torch.manual_seed(2)  # a different init: everything must come from the checkpoint
-        model = Regression(batch_norm=True)
-        resumed = trainer(make(), max_epochs=2)
-        resumed.fit(model, loader(data), ckpt_path=path)
-        runs["resumed"] = state(model)
-        runs["steps"] = resumed.strategy.steps
+        runs, first, resumed = straight_and_resumed(name, make, data)
+        runs["center"] = {k: v.clone() for k, v in first.center_tensors().items()} if name == "easgd" else None
+        runs["steps"] = resumed.steps
         results[name] = runs
     save("checkpoint_resume", results)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,32 @@ def linear_reference() -> None:
     save("linear_reference", results)
 
 
+def straight_and_resumed(name: str, make: Callable[[], Any], data: TensorDataset) -> tuple[dict[str, Any], Any, Any]:
+    """Train 2 epochs straight, and 1 epoch + checkpoint ``OUT/<name>.ckpt`` + resume for 1 more.
+
+    Returns the models' states (``"straight"``, ``"first"``: at the checkpoint, ``"resumed"``) and the
+    strategies of the checkpointed and the resumed run.
+    """
+    runs: dict[str, Any] = {}
+    torch.manual_seed(1)
+    model = Regression(batch_norm=True)
+    trainer(make(), max_epochs=2).fit(model, loader(data))
+    runs["straight"] = state(model)
+    torch.manual_seed(1)
+    model = Regression(batch_norm=True)
+    first = trainer(make(), max_epochs=1)
+    first.fit(model, loader(data))
+    path = OUT / f"{name}.ckpt"
+    first.save_checkpoint(path)
+    runs["first"] = state(model)
+    torch.manual_seed(2)  # a different init: everything must come from the checkpoint
+    model = Regression(batch_norm=True)
+    resumed = trainer(make(), max_epochs=2)
+    resumed.fit(model, loader(data), ckpt_path=path)
+    runs["resumed"] = state(model)
+    return runs, first.strategy, resumed.strategy
+
+
 def checkpoint_resume() -> None:
     """Train 2 epochs straight, and 1 epoch + checkpoint + resume for 1 more; compare exactly."""
     data = regression_data(6 * BATCH * WORLD, seed=1)
@@ -266,24 +293,8 @@ def checkpoint_resume() -> None:
     }
     results: dict[str, Any] = {}
     for name, make in variants.items():
-        runs: dict[str, Any] = {}
-        torch.manual_seed(1)
-        model = Regression(batch_norm=True)
-        trainer(make(), max_epochs=2).fit(model, loader(data))
-        runs["straight"] = state(model)
-        torch.manual_seed(1)
-        model = Regression(batch_norm=True)
-        first = trainer(make(), max_epochs=1)
-        first.fit(model, loader(data))
-        path = OUT / f"{name}.ckpt"
-        first.save_checkpoint(path)
-        runs["first"] = state(model)
-        weight = first.strategy._weight
-        runs["weight"] = None if weight is None else weight.clone()
-        torch.manual_seed(2)  # a different init: everything must come from the checkpoint
-        model = Regression(batch_norm=True)
-        trainer(make(), max_epochs=2).fit(model, loader(data), ckpt_path=path)
-        runs["resumed"] = state(model)
+        runs, first, _ = straight_and_resumed(name, make, data)
+        runs["weight"] = None if first._weight is None else first._weight.clone()
         results[name] = runs
     save("checkpoint_resume", results)
 
