@@ -150,3 +150,25 @@ def test_peers_rejects_out_of_range() -> None:
         topology.peers(4)
     with pytest.raises(ValueError, match="step must be"):
         topology.peers(0, -1)
+
+
+@pytest.mark.parametrize("kind", ["ring", "one_peer_exponential"])
+def test_every_round_method_rejects_a_bad_step_or_rank(kind: str) -> None:
+    topology = Topology(kind, 4)
+    for method in (topology.mixing_matrix, topology.push_sum_matrix, topology.out_neighbours):
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match=f"step must be a non-negative integer, got {bad!r}"):
+                method(bad)
+    for bad in (-1, 4, 0.0):
+        with pytest.raises(ValueError, match=f"rank must be an integer in \\[0, 4\\), got {bad!r}"):
+            topology.bytes_per_round(100, rank=bad)
+    with pytest.raises(ValueError, match="step must be"):
+        topology.bytes_per_round(100, rank=0, step=-1)
+
+
+@pytest.mark.parametrize(("kind", "n", "sends"), [("ring", 8, 2), ("exponential", 8, 3), ("exponential", 5, 3),
+                                                  ("one_peer_exponential", 8, 1), ("complete", 5, 4)])
+def test_bytes_per_round_is_one_model_per_peer(kind: str, n: int, sends: int) -> None:
+    topology = Topology(kind, n)
+    for step in range(topology.period):
+        assert [topology.bytes_per_round(1000, rank, step) for rank in range(n)] == [1000 * sends] * n

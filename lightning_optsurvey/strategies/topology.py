@@ -178,8 +178,14 @@ class Topology:
             f"draws; use a larger p (the connectivity threshold is about ln(N)/N = {math.log(n) / n:.3f})"
         )
 
-    def out_neighbours(self, step: int = 0) -> list[list[int]]:
-        """For every rank, the sorted list of ranks it sends to at gossip round ``step``."""
+    def _check_rank(self, rank: int) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be an integer in [0, {self.world_size}), got {rank!r}")
+
+    def _out(self, step: int) -> list[list[int]]:
+        """``out_neighbours`` without the copy (callers must not modify it); checks ``step``."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
         if self._static_out is not None:
             return self._static_out
         n = self.world_size
@@ -187,6 +193,14 @@ class Topology:
             return [[]]
         hop = 2 ** (step % self.period)
         return [[(i + hop) % n] for i in range(n)]
+
+    def out_neighbours(self, step: int = 0) -> list[list[int]]:
+        """For every rank, the sorted list of ranks it sends to at gossip round ``step``.
+
+        Raises:
+            ValueError: If ``step`` is not a non-negative integer.
+        """
+        return [list(out) for out in self._out(step)]
 
     def peers(self, rank: int, step: int = 0) -> tuple[list[int], list[int]]:
         """Ranks that ``rank`` sends to and receives from at gossip round ``step``.
@@ -204,11 +218,8 @@ class Topology:
         Raises:
             ValueError: If ``rank`` or ``step`` is out of range.
         """
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
-            raise ValueError(f"rank must be an integer in [0, {self.world_size}), got {rank!r}")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        out = self.out_neighbours(step)
+        self._check_rank(rank)
+        out = self._out(step)
         recv_from = sorted(j for j in range(self.world_size) if rank in out[j])
         return list(out[rank]), recv_from
 
@@ -219,7 +230,7 @@ class Topology:
         """``A[i, j] = True`` when ``j`` sends to ``i`` (``i != j``)."""
         n = self.world_size
         adjacency = torch.zeros(n, n, dtype=torch.bool)
-        for j, outs in enumerate(self.out_neighbours(step)):
+        for j, outs in enumerate(self._out(step)):
             for i in outs:
                 adjacency[i, j] = True
         return adjacency
@@ -233,6 +244,9 @@ class Topology:
 
         Returns:
             A float64 ``(N, N)`` tensor on the CPU whose rows and columns each sum to one.
+
+        Raises:
+            ValueError: If ``step`` is not a non-negative integer.
         """
         adjacency = self._adjacency(step).to(torch.float64)
         if self.is_directed:
@@ -250,6 +264,9 @@ class Topology:
 
         Returns:
             A float64 ``(N, N)`` tensor whose columns sum to one.
+
+        Raises:
+            ValueError: If ``step`` is not a non-negative integer.
 
         References:
             Kempe, Dobra & Gehrke, "Gossip-based computation of aggregate information", FOCS 2003.
@@ -278,8 +295,13 @@ class Topology:
         return float(1.0 - modulus)
 
     def bytes_per_round(self, model_bytes: int, rank: int = 0, step: int = 0) -> int:
-        """Bytes ``rank`` sends in one round when each message is a whole model of ``model_bytes``."""
-        return model_bytes * len(self.out_neighbours(step)[rank])
+        """Bytes ``rank`` sends in one round when each message is a whole model of ``model_bytes``.
+
+        Raises:
+            ValueError: If ``rank`` or ``step`` is out of range.
+        """
+        self._check_rank(rank)
+        return model_bytes * len(self._out(step)[rank])
 
     def __repr__(self) -> str:
         extra = f", seed={self.seed}, p={self.p}" if self.kind == "erdos_renyi" else ""
