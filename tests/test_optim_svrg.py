@@ -173,3 +173,27 @@ def test_snapshot_pass_moves_batches_as_from_the_single_train_loader():
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
     assert len(module.dataloader_indices) == len(x) // 32 + 1  # snapshot batches + one training batch
     assert set(module.dataloader_indices) == {0}
+
+
+def test_a_group_added_after_the_snapshot_takes_sgd_steps_until_the_next_one():
+    # e.g. Lightning's BaseFinetuning unfreezes layers mid-epoch with add_param_group.
+    x, y = _data()
+    w_tilde = torch.randn(5, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    w, u = nn.Parameter(w_tilde.clone()), nn.Parameter(torch.ones(3, dtype=DTYPE))
+    target = torch.arange(3, dtype=DTYPE)
+    opt = SVRG([w], lr=0.1)
+    _snapshot(opt, w, x, y)
+    opt.add_param_group({"params": [u], "lr": 0.5})
+    batch = slice(3, 11)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(w, x[batch], y[batch]) + 0.5 * (u - target).pow(2).sum()
+        loss.backward()
+        return loss
+
+    u0 = u.detach().clone()
+    opt.step(closure)
+    # w: at the snapshot the variance-reduced direction is the full gradient; u: a plain SGD step.
+    torch.testing.assert_close(w.detach(), w_tilde - 0.1 * _full_gradient(w_tilde, x, y), rtol=0, atol=TOL)
+    torch.testing.assert_close(u.detach(), u0 - 0.5 * (u0 - target), rtol=0, atol=TOL)

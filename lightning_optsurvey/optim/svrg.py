@@ -60,9 +60,10 @@ class SVRG(Optimizer):
 
     ``step(closure)`` evaluates the closure at :math:`w` (the evaluation that is logged and whose loss is
     returned) and, once a snapshot exists, again at :math:`\tilde w` with the same RNG state. Before the first
-    snapshot the step is plain SGD. :meth:`snapshot` stores the current weights and their ``.grad`` (which
-    the caller has filled with the full gradient); :class:`SVRGSnapshot` does this every epoch under
-    Lightning. A snapshot at every step makes the method full-batch gradient descent.
+    snapshot the step is plain SGD, and so it is for parameters added (``add_param_group``) after the last
+    one: they stay at their current values in the second evaluation. :meth:`snapshot` stores the current
+    weights and their ``.grad`` (which the caller has filled with the full gradient); :class:`SVRGSnapshot`
+    does this every epoch under Lightning. A snapshot at every step makes the method full-batch gradient descent.
 
     Args:
         params: Parameters or parameter groups.
@@ -127,15 +128,20 @@ class SVRG(Optimizer):
         rng = _rng_states(params) if have_snapshot else []
         loss = call_closure(closure)
         directions: dict[Tensor, Tensor] = {p: p.grad.clone() for p in params if p.grad is not None}
-        if have_snapshot and directions:
-            current = [p.detach().clone() for p in params]
-            torch._foreach_copy_(params, [self.state[p]["snapshot"] for p in params])
+        # Parameters added after the snapshot (add_param_group) stay put and take SGD steps until the next.
+        snapped = [p for p in params if "snapshot" in self.state.get(p, {})]
+        if have_snapshot and directions and snapped:
+            current = [p.detach().clone() for p in snapped]
+            torch._foreach_copy_(snapped, [self.state[p]["snapshot"] for p in snapped])
             _set_rng_states(rng)  # same dropout masks as the first evaluation
             try:
                 call_closure(closure)
             finally:
-                torch._foreach_copy_(params, current)
-            for p, v in directions.items():
+                torch._foreach_copy_(snapped, current)
+            for p in snapped:
+                v = directions.get(p)
+                if v is None:
+                    continue
                 if p.grad is not None:
                     v.sub_(p.grad)
                 v.add_(self.state[p]["full_grad"])
