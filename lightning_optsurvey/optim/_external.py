@@ -28,6 +28,7 @@ import pytorch_optimizer as po
 from pytorch_optimizer.base.exception import NegativeLRError, NegativeStepError
 from torch.optim import Optimizer
 
+from lightning_optsurvey.optim._common import check_int
 from lightning_optsurvey.optim.registry import OptimizerSpec, create_optimizer, get_spec, register
 
 
@@ -67,8 +68,7 @@ def lookahead(params: Any, base: str = "adam", k: int = 5, alpha: float = 0.5, p
     spec = get_spec(base)
     if spec.needs_closure or spec.create_graph or spec.needs_model:
         raise ValueError(f"lookahead's base must take plain gradient steps; {base!r} cannot")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    check_int("k", k)
     inner = create_optimizer(base, params, **base_kwargs)
     return _translated(po.Lookahead)(inner, k=k, alpha=alpha, pullback_momentum=pullback_momentum)
 
