@@ -105,41 +105,64 @@ def val_accuracy(model_name: str, state: dict[str, torch.Tensor], data: DigitsDa
         return float((net(x).argmax(1) == y).float().mean())
 
 
+def rotated_runs(configs: list[Any], repeats: int, warmup: Any) -> list[tuple[int, Any]]:
+    """A warm-up fit (repeat -1), then ``repeats`` passes over ``configs``, each rotated by one more.
+
+    The machine is shared: rotating spreads drift in its load over all configurations instead of
+    biasing one.
+    """
+    runs: list[tuple[int, Any]] = [(-1, warmup)]
+    for rep in range(repeats):
+        shift = rep % len(configs)
+        runs += [(rep, c) for c in configs[shift:] + configs[:shift]]
+    return runs
+
+
+def fit_timed(
+    strategy: Any, model_name: str, batch_size: int, epochs: int
+) -> tuple[Trainer, ClassifierModule, StepTimer]:
+    """Fit ``model_name`` on digits with SGD (lr 0.05, momentum 0.9) from seed 0 under ``strategy``."""
+    torch.manual_seed(0)
+    module = ClassifierModule(model_name, optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
+    timer = StepTimer()
+    trainer = Trainer(
+        accelerator="cpu", devices=int(os.environ["LOCAL_WORLD_SIZE"]), strategy=strategy, max_epochs=epochs,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer], num_sanity_val_steps=0,
+    )
+    trainer.fit(module, DigitsDataModule(batch_size=batch_size))
+    return trainer, module, timer
+
+
+def checkpoint_accuracy(trainer: Trainer, model_name: str) -> float:
+    """Validation accuracy of the model a checkpoint holds (the consensus; EASGD's center; DDP's model).
+
+    A collective call under our strategies: every rank makes it.
+    """
+    return val_accuracy(model_name, trainer.strategy.lightning_module_state_dict(), trainer.datamodule)
+
+
+def timing_summary(times: list[float], rep_medians: list[float]) -> dict[str, float]:
+    """Median step time over all repeats, and the smallest and largest per-repeat median, in ms."""
+    return {"step_ms": 1e3 * statistics.median(times), "step_ms_lo": 1e3 * min(rep_medians),
+            "step_ms_hi": 1e3 * max(rep_medians)}
+
+
 def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
-    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     configs = [(m, s, o) for m in MODELS for s, o in STRATEGIES]
-    # A warm-up fit, then `repeats` passes over the configurations in rotated order, so drift in the
-    # machine's load (it is shared) spreads over all of them instead of biasing one.
-    runs: list[tuple[int, tuple[str, str, bool | None]]] = [(-1, ("cnn", "ddp", None))]
-    for rep in range(repeats):
-        shift = rep % len(configs)
-        runs += [(rep, c) for c in configs[shift:] + configs[:shift]]
     results: dict[tuple[str, str, bool | None], dict[str, Any]] = {}
-    for rep, (model_name, strategy_name, overlap) in runs:
+    for rep, (model_name, strategy_name, overlap) in rotated_runs(configs, repeats, ("cnn", "ddp", None)):
         if strategy_name == "ddp":
             strategy: Any = CountingDDP()
         else:
             kind = {"gossip_ring": "ring", "gossip_one_peer": "one_peer_exponential"}[strategy_name]
             strategy = GossipStrategy(kind, overlap=bool(overlap))
-        torch.manual_seed(0)
-        module = ClassifierModule(model_name, optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
-        data = DigitsDataModule(batch_size=batch_size)
-        timer = StepTimer()
-        trainer = Trainer(
-            accelerator="cpu", devices=local_world, strategy=strategy, max_epochs=2 if rep < 0 else epochs,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[timer], num_sanity_val_steps=0,
-        )
-        trainer.fit(module, data)
+        trainer, module, timer = fit_timed(strategy, model_name, batch_size, 2 if rep < 0 else epochs)
         val_acc = float(trainer.callback_metrics["val/acc"])
-        consensus = (
-            trainer.strategy.consensus_state_dict() if isinstance(strategy, GossipStrategy)
-            else module.state_dict()
-        )
-        consensus_acc = val_accuracy(model_name, consensus, data)
+        consensus_acc = checkpoint_accuracy(trainer, model_name)
         if rep < 0:
             continue
         entry = results.setdefault((model_name, strategy_name, overlap), {
@@ -165,9 +188,7 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
     for entry in results.values():
         times, nbytes = entry.pop("times"), entry.pop("bytes")
         entry.update(
-            step_ms=1e3 * statistics.median(times),
-            step_ms_lo=1e3 * min(entry["rep_medians"]),
-            step_ms_hi=1e3 * max(entry["rep_medians"]),
+            **timing_summary(times, entry["rep_medians"]),
             bytes_per_step=statistics.mean(nbytes),
             bytes_min=min(nbytes),
             bytes_max=max(nbytes),
@@ -258,32 +279,46 @@ def _model_table(alpha: float, beta: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=10)
+def parse_args(description: str, *, epochs: int, repeats: int, timeout: float) -> argparse.Namespace:
+    """The command line shared by the strategy benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="passes over all configurations")
+    parser.add_argument("--repeats", type=int, default=repeats, help="passes over all configurations")
     parser.add_argument("--alpha", type=float, default=5e-6, help="latency per message, seconds")
     parser.add_argument("--bandwidth-gbps", type=float, default=100.0, help="link bandwidth, Gbit/s")
-    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--timeout", type=float, default=timeout)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_ranks(script: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, float]:
+    """Launch ``script``'s workers on ``WORLD`` ranks; return their results, the hardware line and beta."""
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _launch(script, Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
+    note = " (oversubscribed: more processes than cores)" if WORLD > cores else ""
+    return results, f"{WORLD} gloo processes on {cores} CPU cores{note}", 8.0 / (args.bandwidth_gbps * 1e9)
+
+
+def modelled_heading(args: argparse.Namespace, beta: float) -> str:
+    return (f"## Modelled: communication per step, alpha = {args.alpha * 1e6:g} us per message, "
+            f"beta = {beta * 1e12:g} ps/byte ({args.bandwidth_gbps:g} Gbit/s), float32 parameters")
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n")[0], epochs=10, repeats=3, timeout=1800.0)
     if args.worker is not None:
         _worker(args.worker, args.epochs, args.batch_size, args.repeats)
         return
-    cores = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp:
-        results = _launch(__file__, Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
-    beta = 8.0 / (args.bandwidth_gbps * 1e9)
-    note = " (oversubscribed: more processes than cores)" if WORLD > cores else ""
-    print(f"## Measured: {WORLD} gloo processes on {cores} CPU cores{note}, batch {args.batch_size} per rank, "
+    results, hardware, beta = run_ranks(__file__, args)
+    print(f"## Measured: {hardware}, batch {args.batch_size} per rank, "
           f"{args.epochs} epochs, SGD lr 0.05 momentum 0.9, digits, {args.repeats} repeats\n")
     print("Step time: median over all steps after the first epoch of all repeats (on rank 0); in brackets the "
           "smallest and largest per-repeat median. Accuracy is deterministic: "
           f"{'identical' if all(r['val_acc_repeatable'] for r in results) else 'NOT identical'} in every repeat.\n")
     print(_measured_table(results))
-    print(f"\n## Modelled: communication per step, alpha = {args.alpha * 1e6:g} us per message, "
-          f"beta = {beta * 1e12:g} ps/byte ({args.bandwidth_gbps:g} Gbit/s), float32 parameters\n")
+    print(f"\n{modelled_heading(args, beta)}\n")
     print(_model_table(args.alpha, beta))
 
 

@@ -25,19 +25,27 @@ Modelled: the alpha-beta cost of communication per step, amortized over a period
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gossip_vs_ddp import WORLD, CountingDDP, StepTimer, _launch, _model_table, val_accuracy  # the gossip benchmark
+from gossip_vs_ddp import (  # the gossip benchmark
+    WORLD,
+    CountingDDP,
+    _model_table,
+    checkpoint_accuracy,
+    fit_timed,
+    modelled_heading,
+    parse_args,
+    rotated_runs,
+    run_ranks,
+    timing_summary,
+)
 
 CONFIGS: tuple[tuple[str, str], ...] = (
     ("ddp", "ddp"),
@@ -76,38 +84,22 @@ def _make_strategy(name: str, steps_per_epoch: int) -> Any:
 def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
     import torch
     import torch.distributed as dist
-    from lightning.pytorch import Trainer
 
-    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+    from lightning_optsurvey.tasks import DigitsDataModule
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
-    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     probe = DigitsDataModule(batch_size=batch_size)
     probe.setup("fit")
     steps_per_epoch = -(-len(probe.train_dataloader().dataset) // (batch_size * WORLD))
     names = [name for name, _ in CONFIGS]
-    runs: list[tuple[int, str]] = [(-1, "ddp")]  # a warm-up fit
-    for rep in range(repeats):
-        shift = rep % len(names)
-        runs += [(rep, n) for n in names[shift:] + names[:shift]]
     results: dict[str, dict[str, Any]] = {}
-    for rep, name in runs:
+    for rep, name in rotated_runs(names, repeats, "ddp"):
         strategy = CountingDDP() if name == "ddp" else _make_strategy(name, steps_per_epoch)
-        torch.manual_seed(0)
-        module = ClassifierModule("cnn", optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
-        data = DigitsDataModule(batch_size=batch_size)
-        timer = StepTimer()
-        trainer = Trainer(
-            accelerator="cpu", devices=local_world, strategy=strategy, max_epochs=2 if rep < 0 else epochs,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[timer], num_sanity_val_steps=0,
-        )
-        trainer.fit(module, data)
+        trainer, module, timer = fit_timed(strategy, "cnn", batch_size, 2 if rep < 0 else epochs)
         val_acc = float(trainer.callback_metrics["val/acc"])
-        checkpoint_model = trainer.strategy.lightning_module_state_dict()
-        checkpoint_acc = val_accuracy("cnn", checkpoint_model, data)
+        checkpoint_acc = checkpoint_accuracy(trainer, "cnn")
         mean_bytes = torch.tensor(statistics.mean(timer.bytes), dtype=torch.float64)
         dist.all_reduce(mean_bytes)
         if rep < 0:
@@ -126,11 +118,8 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
     summary = []
     for name in names:
         entry = results[name]
-        times = entry.pop("times")
         entry.update(
-            step_ms=1e3 * statistics.median(times),
-            step_ms_lo=1e3 * min(entry["rep_medians"]),
-            step_ms_hi=1e3 * max(entry["rep_medians"]),
+            **timing_summary(entry.pop("times"), entry["rep_medians"]),
             bytes_per_step=statistics.mean(entry.pop("bytes")),
             val_acc_repeatable=len(set(entry["val_acc"])) == 1,
             val_acc=entry["val_acc"][0],
@@ -189,32 +178,19 @@ def _centralized_model_table(alpha: float, beta: float, n: int = 32, period: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="passes over all configurations")
-    parser.add_argument("--alpha", type=float, default=5e-6, help="latency per message, seconds")
-    parser.add_argument("--bandwidth-gbps", type=float, default=100.0, help="link bandwidth, Gbit/s")
-    parser.add_argument("--timeout", type=float, default=3600.0)
-    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(__doc__.split("\n")[0], epochs=8, repeats=2, timeout=3600.0)
     if args.worker is not None:
         _worker(args.worker, args.epochs, args.batch_size, args.repeats)
         return
-    cores = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp:
-        results = _launch(__file__, Path(tmp), args.epochs, args.batch_size, args.repeats, args.timeout)
-    beta = 8.0 / (args.bandwidth_gbps * 1e9)
-    note = " (oversubscribed: more processes than cores)" if WORLD > cores else ""
-    print(f"## Measured: {WORLD} gloo processes on {cores} CPU cores{note}, digits CNN, batch {args.batch_size} "
+    results, hardware, beta = run_ranks(__file__, args)
+    print(f"## Measured: {hardware}, digits CNN, batch {args.batch_size} "
           f"per rank, {args.epochs} epochs, SGD lr 0.05 momentum 0.9, {args.repeats} repeats\n")
     repeatable = all(r["val_acc_repeatable"] for r in results)
     print("Step time: median over all steps after the first epoch of all repeats (rank 0); in brackets the "
           "smallest and largest per-repeat median. Bytes: mean over all steps and ranks. "
           f"Accuracy is deterministic: {'identical' if repeatable else 'NOT identical'} in every repeat.\n")
     print(_measured_table(results))
-    print(f"\n## Modelled: communication per step, alpha = {args.alpha * 1e6:g} us per message, "
-          f"beta = {beta * 1e12:g} ps/byte ({args.bandwidth_gbps:g} Gbit/s), float32 parameters, N = 32\n")
+    print(f"\n{modelled_heading(args, beta)}, N = 32\n")
     print(_centralized_model_table(args.alpha, beta))
     print("\nGossip against the ring all-reduce (from benchmarks/gossip_vs_ddp.py):\n")
     print(_model_table(args.alpha, beta))
