@@ -305,3 +305,11 @@ def test_gossip_bound_allows_round_off_where_it_is_tight():
     # On 4 nodes every non-consensus eigenvalue of W has modulus 1/3: the bound is an equality, met up
     # to the round-off of the products (~1e-17 ||X_0||), which must not read as a violation.
     assert decentralized.GossipConsensus(world_size=4).check(seed=0).holds
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_lbfgs_is_superlinear_on_other_seeds(seed):
+    # With torch's absolute y^T s > 1e-10 pair test the rate used to freeze near e ~ 1e-5 (0.84 on seed 2,
+    # above the optimal first-order rate 0.82); the check must not depend on where that happens.
+    outcome = second_order.LBFGSSuperlinear().check(seed=seed)
+    assert outcome.holds, outcome.details
