@@ -313,3 +313,17 @@ def test_lbfgs_is_superlinear_on_other_seeds(seed):
     # above the optimal first-order rate 0.82); the check must not depend on where that happens.
     outcome = second_order.LBFGSSuperlinear().check(seed=seed)
     assert outcome.holds, outcome.details
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_sam_sharpness_holds_where_the_cubic_term_or_the_ascent_matter(seed):
+    # Seed 5: the cubic term is 1.6 % at rho = 0.1, inside the exact Taylor remainder M rho^3 / 6 (26.7 %);
+    # seed 3: 20 ascent steps stopped at 0.80 of the maximum (nearly equal top eigenvalues).
+    outcome = landscape.SAMSharpness().check(seed=seed)
+    assert outcome.holds, outcome.details
+
+
+def test_sam_sharpness_fails_when_the_ascent_misses_the_maximum():
+    # One ascent step is SAM's first-order step: at a minimum it starts from a random direction and finds
+    # far less than rho^2 lambda_max / 2 - M rho^3 / 6 at the smallest radius.
+    assert not landscape.SAMSharpness(ascent_steps=1).check(seed=0).holds
