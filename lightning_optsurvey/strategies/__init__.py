@@ -7,11 +7,11 @@ importing or reloading twice is harmless.
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_optsurvey.strategies._base import LocalModelStrategy
+from lightning_optsurvey.strategies._base import LocalModelStrategy, PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import CommCounter, FlatBuffers, consensus_distance
 from lightning_optsurvey.strategies.easgd import EASGDStrategy
 from lightning_optsurvey.strategies.gossip import GOSSIP_STRATEGY_NAMES, GossipStrategy
-from lightning_optsurvey.strategies.local_sgd import LocalSGDStrategy, PeriodicSyncStrategy
+from lightning_optsurvey.strategies.local_sgd import LocalSGDStrategy
 from lightning_optsurvey.strategies.lsgd import LSGDStrategy
 from lightning_optsurvey.strategies.topology import TOPOLOGY_KINDS, Topology
 

@@ -1,4 +1,4 @@
-"""A base for strategies in which every rank trains its own copy of the model.
+"""Bases for strategies in which every rank trains its own copy of the model.
 
 Gossip (D-PSGD, SGP) and the centralized model-averaging methods (local SGD, EASGD, LSGD) share the
 same skeleton, which :class:`LocalModelStrategy` (a :class:`~lightning.pytorch.strategies.DDPStrategy`
@@ -35,6 +35,11 @@ Subclass hooks (all optional): ``_validate_world_size(n)`` (raise ``ValueError``
 ``super()``), ``_consensus_weight()``. Helpers: :meth:`synced_tensors` lists what a method should
 communicate (the optimizers' parameters, then the module's floating-point buffers);
 :meth:`_log_metric` logs a per-step value from inside the optimizer step.
+
+:class:`PeriodicSyncStrategy` adds the schedule every method here shares: communicate after every
+``sync_every``-th optimizer step (gossip's ``gossip_every``; local SGD, EASGD and LSGD's period), with
+the step and synchronization counters in each rank's checkpointed state, and flat buffers over
+:meth:`LocalModelStrategy.synced_tensors`.
 """
 
 from __future__ import annotations
@@ -62,9 +67,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._comm import CommCounter, all_reduce_mean_, all_reduce_sum_, is_distributed
+from lightning_optsurvey.strategies._comm import (
+    CommCounter,
+    FlatBuffers,
+    all_reduce_mean_,
+    all_reduce_sum_,
+    is_distributed,
+)
 
-__all__ = ["PER_RANK_STATES_KEY", "LocalModelStrategy", "check_ddp_kwargs"]
+__all__ = ["PER_RANK_STATES_KEY", "LocalModelStrategy", "PeriodicSyncStrategy", "check_ddp_kwargs", "check_int"]
 
 PER_RANK_STATES_KEY = "per_rank_states"
 """Checkpoint key of the per-rank states: ``{"strategy", "world_size", "ranks": [state_0, ...]}``."""
@@ -406,3 +417,107 @@ class LocalModelStrategy(DDPStrategy):
         for optimizer, state in zip(self.optimizers, own["optimizer_states"]):
             optimizer.load_state_dict(state)
             _optimizer_to_device(optimizer, self.root_device)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``minimum``; else ``TypeError``/``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+class PeriodicSyncStrategy(LocalModelStrategy):
+    """Per-rank models that communicate every ``sync_every`` optimizer steps (a base class).
+
+    Subclasses implement :meth:`_synchronize`, called after the optimizer step of every due step under
+    ``torch.no_grad()``, and may use :meth:`_sync_due` in :meth:`_pre_optimizer_step` to prepare.
+    ``self._flat`` packs :meth:`synced_tensors` (parameters, then float buffers); :meth:`_pull_toward_`
+    moves them toward a point held in buffers of its layout. The step counter and the number of
+    synchronizations are part of each rank's checkpointed state, so a resumed run keeps the same schedule.
+
+    Args:
+        sync_every: Communicate after every ``sync_every``-th optimizer step.
+        **ddp_kwargs: See :class:`~lightning_optsurvey.strategies.LocalModelStrategy`.
+
+    Raises:
+        ValueError: If ``sync_every < 1``.
+        TypeError: If ``sync_every`` is not an integer.
+    """
+
+    def __init__(self, sync_every: int = 1, **ddp_kwargs: Any) -> None:
+        self.sync_every = check_int("sync_every", sync_every, 1)
+        check_ddp_kwargs(type(self).__name__, ddp_kwargs)
+        super().__init__(**ddp_kwargs)
+        self._steps = 0
+        self._syncs = 0
+        self._flat: FlatBuffers | None = None
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken so far (over all fits of a resumed run)."""
+        return self._steps
+
+    @property
+    def syncs(self) -> int:
+        """Synchronizations done so far."""
+        return self._syncs
+
+    def _schedule_offset(self) -> int:
+        """Steps before the periodic schedule starts (post-local SGD's warm-up)."""
+        return 0
+
+    def _sync_due(self) -> bool:
+        """Whether the optimizer step about to be taken (step ``self._steps + 1``) ends with a sync."""
+        since = self._steps - self._schedule_offset()
+        return since >= 0 and (since + 1) % self.sync_every == 0
+
+    @override
+    def _on_fit_setup(self) -> None:
+        super()._on_fit_setup()
+        tensors = self.synced_tensors()
+        self._flat = FlatBuffers(tensors) if tensors else None
+
+    @override
+    def _post_optimizer_step(self, optimizer: Optimizer) -> None:
+        due = self._sync_due()
+        self._steps += 1
+        if not due or self._flat is None:
+            return
+        with torch.no_grad():
+            self._synchronize(optimizer)
+        self._syncs += 1
+
+    def _synchronize(self, optimizer: Optimizer) -> None:
+        """Communicate after the optimizer step of a due step (under ``torch.no_grad()``)."""
+        raise NotImplementedError
+
+    def _pull_toward_(self, target: list[Tensor], strength: float) -> None:
+        r""":math:`x \leftarrow x - \lambda (x - t)` for the synchronized tensors, ``t`` in ``target``.
+
+        ``target`` holds one buffer per buffer of ``self._flat`` (same layout), e.g. a received model.
+        """
+        assert self._flat is not None
+        tensors = self._flat.ordered
+        step = torch._foreach_sub(tensors, self._flat.all_views(target))
+        torch._foreach_mul_(step, strength)
+        torch._foreach_sub_(tensors, step)
+
+    @override
+    def _logged_params(self) -> dict[str, Any]:
+        params = super()._logged_params()
+        params["sync_every"] = self.sync_every
+        return params
+
+    @override
+    def _rank_state(self) -> dict[str, Any]:
+        state = super()._rank_state()
+        state.update(steps=self._steps, syncs=self._syncs)
+        return state
+
+    @override
+    def _load_rank_state(self, state: Mapping[str, Any]) -> None:
+        super()._load_rank_state(state)
+        self._steps = int(state.get("steps", 0))
+        self._syncs = int(state.get("syncs", 0))

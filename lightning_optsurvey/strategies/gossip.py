@@ -44,8 +44,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._base import LocalModelStrategy, check_ddp_kwargs
-from lightning_optsurvey.strategies._comm import Exchange, FlatBuffers, neighbour_exchange
+from lightning_optsurvey.strategies._base import PeriodicSyncStrategy, check_int
+from lightning_optsurvey.strategies._comm import Exchange, neighbour_exchange
 from lightning_optsurvey.strategies.topology import TOPOLOGY_KINDS, Topology
 
 __all__ = ["GOSSIP_ALGORITHMS", "GOSSIP_STRATEGY_NAMES", "GossipStrategy"]
@@ -62,7 +62,7 @@ GOSSIP_STRATEGY_NAMES: dict[str, str] = {
 """Registered ``Trainer(strategy=...)`` names and the topology each one uses."""
 
 
-class GossipStrategy(LocalModelStrategy):
+class GossipStrategy(PeriodicSyncStrategy):
     """Decentralized data-parallel training by gossip averaging with neighbours.
 
     Args:
@@ -106,28 +106,20 @@ class GossipStrategy(LocalModelStrategy):
                 raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGY_KINDS)}")
         elif not isinstance(topology, Topology):
             raise TypeError(f"topology must be a Topology or a kind string, got {type(topology).__name__}")
-        if isinstance(gossip_every, bool) or not isinstance(gossip_every, int):
-            raise TypeError(f"gossip_every must be an integer, got {gossip_every!r}")
-        if gossip_every < 1:
-            raise ValueError(f"gossip_every must be at least 1, got {gossip_every}")
+        check_int("gossip_every", gossip_every, 1)
         if not isinstance(overlap, bool):
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
         if algorithm not in GOSSIP_ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(GOSSIP_ALGORITHMS)}")
         if isinstance(topology_seed, bool) or not isinstance(topology_seed, int):
             raise TypeError(f"topology_seed must be an integer, got {topology_seed!r}")
-        check_ddp_kwargs(type(self).__name__, ddp_kwargs)
-        super().__init__(**ddp_kwargs)
+        super().__init__(sync_every=gossip_every, **ddp_kwargs)
         self._topology_spec = topology
         self.topology_seed = topology_seed
-        self.gossip_every = gossip_every
         self.overlap = overlap
         self.algorithm = algorithm
         self.topology: Topology | None = None
-        self._steps = 0
-        self._rounds = 0
         self._weight: Tensor | None = None
-        self._flat: FlatBuffers | None = None
         self._pre: list[Tensor] | None = None
         self._numerator: list[Tensor] | None = None
         self._recv: list[list[Tensor]] = []
@@ -141,9 +133,14 @@ class GossipStrategy(LocalModelStrategy):
         return spec if isinstance(spec, str) else spec.kind
 
     @property
+    def gossip_every(self) -> int:
+        """Optimizer steps per gossip round (``sync_every`` of the periodic schedule)."""
+        return self.sync_every
+
+    @property
     def rounds(self) -> int:
         """Gossip rounds done so far."""
-        return self._rounds
+        return self._syncs
 
     # ----------------------------------------------------------------------------------------------
     # Configuration
@@ -167,7 +164,7 @@ class GossipStrategy(LocalModelStrategy):
         params.update(
             topology=self.topology_kind,
             gossip_algorithm=self.algorithm,
-            gossip_every=self.gossip_every,
+            gossip_every=params.pop("sync_every"),
             gossip_overlap=self.overlap,
         )
         if self.topology is not None:
@@ -176,10 +173,11 @@ class GossipStrategy(LocalModelStrategy):
 
     @override
     def _on_fit_setup(self) -> None:
+        super()._on_fit_setup()
         self._pending = None
-        if self.topology is None:
+        if self.topology is None or self._flat is None:
+            self._flat = None  # a single rank, or nothing to gossip
             return
-        self._flat = FlatBuffers(self.synced_tensors())
         if self.overlap or self.algorithm == "push_sum":
             self._pre = self._flat.like()
         if self.overlap and self.algorithm == "push_sum":
@@ -193,9 +191,6 @@ class GossipStrategy(LocalModelStrategy):
     # ----------------------------------------------------------------------------------------------
     # Gossip
     # ----------------------------------------------------------------------------------------------
-    def _gossip_due(self) -> bool:
-        return self.topology is not None and (self._steps + 1) % self.gossip_every == 0
-
     def _row(self, step: int) -> tuple[float, list[float]]:
         """This rank's self weight and the weights of the ranks it receives from at round ``step``."""
         assert self.topology is not None
@@ -216,14 +211,14 @@ class GossipStrategy(LocalModelStrategy):
 
     def _start_exchange(self, send: list[Tensor]) -> Exchange:
         assert self.topology is not None
-        send_to, recv_from = self.topology.peers(self.global_rank, self._rounds)
+        send_to, recv_from = self.topology.peers(self.global_rank, self._syncs)
         if len(self._recv) != len(recv_from):
             self._recv = [[torch.empty_like(b) for b in send] for _ in recv_from]
         return neighbour_exchange(send, send_to, recv_from, recv=self._recv, counter=self.comm)
 
     def _combine_(self, own: list[Tensor], received: list[list[Tensor]]) -> None:
         """``own <- W_ii own + sum_k W_i,j_k received_k`` in place (weights included for push-sum)."""
-        self_weight, peer_weights = self._row(self._rounds)
+        self_weight, peer_weights = self._row(self._syncs)
         for b, buffer in enumerate(own):
             buffer.mul_(self_weight)
             for k, weight in enumerate(peer_weights):
@@ -231,9 +226,8 @@ class GossipStrategy(LocalModelStrategy):
 
     @override
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
-        if not self._gossip_due():
+        if not self._sync_due() or self._flat is None:
             return
-        assert self._flat is not None
         if self._pre is not None:
             self._flat.pack(self._pre)
         if not self.overlap:
@@ -248,18 +242,11 @@ class GossipStrategy(LocalModelStrategy):
         self._pending = self._start_exchange(self._payload(send))
 
     @override
-    def _post_optimizer_step(self, optimizer: Optimizer) -> None:
-        due = self._gossip_due()
-        self._steps += 1
-        if not due:
-            return
-        assert self._flat is not None
-        with torch.no_grad():
-            if self.overlap:
-                self._combine_overlapped()
-            else:
-                self._combine_after_step()
-        self._rounds += 1
+    def _synchronize(self, optimizer: Optimizer) -> None:
+        if self.overlap:
+            self._combine_overlapped()
+        else:
+            self._combine_after_step()
 
     def _combine_after_step(self) -> None:
         assert self._flat is not None
@@ -313,7 +300,6 @@ class GossipStrategy(LocalModelStrategy):
     @override
     def _rank_state(self) -> dict[str, Any]:
         state = super()._rank_state()
-        state.update(steps=self._steps, rounds=self._rounds)
         if self._weight is not None:
             state["push_sum_weight"] = self._weight.detach().clone()
         return state
@@ -321,8 +307,6 @@ class GossipStrategy(LocalModelStrategy):
     @override
     def _load_rank_state(self, state: Mapping[str, Any]) -> None:
         super()._load_rank_state(state)
-        self._steps = int(state.get("steps", 0))
-        self._rounds = int(state.get("rounds", 0))
         weight = state.get("push_sum_weight")
         self._weight = None if weight is None else weight.detach().to(torch.float64).reshape(1).clone()
 

@@ -51,8 +51,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import broadcast_flat, is_distributed, world_size
-from lightning_optsurvey.strategies.local_sgd import PeriodicSyncStrategy
 
 __all__ = [
     "LEADER_RULES",
