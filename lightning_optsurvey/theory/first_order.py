@@ -66,19 +66,9 @@ def _bound_outcome(result: Result, q: Quadratic, gaps: list[float], point: str, 
     )
 
 
-@register_result
 @dataclass(frozen=True)
-class GDConvex(Result):
-    """GD with step ``1/L`` on an L-smooth convex function."""
-
-    number = 1
-    name = "gd_convex"
-    statement = (
-        "f convex and L-smooth, GD with step s <= 1/L: f(x_k) - f* <= ||x_0 - x*||^2 / (2sk) for every k >= 1 "
-        "(L ||x_0 - x*||^2 / (2k) at s = 1/L)"
-    )
-    reference = "Beck 2017, First-Order Methods in Optimization, Thm. 10.21; Nesterov 2004, Sec. 2.1.5 (2LR^2/(k+4))"
-    criterion = f"bound with s = lr_scale/L checked at every k = 1..K (relative slack {BOUND_RTOL:g}, round-off)"
+class _ConvexQuadraticCheck(Result):
+    """Configuration shared by the convex (1/k, 1/k^2) checks: a log-spaced spectrum down to ~0."""
 
     dim: int = 40
     steps: int = 300
@@ -95,6 +85,41 @@ class GDConvex(Result):
         # Eigenvalues spread log-uniformly down to ~0: every k meets modes with lambda ~ L/k, the
         # worst case of the 1/k bound, while the function stays (barely) strongly convex.
         return Quadratic.with_spectrum(_log_spectrum(self.dim, self.smallest_eigenvalue, 1.0), generator(seed))
+
+
+@dataclass(frozen=True)
+class _AcceleratedQuadraticCheck(Result):
+    """Configuration shared by the accelerated-rate checks: a linear spectrum in [1/kappa, 1]."""
+
+    dim: int = 30
+    steps: int = 400
+    kappa: float = 1000.0
+    lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim, 2)
+        _positive_int("steps", self.steps, 10)
+        _positive_float("lr_scale", self.lr_scale)
+        if not self.kappa > 1:
+            raise ValueError(f"kappa must be > 1, got {self.kappa!r}")
+
+    def problem(self, seed: int = 0) -> Quadratic:
+        return Quadratic.with_spectrum(_lin_spectrum(self.dim, 1.0 / self.kappa, 1.0), generator(seed))
+
+
+@register_result
+@dataclass(frozen=True)
+class GDConvex(_ConvexQuadraticCheck):
+    """GD with step ``1/L`` on an L-smooth convex function."""
+
+    number = 1
+    name = "gd_convex"
+    statement = (
+        "f convex and L-smooth, GD with step s <= 1/L: f(x_k) - f* <= ||x_0 - x*||^2 / (2sk) for every k >= 1 "
+        "(L ||x_0 - x*||^2 / (2k) at s = 1/L)"
+    )
+    reference = "Beck 2017, First-Order Methods in Optimization, Thm. 10.21; Nesterov 2004, Sec. 2.1.5 (2LR^2/(k+4))"
+    criterion = f"bound with s = lr_scale/L checked at every k = 1..K (relative slack {BOUND_RTOL:g}, round-off)"
 
     def predict(self, problem: Quadratic, k: int) -> float:
         step = self.lr_scale / problem.L
@@ -194,7 +219,7 @@ def _accelerated_outcome(
 
 @register_result
 @dataclass(frozen=True)
-class HeavyBall(Result):
+class HeavyBall(_AcceleratedQuadraticCheck):
     """Polyak's heavy ball with the optimal constants on a quadratic."""
 
     number = 3
@@ -212,21 +237,6 @@ class HeavyBall(Result):
         "(sqrt(kappa)-1)/(sqrt(kappa)+1); torch's SGD momentum (v <- beta v + g, x <- x - lr v) is exactly "
         "the heavy ball"
     )
-
-    dim: int = 30
-    steps: int = 400
-    kappa: float = 1000.0
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("steps", self.steps, 10)
-        _positive_float("lr_scale", self.lr_scale)
-        if not self.kappa > 1:
-            raise ValueError(f"kappa must be > 1, got {self.kappa!r}")
-
-    def problem(self, seed: int = 0) -> Quadratic:
-        return Quadratic.with_spectrum(_lin_spectrum(self.dim, 1.0 / self.kappa, 1.0), generator(seed))
 
     def predict(self, problem: Quadratic, k: int) -> float:
         s = math.sqrt(problem.L / problem.mu)
@@ -277,7 +287,7 @@ def _nesterov_run(q: Quadratic, steps: int, lr: float, momentum_at, rescale: boo
 
 @register_result
 @dataclass(frozen=True)
-class NesterovStronglyConvex(Result):
+class NesterovStronglyConvex(_AcceleratedQuadraticCheck):
     """Nesterov's method with constant momentum on a strongly convex quadratic."""
 
     number = 4
@@ -295,20 +305,7 @@ class NesterovStronglyConvex(Result):
         f"fitted on [K/2, K] within {ACCEL_RATE_RTOL:g} (relative) of 1 - sqrt(mu/L) (tight on quadratics)"
     )
 
-    dim: int = 30
     steps: int = 600
-    kappa: float = 1000.0
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("steps", self.steps, 10)
-        _positive_float("lr_scale", self.lr_scale)
-        if not self.kappa > 1:
-            raise ValueError(f"kappa must be > 1, got {self.kappa!r}")
-
-    def problem(self, seed: int = 0) -> Quadratic:
-        return Quadratic.with_spectrum(_lin_spectrum(self.dim, 1.0 / self.kappa, 1.0), generator(seed))
 
     def predict(self, problem: Quadratic, k: int) -> float:
         x0 = torch.zeros(problem.dim, dtype=DTYPE)
@@ -329,7 +326,7 @@ class NesterovStronglyConvex(Result):
 
 @register_result
 @dataclass(frozen=True)
-class NesterovConvex(Result):
+class NesterovConvex(_ConvexQuadraticCheck):
     """Nesterov's method with the momentum schedule ``(k-1)/(k+2)`` on a convex quadratic."""
 
     number = 5
@@ -344,20 +341,6 @@ class NesterovConvex(Result):
         "nesterov buffer is rescaled by beta_k/beta_(k+1) before step k so that the time-varying Sutskever form "
         "equals the scheme"
     )
-
-    dim: int = 40
-    steps: int = 300
-    smallest_eigenvalue: float = 1e-5
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("steps", self.steps)
-        _positive_float("smallest_eigenvalue", self.smallest_eigenvalue)
-        _positive_float("lr_scale", self.lr_scale)
-
-    def problem(self, seed: int = 0) -> Quadratic:
-        return Quadratic.with_spectrum(_log_spectrum(self.dim, self.smallest_eigenvalue, 1.0), generator(seed))
 
     def predict(self, problem: Quadratic, k: int) -> float:
         step = self.lr_scale / problem.L

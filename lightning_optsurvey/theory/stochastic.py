@@ -43,15 +43,32 @@ __all__ = ["SGDConstantStep", "SGDDiminishingStep", "SGDNonConvex", "SVRGLinearR
 EXPONENT_ATOL = 0.15
 
 
-def _noisy_quadratic(dim: int, mu: float, sigma2: float, seed: int) -> NoisyQuadratic:
-    gen = generator(seed)
-    q = Quadratic.with_spectrum(torch.linspace(mu, 1.0, dim, dtype=DTYPE), gen)
-    return NoisyQuadratic.build(q, 100, sigma2, gen)
+@dataclass(frozen=True)
+class _NoisyQuadraticCheck(Result):
+    """Configuration shared by the strongly convex SGD checks: spectrum linear in [mu, 1], 100 components."""
+
+    dim: int = 10
+    runs: int = 200
+    steps: int = 1000
+    mu: float = 0.1
+    sigma2: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim, 2)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("steps", self.steps, 16)
+        _positive_float("mu", self.mu)
+        _positive_float("sigma2", self.sigma2)
+
+    def problem(self, seed: int = 0) -> NoisyQuadratic:
+        gen = generator(seed)
+        q = Quadratic.with_spectrum(torch.linspace(self.mu, 1.0, self.dim, dtype=DTYPE), gen)
+        return NoisyQuadratic.build(q, 100, self.sigma2, gen)
 
 
 @register_result
 @dataclass(frozen=True)
-class SGDDiminishingStep(Result):
+class SGDDiminishingStep(_NoisyQuadraticCheck):
     """SGD with steps ``beta/(gamma + k)`` on a strongly convex finite sum."""
 
     number = 6
@@ -67,23 +84,12 @@ class SGDDiminishingStep(Result):
         f"E f(x_k) - f* on [K/8, K] within {EXPONENT_ATOL:g} of -1"
     )
 
-    dim: int = 10
-    runs: int = 200
     steps: int = 2000
-    mu: float = 0.1
-    sigma2: float = 1.0
     beta_scale: float = 2.0
 
     def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("steps", self.steps, 16)
-        _positive_float("mu", self.mu)
-        _positive_float("sigma2", self.sigma2)
+        super().__post_init__()
         _positive_float("beta_scale", self.beta_scale)
-
-    def problem(self, seed: int = 0) -> NoisyQuadratic:
-        return _noisy_quadratic(self.dim, self.mu, self.sigma2, seed)
 
     def _constants(self, p: NoisyQuadratic) -> tuple[float, float, float]:
         q = p.quadratic
@@ -129,7 +135,7 @@ class SGDDiminishingStep(Result):
 
 @register_result
 @dataclass(frozen=True)
-class SGDConstantStep(Result):
+class SGDConstantStep(_NoisyQuadraticCheck):
     """SGD with a constant step converges linearly to a neighbourhood of size O(eta L M / c)."""
 
     number = 7
@@ -146,26 +152,15 @@ class SGDConstantStep(Result):
         "so the plateau is approached from below and the bound's transient term is active"
     )
 
-    dim: int = 10
     runs: int = 400
-    steps: int = 1000
-    mu: float = 0.1
-    sigma2: float = 1.0
     lrs: tuple[float, ...] = (0.5, 0.125)
 
     def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("steps", self.steps, 16)
-        _positive_float("mu", self.mu)
-        _positive_float("sigma2", self.sigma2)
+        super().__post_init__()
         if not self.lrs:
             raise ValueError("lrs must hold at least one step size")
         for lr in self.lrs:
             _positive_float("lrs[i]", lr)
-
-    def problem(self, seed: int = 0) -> NoisyQuadratic:
-        return _noisy_quadratic(self.dim, self.mu, self.sigma2, seed)
 
     def predict(self, problem: NoisyQuadratic, k: int, lr: float | None = None) -> float:
         return self._bound(problem, [k], self.lrs[0] if lr is None else lr)[0]
