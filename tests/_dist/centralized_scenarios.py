@@ -9,11 +9,9 @@ the gossip scenarios, so both families are exercised on the same problems.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from gossip_scenarios import (
     BATCH,
     RANK,
@@ -21,6 +19,7 @@ from gossip_scenarios import (
     Regression,
     loader,
     regression_data,
+    run_scenarios,
     save,
     state,
     straight_and_resumed,
@@ -256,8 +255,4 @@ SCENARIOS = {f.__name__: f for f in (local_sgd_equivalence, local_sgd_schedule, 
                                      digits, checkpoint_resume)}
 
 if __name__ == "__main__":
-    for scenario in sys.argv[2:]:
-        SCENARIOS[scenario]()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    run_scenarios(SCENARIOS)

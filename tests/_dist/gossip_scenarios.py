@@ -328,9 +328,14 @@ SCENARIOS = {
     for f in (ddp_equivalence, one_peer, float64_gossip, linear_reference, checkpoint_resume, validation_logging)
 }
 
-if __name__ == "__main__":
+def run_scenarios(scenarios: dict[str, Callable[[], None]]) -> None:
+    """Run the scenarios named on the command line in order, then leave the process group together."""
     for scenario in sys.argv[2:]:
-        SCENARIOS[scenario]()
+        scenarios[scenario]()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_scenarios(SCENARIOS)
