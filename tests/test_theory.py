@@ -9,6 +9,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from lightning_optsurvey.curvature import HessianOperator
 from lightning_optsurvey.theory import (
     CheckOutcome,
     Result,
@@ -233,6 +234,13 @@ def test_logistic_regression_derivatives_and_hessian_lipschitz_constant():
     assert float(torch.linalg.eigvalsh(p.hessian(w))[0]) >= p.mu
     # The minimizer (Newton on the closed forms) zeroes the gradient that autograd computes.
     assert float(torch.linalg.vector_norm(torch.func.grad(p.value)(p.minimizer))) < 1e-15
+    # The data term as a module: its loss is value - ridge, its Hessian (curvature engine) hessian - reg I.
+    model, loss_fn, ((inputs, targets),) = p.data_term_model(w)
+    ridge = 0.5 * p.reg * float(w.square().sum())
+    assert abs(float(loss_fn(model(inputs), targets).detach()) + ridge - float(p.value(w))) < 1e-14
+    dense = HessianOperator(model, loss_fn, [(inputs, targets)]).matmat(torch.eye(3, dtype=DTYPE))
+    ridge_hessian = p.reg * torch.eye(3, dtype=DTYPE)
+    torch.testing.assert_close(dense + ridge_hessian, p.hessian(w), rtol=CLOSED_FORM_RTOL, atol=1e-14)
 
 
 def test_least_squares_minimizer_and_constants():

@@ -64,14 +64,6 @@ def _mlp(widths: tuple[int, ...], gen: torch.Generator) -> nn.Module:
     return model
 
 
-def _logistic_model(problem: LogisticRegression, w: torch.Tensor) -> tuple[nn.Module, nn.Module, list]:
-    model = nn.Linear(w.numel(), 1, bias=False).to(DTYPE)
-    with torch.no_grad():
-        model.weight.copy_(w[None])
-    targets = ((problem.labels + 1.0) / 2.0)[:, None]
-    return model, nn.BCEWithLogitsLoss(), [(problem.features, targets)]
-
-
 @register_result
 @dataclass(frozen=True)
 class SAMSharpness(Result):
@@ -118,7 +110,7 @@ class SAMSharpness(Result):
     def check(self, seed: int = 0) -> CheckOutcome:
         p = self.problem(seed)
         w = p.minimizer
-        model, loss_fn, batches = _logistic_model(p, w)
+        model, loss_fn, batches = p.data_term_model(w)
         eig = lanczos(HessianOperator(model, loss_fn, batches), k=1, tol=1e-10)
         lam = float(eig.eigenvalues[0])
         dense = float(torch.linalg.eigvalsh(p.hessian(w))[-1])

@@ -275,6 +275,18 @@ class LogisticRegression:
                 break
         return w
 
+    def data_term_model(self, w: Tensor) -> tuple[torch.nn.Module, torch.nn.Module, list[tuple[Tensor, Tensor]]]:
+        r"""The unregularized data term at ``w`` as ``(model, loss_fn, batches)`` for the curvature engine.
+
+        A bias-free ``nn.Linear`` holding ``w`` and ``BCEWithLogitsLoss`` on the labels mapped to {0, 1}:
+        its mean loss is :math:`\frac1n\sum_i \log(1 + e^{-y_i a_i^\top w})`, ``value(w)`` without the ridge.
+        """
+        model = torch.nn.Linear(w.numel(), 1, bias=False).to(DTYPE)
+        with torch.no_grad():
+            model.weight.copy_(w[None])
+        targets = ((self.labels + 1.0) / 2.0)[:, None]
+        return model, torch.nn.BCEWithLogitsLoss(), [(self.features, targets)]
+
     @property
     def hessian_lipschitz(self) -> float:
         norms = torch.linalg.vector_norm(self.features, dim=1)

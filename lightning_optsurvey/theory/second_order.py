@@ -2,8 +2,10 @@ r"""Second-order methods: Newton's local quadratic convergence (11) and L-BFGS o
 
 Newton's method is not an optimizer of the registry (no library ships the exact, dense Newton step for
 deep learning, and the survey treats it as the reference point of the quasi-Newton family), so the
-check takes the step :math:`x - \nabla^2 f(x)^{-1} \nabla f(x)` with the dense Hessian from
-``torch.autograd.functional.hessian``. L-BFGS is the registry's ``lbfgs`` (torch's, strong Wolfe line search).
+check takes the step :math:`x - \nabla^2 f(x)^{-1} \nabla f(x)` with the dense Hessian of the data term
+from the package's :class:`~lightning_optsurvey.curvature.HessianOperator` (``op.matmat(I)``) plus the
+ridge's :math:`\lambda I`, and the gradient from autograd. L-BFGS is the registry's ``lbfgs`` (torch's,
+strong Wolfe line search).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_optsurvey.curvature import HessianOperator
 from lightning_optsurvey.optim import create_optimizer
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, generator
 from lightning_optsurvey.theory.result import (
@@ -89,8 +92,10 @@ class NewtonQuadratic(Result):
 
     @staticmethod
     def _newton(problem: LogisticRegression, w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        # Derivatives by automatic differentiation of the loss, not the problem's closed forms.
-        hessian = torch.autograd.functional.hessian(problem.value, w)
+        # Derivatives from the curvature engine and autograd, not the problem's closed forms (which x*
+        # is computed with).
+        eye = torch.eye(w.numel(), dtype=w.dtype)
+        hessian = HessianOperator(*problem.data_term_model(w)).matmat(eye) + problem.reg * eye
         gradient = torch.autograd.functional.jacobian(problem.value, w)
         return w - scale * torch.linalg.solve(hessian, gradient)
 
