@@ -176,3 +176,41 @@ def test_single_process_runs_easgd_with_one_worker(quiet_trainer_kwargs: dict) -
     assert torch.allclose(model.w.detach(), x, rtol=0, atol=EXACT_TOL * 10)
     assert torch.allclose(strategy.center_tensors()["w"], center, rtol=0, atol=EXACT_TOL * 10)
     assert strategy.steps == steps and strategy.syncs == steps // tau
+
+
+class _TwoGroupQuadratic(LightningModule):
+    """Two parameters in two optimizer groups with different learning rates."""
+
+    def __init__(self, h: float, lrs: tuple[float, float]) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+        self.h, self.lrs = h, lrs
+
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        return 0.5 * self.h * (self.a.square().sum() + (self.b - 1.0).square().sum())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([{"params": [self.a], "lr": self.lrs[0]}, {"params": [self.b], "lr": self.lrs[1]}])
+
+
+def test_moving_rate_follows_each_param_groups_learning_rate(quiet_trainer_kwargs: dict) -> None:
+    h, lrs, rho, tau, steps = 2.0, (0.1, 0.025), 2.0, 2, 6
+    model = _TwoGroupQuadratic(h, lrs)
+    strategy = EASGDStrategy(rho=rho, sync_every=tau)
+    trainer = Trainer(devices=1, strategy=strategy, max_steps=steps, precision="64-true", **quiet_trainer_kwargs)
+    with pytest.warns(UserWarning, match="single process"):
+        trainer.fit(model, DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1))
+    # Reference: each parameter runs easgd_step with alpha = rho * (its own group's lr).
+    starts = {"a": (torch.tensor([1.0, -2.0], dtype=torch.float64), 0.0, lrs[0]),
+              "b": (torch.tensor([0.5], dtype=torch.float64), 1.0, lrs[1])}
+    for name, (x, minimizer, lr) in starts.items():
+        center = x.clone()
+        for step in range(1, steps + 1):
+            grad = h * (x - minimizer)
+            if step % tau == 0:
+                (x,), center = easgd_step([x], center, alpha=lr * rho, grads=[grad], lr=lr)
+            else:
+                x = x - lr * grad
+        assert torch.allclose(getattr(model, name).detach(), x, rtol=0, atol=EXACT_TOL * 10), name
+        assert torch.allclose(strategy.center_tensors()[name], center, rtol=0, atol=EXACT_TOL * 10), name
