@@ -57,9 +57,10 @@ def test_at_least_the_issue_results_are_registered():
         assert get_result(result.name).name == result.name
 
 
+@pytest.mark.parametrize("seed", [0, 1])  # a second seed: no tolerance may be tuned to one draw
 @pytest.mark.parametrize("result", RESULTS, ids=[r.name for r in RESULTS])
-def test_every_check_holds(result: Result):
-    outcome = result.check(seed=0)
+def test_every_check_holds(result: Result, seed: int):
+    outcome = result.check(seed=seed)
     assert isinstance(outcome, CheckOutcome)
     assert outcome.holds, f"{result.name}: {outcome.details}"
     assert math.isfinite(outcome.predicted) and math.isfinite(outcome.measured)
@@ -318,7 +319,7 @@ def test_gossip_bound_allows_round_off_where_it_is_tight():
     assert decentralized.GossipConsensus(world_size=4).check(seed=0).holds
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [2, 3])
 def test_lbfgs_is_superlinear_on_other_seeds(seed):
     # With torch's absolute y^T s > 1e-10 pair test the rate used to freeze near e ~ 1e-5 (0.84 on seed 2,
     # above the optimal first-order rate 0.82); the check must not depend on where that happens.
