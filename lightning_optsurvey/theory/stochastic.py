@@ -217,6 +217,7 @@ class SGDConstantStep(_NoisyQuadraticCheck):
 class _WavyNoise:
     function: WavyFunction
     shifts: torch.Tensor
+    start: torch.Tensor
 
     @property
     def sigma2(self) -> float:
@@ -259,22 +260,21 @@ class SGDNonConvex(Result):
 
     def problem(self, seed: int = 0) -> _WavyNoise:
         z = centred_shifts(100, self.dim, self.sigma2, generator(seed))
-        return _WavyNoise(WavyFunction(self.dim, 1.0, 2.0), z)
+        start = 3.0 * torch.randn(self.dim, generator=generator(seed + 2), dtype=DTYPE)
+        return _WavyNoise(WavyFunction(self.dim, 1.0, 2.0), z, start)
 
-    def _start(self, seed: int) -> torch.Tensor:
-        return 3.0 * torch.randn(self.dim, generator=generator(seed + 2), dtype=DTYPE)
-
-    def predict(self, problem: _WavyNoise, k: int, seed: int = 0) -> float:
+    def predict(self, problem: _WavyNoise, k: int) -> float:
+        """The bound on the average ``E||grad f||^2`` over a horizon of ``k`` steps of size ``c/sqrt(k)``."""
         f = problem.function
         lr = self.c / math.sqrt(k)
-        gap = float(f.value(self._start(seed))) - f.infimum
+        gap = float(f.value(problem.start)) - f.infimum
         return lr * f.L * problem.sigma2 + 2.0 * gap / (k * lr)
 
     def check(self, seed: int = 0) -> CheckOutcome:
         p = self.problem(seed)
         f = p.function
         gen = generator(seed + 1)
-        x0 = self._start(seed).expand(self.runs, self.dim)
+        x0 = p.start.expand(self.runs, self.dim)
         measured, bounds, lines, ok = [], [], [], True
 
         def noisy(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -288,7 +288,7 @@ class SGDNonConvex(Result):
             )
             norms = norms[:-1]  # ||grad f(x_k)||^2, k = 1..K
             mean, err = map(float, mean_and_stderr(norms.mean(0)))
-            bound = self.predict(p, horizon, seed)
+            bound = self.predict(p, horizon)
             ok = ok and mc_bound_violations([mean], [err], [bound]) == 0 and lr <= 1.0 / f.L
             measured.append(mean)
             bounds.append(bound)
