@@ -37,3 +37,22 @@ def test_every_registered_strategy_and_callback_is_documented():
     for name in ("HessianSpectrum", "Sharpness", "GeneralizationGap", "GradientNoiseScale", "EdgeOfStability",
                  "GeneralizationMeasures", "LossLandscape", "ConsensusDistance"):
         assert f"`{name}(" in README and hasattr(callbacks, name), name
+
+
+def test_quickstart_runs_and_records_an_mlflow_run(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", README, re.S).group(1)
+    assert "max_epochs=3" in code
+    (tmp_path / "quickstart.py").write_text(code.replace("max_epochs=3", "max_epochs=1, limit_train_batches=4"))
+    completed = subprocess.run([sys.executable, "quickstart.py"], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert {"val/acc", "hessian/eig_1", "hessian/eig_2", "hessian/trace"} <= set(run.data.metrics)
+    assert run.data.params["optimizer"] == "sam"
