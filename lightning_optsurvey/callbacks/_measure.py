@@ -366,6 +366,19 @@ class Cadence:
         return self.every_n_steps is not None and global_step > 0 and global_step % self.every_n_steps == 0
 
 
+@dataclass(frozen=True)
+class _GeneratorState:
+    """A ``torch.Generator`` in picklable form: its device and its state as bytes."""
+
+    device: str
+    state: bytes
+
+    def restore(self) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.set_state(torch.frombuffer(bytearray(self.state), dtype=torch.uint8))
+        return generator
+
+
 class MeasuringCallback(Callback):
     """Base of the measuring callbacks: cadence, fixed subset, side-effect-free context, logging.
 
@@ -404,6 +417,21 @@ class MeasuringCallback(Callback):
         self._batches: list[Any] | None = None
         self._last_step_measured = -1
         self.trigger = "epoch"  # what started the current/last measurement: "step" or "epoch"
+
+    # -- pickling (ddp_spawn sends the callbacks to the worker processes) ---------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # A generator attribute (a subclass's own stream of draws) travels as its device and state bytes,
+        # not through torch.multiprocessing's tensor-sharing reductions; restored bit for bit.
+        state = self.__dict__.copy()
+        for name, value in state.items():
+            if isinstance(value, torch.Generator):
+                state[name] = _GeneratorState(str(value.device), bytes(value.get_state().numpy()))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(
+            {name: value.restore() if isinstance(value, _GeneratorState) else value for name, value in state.items()}
+        )
 
     # -- configuration -----------------------------------------------------------------------------------
     def state_key_config(self) -> dict[str, Any]:

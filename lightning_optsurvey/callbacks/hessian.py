@@ -164,17 +164,6 @@ class HessianSpectrum(MeasuringCallback):
         self._vectors: dict[str, Tensor] = {}  # warm starts: "top", "bottom", "layer/<module>"
         self.last_density: SpectralDensity | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.Generator does not survive torch.multiprocessing's pickler (ddp_spawn); send its state.
-        state = self.__dict__.copy()
-        state["_generator"] = bytes(self._generator.get_state().numpy())
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        generator = torch.Generator()
-        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
-        self.__dict__.update({**state, "_generator": generator})
-
     @override
     def state_key_config(self) -> dict[str, Any]:
         return {**super().state_key_config(), "top_k": self.top_k, "bottom_k": self.bottom_k,
