@@ -323,3 +323,31 @@ def test_generalization_measures_log_the_functional_values(tmp_path):
     assert h["measures/fisher_rao"] == pytest.approx(fisher_rao_norm(module, F.cross_entropy, cb._batches),
                                                      rel=FLOAT_RTOL)
     assert h["measures/spectral_product"] == pytest.approx(spectral_norm_product(module, x, tol=1e-6), rel=1e-3)
+
+
+class _TwoInputClassifier(LightningModule):
+    """Called as ``module(x1, x2)``: its batches are ``((x1, x2), y)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.a = nn.Parameter(torch.randn(3, 4, generator=gen))
+        self.b = nn.Parameter(torch.randn(2, 4, generator=gen))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return x1 @ self.a + x2 @ self.b
+
+
+def test_generalization_gap_evaluates_models_with_several_inputs():
+    """A tuple of inputs is several positional arguments (as for the curvature engine and the measures):
+    the size-weighted loss and accuracy over two unequal batches equal those computed directly."""
+    module = _TwoInputClassifier()
+    gen = torch.Generator().manual_seed(6)
+    x1, x2 = torch.randn(10, 3, generator=gen), torch.randn(10, 2, generator=gen)
+    y = torch.randint(0, 4, (10,), generator=gen)
+    batches = [((x1[:7], x2[:7]), y[:7]), ((x1[7:], x2[7:]), y[7:])]
+    loss, acc = GeneralizationGap._evaluate(module, F.cross_entropy, batches)
+    with torch.no_grad():
+        out = module(x1, x2)
+    assert loss == pytest.approx(float(F.cross_entropy(out, y)), rel=FLOAT_RTOL)
+    assert acc == float((out.argmax(-1) == y).float().mean())  # counts: exact in float32

@@ -249,3 +249,40 @@ def test_empty_batches_raise():
     model, _ = quadratic()
     with pytest.raises(ValueError, match="batches"):
         sam_sharpness(model, mean_output, [])
+
+
+class _TwoInputs(torch.nn.Module):
+    """A model called as ``model(x1, x2)``: a batch's inputs are the tuple ``(x1, x2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.a = torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.randn(5, 4, generator=gen, dtype=torch.float64))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x1 @ self.a) + x2 @ self.b
+
+
+def test_several_inputs_are_positional_arguments_as_in_the_hessian_operator():
+    """``((x1, x2), y)`` calls ``model(x1, x2)`` (the HessianOperator's convention); checked against SAM's
+    step written out with autograd on a copy of the model."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = _TwoInputs()
+    gen = torch.Generator().manual_seed(4)
+    x1 = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=gen)
+    rho = 0.1
+    twin = copy.deepcopy(model)
+    before = F.cross_entropy(twin(x1, x2), y)
+    grads = torch.autograd.grad(before, list(twin.parameters()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(twin.parameters(), grads):
+            p.add_(rho * g / norm)
+        expected = float(F.cross_entropy(twin(x1, x2), y) - before)
+    assert sam_sharpness(model, F.cross_entropy, [((x1, x2), y)], rho=rho) == pytest.approx(expected, rel=FLOAT64_RTOL)

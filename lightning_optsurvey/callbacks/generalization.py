@@ -27,6 +27,7 @@ from lightning_optsurvey.callbacks._measure import (
     resolve_loss_fn,
     train_measurement_batches,
 )
+from lightning_optsurvey.curvature.operator import batch_size, model_args
 
 __all__ = ["GeneralizationGap"]
 
@@ -93,10 +94,10 @@ class GeneralizationGap(MeasuringCallback):
         with torch.no_grad():
             for batch in batches:
                 x, y = move_data_to_device(batch, pl_module.device)
-                out = pl_module(x)
+                out = pl_module(*model_args(x))  # several inputs as in the curvature engine
                 if acc_metric is None:
                     acc_metric = MulticlassAccuracy(out.shape[-1], average="micro").to(pl_module.device)
-                loss_metric.update(loss_fn(out, y).detach(), weight=len(y))
+                loss_metric.update(loss_fn(out, y).detach(), weight=batch_size((x, y)))
                 acc_metric.update(out, y)
         if acc_metric is None:
             raise RuntimeError("the loader yielded no batch")

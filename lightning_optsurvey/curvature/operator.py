@@ -59,9 +59,36 @@ __all__ = ["HessianOperator"]
 BN_MODES = ("eval", "batch")
 
 
-def _batch_size(batch: Any) -> int:
+def model_args(inputs: Any) -> tuple[Any, ...]:
+    """The model's positional arguments for a batch's inputs: a tuple or list is several, else one.
+
+    The one convention for every functional evaluation (the curvature engine and the measures).
+    """
+    return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+
+
+def check_batches(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Validate ``batches`` (a non-empty sequence of ``(inputs, targets)`` pairs) and return it as a list.
+
+    Raises:
+        TypeError: If ``batches`` is a single ``(inputs, targets)`` pair rather than a sequence of them.
+        ValueError: If it is empty or an element is not a pair.
+    """
+    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
+        raise TypeError("batches must be a sequence of (inputs, targets) pairs; wrap a single batch in a list")
+    out = list(batches)
+    if not out:
+        raise ValueError("batches is empty; pass at least one (inputs, targets) pair")
+    for i, b in enumerate(out):
+        if not isinstance(b, tuple | list) or len(b) != 2:
+            raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
+    return out
+
+
+def batch_size(batch: tuple[Any, Any]) -> int:
+    """Number of samples in an ``(inputs, targets)`` batch (the weight of its mean loss)."""
     inputs, targets = batch
-    for item in (targets, inputs):
+    for item in (targets, *model_args(inputs)):
         if isinstance(item, Tensor) and item.ndim > 0:
             return int(item.shape[0])
     try:
@@ -136,12 +163,7 @@ class HessianOperator:
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty; pass at least one (inputs, targets) pair")
-        for i, b in enumerate(batches):
-            if not isinstance(b, tuple | list) or len(b) != 2:
-                raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
+        batches = check_batches(batches)
         named = dict(model.named_parameters())
         if params is None:
             names = [n for n, p in named.items() if p.requires_grad]
@@ -181,7 +203,7 @@ class HessianOperator:
         self._graph: tuple[list[Tensor], list[tuple[list[Tensor], list[int]]]] | None = None
         self._graph_versions: list[int] = []
         self._reduce = reduce
-        sizes = [_batch_size(b) for b in batches]
+        sizes = [batch_size(b) for b in batches]
         local = float(sum(sizes))
         self._weights = [s / local for s in sizes]
         self._local_count = local
@@ -221,7 +243,7 @@ class HessianOperator:
 
     def _loss_fn_of(self, batch: tuple[Any, Any], constants: dict[str, Tensor]) -> Callable[[dict], Tensor]:
         inputs, targets = batch
-        args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+        args = model_args(inputs)
 
         def loss(p: dict[str, Tensor]) -> Tensor:
             out = functional_call(self.model, {**constants, **p}, args)

@@ -17,30 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_optsurvey.curvature.operator import batch_size, check_batches, model_args
+
 Batch = tuple[Any, Any]
 LossFn = Callable[[Any, Any], Tensor]
-
-
-def _batch_size(targets: Any, inputs: Any) -> int:
-    for value in (targets, inputs):
-        if isinstance(value, Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    raise ValueError("cannot tell the batch size: neither inputs nor targets is a tensor with a batch "
-                     "dimension")
-
-
-def check_batches(batches: Sequence[Batch]) -> list[Batch]:
-    """Validate ``batches`` (a non-empty sequence of ``(inputs, targets)``) and return it as a list."""
-    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
-        raise TypeError("batches must be a sequence of (inputs, targets) pairs; wrap a single batch in a "
-                        "list")
-    out = list(batches)
-    if not out:
-        raise ValueError("batches must hold at least one (inputs, targets) pair, got none")
-    for i, batch in enumerate(out):
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            raise TypeError(f"batches[{i}] must be an (inputs, targets) pair, got {type(batch).__name__}")
-    return out
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -104,7 +84,7 @@ class FlatObjective:
         self.numels = [t.numel() for t in tensors]
         self.w = torch.cat([t.reshape(-1) for t in tensors]).clone()
         self.numel = self.w.numel()
-        self.sizes = [_batch_size(y, x) for x, y in self.batches]
+        self.sizes = [batch_size(b) for b in self.batches]
         self.total = sum(self.sizes)
         self._buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.num_evaluations = 0  # forward passes over all batches
@@ -128,10 +108,13 @@ class FlatObjective:
         return torch.cat([t.reshape(-1) for t in seq])
 
     def forward(self, flat: Tensor, inputs: Any) -> Any:
-        """Outputs of the model with parameters ``flat`` (buffers passed as clones, so never updated)."""
+        """Outputs of the model with parameters ``flat`` (buffers passed as clones, so never updated).
+
+        A tuple or list of inputs is passed as several positional arguments, as in ``HessianOperator``.
+        """
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        return functional_call(self.model, state, (inputs,))
+        return functional_call(self.model, state, model_args(inputs))
 
     def _batch_loss(self, flat: Tensor, index: int) -> Tensor:
         inputs, targets = self.batches[index]
