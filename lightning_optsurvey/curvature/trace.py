@@ -92,11 +92,7 @@ def _op_dtype(op: LinearOperator) -> torch.dtype:
 
 def _apply_block(op: LinearOperator, block: Tensor, block_size: int) -> Tensor:
     """``op @ block`` in column blocks of at most ``block_size`` (float64 out)."""
-    outs = []
-    for start in range(0, block.shape[1], block_size):
-        cols = block[:, start : start + block_size]
-        out = op @ cols if cols.shape[1] > 1 else (op @ cols[:, 0]).unsqueeze(1)
-        outs.append(out.to(dtype=torch.float64, device=block.device))
+    outs = [_product(op, cols).to(torch.float64) for cols in block.split(block_size, dim=1)]
     return torch.cat(outs, dim=1)
 
 
@@ -117,8 +113,11 @@ def _quadratic_forms(op: LinearOperator, z: Tensor) -> Tensor:
     return (z.to(hz.dtype) * hz).sum(dim=0, dtype=torch.float64)
 
 
-def _validate(op: LinearOperator, num_matvecs: int, distribution: str, block_size: int, minimum: int
-              ) -> tuple[int, torch.device]:
+def _validate(
+    op: LinearOperator, num_matvecs: int, distribution: str, block_size: int, minimum: int,
+    generator: torch.Generator | None,
+) -> tuple[int, torch.device, torch.Generator]:
+    """Check the common arguments; return ``numel``, device and the generator (default: seeded with 0)."""
     n, device = _operator_info(op)
     _positive_int("num_matvecs", num_matvecs)
     if num_matvecs < minimum:
@@ -126,7 +125,7 @@ def _validate(op: LinearOperator, num_matvecs: int, distribution: str, block_siz
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     _positive_int("block_size", block_size)
-    return n, device
+    return n, device, generator if generator is not None else torch.Generator().manual_seed(0)
 
 
 def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
@@ -161,8 +160,7 @@ def hutchinson_trace(
         ValueError: If ``num_matvecs`` or ``block_size`` is not a positive integer, or the distribution
             is unknown.
     """
-    n, device = _validate(op, num_matvecs, distribution, block_size, 1)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    n, device, generator = _validate(op, num_matvecs, distribution, block_size, 1, generator)
     dtype = _op_dtype(op)
     samples = torch.cat([_quadratic_forms(op, _probes(n, count, distribution, generator, device, dtype))
                          for count in _blocks(num_matvecs, block_size)])
@@ -197,8 +195,7 @@ def hutchpp_trace(
         ValueError: If ``num_matvecs`` is below 3, ``block_size`` is not a positive integer, or the
             distribution is unknown.
     """
-    n, device = _validate(op, num_matvecs, distribution, block_size, 3)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    n, device, generator = _validate(op, num_matvecs, distribution, block_size, 3, generator)
     sketch = min(num_matvecs // 3, n)
     rest = num_matvecs - 2 * sketch
     s = _probes(n, sketch, distribution, generator, device)
@@ -240,13 +237,11 @@ def hutchinson_diagonal(
         ValueError: If ``num_matvecs`` or ``block_size`` is not a positive integer, or the distribution
             is unknown.
     """
-    n, device = _validate(op, num_matvecs, distribution, block_size, 1)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    n, device, generator = _validate(op, num_matvecs, distribution, block_size, 1, generator)
     total = torch.zeros(n, dtype=torch.float64, device=device)
     total_sq = torch.zeros(n, dtype=torch.float64, device=device)
     # Blocks keep memory at (numel x block_size) however many probes are asked for.
-    for start in range(0, num_matvecs, block_size):
-        count = min(block_size, num_matvecs - start)
+    for count in _blocks(num_matvecs, block_size):
         z = _probes(n, count, distribution, generator, device, _op_dtype(op))
         hz = _product(op, z)
         samples = z.to(hz.dtype) * hz
