@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -351,3 +351,29 @@ def test_generalization_gap_evaluates_models_with_several_inputs():
         out = module(x1, x2)
     assert loss == pytest.approx(float(F.cross_entropy(out, y)), rel=FLOAT_RTOL)
     assert acc == float((out.argmax(-1) == y).float().mean())  # counts: exact in float32
+
+
+class _UnfreezeAtEpoch1(Callback):
+    """Fine-tuning's usual schedule: a frozen block becomes trainable after the first epoch."""
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.requires_grad_(True)
+
+
+def test_distance_from_init_covers_parameters_unfrozen_during_training(tmp_path):
+    """Parameters frozen at fit start and unfrozen later still have their initial values recorded: the
+    distance after the unfreeze equals the one computed from a copy of every parameter taken before fit."""
+    torch.manual_seed(0)
+    module = ClassifierModule(model="cnn", optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
+    first = next(module.parameters())
+    first.requires_grad_(False)
+    initial = {k: v.detach().clone() for k, v in module.named_parameters()}
+    cb = GeneralizationMeasures(measures=("distance_from_init",), num_batches=1)
+    trainer = Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, limit_val_batches=2, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path, callbacks=[_UnfreezeAtEpoch1(), cb])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert first.requires_grad and not torch.equal(first.detach(), initial[next(iter(initial))])  # it trained
+    assert cb.history[-1]["measures/distance_from_init"] == pytest.approx(
+        distance_from_init(module, initial), rel=FLOAT_RTOL)

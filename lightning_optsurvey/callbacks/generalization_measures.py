@@ -91,8 +91,9 @@ class GeneralizationMeasures(MeasuringCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Callback states are restored before on_fit_start, so a resumed run keeps its initial weights.
         if self._initial is None and "distance_from_init" in self.measures:
+            # Every parameter, frozen ones too: a block unfrozen later (fine-tuning) is then measured as well.
             module = unwrap_module(pl_module)
-            self._initial = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+            self._initial = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
 
     @override
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
