@@ -377,3 +377,35 @@ def test_distance_from_init_covers_parameters_unfrozen_during_training(tmp_path)
     assert first.requires_grad and not torch.equal(first.detach(), initial[next(iter(initial))])  # it trained
     assert cb.history[-1]["measures/distance_from_init"] == pytest.approx(
         distance_from_init(module, initial), rel=FLOAT_RTOL)
+
+
+class _RankOneTrainer:
+    """A rank-1 trainer of a multi-process run with a file logger: ``log_dir`` is a collective (Lightning
+    broadcasts rank 0's directory), so every rank must read it or rank 0 waits forever."""
+
+    is_global_zero = False
+
+    def __init__(self, root) -> None:
+        self.loggers = [object()]
+        self.default_root_dir = str(root)
+        self.log_dir_reads = 0
+
+    @property
+    def log_dir(self) -> str:
+        self.log_dir_reads += 1
+        return self.default_root_dir
+
+
+@pytest.mark.parametrize("writer", ["json", "figure"])
+def test_artifact_writers_take_part_in_the_log_dir_broadcast_on_every_rank(writer, tmp_path):
+    from matplotlib.figure import Figure
+
+    from lightning_optsurvey.callbacks._artifacts import save_figure, save_json
+
+    trainer = _RankOneTrainer(tmp_path)
+    if writer == "json":
+        assert save_json(trainer, {"a": 1}, "landscape", "x.json") is None
+    else:
+        assert save_figure(trainer, Figure(), "landscape", "x.png") is None
+    assert trainer.log_dir_reads == 1
+    assert not (tmp_path / "landscape").exists()  # only rank 0 writes

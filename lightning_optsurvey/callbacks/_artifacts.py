@@ -20,11 +20,16 @@ from lightning.pytorch.loggers import MLFlowLogger
 __all__ = ["save_artifact", "save_figure", "save_json"]
 
 
-def _local_dir(trainer: Trainer, artifact_path: str) -> Path:
+def _local_root(trainer: Trainer) -> str | None:
+    """Where files stay when no MLflow logger takes them (``None`` when one does).
+
+    Called on *every* rank: ``trainer.log_dir`` is a collective (rank 0's directory is broadcast), so
+    reading it on rank 0 alone would leave rank 0 waiting for the others forever.
+    """
+    if _mlflow_loggers(trainer):
+        return None
     root = trainer.log_dir if trainer.loggers else None
-    directory = Path(root or trainer.default_root_dir) / artifact_path
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+    return str(root or trainer.default_root_dir)
 
 
 def _mlflow_loggers(trainer: Trainer) -> list[MLFlowLogger]:
@@ -39,11 +44,13 @@ def save_artifact(trainer: Trainer, local_path: str | os.PathLike, artifact_path
         logger.experiment.log_artifact(logger.run_id, str(local_path), artifact_path)
 
 
-def _target(trainer: Trainer, artifact_path: str, filename: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
-    if _mlflow_loggers(trainer):
+def _target(root: str | None, artifact_path: str, filename: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    if root is None:
         tmp = tempfile.TemporaryDirectory()
         return Path(tmp.name) / filename, tmp
-    return _local_dir(trainer, artifact_path) / filename, None
+    directory = Path(root) / artifact_path
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / filename, None
 
 
 def save_json(trainer: Trainer, data: Any, artifact_path: str, filename: str) -> Path | None:
@@ -52,9 +59,10 @@ def save_json(trainer: Trainer, data: Any, artifact_path: str, filename: str) ->
     Returns:
         The local path when the file stays local, ``None`` when it went to MLflow (or not rank 0).
     """
+    root = _local_root(trainer)  # every rank: a collective
     if not trainer.is_global_zero:
         return None
-    path, tmp = _target(trainer, artifact_path, filename)
+    path, tmp = _target(root, artifact_path, filename)
     path.write_text(json.dumps(data, indent=1))
     return _finish(trainer, path, artifact_path, tmp)
 
@@ -65,9 +73,10 @@ def save_figure(trainer: Trainer, figure: Any, artifact_path: str, filename: str
     A ``matplotlib.figure.Figure`` built without pyplot needs no closing; a pyplot figure is closed.
     """
     try:
+        root = _local_root(trainer)  # every rank: a collective
         if not trainer.is_global_zero:
             return None
-        path, tmp = _target(trainer, artifact_path, filename)
+        path, tmp = _target(root, artifact_path, filename)
         figure.savefig(path, dpi=100, bbox_inches="tight")
         return _finish(trainer, path, artifact_path, tmp)
     finally:
