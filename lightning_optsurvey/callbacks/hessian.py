@@ -27,9 +27,6 @@ References:
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,11 +34,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_optsurvey.callbacks._artifacts import save_figure, save_json
 from lightning_optsurvey.callbacks._measure import MeasuringCallback, resolve_loss_fn
 from lightning_optsurvey.curvature import (
     HessianOperator,
@@ -261,21 +258,10 @@ class HessianSpectrum(MeasuringCallback):
         return metrics
 
     def _save_density(self, trainer: Trainer, density: SpectralDensity, stem: str) -> None:
-        mlflow = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-        log_dir = None if mlflow is not None else trainer.log_dir  # log_dir broadcasts: every rank calls
-        if not trainer.is_global_zero:
-            return
         title = f"Hessian spectral density, epoch {trainer.current_epoch}, step {trainer.global_step}"
-        with tempfile.TemporaryDirectory() as tmp:
-            target = tmp if mlflow is not None else os.path.join(log_dir or ".", "hessian")
-            os.makedirs(target, exist_ok=True)
-            png, js = os.path.join(target, f"{stem}.png"), os.path.join(target, f"{stem}.json")
-            density.plot(title=title).savefig(png, dpi=100)
-            with open(js, "w") as f:
-                json.dump({"epoch": trainer.current_epoch, "step": trainer.global_step, **density.to_dict()}, f)
-            if mlflow is not None and mlflow.run_id is not None:
-                mlflow.experiment.log_artifact(mlflow.run_id, png, "hessian")
-                mlflow.experiment.log_artifact(mlflow.run_id, js, "hessian")
+        data = {"epoch": trainer.current_epoch, "step": trainer.global_step, **density.to_dict()}
+        save_json(trainer, data, "hessian", f"{stem}.json")
+        save_figure(trainer, density.plot(title=title), "hessian", f"{stem}.png")
 
 
 def _parameter_blocks(module: nn.Module) -> list[tuple[str, list[str]]]:
