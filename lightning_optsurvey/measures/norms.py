@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
+from lightning_optsurvey.curvature.lanczos import lanczos
 from lightning_optsurvey.measures._functional import (
     Batch,
     FlatObjective,
@@ -196,39 +197,26 @@ def operator_spectral_norm(
             return pullback(out)[0].reshape(-1).detach()
 
     v0 = randn(int(torch.Size(input_shape).numel()), weight, generator)
-    return float(_top_eigenvalue(gram, v0, tol, max_iter).clamp_min(0).sqrt())
+    # Lanczos, not plain power iteration: the top singular values of a convolution are usually close.
+    top = lanczos(_Gram(gram, v0), k=1, which="LA", tol=tol, max_iter=max_iter, v0=v0).eigenvalues[0]
+    return float(top.clamp_min(0).sqrt())
 
 
-def _top_eigenvalue(matvec: Callable[[Tensor], Tensor], v0: Tensor, tol: float, max_iter: int) -> Tensor:
-    """Largest eigenvalue of a symmetric PSD operator by Lanczos with full reorthogonalization.
+class _Gram:
+    r"""A convolution's :math:`A^\top A` as a curvature ``LinearOperator`` (a vector or a block of columns)."""
 
-    Stops when the top Ritz pair's residual ``|beta_k s_k|`` is at most ``tol`` times the Ritz value
-    (plain power iteration stalls when the top singular values of a convolution are close, as they
-    usually are).
-    """
-    n = v0.numel()
-    basis = [v0 / v0.norm()]
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    theta = torch.zeros((), dtype=v0.dtype, device=v0.device)
-    for k in range(min(max_iter, n)):
-        w = matvec(basis[k])
-        alphas.append(torch.dot(w, basis[k]))
-        q = torch.stack(basis)
-        w = w - q.T @ (q @ w)
-        w = w - q.T @ (q @ w)  # twice is enough (Giraitis-Kahan)
-        beta = w.norm()
-        tri = torch.diag(torch.stack(alphas))
-        if k > 0:
-            off = torch.stack(betas)
-            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(tri)
-        theta = evals[-1]
-        if beta * evecs[-1, -1].abs() <= tol * theta.abs() or beta <= torch.finfo(v0.dtype).eps * theta.abs():
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    return theta
+    def __init__(self, matvec: Callable[[Tensor], Tensor], like: Tensor) -> None:
+        self._matvec = matvec
+        self.numel = like.numel()
+        self.dtype = like.dtype
+        self.device = like.device
+        self.num_matvecs = 0
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        if v.dim() == 2:
+            return torch.stack([self @ column for column in v.unbind(1)], dim=1)
+        self.num_matvecs += 1
+        return self._matvec(v.to(self.dtype)).to(v.dtype)
 
 
 def spectral_norm_product(
