@@ -409,3 +409,26 @@ def test_artifact_writers_take_part_in_the_log_dir_broadcast_on_every_rank(write
         assert save_figure(trainer, Figure(), "landscape", "x.png") is None
     assert trainer.log_dir_reads == 1
     assert not (tmp_path / "landscape").exists()  # only rank 0 writes
+
+
+def test_landscape_from_init_covers_parameters_unfrozen_during_training(tmp_path):
+    """init_to_final with a block frozen at fit start and unfrozen later: the slice's end at alpha = -1 is
+    the initial network (w - (w - w0) = w0), so its loss equals that of a copy taken before fit."""
+    import copy
+
+    from lightning_optsurvey.callbacks._measure import resolve_loss_fn
+
+    torch.manual_seed(0)
+    module = ClassifierModule(model="cnn", optimizer="sgd", optimizer_kwargs={"lr": 0.05, "momentum": 0.9})
+    next(module.parameters()).requires_grad_(False)
+    initial = copy.deepcopy(module).eval()
+    cb = LossLandscape(kind="1d", directions="init_to_final", resolution=3, span=1.0, num_batches=1,
+                       at="epoch_end", every_n_epochs=2)
+    trainer = Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, limit_val_batches=2, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path, callbacks=[_UnfreezeAtEpoch1(), cb])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    (x, y), = cb._batches
+    with torch.no_grad():
+        expected = float(resolve_loss_fn(initial, None)(initial(x), y))
+    assert cb.last_grid["loss"][0] == pytest.approx(expected, rel=FLOAT_RTOL)

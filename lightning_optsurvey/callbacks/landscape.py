@@ -106,8 +106,9 @@ class LossLandscape(MeasuringCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._initial is None and self.directions == "init_to_final":
+            # Every parameter, frozen ones too: a block unfrozen later (fine-tuning) then has its start.
             module = unwrap_module(pl_module)
-            self._initial = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+            self._initial = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -130,7 +131,7 @@ class LossLandscape(MeasuringCallback):
         device = next(module.parameters()).device
         if self._random is None:
             generator = make_generator(torch.device("cpu"), self.seed)
-            cpu = {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+            cpu = {n: p.detach().cpu() for n, p in module.named_parameters()}  # frozen too: they may thaw
             self._random = [
                 {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in cpu.items()}
                 for _ in range(2)
