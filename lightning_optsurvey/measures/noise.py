@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_optsurvey.measures._functional import Batch, FlatObjective, LossFn, check_batches
+from lightning_optsurvey.measures._functional import Batch, FlatObjective, LossFn
 
 __all__ = ["NoiseScale", "batch_gradients", "gradient_noise_scale"]
 
@@ -87,6 +87,6 @@ def batch_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch])
     Returns:
         ``(G, sizes)`` with ``G[i]`` the flat gradient of batch ``i``.
     """
-    objective = FlatObjective(model, loss_fn, check_batches(batches))
+    objective = FlatObjective(model, loss_fn, batches)  # it validates the batches
     rows = [objective.loss_and_grad(batches=[i])[1] for i in range(len(objective.batches))]
     return torch.stack(rows), list(objective.sizes)

@@ -50,6 +50,13 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
 
 
+def _weight_layers_or_raise(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    layers = weight_layers(model)
+    if not layers:
+        raise ValueError("the model has no nn.Linear or convolution layer")
+    return layers
+
+
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -252,9 +259,7 @@ def spectral_norm_product(
         Bartlett, Foster, Telgarsky. Spectrally-normalized margin bounds for neural networks. NeurIPS 2017.
         https://arxiv.org/abs/1706.08498 ; Jiang et al. ICLR 2020. https://arxiv.org/abs/1912.02178
     """
-    layers = weight_layers(model)
-    if not layers:
-        raise ValueError("the model has no nn.Linear or convolution layer")
+    layers = _weight_layers_or_raise(model)
     shapes: dict[str, tuple[int, ...]] = {}
     if any(isinstance(m, _CONV) for _, m in layers):
         if example_input is None:
@@ -278,9 +283,7 @@ def frobenius_norm_product(model: nn.Module) -> float:
         Neyshabur, Tomioka, Srebro. Norm-Based Capacity Control in Neural Networks. COLT 2015.
         https://arxiv.org/abs/1503.00036 ; Jiang et al. ICLR 2020. https://arxiv.org/abs/1912.02178
     """
-    layers = weight_layers(model)
-    if not layers:
-        raise ValueError("the model has no nn.Linear or convolution layer")
+    layers = _weight_layers_or_raise(model)
     product = 1.0
     for _, layer in layers:
         product *= float(layer.weight.detach().double().norm())
