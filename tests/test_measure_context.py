@@ -249,3 +249,9 @@ def test_every_measuring_callback_survives_ddp_spawn_pickling(index):
         twin = getattr(copy, name)
         assert isinstance(twin, torch.Generator) and twin is not g
         assert torch.equal(torch.rand(7, generator=twin), torch.rand(7, generator=g))
+
+
+def test_draw_batches_names_the_dataset_size_when_a_rank_gets_nothing():
+    """Two samples over three ranks: rank 2 gets none, and the error says the dataset has 2 (not 0)."""
+    with pytest.raises(ValueError, match=r"rank 2 got no samples from a dataset of 2 .*world_size=3"):
+        draw_batches(_dataset(2), 1, 1, generator=torch.Generator(), rank=2, world_size=3)

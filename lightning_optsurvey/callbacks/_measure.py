@@ -251,11 +251,14 @@ def draw_batches(
     with torch.inference_mode(False):
         if isinstance(dataset, IterableDataset):
             samples = []
+            seen = 0
             for i, sample in enumerate(dataset):
                 if i >= per_rank * world_size:
                     break
+                seen += 1
                 if i % world_size == rank:
                     samples.append(sample)
+            size = f"at least {seen}" if seen == per_rank * world_size else str(seen)
         else:
             n = len(dataset)  # type: ignore[arg-type]
             if n == 0:
@@ -264,8 +267,10 @@ def draw_batches(
             total = min(per_rank * world_size, n - n % world_size if n >= world_size else n)
             mine = order[:total][rank::world_size]
             samples = [dataset[int(i)] for i in mine]
+            size = str(n)
         if not samples:
-            raise ValueError(f"rank {rank} got no samples from a dataset of {len(samples)} for measurement")
+            raise ValueError(f"rank {rank} got no samples from a dataset of {size} for measurement "
+                             f"(world_size={world_size})")
         batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
         batches = [_detach_clone(b) for b in batches]
     return [move_data_to_device(b, device) for b in batches] if device is not None else batches
