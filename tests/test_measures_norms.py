@@ -151,3 +151,32 @@ def test_fisher_rao_norm_homogeneity_identity():
     (dl,) = torch.autograd.grad(cross_entropy(out, y) * len(y), out)
     expected = 3 * float(((dl * out).sum(dim=1) ** 2).mean().sqrt())
     assert fisher_rao_norm(model, cross_entropy, batches) == pytest.approx(expected, rel=1e-10)
+
+
+class _TwoInputReLU(nn.Module):
+    """Bias-free ``W3 relu(W1 x1 + W2 x2)``, called as ``model(x1, x2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(7)
+        self.w1 = nn.Linear(3, 5, bias=False).double()
+        self.w2 = nn.Linear(2, 5, bias=False).double()
+        self.w3 = nn.Linear(5, 4, bias=False).double()
+        with torch.no_grad():
+            for layer in (self.w1, self.w2, self.w3):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.w3(torch.relu(self.w1(x1) + self.w2(x2)))
+
+
+def test_path_norm_of_a_model_with_several_inputs():
+    """``example_input=(x1, x2)`` is the model's two inputs: the path norm sums, over hidden units j, the
+    squared output weights times the squared weights of every input path into j."""
+    model = _TwoInputReLU()
+    w1, w2, w3 = (layer.weight.detach() for layer in (model.w1, model.w2, model.w3))
+    into = (w1**2).sum(dim=1) + (w2**2).sum(dim=1)
+    expected = float(((w3**2) @ into).sum().sqrt())
+    example = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
+    assert path_norm(model, example) == pytest.approx(expected, rel=FLOAT64_RTOL)
+    assert path_norm(model, list(example)) == pytest.approx(expected, rel=FLOAT64_RTOL)

@@ -109,7 +109,7 @@ class GeneralizationMeasures(MeasuringCallback):
                 value = distance_from_init(pl_module, self._initial)
             elif name == "spectral_product":
                 value = spectral_norm_product(pl_module, example, tol=1e-4,
-                                              generator=make_generator(example.device, self.seed))
+                                              generator=make_generator(pl_module.device, self.seed))
             elif name == "frobenius_product":
                 value = frobenius_norm_product(pl_module)
             elif name == "path_norm":

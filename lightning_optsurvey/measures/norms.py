@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
 from lightning_optsurvey.curvature.lanczos import lanczos
+from lightning_optsurvey.curvature.operator import model_args
 from lightning_optsurvey.measures._functional import (
     Batch,
     FlatObjective,
@@ -116,7 +117,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _layer_input_shapes(model: nn.Module, example_input: Tensor) -> dict[str, tuple[int, ...]]:
+def _first_sample(example_input: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The model's positional arguments for the first sample of a batch of inputs.
+
+    A tuple or list of tensors is a model with several inputs (the curvature engine's convention).
+    """
+    args = model_args(example_input)
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError("example_input must be a tensor or a tuple/list of tensors, got "
+                        f"{type(example_input).__name__}")
+    return tuple(a[:1] for a in args)
+
+
+def _layer_input_shapes(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> dict[str, tuple[int, ...]]:
     """Shapes (without the batch dimension) of the inputs each weight layer receives."""
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
@@ -125,10 +138,11 @@ def _layer_input_shapes(model: nn.Module, example_input: Tensor) -> dict[str, tu
             shapes.setdefault(_name, tuple(args[0].shape[1:]))
 
         hooks.append(layer.register_forward_pre_hook(hook))
+    args = _first_sample(example_input)
     state = {n: b.clone() for n, b in model.named_buffers()}
     try:
         with torch.no_grad(), _eval_mode(model):
-            functional_call(model, state, (example_input[:1],))
+            functional_call(model, state, args)
     finally:
         for h in hooks:
             h.remove()
@@ -228,7 +242,7 @@ class _Gram:
 
 def spectral_norm_product(
     model: nn.Module,
-    example_input: Tensor | None = None,
+    example_input: Tensor | Sequence[Tensor] | None = None,
     method: str = "power",
     tol: float = 1e-6,
     max_iter: int = 500,
@@ -242,7 +256,8 @@ def spectral_norm_product(
 
     Args:
         model: The network (not modified; its modes are restored after the shape-finding forward pass).
-        example_input: A batch of inputs (only the first sample is used); needed if the model has
+        example_input: A batch of inputs, or a tuple/list of them for a model with several inputs (only the
+            first sample is used); needed if the model has
             convolutions.
         method: ``"power"`` (any convolution) or ``"fft"`` (circular formula for ``nn.Conv2d``).
         tol: Relative residual of the Krylov iteration.
@@ -290,7 +305,7 @@ def frobenius_norm_product(model: nn.Module) -> float:
     return product
 
 
-def path_norm(model: nn.Module, example_input: Tensor) -> float:
+def path_norm(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> float:
     r"""The l2 path norm: the square root of the network's output at the all-ones input with squared weights.
 
     .. math::
@@ -302,7 +317,8 @@ def path_norm(model: nn.Module, example_input: Tensor) -> float:
 
     Args:
         model: The network (ReLU-type activations for the path interpretation).
-        example_input: A batch of inputs; only its shape is used.
+        example_input: A batch of inputs, or a tuple/list of them for a model with several inputs (all
+            set to ones); only the shapes are used.
 
     Returns:
         The path norm.
@@ -311,13 +327,11 @@ def path_norm(model: nn.Module, example_input: Tensor) -> float:
         Neyshabur, Tomioka, Srebro. Norm-Based Capacity Control in Neural Networks. COLT 2015.
         https://arxiv.org/abs/1503.00036 ; Jiang et al. ICLR 2020. https://arxiv.org/abs/1912.02178
     """
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    ones = tuple(torch.ones_like(a) for a in _first_sample(example_input))
     state: dict[str, Tensor] = {n: b.clone() for n, b in model.named_buffers()}
     state.update({n: p.pow(2) for n, p in _trainable(model).items()})
-    ones = torch.ones_like(example_input[:1])
     with torch.no_grad(), _eval_mode(model):
-        out = functional_call(model, state, (ones,))
+        out = functional_call(model, state, ones)
     return float(out.double().sum().clamp_min(0).sqrt())
 
 
