@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,11 @@ def ui_hint(tracking_uri: str, experiment_id: str) -> tuple[str, str]:
     if tracking_uri.split(":", 1)[0].lower() in _HTTP_SCHEMES:
         return (f"(server already running at {tracking_uri})",
                 f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs")
-    return (f"mlflow ui --backend-store-uri {tracking_uri} --port 5000",
+    # The mlflow beside this interpreter, by its full path unless it is the one on PATH (an unactivated venv).
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    if not os.path.exists(mlflow_bin) or shutil.which("mlflow") == mlflow_bin:
+        mlflow_bin = "mlflow"
+    return (f"{mlflow_bin} ui --backend-store-uri {tracking_uri} --port 5000",
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ def test_compare_records_one_finished_run_per_optimizer(tmp_path, capsys):
     out = capsys.readouterr()
     assert "| optimizer | seed | val/acc" in out.out
     assert f"mlflow ui --backend-store-uri {uri}" in out.out
+    command = next(line for line in out.out.splitlines() if "mlflow ui" in line).split(":  ", 1)[1]
+    assert shutil.which(command.split()[0]), command  # runnable as printed, venv activated or not
     assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in out.out
     assert "run 4/4" in out.err
 
