@@ -463,8 +463,13 @@ class MeasuringCallback(Callback):
         """The fixed subset (drawn on first use with ``seed``; identical after a resume)."""
         if self._batches is None:
             generator = torch.Generator().manual_seed(self.seed)
-            self._batches = train_measurement_batches(trainer, self.num_batches, generator, pl_module.device)
+            count = self.batches_to_draw(trainer)
+            self._batches = train_measurement_batches(trainer, count, generator, pl_module.device)
         return self._batches
+
+    def batches_to_draw(self, trainer: Trainer) -> int:
+        """Batches per rank in the fixed subset: ``num_batches`` (a subclass may derive it from the data)."""
+        return self.num_batches
 
     def run_measurement(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Measure now (inside the context), log, record in ``history``, and return the metrics."""

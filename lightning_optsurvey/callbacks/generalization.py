@@ -25,7 +25,6 @@ from lightning_optsurvey.callbacks._measure import (
     MeasuringCallback,
     _first_dataloader,
     resolve_loss_fn,
-    train_measurement_batches,
 )
 from lightning_optsurvey.curvature.operator import batch_size, model_args
 
@@ -76,16 +75,14 @@ class GeneralizationGap(MeasuringCallback):
         return {**super().state_key_config(), "num_train_batches": self.num_train_batches}
 
     @override
-    def measurement_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
-        if self._batches is None and self.num_train_batches is None:
-            loader = _first_dataloader(trainer.train_dataloader)
-            if loader is None:
-                raise RuntimeError("GeneralizationGap needs the trainer's train DataLoader")
-            batch_size = loader.batch_size or 1
-            whole = math.ceil(len(loader.dataset) / (batch_size * trainer.world_size))  # type: ignore[arg-type]
-            generator = torch.Generator().manual_seed(self.seed)
-            self._batches = train_measurement_batches(trainer, whole, generator, pl_module.device)
-        return super().measurement_batches(trainer, pl_module)
+    def batches_to_draw(self, trainer: Trainer) -> int:
+        if self.num_train_batches is not None:
+            return self.num_train_batches
+        loader = _first_dataloader(trainer.train_dataloader)  # None: train_measurement_batches explains
+        if loader is None:
+            return 1
+        batch_size = loader.batch_size or 1
+        return math.ceil(len(loader.dataset) / (batch_size * trainer.world_size))  # type: ignore[arg-type]
 
     @staticmethod
     def _evaluate(pl_module: LightningModule, loss_fn: Callable, batches: Any) -> tuple[float, float]:
