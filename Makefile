@@ -37,7 +37,8 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns lightning_logs .pytest_cache
+	# Build artifacts only: mlflow.db, mlruns/ and lightning_logs/ hold your runs and are never deleted here.
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
 readme: $(VENV)/.installed
 	$(BIN)/python tools/update_readme.py
