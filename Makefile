@@ -36,8 +36,8 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Build artifacts only: mlflow.db, mlruns/ and lightning_logs/ hold your runs and are never deleted here.
 clean:
-	# Build artifacts only: mlflow.db, mlruns/ and lightning_logs/ hold your runs and are never deleted here.
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
 readme: $(VENV)/.installed
