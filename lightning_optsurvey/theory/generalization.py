@@ -21,6 +21,7 @@ from lightning_optsurvey.theory.result import (
     Result,
     _positive_float,
     _positive_int,
+    loglog_slope,
     mc_bound_violations,
     mean_and_stderr,
     register_result,
@@ -28,11 +29,10 @@ from lightning_optsurvey.theory.result import (
 
 __all__ = ["ImplicitBiasMaxMargin", "UniformStabilitySGD"]
 
-#: Relative distance allowed between the measured angle to the max-margin direction at the last
-#: checkpoint and the asymptotic prediction atan(|w~_perp| / (log k + w~_par)).
-ANGLE_RTOL = 0.1
-#: The residual ||w(k) - w^ log k - w~|| must shrink by at least this factor from K/10 to K.
-RESIDUAL_SHRINK = 0.5
+#: The residual r(k) = w(k) - w^ log k - w~ must decay at least like k^(-RESIDUAL_EXPONENT_FRACTION nu), nu the
+#: exponent of the linearized residual dynamics (log-log slope fitted on [K/10, K]; seen -0.47 to -0.73
+#: for nu = 0.5 over seeds 0-14 at K = 5000: the asymptotic power comes with log k corrections).
+RESIDUAL_EXPONENT_FRACTION = 0.8
 
 
 @register_result
@@ -51,9 +51,12 @@ class ImplicitBiasMaxMargin(Result):
         "Soudry, Hoffer, Nacson, Gunasekar & Srebro 2018, arXiv:1710.10345, Thm. 3 and the limit w~ of its residual"
     )
     criterion = (
-        f"angle between w(K) and w^ within {ANGLE_RTOL:g} (relative) of atan(|w~_2| / (log K + w~_1)), and "
-        f"the residual ||w(k) - w^ log k - w~|| at K at most {RESIDUAL_SHRINK:g} x its value at K/10; data "
-        "built so that w^ = e_1 and the duals are known in closed form"
+        "the residual r(k) = w(k) - w^ log k - w~ vanishes (the theorem's o(1)): its log-log slope over "
+        f"[K/10, K] is at most -{RESIDUAL_EXPONENT_FRACTION:g} nu, nu = min(lambda_min(sum_n alpha_n z_n z_n^T), "
+        "theta - 1) the decay exponent of the residual's linearized dynamics dr/dk = -(1/k) sum_n alpha_n "
+        "z_n z_n^T r + O(k^-theta) (theta the smallest margin of the other points); and the angle between w(K) "
+        "and w^ within asin(||r(K)|| / ||w^ log K + w~||) of atan(|w~_2| / (log K + w~_1)), the o(1) term's "
+        "whole effect on the direction; data built so that w^ = e_1 and the duals are known in closed form"
     )
 
     steps: int = 5000
@@ -71,6 +74,15 @@ class ImplicitBiasMaxMargin(Result):
         offset = problem.offset(self.lr_scale / problem.smoothness)
         return math.atan2(abs(float(offset[1])), math.log(k) + float(offset[0]))
 
+    @staticmethod
+    def residual_exponent(problem: SeparableLogistic) -> float:
+        """``nu = min(lambda_min(sum_n alpha_n z_n z_n^T), theta - 1)`` over the support vectors ``z_n``."""
+        duals = torch.tensor(problem.duals, dtype=DTYPE)
+        support = problem.points[:2]
+        damping = float(torch.linalg.eigvalsh((support.T * duals) @ support)[0])
+        theta = float((problem.points[2:] @ problem.max_margin).min()) if len(problem.points) > 2 else math.inf
+        return min(damping, theta - 1.0)
+
     def check(self, seed: int = 0) -> CheckOutcome:
         p = self.problem(seed)
         lr = self.lr_scale / p.smoothness
@@ -83,14 +95,21 @@ class ImplicitBiasMaxMargin(Result):
         def residual(t: int) -> float:
             return float(torch.linalg.vector_norm(ws[t] - p.max_margin * math.log(t) - offset))
 
-        early, late = residual(max(self.steps // 10, 1)), residual(self.steps)
-        angle_ok = abs(angles[-1] - predicted[-1]) <= ANGLE_RTOL * predicted[-1]
-        holds = angle_ok and late <= RESIDUAL_SHRINK * early and lr < 2.0 / p.smoothness
+        nu = self.residual_exponent(p)
+        window = [t for t in range(max(self.steps // 10, 1), self.steps + 1, max(self.steps // 100, 1))]
+        slope = loglog_slope(window, [residual(t) for t in window])
+        late = residual(self.steps)
+        asymptote = float(torch.linalg.vector_norm(p.max_margin * math.log(self.steps) + offset))
+        allowance = math.asin(min(1.0, late / asymptote))
+        angle_ok = abs(angles[-1] - predicted[-1]) <= allowance
+        holds = angle_ok and slope <= -RESIDUAL_EXPONENT_FRACTION * nu and lr < 2.0 / p.smoothness
         return CheckOutcome(
             predicted=predicted[-1], measured=angles[-1], holds=holds, name=self.name,
             quantity=f"angle(w(K), w^) at K={self.steps} (radians)",
             details=f"eta={lr:.4g} (smoothness {p.smoothness:.4g}), w^=(1, 0), w~=({float(offset[0]):.4f}, "
-            f"{float(offset[1]):.4f}); residual {early:.3g} at K/10 -> {late:.3g} at K",
+            f"{float(offset[1]):.4f}); residual {residual(window[0]):.3g} at K/10 -> {late:.3g} at K, log-log slope "
+            f"{slope:.3f} (nu = {nu:.3g}); |angle - prediction| = {abs(angles[-1] - predicted[-1]):.2e} <= "
+            f"{allowance:.2e}",
             steps=checkpoints, predicted_curve=predicted, measured_curve=angles, y_label="angle to w^ (rad)",
             log_x=True,
         )
