@@ -15,6 +15,7 @@ from lightning_optsurvey.theory import (
     Result,
     adaptive,
     all_results,
+    centralized,
     decentralized,
     first_order,
     format_table,
@@ -100,6 +101,9 @@ FAILING = [
     first_order.GDPolyakLojasiewicz(lr_scale=2.5),  # step beyond 2/L: the minimum is unstable
     stochastic.SGDPolyakLojasiewicz(lr_scale=2.2),  # step beyond 2/L: a period-2 cycle far above the floor
     stochastic.MomentumNoiseFloor(lr=4.0, steps=100),  # eta lambda_max > 2(1 + beta): outside the stable region
+    adaptive.AdamNonConvex(scaled=False),  # alpha, beta2 not scaled with N: no ln N / sqrt N decay
+    centralized.LocalSGDClientDrift(lr=1.2),  # eta a_max > 2: local steps diverge
+    centralized.EASGDStronglyConvex(alpha=0.6),  # outside EASGD's stability region
 ]
 
 
@@ -373,6 +377,13 @@ def test_momentum_floor_closed_form_matches_the_lyapunov_solution():
     # beta = 0 is SGD: the Lyapunov solution is SGD's exact plateau.
     sgd = stochastic.momentum_stationary_gap(p, "momentum", 0.1, 0.0)
     assert abs(sgd - stochastic.SGDConstantStep.exact_plateau(p, 0.1)) <= 1e-10 * sgd
+
+
+def test_nonconvex_stability_bound_is_violated_by_constant_steps():
+    # Constant steps c are outside Thm. 3.12 (alpha_t <= c/t): the measured stability and gap exceed the
+    # epsilon computed as if the steps decayed, not only the stated assumption.
+    outcome = generalization.UniformStabilityNonConvex(decaying=False, c=0.5, epochs=40, runs=100).check(seed=0)
+    assert not outcome.holds and outcome.measured > outcome.predicted, outcome.details
 
 
 def test_pl_constant_is_the_infimum_of_the_pl_ratio():
