@@ -105,6 +105,8 @@ FAILING = [
     adaptive.AdamNonConvex(scaled=False),  # alpha, beta2 not scaled with N: no ln N / sqrt N decay
     centralized.LocalSGDClientDrift(lr=1.2),  # eta a_max > 2: local steps diverge
     centralized.EASGDStronglyConvex(alpha=0.6),  # outside EASGD's stability region
+    decentralized.DPSGDLinearSpeedup(scaled=False),  # gamma not scaled with sqrt(N/K): no speedup in N
+    landscape.SAMNonConvex(lr_scale=2.5),  # eta > 2/L: no descent, the average stays above the bound
     networks.KFACNaturalGradient(fisher="empirical"),  # residuals correlate with inputs: not A (x) G
     networks.PACBayesDigits(shift=True),  # held-out images from another distribution (pixels permuted)
     networks.EdgeOfStabilityDigits(lr=0.5, steps=60),  # too small a step to reach 2/eta in the run
