@@ -186,6 +186,16 @@ def test_run_checks_selects_times_and_reports_a_crash_as_not_holding():
     assert format_table([outcomes[0].outcome]).splitlines()[2].startswith("| 2 | gd_strongly_convex |")
 
 
+def test_run_checks_uses_one_thread_and_restores_the_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (run,) = run_checks(only="gossip_consensus")
+        assert run.holds and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_register_result_rejects_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
 
