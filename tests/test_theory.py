@@ -107,6 +107,7 @@ FAILING = [
     centralized.EASGDStronglyConvex(alpha=0.6),  # outside EASGD's stability region
     decentralized.DPSGDLinearSpeedup(scaled=False),  # gamma not scaled with sqrt(N/K): no speedup in N
     landscape.SAMNonConvex(lr_scale=2.5),  # eta > 2/L: no descent, the average stays above the bound
+    landscape.LPFSmoothingBound(per_filter=False),  # kernel radius taken from the whole tensor, not per filter
     networks.KFACNaturalGradient(fisher="empirical"),  # residuals correlate with inputs: not A (x) G
     networks.PACBayesDigits(shift=True),  # held-out images from another distribution (pixels permuted)
     networks.EdgeOfStabilityDigits(lr=0.5, steps=60),  # too small a step to reach 2/eta in the run

@@ -29,7 +29,7 @@ from lightning_optsurvey.theory.result import (
     register_result,
 )
 
-__all__ = ["EdgeOfStability", "SAMNonConvex", "SAMSharpness", "SmoothingFlattens"]
+__all__ = ["EdgeOfStability", "LPFSmoothingBound", "SAMNonConvex", "SAMSharpness", "SmoothingFlattens"]
 
 #: Round-off allowed on top of the exact Taylor remainder M rho^3 / 6 in the SAM check.
 SAM_ATOL = 1e-14
@@ -47,6 +47,10 @@ EOS_REACH_FRACTION = 0.95
 #: Agreement of the Hessian of the local entropy read off Entropy-SGD with gamma A (A + gamma I)^(-1)
 #: (the inner Langevin loop, run without noise, converges to ~1e-12).
 ENTROPY_RTOL = 1e-6
+#: Standard errors allowed between LPF-SGD's mean gradient and the closed form, per coordinate: a Bonferroni
+#: band over the 64 comparisons (16 rows x 4 coordinates) with Student-t tails (31 degrees of freedom), so
+#: that the family-wise false alarm stays near 1e-3.
+LPF_Z = 5.0
 
 
 def _mlp(widths: tuple[int, ...], gen: torch.Generator) -> nn.Module:
@@ -446,4 +450,106 @@ class SAMNonConvex(Result):
             steps=ks, predicted_curve=bound, measured_curve=averages,
             extra_curves={f"rho={rho:g} measured": tuple(curves[rho][0]) for rho in self.radii[1:]},
             x_label="K", y_label="(1/K) sum_k ||grad f(x_k)||^2", log_x=True,
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class LPFSmoothingBound(Result):
+    """LPF-SGD steps with the gradient of the Gaussian-smoothed loss, within Nesterov & Spokoiny's bias bound."""
+
+    number = 30
+    name = "lpf_smoothing_bound"
+    statement = (
+        "f L-smooth, f_s(x) = E f(x + s u), u ~ N(0, I_d): |f_s(x) - f(x)| <= s^2 L d/2 and ||grad f_s(x) - "
+        "grad f(x)|| <= (s/2) L (d + 3)^(3/2); LPF-SGD's step direction is an unbiased Monte-Carlo estimate of "
+        "grad f_s with s = sigma ||w_k|| for each filter (row) w_k"
+    )
+    reference = (
+        "Bisla, Wang & Choromanska 2022, arXiv:2201.08025 (LPF-SGD, the smoothed loss); Nesterov & Spokoiny "
+        "2017, doi:10.1007/s10208-015-9296-2, Thm. 1 and Lemma 3 (smoothing bias for C^(1,1) functions)"
+    )
+    criterion = (
+        "for every row, the registry's 'lpf_sgd' gradient (mean over 32 seeds of its Monte-Carlo estimate) within "
+        f"{LPF_Z:g} standard errors of the closed-form grad f_s (E cos(b(x + s u)) = exp(-b^2 s^2/2) cos(b x)); the "
+        "closed-form bias ||grad f_s - grad f|| and f_s - f below the bounds; f = sum_j x_j^2/2 + cos(2 x_j) "
+        "(L = 5), one row per point, each its own filter of radius sigma ||w_k||"
+    )
+
+    points: int = 16
+    dim: int = 4
+    sigma: float = 0.1
+    samples: int = 50
+    seeds: int = 32
+    per_filter: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("points", self.points, 2)
+        _positive_int("dim", self.dim)
+        _positive_float("sigma", self.sigma)
+        _positive_int("samples", self.samples)
+        _positive_int("seeds", self.seeds, 2)
+
+    def problem(self, seed: int = 0) -> tuple[WavyFunction, torch.Tensor]:
+        points = 1.5 * torch.randn(self.points, self.dim, generator=generator(seed), dtype=DTYPE)
+        return WavyFunction(self.dim, 1.0, 2.0), points
+
+    def radii(self, points: torch.Tensor) -> torch.Tensor:
+        """The kernel's standard deviation for each row: ``sigma ||w_k||`` (or the whole norm if not ``per_filter``)."""
+        if self.per_filter:
+            return self.sigma * torch.linalg.vector_norm(points, dim=1)
+        return self.sigma * torch.linalg.vector_norm(points) * torch.ones(points.shape[0], dtype=DTYPE)
+
+    def predict(self, problem: tuple[WavyFunction, torch.Tensor], k: int) -> float:
+        """Nesterov & Spokoiny's gradient-bias bound ``(s/2) L (d + 3)^(3/2)`` at row ``k``."""
+        f, points = problem
+        return 0.5 * float(self.radii(points)[k]) * f.L * (self.dim + 3) ** 1.5
+
+    def smoothed_gradient(self, f: WavyFunction, points: torch.Tensor) -> torch.Tensor:
+        s = self.radii(points)[:, None]
+        damping = torch.exp(-0.5 * (f.frequency * s) ** 2)
+        return points - f.amplitude * f.frequency * damping * torch.sin(f.frequency * points)
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        problem = self.problem(seed)
+        f, points = problem
+        estimates = []
+        for i in range(self.seeds):
+            x = torch.nn.Parameter(points.clone())
+            optimizer = create_optimizer(
+                "lpf_sgd", [x], lr=1.0, momentum=0.0, sigma=self.sigma, num_samples=self.samples,
+                seed=seed * 1000 + i,
+            )
+
+            def closure(x: torch.nn.Parameter = x) -> torch.Tensor:
+                x.grad = f.gradient(x.detach())
+                return f.value(x.detach()).sum()
+
+            optimizer.step(closure)
+            estimates.append(x.grad.detach().clone())  # LPF-SGD leaves its smoothed gradient in .grad
+        mean, err = mean_and_stderr(torch.stack(estimates, dim=-1))
+        s = self.radii(points)
+        exact = self.smoothed_gradient(WavyFunction(self.dim, 1.0, 2.0), points)
+        unbiased = bool(((mean - exact).abs() <= LPF_Z * err + 1e-12).all())
+        bias = torch.linalg.vector_norm(exact - f.gradient(points), dim=1)
+        measured_bias = torch.linalg.vector_norm(mean - f.gradient(points), dim=1)
+        bounds = torch.tensor([self.predict(problem, k) for k in range(self.points)], dtype=DTYPE)
+        damping = torch.exp(-0.5 * (f.frequency * s[:, None]) ** 2)
+        value_gap = (0.5 * s * s * self.dim + (f.amplitude * (damping - 1) * torch.cos(f.frequency * points)).sum(1))
+        value_ok = bool((value_gap.abs() <= 0.5 * s * s * f.L * self.dim + 1e-12).all())
+        holds = unbiased and bool((bias <= bounds).all()) and value_ok
+        worst = int((measured_bias / bounds).argmax())
+        order = torch.argsort(s)
+        return CheckOutcome(
+            predicted=float(bounds[worst]), measured=float(measured_bias[worst]), holds=holds, name=self.name,
+            quantity="||LPF-SGD gradient - grad f|| against (s/2) L (d+3)^(3/2) (row closest to its bound)",
+            details=f"sigma={self.sigma:g}, d={self.dim}, {self.points} rows, {self.seeds} x {self.samples} samples; "
+            f"LPF-SGD's gradient within the Monte-Carlo band of grad f_s on every row: {unbiased}; largest "
+            f"bias / bound {float((bias / bounds).max()):.3g}; |f_s - f| / (s^2 L d / 2) at most "
+            f"{float((value_gap.abs() / (0.5 * s * s * f.L * self.dim)).max()):.3g}"
+            + ("" if self.per_filter else "; radius modelled as sigma ||w|| of the whole tensor"),
+            steps=s[order].tolist(), predicted_curve=bounds[order].tolist(),
+            measured_curve=measured_bias[order].tolist(),
+            extra_curves={"||grad f_s - grad f|| (closed form)": tuple(bias[order].tolist())},
+            x_label="kernel radius s = sigma ||w_k||", y_label="||gradient - grad f||", log_x=True,
         )
