@@ -16,6 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_optsurvey.optim._common import (
+    FullStateMixin,
     StateGenerator,
     call_closure,
     check_bool,
@@ -28,7 +29,7 @@ from lightning_optsurvey.optim._common import (
 _STEP_KEY = "entropy_sgd"
 
 
-class EntropySGD(Optimizer):
+class EntropySGD(FullStateMixin, Optimizer):
     r"""Entropy-SGD (Algorithm 1 of Chaudhari et al. 2017).
 
     The local entropy :math:`F(x;\gamma) = \log \int \exp(-f(x') - \tfrac{\gamma}{2}\|x-x'\|^2)\,dx'` has gradient
@@ -182,6 +183,9 @@ def _register() -> None:
                   "noise": 1e-4, "alpha": 0.75},
         reference="Chaudhari, Choromanska et al. 2017, arXiv:1611.01838",
         summary="descent on the local entropy, estimated by Langevin inner steps",
+        deviations={"complex": "Langevin noise is drawn for real weights", "tensor_lr": "lr is a float",
+                    "noise": "the Langevin inner loop adds thermal noise (noise > 0), so the weights move even "
+                             "where the gradient is zero; noise=0 makes a zero gradient a no-op"},
     ))
 
 

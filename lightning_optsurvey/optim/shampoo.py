@@ -17,7 +17,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import call_closure, check_bool, check_int, check_number, heavy_ball
+from lightning_optsurvey.optim._common import (
+    FullStateMixin,
+    call_closure,
+    check_bool,
+    check_int,
+    check_number,
+    heavy_ball,
+)
 
 
 def _inverse_root(matrix: Tensor, exponent: float, eps: float) -> Tensor:
@@ -32,7 +39,7 @@ def _inverse_root(matrix: Tensor, exponent: float, eps: float) -> Tensor:
     return ((vectors * values.clamp_min(eps).pow(-1.0 / exponent)) @ vectors.T).to(matrix.dtype)
 
 
-class Shampoo(Optimizer):
+class Shampoo(FullStateMixin, Optimizer):
     r"""Shampoo with momentum.
 
     For a parameter of order :math:`k` with gradient :math:`G`, each dimension :math:`i` (of size at most
@@ -146,6 +153,7 @@ def _register() -> None:
         defaults={"lr": 0.05, "momentum": 0.9, "update_every": 10},
         reference="Gupta, Koren & Singer 2018, arXiv:1802.09568",
         summary="Kronecker-factored full-matrix AdaGrad (one preconditioner per dimension)",
+        deviations={"complex": "the preconditioners are real symmetric matrices", "tensor_lr": "lr is a float"},
     ))
 
 

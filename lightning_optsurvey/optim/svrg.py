@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_optsurvey.optim._common import (
+    FullStateMixin,
     call_closure,
     check_int,
     check_number,
@@ -48,7 +49,7 @@ def _set_rng_states(states: list[tuple[str, Any]]) -> None:
             torch.cuda.set_rng_state(state, device)
 
 
-class SVRG(Optimizer):
+class SVRG(FullStateMixin, Optimizer):
     r"""Stochastic variance-reduced gradient (with optional momentum).
 
     With a snapshot :math:`\tilde w` and its full gradient :math:`\tilde\mu = \nabla F(\tilde w)`, each step on a
@@ -263,6 +264,7 @@ def _register() -> None:
         defaults={"lr": 0.05, "momentum": 0.9},
         reference="Johnson & Zhang 2013, papers.nips.cc/paper/4937",
         summary="variance-reduced SGD (here with momentum) with a full gradient each epoch",
+        deviations={"complex": "the snapshot correction is implemented for real weights", "tensor_lr": "lr is a float"},
     ))
 
 
