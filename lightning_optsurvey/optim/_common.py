@@ -89,15 +89,16 @@ def check_float_hparam(name: str, value: Any) -> None:
     tensor learning rates; an optimizer that does not rejects them itself).
 
     Raises:
-        TypeError: For a value that is not a real number (``lr="0.1"``), or a tuple of the wrong length
-            or element type.
-        ValueError: For a NaN or infinite value (or element).
+        TypeError: For a value that is not a real number (``lr="0.1"``), or a tuple with such an element.
+        ValueError: For a NaN or infinite value (or element), or a tensor of more than one element.
     """
     if value is None:
         return
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real number or a one-element real tensor, got {value!r}")
+        if value.numel() != 1:
+            raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
         if not bool(torch.isfinite(value.detach()).all()):
             raise ValueError(f"{name} must be finite, got {value!r}")
         return
@@ -146,7 +147,13 @@ class FullStateMixin:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)  # type: ignore[misc]
+        if not had_differentiable:
+            # torch's __setstate__ adds it for its own optimizers' decorators; ours never read it, and a
+            # loaded optimizer's state dict should equal a fresh one's.
+            self.defaults.pop("differentiable", None)  # type: ignore[attr-defined]
         for group in self.param_groups:  # type: ignore[attr-defined]
             for key, value in self.defaults.items():  # type: ignore[attr-defined]
                 group.setdefault(key, value)

@@ -127,10 +127,10 @@ def conforming(cls: type[Optimizer]) -> type[Optimizer]:
                     "loss.backward(create_graph=True) before step (the registry's spec says create_graph)"
                 )
             for p in params:
-                if not p.grad.requires_grad:
-                    # The gradient does not depend on the parameters: its Hessian block is zero, and
-                    # a zero-weight link to p makes autograd say so instead of raising.
-                    p.grad = p.grad.detach() + p * 0
+                # A gradient that does not depend on p (a loss linear in p, or a bias after BatchNorm)
+                # has a zero Hessian block; a zero-weight link to p makes autograd say so instead of
+                # raising that p "appears to not have been used in the graph".
+                p.grad = p.grad + p * 0
 
     Conforming.__name__ = Conforming.__qualname__ = cls.__name__
     Conforming.__module__ = __name__
@@ -161,6 +161,8 @@ def lookahead(params: Any, base: str = "adam", k: int = 5, alpha: float = 0.5, p
 
 _DEVIATIONS = {"complex": "not claimed by the library for every class; refused rather than half-supported",
                "tensor_lr": "the library computes with lr as a Python float"}
+_HUTCHINSON = {**_DEVIATIONS, "global_rng": "the library's Hutchinson probes come from torch's global RNG",
+               "linear_loss": "Hessian-vector products need the gradient's graph"}
 
 _PO = "pytorch-optimizer"
 
@@ -168,7 +170,9 @@ _ENTRIES = [
     OptimizerSpec(
         "adabound", _translated(po.AdaBound), "adaptive", defaults={"lr": 1e-3, "final_lr": 0.1},
         reference="Luo, Xiong, Liu & Sun 2019, arXiv:1902.09843",
-        summary=f"Adam whose steps are clipped into bounds converging to SGD ({_PO})", deviations=_DEVIATIONS,
+        summary=f"Adam whose steps are clipped into bounds converging to SGD ({_PO})",
+        deviations={**_DEVIATIONS, "bounded_step": "the method: steps are clipped into bounds converging to "
+                                                  "final_lr (scaled by lr / the group's initial lr)"},
     ),
     OptimizerSpec(
         "adabelief", _translated(po.AdaBelief), "adaptive", defaults={"lr": 1e-3},
@@ -178,7 +182,9 @@ _ENTRIES = [
     OptimizerSpec(
         "yogi", _translated(po.Yogi), "adaptive", defaults={"lr": 1e-2},
         reference="Zaheer, Reddi, Sachan, Kale & Kumar 2018, NeurIPS (papers.nips.cc/paper/8186)",
-        summary=f"Adam with an additive, sign-controlled second-moment update ({_PO})", deviations=_DEVIATIONS,
+        summary=f"Adam with an additive, sign-controlled second-moment update ({_PO})",
+        deviations={**_DEVIATIONS, "moves_at_zero_grad": "the library starts the first moment at "
+                                                        "initial_accumulator (1e-6), not at zero"},
     ),
     OptimizerSpec(
         "lars", _translated(po.LARS), "adaptive",
@@ -202,13 +208,13 @@ _ENTRIES = [
         "adahessian", _translated(po.AdaHessian), "second_order", create_graph=True,
         defaults={"lr": 0.1, "eps": 1e-4},
         reference="Yao, Gholami, Shen, Mustafa, Keutzer & Mahoney 2021, arXiv:2006.00719",
-        summary=f"Adam with a Hutchinson estimate of the Hessian diagonal ({_PO})", deviations=_DEVIATIONS,
+        summary=f"Adam with a Hutchinson estimate of the Hessian diagonal ({_PO})", deviations=_HUTCHINSON,
     ),
     OptimizerSpec(
         "sophiah", _translated(po.SophiaH), "second_order", create_graph=True,
         defaults={"lr": 0.3, "p": 0.05, "update_period": 5},
         reference="Liu, Li, Hall, Liang & Ma 2024, arXiv:2305.14342",
-        summary=f"clipped Newton-like steps with a Hutchinson Hessian diagonal ({_PO})", deviations=_DEVIATIONS,
+        summary=f"clipped Newton-like steps with a Hutchinson Hessian diagonal ({_PO})", deviations=_HUTCHINSON,
     ),
 ]
 

@@ -85,7 +85,8 @@ _ENTRIES = [
     OptimizerSpec(
         "lbfgs", torch.optim.LBFGS, "second_order", needs_closure=True,
         deviations={"deepcopy": "torch.optim.LBFGS keeps its parameter list in _params, which "
-                                "Optimizer.__getstate__ drops; torch's own class, kept as is"},
+                                "Optimizer.__getstate__ drops; torch's own class, kept as is",
+                    "param_groups": "torch.optim.LBFGS keeps one flat parameter vector"},
         defaults={"lr": 0.5, "max_iter": 4, "history_size": 10, "line_search_fn": "strong_wolfe"},
         reference="Liu & Nocedal 1989, doi:10.1007/BF01589116",
         summary="limited-memory BFGS (closure, strong Wolfe line search)",

@@ -184,8 +184,8 @@ def _register() -> None:
         reference="Chaudhari, Choromanska et al. 2017, arXiv:1611.01838",
         summary="descent on the local entropy, estimated by Langevin inner steps",
         deviations={"complex": "Langevin noise is drawn for real weights", "tensor_lr": "lr is a float",
-                    "noise": "the Langevin inner loop adds thermal noise (noise > 0), so the weights move even "
-                             "where the gradient is zero; noise=0 makes a zero gradient a no-op"},
+                    "moves_at_zero_grad": "the Langevin inner loop adds thermal noise (noise > 0); noise=0 makes a "
+                                          "zero gradient a no-op"},
     ))
 
 

@@ -87,6 +87,9 @@ class Lookahead(FullStateMixin, Optimizer):
 
     def _restore(self) -> None:
         if "_base" in self.__dict__:
+            # The base's own __setstate__ applies its backward-compatibility fixes (flags missing from
+            # old groups, Python-number steps) to the one set of groups and state, and re-binds it.
+            self._base.__setstate__({"state": self.state, "param_groups": self.param_groups})
             self._bind_base()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -105,14 +108,17 @@ class Lookahead(FullStateMixin, Optimizer):
             The closure's loss, or ``None``.
         """
         self._bind_base()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and "slow_params" not in self.state[p]:
-                    self.state[p]["slow_params"] = p.detach().clone()
+        # Slow weights start at the weights before the first step; stored after the base's step, whose
+        # lazy state initialization looks for an empty per-parameter state.
+        starts = {p: p.detach().clone() for group in self.param_groups for p in group["params"]
+                  if "slow_params" not in self.state.get(p, {})}
         if closure is None:
             loss = unhooked_step(self._base)
         else:
             loss = unhooked_step(self._base, closure)
+        for p, start in starts.items():
+            if p.grad is not None:
+                self.state[p]["slow_params"] = start
         for group in self.param_groups:
             group["lookahead_step"] = group.get("lookahead_step", 0) + 1
             if group["lookahead_step"] % group["lookahead_k"]:

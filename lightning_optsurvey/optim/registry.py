@@ -40,9 +40,14 @@ FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
 DEVIATIONS: Mapping[str, str] = MappingProxyType({
     "complex": "complex parameters are rejected with a ValueError at construction",
     "tensor_lr": "a tensor lr is rejected with a ValueError at construction",
-    "noise": "a step moves the parameters even at a zero gradient (random perturbations)",
+    "moves_at_zero_grad": "a step moves the parameters even at a zero gradient",
     "grad_replaced": "after step, .grad holds the gradient the update used, not the closure's last one",
+    "bounded_step": "the step size is clipped into bounds that do not scale to zero with lr",
+    "linear_loss": "a loss linear in every parameter is refused with a RuntimeError (no gradient has a graph: "
+                   "indistinguishable from a backward without create_graph)",
     "deepcopy": "a deep copy (or pickle) cannot continue stepping",
+    "param_groups": "one parameter group only: several are rejected with a ValueError",
+    "global_rng": "steps draw from torch's global RNG: two copies stepped in turn diverge unless it is forked",
 })
 
 _REGISTRY: dict[str, OptimizerSpec] = {}

@@ -143,6 +143,9 @@ class SAM(FullStateMixin, Optimizer):
 
     def _restore(self) -> None:
         if "_base" in self.__dict__:
+            # The base's own __setstate__ applies its backward-compatibility fixes (flags missing from
+            # old groups, Python-number steps) to the one set of groups and state, and re-binds it.
+            self._base.__setstate__({"state": self.state, "param_groups": self.param_groups})
             self._bind_base()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
