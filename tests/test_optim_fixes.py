@@ -181,3 +181,32 @@ def test_kfac_optimizer_wide_options_are_validated():
     opt.param_groups[1]["fisher"] = "mc"
     with pytest.raises(ValueError, match="fisher is optimizer-wide"):
         opt.step()
+
+
+def test_lookahead_loads_a_pytorch_optimizer_lookahead_checkpoint():
+    """Checkpoints written when the registry's lookahead was pytorch-optimizer's still load and continue."""
+    import pytorch_optimizer as po
+
+    torch.manual_seed(0)
+    a = nn.Linear(4, 3)
+    b = copy.deepcopy(a)
+    x = torch.randn(8, 4)
+    old = po.Lookahead(torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9), k=2, alpha=0.5)
+    ours = create_optimizer("lookahead", b.parameters(), base="momentum", lr=0.05, k=2, alpha=0.5)
+    for _ in range(3):
+        for opt, model in ((old, a), (ours, b)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)  # same algorithm
+    resumed_model = copy.deepcopy(a)
+    resumed = create_optimizer("lookahead", resumed_model.parameters(), base="momentum", lr=0.05, k=2, alpha=0.5)
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))
+    for _ in range(3):
+        for opt, model in ((old, a), (resumed, resumed_model)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q)

@@ -159,8 +159,7 @@ def lookahead(params: Any, base: str = "adam", k: int = 5, alpha: float = 0.5, p
     return Lookahead(params, base=base, k=k, alpha=alpha, pullback_momentum=pullback_momentum, **base_kwargs)
 
 
-_DEVIATIONS = {"complex": "not claimed by the library for every class; refused rather than half-supported",
-               "tensor_lr": "the library computes with lr as a Python float"}
+_DEVIATIONS = {"complex": "not claimed by the library", "tensor_lr": "the library uses lr as a Python float"}
 _HUTCHINSON = {**_DEVIATIONS, "global_rng": "the library's Hutchinson probes come from torch's global RNG",
                "linear_loss": "Hessian-vector products need the gradient's graph"}
 

@@ -92,6 +92,12 @@ class Lookahead(FullStateMixin, Optimizer):
             self._base.__setstate__({"state": self.state, "param_groups": self.param_groups})
             self._bind_base()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; one saved by pytorch-optimizer's ``Lookahead`` (earlier releases) is converted."""
+        if "lookahead_state" in state_dict and "base_optimizer" in state_dict:
+            state_dict = _from_pytorch_optimizer(state_dict)
+        super().load_state_dict(state_dict)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if "_base" in self.__dict__:
@@ -141,3 +147,25 @@ class Lookahead(FullStateMixin, Optimizer):
                     slow_buf.add_(buf - slow_buf, alpha=alpha)
                     buf.copy_(slow_buf)
         return loss
+
+
+def _from_pytorch_optimizer(saved: dict[str, Any]) -> dict[str, Any]:
+    """A state dict of pytorch-optimizer's Lookahead as a standard one of :class:`Lookahead`.
+
+    Its layout: ``lookahead_state`` keyed by (group, index), and the base's state dict in ``base_optimizer``.
+    """
+    base = saved["base_optimizer"]
+    state = {k: dict(v) for k, v in base["state"].items()}
+    groups = []
+    for gi, group in enumerate(base["param_groups"]):
+        group = dict(group)
+        if "counter" in group:
+            group["lookahead_step"] = group.pop("counter")
+        for pi, index in enumerate(group["params"]):
+            extra = saved["lookahead_state"].get((gi, pi), {})
+            if "slow_params" in extra:
+                state.setdefault(index, {})["slow_params"] = extra["slow_params"]
+            if "slow_momentum" in extra:
+                state.setdefault(index, {})["slow_momentum"] = extra["slow_momentum"]
+        groups.append(group)
+    return {"state": state, "param_groups": groups}

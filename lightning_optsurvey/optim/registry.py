@@ -285,7 +285,7 @@ def methods_markdown() -> str:
     """The registry as a markdown table, as in the README.
 
     Columns: name, family, needs, summary, reference, and the differences from ``torch.optim`` the entry
-    declares (:data:`DEVIATIONS`, with the entry's reason).
+    declares (:data:`DEVIATIONS` keys with the entry's reason), followed by the keys' meanings.
     """
     _ensure_loaded()
     lines = ["| name | family | needs | summary | reference | differs from torch.optim |", "|---|---|---|---|---|---|"]
@@ -295,6 +295,11 @@ def methods_markdown() -> str:
             flag for flag, on in (("closure", spec.needs_closure), ("create_graph", spec.create_graph),
                                   ("model", spec.needs_model)) if on
         )
-        differs = "; ".join(f"{DEVIATIONS[k]} ({why})" for k, why in sorted(spec.deviations.items()))
+        differs = "; ".join(f"`{k}`: {why}" for k, why in sorted(spec.deviations.items()))
         lines.append(f"| `{name}` | {spec.family} | {needs} | {spec.summary} | {spec.reference} | {differs} |")
+    lines.append("")
+    lines.append("Declared differences from `torch.optim` (each checked as declared by "
+                 "`tests/test_optim_torch_battery.py`, PyTorch's generic optimizer tests run over every entry):")
+    lines.append("")
+    lines.extend(f"- `{k}`: {meaning}" for k, meaning in DEVIATIONS.items())
     return "\n".join(lines)
