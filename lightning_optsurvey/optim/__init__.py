@@ -10,8 +10,10 @@ from lightning_optsurvey.optim import (
 from lightning_optsurvey.optim.entropy_sgd import EntropySGD
 from lightning_optsurvey.optim.gsam import GSAM
 from lightning_optsurvey.optim.kfac import KFAC
+from lightning_optsurvey.optim.lookahead import Lookahead
 from lightning_optsurvey.optim.lpf_sgd import LPFSGD
 from lightning_optsurvey.optim.registry import (
+    DEVIATIONS,
     FAMILIES,
     OptimizerSpec,
     available_optimizers,
@@ -25,6 +27,7 @@ from lightning_optsurvey.optim.shampoo import Shampoo
 from lightning_optsurvey.optim.svrg import SVRG, SVRGSnapshot
 
 __all__ = [
+    "DEVIATIONS",
     "FAMILIES",
     "GSAM",
     "KFAC",
@@ -32,6 +35,7 @@ __all__ = [
     "SAM",
     "SVRG",
     "EntropySGD",
+    "Lookahead",
     "OptimizerSpec",
     "SVRGSnapshot",
     "Shampoo",
