@@ -569,17 +569,19 @@ class KFAC(FullStateMixin, Optimizer):
         return loss
 
 
+def _factory(params: Any, *, model: nn.Module, **hparams: Any) -> KFAC:
+    """The registry's factory (module level, so that the spec pickles)."""
+    return KFAC(model, params=params, **hparams)
+
+
 def _register() -> None:
     import inspect
 
     from lightning_optsurvey.optim.registry import OptimizerSpec, register
 
-    def factory(params: Any, *, model: nn.Module, **hparams: Any) -> KFAC:
-        return KFAC(model, params=params, **hparams)
-
-    factory.__signature__ = inspect.signature(KFAC)  # type: ignore[attr-defined]
+    _factory.__signature__ = inspect.signature(KFAC)  # type: ignore[attr-defined]
     register(OptimizerSpec(
-        "kfac", factory, "second_order", needs_model=True,
+        "kfac", _factory, "second_order", needs_model=True,
         defaults={"lr": 0.05, "momentum": 0.9, "damping": 0.1, "inv_every": 10, "stat_every": 10,
                   "kl_clip": 1e-3},
         reference="Martens & Grosse 2015, arXiv:1503.05671; Grosse & Martens 2016, arXiv:1602.01407",
