@@ -21,6 +21,10 @@ Each class is used through a thin subclass (:func:`conforming`) that makes it be
   it) has a zero Hessian; the library's Hutchinson product raised for it. Without any gradient graph the
   error says to call ``backward(create_graph=True)``.
 
+The price is one copy of the gradients per step (the library writes into what it is given):
+``benchmarks/optimizer_step.py`` times each entry beside the raw library class (``po:<name>``); on the
+1.1M-parameter MLP the iteration cost rose by 8-21% on a shared 2-core CPU (AdaBelief, Yogi, AdaHessian).
+
 Lookahead is ours (:mod:`~lightning_optsurvey.optim.lookahead`): no wrapper can give the library's
 class a standard state dict.
 
