@@ -37,8 +37,8 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
 
     Raises:
         TypeError: If ``value`` is not a real number (a string, a bool, ``None``, ...).
-        ValueError: If it is NaN, infinite, outside the interval, or a tensor (torch's optimizers accept
-            tensor learning rates; ours do not, and say so as torch's do for the implementations that cannot).
+        ValueError: If it is NaN, infinite, outside the interval, or a tensor (a tensor learning rate goes
+            through :func:`check_lr`).
     """
     if isinstance(value, Tensor):
         raise ValueError(f"{name} as a Tensor is not supported by this optimizer; pass a float, got {value!r}")
@@ -52,6 +52,23 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
     if too_low or too_high:
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return float(value)
+
+
+def check_lr(value: Any, name: str = "lr") -> Any:
+    """Return a learning rate ``> 0`` after checking it.
+
+    A real number or, as torch's optimizers take, a one-element real tensor (steps read it with
+    ``float``); the value itself is returned (a scheduler may update a tensor in place).
+
+    Raises:
+        TypeError: If it is neither.
+        ValueError: If it is NaN, infinite, not positive, or a tensor of more than one element.
+    """
+    if isinstance(value, Tensor):
+        check_float_hparam(name, value)
+        check_number(name, float(value), low_open=True)
+        return value
+    return check_number(name, value, low_open=True)
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> int:

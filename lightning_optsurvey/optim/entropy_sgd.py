@@ -21,6 +21,7 @@ from lightning_optsurvey.optim._common import (
     call_closure,
     check_bool,
     check_int,
+    check_lr,
     check_number,
     heavy_ball,
     require_closure,
@@ -86,7 +87,7 @@ class EntropySGD(FullStateMixin, Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ) -> None:
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("gamma", gamma, low_open=True)
         check_number("gamma_scoping", gamma_scoping)
@@ -157,7 +158,7 @@ class EntropySGD(FullStateMixin, Optimizer):
         i = 0
         for group in self.param_groups:
             gamma_t = group["gamma"] * (1.0 + group["gamma_scoping"]) ** t
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, m, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 mu = means[i]
                 i += 1
@@ -183,7 +184,7 @@ def _register() -> None:
                   "noise": 1e-4, "alpha": 0.75},
         reference="Chaudhari, Choromanska et al. 2017, arXiv:1611.01838",
         summary="descent on the local entropy, estimated by Langevin inner steps",
-        deviations={"complex": "Langevin noise is drawn for real weights", "tensor_lr": "lr is a float",
+        deviations={"complex": "Langevin noise is drawn for real weights",
                     "moves_at_zero_grad": "the Langevin inner loop adds thermal noise (noise > 0); noise=0 makes a "
                                           "zero gradient a no-op"},
     ))

@@ -34,6 +34,7 @@ from lightning_optsurvey.optim._common import (
     call_closure,
     check_bool,
     check_int,
+    check_lr,
     check_number,
     heavy_ball,
 )
@@ -236,7 +237,7 @@ class KFAC(FullStateMixin, Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("damping", damping, low_open=True)
         check_number("stat_decay", stat_decay, high=1.0, high_open=True)
@@ -311,7 +312,9 @@ class KFAC(FullStateMixin, Optimizer):
                     f"K-FAC's {key} is optimizer-wide ({self.defaults[key]!r}); a parameter group cannot set "
                     f"{param_group[key]!r}"
                 )
-        for key, kwargs in (("lr", {"low_open": True}), ("momentum", {"high": 1.0, "high_open": True}),
+        if "lr" in param_group:
+            check_lr(param_group["lr"])
+        for key, kwargs in (("momentum", {"high": 1.0, "high_open": True}),
                             ("damping", {"low_open": True}), ("stat_decay", {"high": 1.0, "high_open": True}),
                             ("weight_decay", {})):
             if key in param_group:
@@ -549,14 +552,14 @@ class KFAC(FullStateMixin, Optimizer):
         nu = 1.0
         if updates and self.defaults["kl_clip"] is not None:
             vg = sum(
-                (self._group_of(p)["lr"] ** 2) * torch.vdot(v.flatten(), p.grad.flatten())
+                (float(self._group_of(p)["lr"]) ** 2) * torch.vdot(v.flatten(), p.grad.flatten())
                 for p, v in updates.items()
             )
             vg = float(vg)
             if vg > 0:
                 nu = min(1.0, (self.defaults["kl_clip"] / vg) ** 0.5)
         for group in self.param_groups:
-            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, momentum, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -586,8 +589,7 @@ def _register() -> None:
                   "kl_clip": 1e-3},
         reference="Martens & Grosse 2015, arXiv:1503.05671; Grosse & Martens 2016, arXiv:1602.01407",
         summary="Kronecker-factored natural gradient (Linear and Conv2d layers)",
-        deviations={"complex": "the Kronecker factors are real covariances",
-                    "tensor_lr": "the step is assembled on the host (KL clipping); lr is a float"},
+        deviations={"complex": "the Kronecker factors are real covariances"},
     ))
 
 

@@ -20,6 +20,7 @@ from lightning_optsurvey.optim._common import (
     StateGenerator,
     call_closure,
     check_int,
+    check_lr,
     check_number,
     heavy_ball,
     require_closure,
@@ -84,7 +85,7 @@ class LPFSGD(FullStateMixin, Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ) -> None:
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("sigma", sigma)
         check_int("num_samples", num_samples)
@@ -146,7 +147,7 @@ class LPFSGD(FullStateMixin, Optimizer):
         self._rng.store(self.state)
         i = 0
         for group in self.param_groups:
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, m, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 total = sums[i]
                 i += 1
@@ -179,7 +180,6 @@ def _register() -> None:
         reference="Bisla, Wang & Choromanska 2022, arXiv:2201.08025",
         summary="SGD on a Gaussian-smoothed loss (Monte-Carlo, filter-wise radius)",
         deviations={"complex": "the filter-wise Gaussian radius is defined for real weights",
-                    "tensor_lr": "lr is a float",
                     "grad_replaced": "the Monte-Carlo smoothed gradient is what the step descends, and the "
                                      "estimate users inspect"},
     ))

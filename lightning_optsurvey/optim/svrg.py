@@ -25,6 +25,7 @@ from lightning_optsurvey.optim._common import (
     FullStateMixin,
     call_closure,
     check_int,
+    check_lr,
     check_number,
     frozen_batchnorm_stats,
     heavy_ball,
@@ -84,7 +85,7 @@ class SVRG(FullStateMixin, Optimizer):
     requires_snapshot_callback = True
 
     def __init__(self, params: Any, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("weight_decay", weight_decay)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
@@ -147,7 +148,7 @@ class SVRG(FullStateMixin, Optimizer):
                     v.sub_(p.grad)
                 v.add_(self.state[p]["full_grad"])
         for group in self.param_groups:
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, m, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p not in directions:
                     continue
@@ -264,7 +265,7 @@ def _register() -> None:
         defaults={"lr": 0.05, "momentum": 0.9},
         reference="Johnson & Zhang 2013, papers.nips.cc/paper/4937",
         summary="variance-reduced SGD (here with momentum) with a full gradient each epoch",
-        deviations={"complex": "the snapshot correction is implemented for real weights", "tensor_lr": "lr is a float"},
+        deviations={"complex": "the snapshot correction is implemented for real weights"},
     ))
 
 
