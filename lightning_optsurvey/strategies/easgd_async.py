@@ -59,6 +59,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
@@ -78,6 +81,24 @@ __all__ = ["AsyncCenterStrategy", "AsyncEASGDStrategy", "AsyncLSGDStrategy"]
 
 _RUN_IDS = itertools.count()
 _CENTER_GROUP_TIMEOUT = timedelta(days=7)  # an idle any-source receive must not time out; Liveness detects failures
+
+
+def _local_sigterm_check(trainer: Trainer) -> None:
+    """Replace Lightning's per-batch SIGTERM broadcast (a global barrier since Lightning 2.5) by a local check.
+
+    Every training batch, Lightning broadcasts from rank 0 whether it received SIGTERM, which makes every
+    rank wait for the slowest at every step: no asynchronous method could run. Here a rank that receives
+    SIGTERM stops by itself, and the failure detector stops the others.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+        return
+
+    def check() -> None:
+        if getattr(trainer, "received_sigterm", False):
+            raise SIGTERMException()
+
+    epoch_loop._broadcast_sigterm_tensor = check
 
 
 def _number(name: str, value: Any) -> float:
@@ -202,6 +223,12 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
             self._server.start()
         else:
             self._client = CenterClient(self._group, flat.buffers, len(self._tensors))
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and is_distributed():
+            _local_sigterm_check(trainer)
 
     def _check_alive(self) -> None:
         if self._liveness is not None and self._liveness.error is not None:
