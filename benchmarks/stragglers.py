@@ -18,7 +18,7 @@ LSGD), the model (DDP) or rank 0's own model (gossip, LSGD). Measured: the wall 
 training until that accuracy first reaches the target (DDP's final accuracy without straggler minus
 one point), and the final accuracy of the model a checkpoint holds (after every rank finished).
 
-    .venv/bin/python benchmarks/stragglers.py [--steps 300] [--base-delay 0.01] [--eval-every 10]
+    .venv/bin/python benchmarks/stragglers.py [--steps 100] [--base-delay 0.05] [--eval-every 5]
 """
 
 from __future__ import annotations
@@ -224,9 +224,9 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps on every rank")
-    parser.add_argument("--base-delay", type=float, default=0.01, help="seconds every rank sleeps per step")
-    parser.add_argument("--eval-every", type=int, default=10, help="rank 0 evaluates every this many steps")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps on every rank")
+    parser.add_argument("--base-delay", type=float, default=0.05, help="seconds every rank sleeps per step")
+    parser.add_argument("--eval-every", type=int, default=5, help="rank 0 evaluates every this many steps")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--methods", type=lambda v: v.split(","), default=[m for m, _ in METHODS],
                         help="comma-separated subset (ddp and easgd are needed for the ratios)")
