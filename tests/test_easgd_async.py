@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_optsurvey  # noqa: F401  (registers the strategy names)
 from lightning_optsurvey.callbacks import Straggler
 from lightning_optsurvey.strategies import STRATEGY_NAMES, AsyncEASGDStrategy, AsyncLSGDStrategy, EASGDStrategy
+from lightning_optsurvey.strategies._center_server import CenterState
 
 WORLD = 3
 SLOW_SCENARIOS = ("lsgd", "resume")
@@ -86,6 +87,38 @@ def test_eamsgd_sets_nesterov_momentum_and_refuses_other_optimizers() -> None:
         assert torch.equal(value, reference.state_dict()[key]), key
     with pytest.raises(TypeError, match="torch.optim.SGD"):
         _fit(AsyncEASGDStrategy(momentum=0.9), _Net("adam"), steps=2)
+
+
+def test_center_state_rules_without_processes() -> None:
+    sizes = [[2, 1]]
+    elastic = CenterState([torch.zeros(3)], sizes, world_size=2, record=True)
+    moves, staleness, distance = elastic.exchange(1, [torch.tensor([1.0, 2.0, 4.0])], [0.5, 0.25], seq=0)
+    assert torch.equal(moves[0], torch.tensor([0.5, 1.0, 1.0])) and torch.equal(elastic.buffers[0], moves[0])
+    assert (staleness, distance) == (0, 21.0)
+    _, staleness, _ = elastic.exchange(0, [torch.zeros(3)], [0.5, 0.25], seq=0)
+    assert staleness == 1  # rank 1 updated the center since rank 0's (nonexistent) previous exchange
+    _, staleness, _ = elastic.exchange(1, [torch.zeros(3)], [0.5, 0.25], seq=1)
+    assert staleness == 1 and elastic.served == [1, 2] and elastic.history == [(1, 0), (0, 0), (1, 1)]
+    leader = CenterState([torch.zeros(3)], sizes, world_size=3, rule="leader")
+    moves, _, _ = leader.exchange(0, [torch.ones(3)], [0.5, 0.5], loss=float("nan"))
+    assert not moves[0].any() and leader.leader_rank == -1  # nothing reported, no leader yet: no move
+    moves, _, _ = leader.exchange(1, [torch.ones(3)], [0.5, 0.5], loss=2.0)
+    assert leader.leader_rank == 1 and not moves[0].any() and torch.equal(leader.buffers[0], torch.ones(3))
+    moves, _, _ = leader.exchange(2, [torch.full((3,), 3.0)], [0.5, 0.5], loss=5.0)  # worse: pulled halfway
+    assert leader.leader_rank == 1 and torch.equal(moves[0], torch.full((3,), 1.0))
+    leader.exchange(1, [torch.full((3,), 2.0)], [0.5, 0.5], loss=9.0)  # the leader refreshes even if worse
+    assert leader.leader_rank == 1 and leader.leader_loss == 9.0
+    assert torch.equal(leader.buffers[0], torch.full((3,), 2.0))
+    leader.exchange(2, [torch.full((3,), 3.0)], [0.5, 0.5], loss=5.0)  # now better than the leader's report
+    assert leader.leader_rank == 2
+    state = leader.state_dict()
+    restored = CenterState([torch.zeros(3)], sizes, world_size=3, rule="leader")
+    restored.load_state_dict(state)
+    assert restored.leader_rank == 2 and torch.equal(restored.buffers[0], torch.full((3,), 3.0))
+    with pytest.raises(ValueError, match="rule"):
+        elastic.load_state_dict(state)
+    with pytest.raises(ValueError, match="center rule"):
+        CenterState([torch.zeros(3)], sizes, world_size=1, rule="mean")
 
 
 def test_invalid_arguments() -> None:
@@ -185,8 +218,12 @@ def test_center_is_its_start_plus_the_applied_moves_exactly(out_dir: Path, case:
         assert all(0 <= s <= (WORLD - 1) * exchanges[0] for s in staleness)
         assert all(m["gossip/consensus_distance"] >= 0 for m in rank["metrics"])
         assert rank["bytes"] > 0
-    if case == "straggler":  # the fast ranks saw the center move between their exchanges
+    if case == "straggler":
+        # The fast ranks saw the center move between their exchanges, and nothing made them wait for the
+        # slow one: rank 0 finished its 32 steps well before the last rank (which sleeps 32 x 0.05 s).
         assert max(m["async/staleness"] for m in ranks[0]["metrics"]) >= 1
+        lead = ranks[-1]["last_batch_end"] - ranks[0]["last_batch_end"]
+        assert lead > 0.5 * 32 * 0.05, lead
 
 
 @pytest.mark.slow
