@@ -201,7 +201,7 @@ def _served_exactly_once(history: list[tuple[int, int]], exchanges: list[int]) -
 def test_center_is_its_start_plus_the_applied_moves_exactly(out_dir: Path, case: str) -> None:
     ranks = [r[case] for r in load(out_dir, "invariants")]
     exchanges = [r["exchanges"] for r in ranks]
-    assert exchanges == [len(r["moves"]) for r in ranks] == [32 // 2] * WORLD  # 32 steps each, tau = 2
+    assert exchanges == [len(r["moves"]) for r in ranks] == [16 // 2] * WORLD  # 16 steps each, tau = 2
     history, served = ranks[0]["history"], ranks[0]["served"]
     _served_exactly_once(history, exchanges)
     assert served == exchanges
@@ -220,10 +220,10 @@ def test_center_is_its_start_plus_the_applied_moves_exactly(out_dir: Path, case:
         assert rank["bytes"] > 0
     if case == "straggler":
         # The fast ranks saw the center move between their exchanges, and nothing made them wait for the
-        # slow one: rank 0 finished its 32 steps well before the last rank (which sleeps 32 x 0.05 s).
+        # slow one: rank 0 finished its 16 steps well before the last rank (which sleeps 16 x 0.05 s).
         assert max(m["async/staleness"] for m in ranks[0]["metrics"]) >= 1
         lead = ranks[-1]["last_batch_end"] - ranks[0]["last_batch_end"]
-        assert lead > 0.5 * 32 * 0.05, lead
+        assert lead > 0.5 * 16 * 0.05, lead
 
 
 @pytest.mark.slow
