@@ -13,6 +13,7 @@ from lightning_optsurvey.callbacks.landscape import LossLandscape
 from lightning_optsurvey.callbacks.noise import GradientNoiseScale
 from lightning_optsurvey.callbacks.sharpness import Sharpness
 from lightning_optsurvey.callbacks.stability import EdgeOfStability
+from lightning_optsurvey.callbacks.straggler import Straggler
 
 __all__ = [
     "Cadence",
@@ -25,5 +26,6 @@ __all__ = [
     "LossLandscape",
     "MeasuringCallback",
     "Sharpness",
+    "Straggler",
     "measuring",
 ]
