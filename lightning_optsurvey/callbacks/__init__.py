@@ -11,6 +11,7 @@ from lightning_optsurvey.callbacks.generalization_measures import Generalization
 from lightning_optsurvey.callbacks.hessian import HessianSpectrum
 from lightning_optsurvey.callbacks.landscape import LossLandscape
 from lightning_optsurvey.callbacks.noise import GradientNoiseScale
+from lightning_optsurvey.callbacks.optimizer_loop import OptimizerLoopAdapter, SVRGSnapshot
 from lightning_optsurvey.callbacks.sharpness import Sharpness
 from lightning_optsurvey.callbacks.stability import EdgeOfStability
 
@@ -24,6 +25,8 @@ __all__ = [
     "HessianSpectrum",
     "LossLandscape",
     "MeasuringCallback",
+    "OptimizerLoopAdapter",
+    "SVRGSnapshot",
     "Sharpness",
     "measuring",
 ]

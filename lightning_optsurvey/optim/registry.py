@@ -23,6 +23,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_optsurvey.optim import _loop
+
 FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -194,8 +196,14 @@ def create_optimizer(
     if spec.needs_model:
         if model is None:
             raise ValueError(f"optimizer {name!r} needs the model: call create_optimizer(..., model=module)")
-        return spec.factory(params, model=model, **kwargs)
-    return spec.factory(params, **kwargs)
+        optimizer = spec.factory(params, model=model, **kwargs)
+    else:
+        optimizer = spec.factory(params, **kwargs)
+    # What the method needs from a training loop is served by callbacks.OptimizerLoopAdapter; the guard
+    # refuses a Lightning step without it (see optim/_loop.py).
+    _loop.tag(optimizer, name, spec, model)
+    _loop.install_guard(optimizer, name)
+    return optimizer
 
 
 def methods_markdown() -> str:
