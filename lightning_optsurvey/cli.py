@@ -176,11 +176,14 @@ class RunConfig:
     limit_train_batches: float | int | None = None
     module: str | None = None  # "pkg.mod:Class" of the user's LightningModule (default: ClassifierModule)
     datamodule: str | None = None  # "pkg.mod:Class" of the user's LightningDataModule (default: digits)
+    swa: bool = False  # stochastic weight averaging (callbacks.SWA) over the last quarter of the epochs
+
 
     @property
     def run_name(self) -> str:
         base = f"{self.optimizer}-seed{self.seed}"
-        return f"{base}-{self.strategy}" if self.strategy else base
+        base = f"{base}-{self.strategy}" if self.strategy else base
+        return f"{base}-swa" if self.swa else base
 
 
 def default_callbacks(world_size: int = 1) -> list[Any]:
@@ -207,7 +210,7 @@ def train_one(config: RunConfig) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from lightning_optsurvey.callbacks import OptimizerLoopAdapter
+    from lightning_optsurvey.callbacks import SWA, OptimizerLoopAdapter
     from lightning_optsurvey.optim import get_spec
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -229,7 +232,8 @@ def train_one(config: RunConfig) -> dict[str, Any]:
         strategy=config.strategy or "auto",
         logger=logger,
         callbacks=[*(default_callbacks(config.devices * config.num_nodes) if config.measure else []),
-                   OptimizerLoopAdapter()],  # what registry optimizers need from the loop, for any module
+                   OptimizerLoopAdapter(),  # what registry optimizers need from the loop, for any module
+                   *([SWA()] if config.swa else [])],
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=10,
@@ -246,6 +250,7 @@ def train_one(config: RunConfig) -> dict[str, Any]:
             "task": task,
             "seed": config.seed,
             "max_epochs": config.max_epochs,
+            "swa": config.swa,
         }
     )
     start = time.perf_counter()
@@ -334,7 +339,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator,
             experiment=args.experiment, tracking_uri=args.tracking_uri, optimizer_kwargs=kwargs[o],
             measure=not args.no_measure, limit_train_batches=args.limit_train_batches,
-            module=args.module, datamodule=args.datamodule,
+            module=args.module, datamodule=args.datamodule, swa=args.swa,
         )
         for st in strategies
         for o in args.optimizers
@@ -428,6 +433,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparam", type=_hparam, action="append", metavar="OPT.KEY=VALUE",
                    help="override a hyperparameter, e.g. --hparam adam.lr=0.003 (repeatable)")
     p.add_argument("--no-measure", action="store_true", help="skip the measuring callbacks")
+    p.add_argument("--swa", action="store_true",
+                   help="stochastic weight averaging (Izmailov et al. 2018) over the last quarter of the epochs, "
+                        "BatchNorm recomputed; validation and the swa/ measurements are of the averaged model")
     p.add_argument("--limit-train-batches", type=float, default=None, help=argparse.SUPPRESS)
 
 
@@ -448,17 +456,22 @@ def list_available(args: argparse.Namespace) -> int:
     rows = [{"name": n, "family": get_spec(n).family, "reference": get_spec(n).reference}
             for n in available_optimizers()]
     print("Optimizers\n" + _format_table(rows, ["name", "family", "reference"]))
+    from lightning_optsurvey.callbacks.swa import REFERENCE
+
+    # SWA averages any of them, so it is a callback and not a registry entry; listed beside them.
+    print(f"+ weight averaging (landscape), with any optimizer above: swa, {REFERENCE} "
+          "(callbacks.SWA; `optsurvey compare --swa`)")
     ours = sorted(getattr(st, "STRATEGY_NAMES", ()))
     others = sorted(set(StrategyRegistry.available_strategies()) - set(ours))
     print("\nStrategies (ours): " + (", ".join(ours) or "none"))
     print("Strategies (Lightning): " + ", ".join(others))
     from lightning.pytorch.callbacks import Callback
 
-    loop = ("OptimizerLoopAdapter", "SVRGSnapshot")  # what optimizers need from the loop, not measurements
+    loop = ("OptimizerLoopAdapter", "SVRGSnapshot", "SWA")  # training, not measurements
     measuring = sorted(n for n in cb.__all__ if isinstance(getattr(cb, n), type) and n not in loop
                        and issubclass(getattr(cb, n), Callback) and getattr(cb, n) is not cb.MeasuringCallback)
     print("\nCallbacks: " + ", ".join(measuring))
-    print("Training-loop callbacks: " + ", ".join(loop))
+    print("Training-loop callbacks: " + ", ".join(loop[:2]))
     return 0
 
 

@@ -73,19 +73,20 @@ def test_compare_on_a_user_module_leaves_one_finished_run_per_optimizer_with_the
     uri = f"sqlite:///{tmp_path / 'u.db'}"
     code = main(["compare", "--module", f"{HERE}:TinyModule", "--datamodule", f"{HERE}:TinyData",
                  "--optimizers", "sgd,sam", "--hparam", "sgd.lr=0.05", "--batch-size", "16", "--max-epochs", "1",
-                 "--limit-train-batches", "3", "--tracking-uri", uri, "--experiment", "user"])
+                 "--limit-train-batches", "3", "--swa", "--tracking-uri", uri, "--experiment", "user"])
     assert code == 0
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("user").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["sam-seed0", "sgd-seed0"]
+    assert sorted(r.info.run_name for r in runs) == ["sam-seed0-swa", "sgd-seed0-swa"]
     for run in runs:
         assert run.info.status == "FINISHED"
         params, metrics = run.data.params, run.data.metrics
         assert params["model"] == f"{HERE}:TinyModule" and params["task"] == f"{HERE}:TinyData"
+        assert params["swa"] == "True"
         assert {"train/loss", "val/loss", "val/acc", "hessian/eig_1", "hessian/eig_2", "hessian/trace",
-                "gen_gap/loss", "sharpness/sam"} <= set(metrics), sorted(metrics)
+                "gen_gap/loss", "sharpness/sam", "swa/hessian/eig_1", "swa/sharpness/sam"} <= set(metrics), metrics
         assert metrics["hessian/eig_1"] >= metrics["hessian/eig_2"]
-    assert next(r for r in runs if r.info.run_name == "sgd-seed0").data.params["optimizer.lr"] == "0.05"
+    assert next(r for r in runs if r.info.run_name == "sgd-seed0-swa").data.params["optimizer.lr"] == "0.05"
     assert "| optimizer | seed | val/acc" in capsys.readouterr().out
 
 

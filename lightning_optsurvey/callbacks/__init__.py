@@ -14,8 +14,10 @@ from lightning_optsurvey.callbacks.noise import GradientNoiseScale
 from lightning_optsurvey.callbacks.optimizer_loop import OptimizerLoopAdapter, SVRGSnapshot
 from lightning_optsurvey.callbacks.sharpness import Sharpness
 from lightning_optsurvey.callbacks.stability import EdgeOfStability
+from lightning_optsurvey.callbacks.swa import SWA
 
 __all__ = [
+    "SWA",
     "Cadence",
     "ConsensusDistance",
     "EdgeOfStability",
