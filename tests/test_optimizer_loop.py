@@ -238,3 +238,15 @@ def test_the_adapter_leaves_the_module_as_it_found_it(entry_point):
 def test_fisher_likelihood_is_checked():
     with pytest.raises(ValueError, match="fisher_likelihood"):
         OptimizerLoopAdapter(fisher_likelihood="bernoulli")
+
+
+def test_the_readme_example_trains_every_method_it_names(entry_point):
+    import re
+
+    entry_point(installed=True)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"### Registry optimizers in your module\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert "max_epochs=2" in code
+    code = code.replace("max_epochs=2", "max_epochs=1, limit_train_batches=2, limit_val_batches=1, "
+                                        "enable_progress_bar=False, enable_model_summary=False")
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
