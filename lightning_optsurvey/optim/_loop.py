@@ -3,7 +3,7 @@
 Pure PyTorch (no Lightning import): the Lightning side is
 :class:`~lightning_optsurvey.callbacks.OptimizerLoopAdapter`, which reads :func:`loop_needs` and *adopts*
 the optimizers it serves. :func:`~lightning_optsurvey.optim.create_optimizer` tags every optimizer with its
-spec and, when it has loop needs, installs a step pre-hook (:func:`guard_loop`): stepped from Lightning's
+spec and, when it has loop needs, installs a step pre-hook (:class:`GuardLoop`): stepped from Lightning's
 training loop by an optimizer that no adapter adopted, it raises an error naming the optimizer and the line
 to add, instead of training silently wrong (BatchNorm statistics counted several times per step, the
 perturbed losses logged, plain SGD where SVRG was asked for, ...). In a plain PyTorch loop the closure is
@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -132,27 +131,31 @@ def describe(needs: tuple[str, ...]) -> str:
     return ", ".join(words[n] for n in needs)
 
 
-def guard_loop(name: str, needs: tuple[str, ...]) -> Callable[..., None]:
-    """A step pre-hook refusing a Lightning step of an optimizer that no adapter adopted."""
+class GuardLoop:
+    """A step pre-hook refusing a Lightning step of an optimizer that no adapter adopted.
 
-    def hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    A class rather than a closure so that an optimizer carrying it still pickles.
+    """
+
+    def __init__(self, name: str, needs: tuple[str, ...]) -> None:
+        self.name, self.needs = name, needs
+
+    def __call__(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if optimizer in _ADOPTED:
             return
         closure = kwargs.get("closure", args[0] if args else None)
         if _from_lightning(closure):
             raise RuntimeError(
-                f"optimizer {name!r} needs {describe(needs)} from Lightning's training loop, and no "
+                f"optimizer {self.name!r} needs {describe(self.needs)} from Lightning's training loop, and no "
                 f"OptimizerLoopAdapter is attached to this Trainer. Add the one line "
                 f"`{ADAPTER_LINE}` ({ADAPTER_IMPORT}), or return [OptimizerLoopAdapter()] from your "
                 "LightningModule's configure_callbacks. (An installed lightning-optsurvey attaches it to "
                 "every Trainer through Lightning's `lightning.pytorch.callbacks_factory` entry point.)"
             )
 
-    return hook
-
 
 def install_guard(optimizer: Optimizer, name: str) -> None:
-    """Install :func:`guard_loop` on ``optimizer`` when it has loop needs."""
+    """Install :class:`GuardLoop` on ``optimizer`` when it has loop needs."""
     needs = loop_needs(optimizer)
     if needs:
-        optimizer.register_step_pre_hook(guard_loop(name, needs))
+        optimizer.register_step_pre_hook(GuardLoop(name, needs))
