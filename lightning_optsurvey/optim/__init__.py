@@ -24,7 +24,7 @@ from lightning_optsurvey.optim.registry import (
 )
 from lightning_optsurvey.optim.sam import SAM
 from lightning_optsurvey.optim.shampoo import Shampoo
-from lightning_optsurvey.optim.svrg import SVRG, SVRGSnapshot
+from lightning_optsurvey.optim.svrg import SVRG
 
 __all__ = [
     "DEVIATIONS",
@@ -37,7 +37,6 @@ __all__ = [
     "EntropySGD",
     "Lookahead",
     "OptimizerSpec",
-    "SVRGSnapshot",
     "Shampoo",
     "available_optimizers",
     "create_optimizer",
@@ -45,3 +44,13 @@ __all__ = [
     "methods_markdown",
     "register",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # SVRGSnapshot is a Lightning callback and lives in callbacks/ (optim does not import Lightning); the old
+    # import path keeps working.
+    if name == "SVRGSnapshot":
+        from lightning_optsurvey.callbacks.optimizer_loop import SVRGSnapshot
+
+        return SVRGSnapshot
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

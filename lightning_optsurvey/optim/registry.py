@@ -31,6 +31,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_optsurvey.optim import _loop
 from lightning_optsurvey.optim._common import check_float_hparam
 
 FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
@@ -277,8 +278,14 @@ def create_optimizer(
     if spec.needs_model:
         if model is None:
             raise ValueError(f"optimizer {name!r} needs the model: call create_optimizer(..., model=module)")
-        return spec.factory(params, model=model, **kwargs)
-    return spec.factory(params, **kwargs)
+        optimizer = spec.factory(params, model=model, **kwargs)
+    else:
+        optimizer = spec.factory(params, **kwargs)
+    # What the method needs from a training loop is served by callbacks.OptimizerLoopAdapter; the guard
+    # refuses a Lightning step without it (see optim/_loop.py).
+    _loop.tag(optimizer, name, spec, model)
+    _loop.install_guard(optimizer, name)
+    return optimizer
 
 
 def methods_markdown() -> str:
