@@ -60,9 +60,15 @@ def test_at_least_the_issue_results_are_registered():
         assert get_result(result.name).name == result.name
 
 
-#: Results whose check takes more than about a second (networks trained through Lightning's Trainer):
-#: their second seed runs with the slow tests.
-HEAVY = {"edge_of_stability_digits", "pac_bayes_digits", "kfac_natural_gradient", "edge_of_stability"}
+#: Results whose check takes more than about a second (networks trained through Lightning's Trainer, the
+#: two edge-of-stability runs, D-PSGD over four node counts): their second seed runs with the slow tests.
+HEAVY = {
+    "edge_of_stability_digits",
+    "pac_bayes_digits",
+    "kfac_natural_gradient",
+    "edge_of_stability",
+    "dpsgd_linear_speedup",
+}
 SEEDED = [
     pytest.param(result, seed, id=f"{result.name}-{seed}",
                  marks=[pytest.mark.slow] if seed == 2 or (seed == 1 and result.name in HEAVY) else [])

@@ -330,7 +330,10 @@ class _GaussianRegression(LightningModule):
         x, y = batch
         outputs = self.layer(x)
         sample_fisher = getattr(self.optimizers().optimizer, "sample_fisher", None)
-        if sample_fisher is not None:  # K-FAC's Monte-Carlo Fisher: targets drawn from N(outputs, I)
+        if sample_fisher is not None:
+            # K-FAC's Monte-Carlo Fisher of the Gaussian likelihood (targets drawn from N(outputs, I)), sampled
+            # here, before the backward: the OptimizerLoopAdapter's own (categorical) sampling comes later in
+            # the step and finds the layer's statistics already taken, so this works with or without it.
             sample_fisher(outputs, "gaussian")
         return 0.5 * (outputs - y).square().sum(1).mean()
 
