@@ -21,6 +21,7 @@ from lightning_optsurvey.theory import (  # noqa: F401  (importing the group mod
     decentralized,
     first_order,
     generalization,
+    heterogeneous,
     landscape,
     second_order,
     stochastic,
