@@ -171,6 +171,9 @@ class RunConfig:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     measure: bool = True
     limit_train_batches: float | int | None = None
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_rank: int = 2
 
     @property
     def run_name(self) -> str:
@@ -206,7 +209,8 @@ def train_one(config: RunConfig) -> dict[str, Any]:
     from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = DigitsDataModule(batch_size=config.batch_size, seed=config.seed)
+    datamodule = DigitsDataModule(batch_size=config.batch_size, seed=config.seed, partition=config.partition,
+                                  alpha=config.alpha, shards_per_rank=config.shards_per_rank)
     module = ClassifierModule(config.model, config.optimizer, config.optimizer_kwargs)
     logger = MLFlowLogger(
         experiment_name=config.experiment,
@@ -299,6 +303,12 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
                              **kwargs[name])
         except (TypeError, ValueError) as err:
             raise CLIError(f"optimizer {name!r}: {err}") from None
+    from lightning_optsurvey.tasks.partition import check_partition_args
+
+    try:
+        check_partition_args(args.partition, args.alpha, args.shards_per_rank)
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
     check_tracking_uri(args.tracking_uri)
     return [
         RunConfig(
@@ -306,6 +316,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator,
             experiment=args.experiment, tracking_uri=args.tracking_uri, optimizer_kwargs=kwargs[o],
             measure=not args.no_measure, limit_train_batches=args.limit_train_batches,
+            partition=args.partition, alpha=args.alpha, shards_per_rank=args.shards_per_rank,
         )
         for st in strategies
         for o in args.optimizers
@@ -377,6 +388,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparam", type=_hparam, action="append", metavar="OPT.KEY=VALUE",
                    help="override a hyperparameter, e.g. --hparam adam.lr=0.003 (repeatable)")
     p.add_argument("--no-measure", action="store_true", help="skip the measuring callbacks")
+    p.add_argument("--partition", default="iid", help="training data over ranks: iid (default), dirichlet, shards")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
+    p.add_argument("--shards-per-rank", type=int, default=2, help="shards per rank for --partition shards")
     p.add_argument("--limit-train-batches", type=float, default=None, help=argparse.SUPPRESS)
 
 
