@@ -25,8 +25,9 @@ The local optimizer is the user's: with :math:`\Delta_i^t` its update (``-lr g``
   then :math:`x_i = h_i + \gamma (s_i - \hat x_i)` with ``consensus_lr`` :math:`\gamma`. The replicas
   :math:`\hat x` carry the compression error forward (error feedback), so nothing sent is lost.
 
-A float buffer (BatchNorm statistics) follows its method's update like a parameter (its local change
-stands in for :math:`\Delta`). The per-rank states (:math:`h^{t-1}`; :math:`Wy`, :math:`g^{t-1}`;
+Float buffers (BatchNorm statistics) are not iterates of an optimization: under D² and gradient
+tracking they are averaged as D-PSGD does (:math:`W h`, a convex combination, so running variances stay
+positive), in the same message; under CHOCO they are compressed with the parameters. The per-rank states (:math:`h^{t-1}`; :math:`Wy`, :math:`g^{t-1}`;
 :math:`\hat x`, :math:`s`, the compressor's generator) are in each rank's checkpoint, so a resumed run
 continues exactly.
 
@@ -96,6 +97,16 @@ class GossipAlgorithm:
     def flat(self) -> FlatBuffers:
         assert self.strategy._flat is not None
         return self.strategy._flat
+
+    def buffer_tails(self, buffers: list[Tensor]) -> list[Tensor]:
+        """The float-buffer part of each flat buffer (they come after the parameters in every layout)."""
+        tensors = self.strategy.synced_tensors()
+        num_params = len(tensors) - len(self.strategy._float_buffers())
+        tails = []
+        for b, buffer in enumerate(buffers):
+            offset = sum(self.flat.tensors[i].numel() for i in self.flat.indices[b] if i < num_params)
+            tails.append(buffer[offset:])
+        return tails
 
     def row(self) -> tuple[float, list[float]]:
         """This rank's self weight and its senders' weights (the strategy's ``W``)."""
@@ -180,6 +191,8 @@ class D2Gossip(GossipAlgorithm):
         for send, h, x, prev in zip(self._send, half, self._pre, self._prev_half):
             torch.sub(h, prev, out=send).add_(x)
             prev.copy_(h)
+        for send, h in zip(self.buffer_tails(self._send), self.buffer_tails(half)):
+            send.copy_(h)  # float buffers: plain gossip of the post-step values
         received = self.exchange(self._send, self._recv)
         self._recv = received
         self.combine_(self._send, received, self.row())
@@ -243,6 +256,8 @@ class GradientTrackingGossip(GossipAlgorithm):
 
     def synchronize(self) -> None:
         delta = self.flat.pack()
+        for x, h in zip(self.buffer_tails(self._pre), self.buffer_tails(delta)):
+            x.copy_(h)  # float buffers: W h (plain gossip of the post-step values), with a zero step below
         for post, x in zip(delta, self._pre):
             post.sub_(x)
         nx = len(self._pre)
