@@ -27,7 +27,9 @@ The local optimizer is the user's: with :math:`\Delta_i^t` its update (``-lr g``
 
 Float buffers (BatchNorm statistics) are not iterates of an optimization: under D² and gradient
 tracking they are averaged as D-PSGD does (:math:`W h`, a convex combination, so running variances stay
-positive), in the same message; under CHOCO they are compressed with the parameters. The per-rank states (:math:`h^{t-1}`; :math:`Wy`, :math:`g^{t-1}`;
+positive), in the same message; under CHOCO they are compressed with the parameters.
+
+The per-rank states (:math:`h^{t-1}`; :math:`Wy`, :math:`g^{t-1}`;
 :math:`\hat x`, :math:`s`, the compressor's generator) are in each rank's checkpoint, so a resumed run
 continues exactly.
 
