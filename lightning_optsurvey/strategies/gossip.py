@@ -415,5 +415,11 @@ def _check_algorithm_args(
     if algorithm != "choco":
         if compressor is not None:
             raise ValueError(f"compressor is CHOCO's; algorithm={algorithm!r} sends uncompressed models")
+        for name, value, default in (("ratio", ratio, 0.01), ("consensus_lr", consensus_lr, 0.5),
+                                     ("compression_seed", seed, 0)):
+            if value != default:
+                raise ValueError(
+                    f"{name} configures CHOCO-SGD; algorithm={algorithm!r} does not use it (got {value!r})"
+                )
         return None
     return make_compressor("topk" if compressor is None else compressor, ratio)
