@@ -182,7 +182,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--consensus-lr", type=float, default=0.5, help="CHOCO's gamma")
+    parser.add_argument("--consensus-lr", type=float, default=0.1, help="CHOCO's gamma (0.5 diverges here)")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)

@@ -116,7 +116,7 @@ def test_d2_stability_condition() -> None:
         ({"algorithm": "gradient_tracking", "overlap": True}, ValueError, "gossips after every step"),
         ({"algorithm": "dpsgd", "compressor": "topk"}, ValueError, "compressor is CHOCO's"),
         ({"algorithm": "d2", "ratio": 0.1}, ValueError, "ratio configures CHOCO-SGD"),
-        ({"algorithm": "dpsgd", "consensus_lr": 0.1}, ValueError, "consensus_lr configures CHOCO-SGD"),
+        ({"algorithm": "dpsgd", "consensus_lr": 0.5}, ValueError, "consensus_lr configures CHOCO-SGD"),
         ({"algorithm": "choco", "compressor": "lowrank"}, ValueError, "unknown compressor"),
         ({"algorithm": "choco", "ratio": 2.0}, ValueError, "ratio"),
         ({"algorithm": "choco", "consensus_lr": 0.0}, ValueError, "consensus_lr must be in"),
