@@ -12,6 +12,7 @@ from lightning_optsurvey.strategies._comm import CommCounter, FlatBuffers, conse
 from lightning_optsurvey.strategies.compressed_ddp import COMPRESSED_DDP_STRATEGY_NAMES, CompressedDDPStrategy
 from lightning_optsurvey.strategies.compression import QSGD, Compressor, RandomK, Sign, TopK
 from lightning_optsurvey.strategies.easgd import EASGDStrategy
+from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy, AsyncLSGDStrategy
 from lightning_optsurvey.strategies.gossip import GOSSIP_STRATEGY_NAMES, GossipStrategy
 from lightning_optsurvey.strategies.local_sgd import LocalSGDStrategy
 from lightning_optsurvey.strategies.lsgd import LSGDStrategy
@@ -21,6 +22,8 @@ GossipStrategy.register_strategies(StrategyRegistry)
 LocalSGDStrategy.register_strategies(StrategyRegistry)
 EASGDStrategy.register_strategies(StrategyRegistry)
 LSGDStrategy.register_strategies(StrategyRegistry)
+AsyncEASGDStrategy.register_strategies(StrategyRegistry)
+AsyncLSGDStrategy.register_strategies(StrategyRegistry)
 CompressedDDPStrategy.register_strategies(StrategyRegistry)
 
 #: The strategy names this package registers (derived from the registry, so it cannot go stale).
@@ -39,6 +42,8 @@ __all__ = [
     "QSGD",
     "STRATEGY_NAMES",
     "TOPOLOGY_KINDS",
+    "AsyncEASGDStrategy",
+    "AsyncLSGDStrategy",
     "CommCounter",
     "CompressedDDPStrategy",
     "Compressor",
