@@ -23,6 +23,7 @@ from lightning_optsurvey.theory import (  # noqa: F401  (importing the group mod
     easgd_async,
     first_order,
     generalization,
+    heterogeneous,
     landscape,
     networks,
     second_order,
