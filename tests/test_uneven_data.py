@@ -166,3 +166,12 @@ def test_mid_epoch_validation_with_uneven_batches_stops_every_rank_clearly(tmp_p
     assert len(refused) == 2, text[-3000:]  # every rank, not only the one that noticed
     for line in refused:
         assert "different numbers of training batches" in line and "validation inside the epoch" in line
+
+
+@pytest.mark.slow
+def test_empty_sized_loader_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="failed ranks") as failure:
+        launch("uneven_empty.py", tmp_path, procs_per_node=2, timeout=120)
+    text = str(failure.value)
+    refused = [line for line in text.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 2 and all("rank(s) [1] has length 0" in line for line in refused), text[-3000:]

@@ -86,6 +86,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.data import sized_len
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
@@ -499,6 +500,31 @@ class LocalModelStrategy(DDPStrategy):
         loop.on_advance_end = joined_on_advance_end
         self._join_trainer = trainer
         self._live, self._contrib, self._unsent_steps = False, None, False
+
+    @override
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """Refuse, on every rank at once, a sized train loader that is empty on some rank.
+
+        Lightning's fit loop ends the fit of a rank whose train loader has length 0 (with
+        ``allow_zero_length_dataloader_with_multiple_devices``), while the others train and wait for it.
+        """
+        dataloader = super().process_dataloader(dataloader)
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        if not is_distributed() or trainer is None or not (self._fitting() and trainer.training):
+            return dataloader
+        empty = torch.zeros(self.world_size, dtype=torch.int64, device=self.root_device)
+        empty[self.global_rank] = int(sized_len(dataloader) == 0)
+        dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+        ranks = [r for r, flag in enumerate(empty.tolist()) if flag]
+        if ranks:
+            raise RuntimeError(
+                f"{type(self).__name__}: the train dataloader of rank(s) {ranks} has length 0. Lightning ends the fit "
+                "of a rank without training batches while the others go on, so the run could not finish. For a rank "
+                "without data, use an iterable-style loader (no __len__) that yields nothing in that epoch: the "
+                "strategy then keeps that rank in the communication until the others finish the epoch."
+            )
+        return dataloader
 
     def _uninstall_join(self) -> None:
         trainer, self._join_trainer = self._join_trainer, None
