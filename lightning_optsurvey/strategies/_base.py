@@ -196,6 +196,13 @@ class LocalModelStrategy(DDPStrategy):
             configure ``DistributedDataParallel``, which these strategies do not use.
     """
 
+    uneven_data_join: bool = True
+    """Whether ranks out of data keep answering the others' rounds (one control message per batch).
+
+    Asynchronous methods, whose ranks never wait for each other per step, set it to ``False``."""
+    evaluate_run_model: bool = True
+    """Whether validation, test and predict evaluate :meth:`checkpoint_model_state` on every rank."""
+
     def __init__(
         self,
         *,
@@ -317,7 +324,7 @@ class LocalModelStrategy(DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             self._models_diverged = True
             self._on_fit_setup()
-            if is_distributed():
+            if is_distributed() and self.uneven_data_join:
                 self._install_join(trainer)
 
     def _on_fit_setup(self) -> None:
@@ -859,7 +866,8 @@ class LocalModelStrategy(DDPStrategy):
         checkpoint outside a fit is already the same on every rank. Collective.
         """
         module = self.lightning_module
-        if module is None or not is_distributed() or not self._models_diverged or self._own_state is not None:
+        if (module is None or not self.evaluate_run_model or not is_distributed() or not self._models_diverged
+                or self._own_state is not None):
             return
         state = self.checkpoint_model_state()
         self._own_state = self._state_copy()
