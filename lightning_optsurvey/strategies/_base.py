@@ -242,6 +242,8 @@ class LocalModelStrategy(DDPStrategy):
         self._joined_epoch = False
         self._epoch_batches = 0
         self._live_active: list[bool] = []
+        self._refusals_epoch = -1
+        self._static_refusals = 0
         self.batches_per_rank: list[int] = []
         """Training batches each rank ran in the latest epoch (logged as ``data/batches_rank_<r>``)."""
 
@@ -503,6 +505,7 @@ class LocalModelStrategy(DDPStrategy):
                 trainer.should_stop = True
 
         loop._broadcast_sigterm_tensor = lambda: None
+        self._refusals_epoch = -1
         loop.run = joined_run
         loop.on_advance_end = joined_on_advance_end
         self._join_trainer = trainer
@@ -556,10 +559,21 @@ class LocalModelStrategy(DDPStrategy):
                                                             <= loop.global_step + 1)
 
     def _join_refusals(self) -> int:
-        """Features whose collectives a rank out of data cannot take part in (bits of ``_REFUSALS``)."""
+        """Features whose collectives a rank out of data cannot take part in (bits of ``_REFUSALS``).
+
+        The Trainer's configuration is read once per epoch (at its first batch), not at every batch.
+        """
         trainer = self._join_trainer
+        if trainer is None:
+            return 0
+        epoch = trainer.current_epoch
+        if self._refusals_epoch != epoch:
+            self._refusals_epoch, self._static_refusals = epoch, self._configured_refusals(trainer)
+        return self._static_refusals
+
+    def _configured_refusals(self, trainer: Trainer) -> int:
         module = self.lightning_module
-        if trainer is None or module is None:
+        if module is None:
             return 0
         bits = 0
         validates = is_overridden("validation_step", module) and trainer.limit_val_batches != 0
