@@ -25,6 +25,11 @@ device), on gloo (CPU) and NCCL (GPU) alike. ``gossip_every=k`` takes ``k - 1`` 
 between rounds. Checkpoints hold the consensus model (the average) plus each rank's own state for an
 exact resume (see :mod:`lightning_optsurvey.strategies._base`).
 
+Validation, test and predict evaluate the consensus model on every rank (what checkpoints hold). With
+uneven per-rank data, a rank out of batches keeps gossiping with a zero update until every rank has
+finished the epoch: the mixing preserves the network average, so the consensus stays the average of
+every rank's model (see :mod:`lightning_optsurvey.strategies._base`).
+
 Why our own: BlueFog needs its own MPI/NCCL engine and has been unmaintained since 2021; SGP's code
 is a research snapshot outside Lightning; Bagua's Lightning strategy does not import on
 Lightning >= 2.1.
@@ -161,6 +166,7 @@ class GossipStrategy(PeriodicSyncStrategy):
         self._numerator: list[Tensor] | None = None
         self._recv: list[list[Tensor]] = []
         self._pending: Exchange | None = None
+        self._send: list[Tensor] | None = None
         self._rows: dict[int, tuple[float, list[float]]] = {}
 
     @property
@@ -291,6 +297,24 @@ class GossipStrategy(PeriodicSyncStrategy):
         if self._algorithm is not None:
             self._algorithm.before_step()
             return
+        # While a rank is out of data, the round is announced after the step, so the exchange starts then.
+        self._prepare_round(launch=not self._live)
+
+    @override
+    def _join_refusals(self) -> int:
+        # D2, gradient tracking and CHOCO carry per-rank state (previous iterate, tracker, replicas) that a
+        # round without a step would corrupt: uneven batches stop the run with the base's clear error instead.
+        return super()._join_refusals() | (16 if self._algorithm is not None else 0)
+
+    @override
+    def _shadow_synchronize(self, optimizer: Optimizer | None) -> None:
+        # Out of data: a round with a zero update. The mixing keeps the network average, so such a rank
+        # relays its neighbours' models and the consensus is still the average of every rank's model.
+        self._prepare_round()
+        self._synchronize(optimizer)  # type: ignore[arg-type]
+
+    def _prepare_round(self, launch: bool = True) -> None:
+        assert self._flat is not None
         if self._pre is not None:
             self._flat.pack(self._pre)
         if not self.overlap:
@@ -302,7 +326,9 @@ class GossipStrategy(PeriodicSyncStrategy):
             for numerator, pre in zip(self._numerator, self._pre):
                 torch.mul(pre, self._weight.to(pre.dtype), out=numerator)
             send = self._numerator
-        self._pending = self._start_exchange(self._payload(send))
+        self._send = self._payload(send)
+        if launch:
+            self._pending = self._start_exchange(self._send)
 
     @override
     def _synchronize(self, optimizer: Optimizer) -> None:
@@ -334,6 +360,8 @@ class GossipStrategy(PeriodicSyncStrategy):
         self._flat.unpack(self._pre)
 
     def _combine_overlapped(self) -> None:
+        if self._pending is None and self._send is not None:
+            self._pending = self._start_exchange(self._send)
         assert self._flat is not None and self._pending is not None and self._pre is not None
         received = self._pending.wait()
         self._pending = None
