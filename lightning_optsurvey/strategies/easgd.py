@@ -248,6 +248,10 @@ class EASGDStrategy(PeriodicSyncStrategy):
         sync_every: :math:`\tau`, the number of optimizer steps between elastic updates.
         moving_rate: A fixed :math:`\alpha` in (0, 1) instead of :math:`\eta\rho` or :math:`\beta/N`.
         beta: :math:`\beta = N\alpha` in (0, 1) for the default rule.
+        asynchronous: ``True`` builds asynchronous EASGD instead
+            (:class:`~lightning_optsurvey.strategies.easgd_async.AsyncEASGDStrategy`, registered as
+            ``"easgd_async"``: the center on rank 0, each worker exchanging every ``sync_every`` of its own
+            steps without a barrier); ``rho`` then defaults to that class's 0.1 and ``beta`` is refused.
         **ddp_kwargs: ``accelerator``, ``parallel_devices``, ``cluster_environment``,
             ``checkpoint_io``, ``precision_plugin``, ``process_group_backend``, ``timeout``,
             ``start_method`` (see :class:`~lightning.pytorch.strategies.DDPStrategy`).
@@ -272,6 +276,26 @@ class EASGDStrategy(PeriodicSyncStrategy):
 
     strategy_name = "easgd"
 
+    def __new__(cls, *args: Any, asynchronous: bool = False, **kwargs: Any) -> Any:
+        # ``asynchronous=True`` builds the published, barrier-free method (registered as "easgd_async"),
+        # which keeps its center on rank 0; the synchronous default is this class.
+        if not isinstance(asynchronous, bool):
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
+        if asynchronous and cls is EASGDStrategy:
+            from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy
+
+            if "beta" in kwargs:
+                raise TypeError(
+                    "beta (the synchronous default rule alpha = beta / N) is not an argument of asynchronous "
+                    "EASGD; pass rho or moving_rate"
+                )
+            names = ("rho", "sync_every", "moving_rate")
+            kwargs.update({name: value for name, value in zip(names, args)})
+            if kwargs.get("rho", 0.1) is None:
+                kwargs.pop("rho")
+            return AsyncEASGDStrategy(**kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         rho: float | None = None,
@@ -279,6 +303,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
         moving_rate: float | None = None,
         *,
         beta: float = DEFAULT_BETA,
+        asynchronous: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
         if rho is not None:
