@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -66,8 +68,8 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"seeds must be non-negative, got {text!r}")
+    if any(not 0 <= v < 2**32 for v in values):
+        raise argparse.ArgumentTypeError(f"seeds must be in [0, 2**32) (NumPy's seed range), got {text!r}")
     return values
 
 
@@ -87,8 +89,24 @@ def _hparam(text: str) -> tuple[str, str, Any]:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        try:  # nan, inf, -inf: numbers (that the finite check then refuses), not strings
+            value = float(raw)
+        except ValueError:
+            value = raw
     return name.strip(), key.strip(), value
+
+
+def _limit_batches(text: str) -> float | int:
+    """``--limit-train-batches``: a fraction in (0, 1] or a whole number of batches >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] or a number of batches, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] or a whole number of batches >= 1, got {text!r}")
+    return int(value) if value > 1 else value
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
@@ -109,6 +127,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
             raise CLIError(f"MLflow tracking server {uri} does not answer ({err})") from None
         return uri
     if scheme.split("+")[0] in _DB_SCHEMES:
+        _check_database_driver(uri)
         if scheme == "sqlite":
             path = uri.split(":///", 1)[1] if ":///" in uri else ""
             folder = os.path.dirname(os.path.abspath(path)) if path else ""
@@ -119,6 +138,23 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
         f"unsupported tracking URI {uri!r}: use sqlite:///PATH.db, http(s)://HOST:PORT, or a database URI "
         f"({', '.join(_DB_SCHEMES)}); MLflow's file store is deprecated"
     )
+
+
+def _check_database_driver(uri: str) -> None:
+    """The database URI parses and its Python driver imports (``postgresql://`` needs ``psycopg2``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(uri).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise CLIError(f"tracking URI {uri!r} is not a database URI SQLAlchemy understands ({err})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        module = getattr(err, "name", None) or str(err)
+        raise CLIError(f"tracking URI {uri!r} needs the database driver {module!r}, which is not installed "
+                       f"(pip install {module}); or use sqlite:///mlflow.db") from None
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
@@ -272,6 +308,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
 
     from lightning_optsurvey.optim import available_optimizers, create_optimizer, get_spec
     from lightning_optsurvey.tasks import available_models, build_model
+    from lightning_optsurvey.tasks.classifier import check_optimizer_kwargs
 
     known = available_optimizers()
     unknown = [o for o in args.optimizers if o not in known]
@@ -286,6 +323,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             raise CLIError(f"unknown strategy {s!r}; known strategies: {', '.join(known_strategies)}")
     if args.devices * args.num_nodes > 1 and strategies == [None]:
         strategies = ["ddp"]
+    _preflight_compare(args, strategies)
     kwargs: dict[str, dict[str, Any]] = {o: {} for o in args.optimizers}
     for name, key, value in args.hparam or []:
         if name not in kwargs:
@@ -295,6 +333,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
     for name in args.optimizers:
         probe = build_model(args.model)
         try:
+            check_optimizer_kwargs(name, kwargs[name], where="--hparam")
             create_optimizer(name, probe.parameters(), model=probe if get_spec(name).needs_model else None,
                              **kwargs[name])
         except (TypeError, ValueError) as err:
@@ -311,6 +350,37 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
         for o in args.optimizers
         for s in args.seeds
     ]
+
+
+def _preflight_compare(args: argparse.Namespace, strategies: Sequence[str | None]) -> None:
+    """Checks that need no training and no experiment: names, world sizes, devices, limits.
+
+    Raises:
+        CLIError: Naming the flag and what it allows.
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if not args.experiment.strip():
+        raise CLIError("--experiment must be a non-empty name")
+    if args.accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError("--accelerator gpu: no CUDA GPU is available here; use --accelerator cpu (or auto)")
+        if args.devices > torch.cuda.device_count():
+            raise CLIError(f"--devices {args.devices}: only {torch.cuda.device_count()} GPU(s) are available")
+    world_size = args.devices * args.num_nodes
+    for name in strategies:
+        if name is None:
+            continue
+        strategy = StrategyRegistry.get(name)
+        validate = getattr(strategy, "_validate_world_size", None)
+        if validate is not None:
+            try:
+                validate(world_size)
+            except ValueError as err:
+                raise CLIError(f"--strategy {name} with --devices {args.devices} --num-nodes {args.num_nodes}: "
+                               f"{err}") from None
 
 
 def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -377,7 +447,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparam", type=_hparam, action="append", metavar="OPT.KEY=VALUE",
                    help="override a hyperparameter, e.g. --hparam adam.lr=0.003 (repeatable)")
     p.add_argument("--no-measure", action="store_true", help="skip the measuring callbacks")
-    p.add_argument("--limit-train-batches", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--limit-train-batches", type=_limit_batches, default=None, help=argparse.SUPPRESS)
 
 
 # --------------------------------------------------------------------------------------------- list
@@ -416,6 +486,8 @@ def theory(args: argparse.Namespace) -> int:
     """Run the executable theorems; exit code 1 if any fails."""
     from lightning_optsurvey import theory as th
 
+    if args.tracking_uri:
+        check_tracking_uri(args.tracking_uri)  # before the checks run, not after
     try:
         outcomes = th.run_checks(only=args.only, seed=args.seed)
     except ValueError as err:
@@ -477,10 +549,37 @@ def _lightning_cli(argv: list[str]) -> int:
             self.already_saved = True
             self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
-    LightningCLI(
-        ClassifierModule,
-        DigitsDataModule,
-        save_config_callback=MLflowSaveConfigCallback,
+    class OptsurveyCLI(LightningCLI):
+        """LightningCLI that checks the tracking server and marks where configuration ends and work begins."""
+
+        configured = False
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            for uri in _config_tracking_uris(config):
+                check_tracking_uri(uri)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            OptsurveyCLI.configured = True
+            super()._run_subcommand(subcommand)
+
+    try:
+        _run_lightning_cli(OptsurveyCLI, ClassifierModule, DigitsDataModule, MLflowSaveConfigCallback, argv)
+    except SystemExit:
+        raise
+    except Exception as err:
+        if OptsurveyCLI.configured:
+            raise  # an error while working: keep its traceback
+        raise CLIError(_config_error_line(err, argv)) from None
+    return 0
+
+
+def _run_lightning_cli(cli_class: Any, module: Any, datamodule: Any, save_config: Any, argv: list[str]) -> None:
+    cli_class(
+        module,
+        datamodule,
+        parser_kwargs={"exit_on_error": False},  # errors come back to us, for a one-line message
+        save_config_callback=save_config,
         trainer_defaults={
             # MLFlowLogger has no local save_dir for sqlite/http URIs; keep checkpoints out of the cwd's top level.
             "default_root_dir": "lightning_logs",
@@ -489,9 +588,107 @@ def _lightning_cli(argv: list[str]) -> int:
                 "init_args": {"experiment_name": "optsurvey", "tracking_uri": DEFAULT_TRACKING_URI},
             },
         },
-        args=argv,
+        args=None if argv == sys.argv[1:] else argv,  # Lightning warns when given both
     )
-    return 0
+
+
+def _config_tracking_uris(config: Any) -> list[str]:
+    """The ``tracking_uri`` of every MLflow logger in a parsed ``fit`` config."""
+    loggers = getattr(getattr(config, "trainer", None), "logger", None)
+    found = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = str(getattr(logger, "class_path", "") or "")
+        init_args = getattr(logger, "init_args", None)
+        uri = getattr(init_args, "tracking_uri", None) if init_args is not None else None
+        if class_path.endswith("MLFlowLogger") and uri:
+            found.append(str(uri))
+    return found
+
+
+_CLI_KEYS = {"ClassifierModule": "model", "DigitsDataModule": "data", "Trainer": "trainer"}
+
+
+def _config_error_line(err: BaseException, argv: list[str]) -> str:
+    """One line for a configuration error: the config key, then the reason (not jsonargparse's stack)."""
+    import re
+
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if isinstance(err, CLIError):
+        return str(err)
+    # The innermost error raised by our (or the user's) code, not by the parser: the real reason.
+    for exc in reversed(chain):
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and "jsonargparse" not in frames[-1].filename and not frames[-1].filename.endswith("cli.py"):
+            owner = _raising_class(exc)
+            key = _config_key_of(owner, argv) if owner else None
+            where = f"{key} ({owner})" if key and key != _CLI_KEYS.get(owner or "") else (key or owner or "config")
+            return f"{where}: {' '.join(str(exc).split())}"
+    message = str(err)
+    match = re.search(r'Parser key "([^"]+)"', message)
+    key = match.group(1) if match else None
+    bullets = [b.strip()[2:] for b in message.splitlines() if re.match(r"\s+- ", b)]
+    given = re.search(r"Given value: (.*)", message)
+    given_type = re.search(r"Given value type: <class '([\w.]+)'>", message)
+    expected = [re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", b[len("Expected a "):]).replace("NoneType", "None")
+                for b in bullets if b.startswith("Expected a ")]
+    reasons = [b for b in bullets if not b.startswith(("Expected a ", "Not a valid subclass", "a class path",
+                                                        "a dict with", "a dict without"))]
+    if key is None:  # a class given by class_path: name it by where it is configured
+        named = re.search(r"class_path='(?:[\w]+\.)*(\w+)'", message)
+        key = _config_key_of(named.group(1), argv) if named else None
+    if reasons:
+        return f"{key or 'config'}: {'; '.join(reasons)}"
+    if key and expected:
+        got = f", got {given_type.group(1) if given_type else 'value'} {given.group(1)!r}" if given else ""
+        return f"{key}: expected {' or '.join(expected)}{got}"
+    return " ".join(message.split())[:400]
+
+
+def _raising_class(exc: BaseException) -> str | None:
+    """The class whose ``__init__`` raised ``exc`` (innermost), if any."""
+    tb = exc.__traceback__
+    owner = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            owner = type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return owner
+
+
+def _config_key_of(class_name: str, argv: list[str]) -> str | None:
+    """Where ``class_name`` is configured: ``model``/``data``/``trainer``, or a path like ``trainer.callbacks[0]``."""
+    if class_name in _CLI_KEYS:
+        return _CLI_KEYS[class_name]
+    import yaml
+
+    def walk(node: Any, path: str) -> str | None:
+        if isinstance(node, dict):
+            class_path = str(node.get("class_path", ""))
+            if class_path == class_name or class_path.endswith("." + class_name):
+                return path
+            for key, value in node.items():
+                if (found := walk(value, f"{path}.{key}" if path else str(key))) is not None:
+                    return found
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                if (found := walk(value, f"{path}[{i}]")) is not None:
+                    return found
+        return None
+
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            try:
+                with open(argv[i + 1]) as handle:
+                    if (found := walk(yaml.safe_load(handle), "")) is not None:
+                        return found
+            except (OSError, yaml.YAMLError):
+                continue
+    return None
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -523,7 +720,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dump(result, f)
         return 0
     if command in ("fit", "validate", "test", "predict"):
-        return _lightning_cli(args_list)
+        try:
+            return _lightning_cli(args_list)
+        except CLIError as err:
+            print(f"optsurvey {command}: error: {err}", file=sys.stderr)
+            return 2
 
     parser = argparse.ArgumentParser(prog="optsurvey")
     sub = parser.add_subparsers(dest="command", required=True)
