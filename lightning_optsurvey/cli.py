@@ -9,8 +9,10 @@
   MLflow artifact when the logger is an ``MLFlowLogger`` (Lightning's own ``SaveConfigCallback`` needs a
   ``log_dir``, which a remote tracking URI does not have).
 
-This module is the only place in the package that imports ``mlflow``: it creates and tags experiments,
-checks that a tracking server answers before anything trains, and reads the finished runs back.
+This module and :mod:`lightning_optsurvey.tracking` are the only places in the package that import
+``mlflow``: this one creates and tags experiments, checks that a tracking server answers before anything
+trains, and reads the finished runs back; with a tracking *server*, compare logs every run to a local
+outbox first and the tracking module delivers it (``optsurvey sync`` uploads what an outage left).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -207,6 +209,7 @@ class RunConfig:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     measure: bool = True
     limit_train_batches: float | int | None = None
+    stop_on_divergence: bool = False
 
     @property
     def run_name(self) -> str:
@@ -238,6 +241,7 @@ def train_one(config: RunConfig) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import MLFlowLogger
 
+    from lightning_optsurvey.callbacks import DivergenceMonitor
     from lightning_optsurvey.optim import get_spec
     from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
@@ -260,7 +264,8 @@ def train_one(config: RunConfig) -> dict[str, Any]:
         num_nodes=config.num_nodes,
         strategy=config.strategy or "auto",
         logger=logger,
-        callbacks=default_callbacks(config.devices * config.num_nodes) if config.measure else [],
+        callbacks=[DivergenceMonitor(stop=config.stop_on_divergence),
+                   *(default_callbacks(config.devices * config.num_nodes) if config.measure else [])],
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=10,
@@ -345,6 +350,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator,
             experiment=args.experiment, tracking_uri=args.tracking_uri, optimizer_kwargs=kwargs[o],
             measure=not args.no_measure, limit_train_batches=args.limit_train_batches,
+            stop_on_divergence=args.stop_on_divergence,
         )
         for st in strategies
         for o in args.optimizers
@@ -401,21 +407,30 @@ def compare(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     configs = _validate_compare(args)
+    delivery = _start_delivery(args)  # a tracking server: runs are logged locally, delivered behind them
+    if delivery is not None:
+        configs = [replace(c, tracking_uri=delivery.local_uri) for c in configs]
     experiment_id = ensure_experiment(args.tracking_uri, args.experiment)
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    client = MlflowClient(tracking_uri=configs[0].tracking_uri)
     rows: list[dict[str, Any]] = []
     for i, config in enumerate(configs, start=1):
         print(f"run {i}/{len(configs)}: {config.run_name}", file=sys.stderr, flush=True)
         multi = config.devices * config.num_nodes > 1
         result = _train_in_subprocess(config) if multi else train_one(config)
-        metrics = client.get_run(result["run_id"]).data.metrics
+        if delivery is not None:
+            delivery.submit(result["run_id"])
+        run = client.get_run(result["run_id"])
         row = {"optimizer": config.optimizer, "seed": config.seed, "strategy": config.strategy or "single",
-               "seconds": result["seconds"], **metrics}
+               "seconds": result["seconds"], **run.data.metrics}
+        if run.data.tags.get("diverged") == "true":
+            row["diverged"] = f"step {run.data.tags.get('diverged_step')}"
         rows.append(row)
     columns = ["optimizer", "seed"]
     if any(c.strategy for c in configs):
         columns.append("strategy")
     columns += [*_SUMMARY_METRICS, "seconds", *(m for m in _MEASURED_METRICS if any(m in r for r in rows))]
+    if any("diverged" in r for r in rows):
+        columns.append("diverged")
     print()
     print(_format_table(rows, columns))
     best = max(rows, key=lambda r: r.get("val/acc", float("-inf")))
@@ -424,7 +439,35 @@ def compare(args: argparse.Namespace) -> int:
     print(f"\n{len(rows)} runs in experiment {args.experiment!r} (id {experiment_id}) at {args.tracking_uri}")
     print(f"open the MLflow UI:  {command}")
     print(f"then browse:         {address}")
+    if delivery is not None:
+        _finish_delivery(delivery, args)
     return 0
+
+
+def _start_delivery(args: argparse.Namespace) -> Any:
+    """For an http(s) tracking URI: the local outbox and the thread that delivers runs to the server."""
+    if args.tracking_uri.split(":", 1)[0].lower() not in _HTTP_SCHEMES:
+        return None
+    from lightning_optsurvey.tracking import Delivery
+
+    check_tracking_uri(args.outbox)
+    if args.outbox.split(":", 1)[0].lower() in _HTTP_SCHEMES:
+        raise CLIError(f"--outbox must be a local store (sqlite:///PATH.db), got {args.outbox!r}")
+    ensure_experiment(args.outbox, args.experiment)
+    return Delivery(args.outbox, args.tracking_uri, args.experiment)
+
+
+def _finish_delivery(delivery: Any, args: argparse.Namespace) -> None:
+    from lightning_optsurvey.tracking import upload_command
+
+    if delivery.pending:
+        print(f"delivering {len(delivery.pending)} run(s) to {args.tracking_uri} "
+              f"(waiting up to {args.sync_wait:g} s) ...", file=sys.stderr, flush=True)
+    report = delivery.finish(args.sync_wait)
+    if report.pending:
+        print(f"\nthe tracking server {args.tracking_uri} did not answer; {len(report.pending)} run(s) are kept "
+              f"in {args.outbox} (every metric, param and artifact). Upload them when it is back:\n  "
+              f"{upload_command(args.outbox, args.tracking_uri, args.experiment)}", file=sys.stderr)
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -448,6 +491,29 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a hyperparameter, e.g. --hparam adam.lr=0.003 (repeatable)")
     p.add_argument("--no-measure", action="store_true", help="skip the measuring callbacks")
     p.add_argument("--limit-train-batches", type=_limit_batches, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-on-divergence", action="store_true",
+                   help="end a run at the step its loss becomes non-finite (it is reported either way)")
+    p.add_argument("--outbox", default="sqlite:///optsurvey-outbox.db",
+                   help="with an http(s) --tracking-uri: the local store runs are logged to first and "
+                        "delivered from, so an outage loses nothing and stalls nothing")
+    p.add_argument("--sync-wait", type=float, default=120.0,
+                   help="seconds to wait at the end for a server that is away (default: 120)")
+
+
+def sync_command(args: argparse.Namespace) -> int:
+    """``optsurvey sync``: deliver the runs an outage left in the outbox."""
+    from lightning_optsurvey.tracking import pending_runs, sync
+
+    check_tracking_uri(args.source)
+    check_tracking_uri(args.target)
+    before = len(pending_runs(args.source, args.experiment))
+    report = sync(args.source, args.target, args.experiment)
+    print(f"delivered {len(report.delivered)} of {before} pending run(s) to {args.target}")
+    if report.pending:
+        print(f"optsurvey sync: error: {len(report.pending)} run(s) still pending ({report.last_error})",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- list
@@ -693,11 +759,12 @@ def _config_key_of(class_name: str, argv: list[str]) -> str | None:
 
 # --------------------------------------------------------------------------------------------- entry point
 
-_USAGE = """usage: optsurvey {compare,list,theory,fit,validate,test} ...
+_USAGE = """usage: optsurvey {compare,list,theory,sync,fit,validate,test} ...
 
   compare    train optimizers (and strategies) on digits, one MLflow run each, and compare them
   list       print the registered optimizers, strategies and callbacks
   theory     run the survey's theorems as executable checks
+  sync       deliver runs kept locally during a tracking-server outage
   fit, validate, test
              Lightning's CLI over ClassifierModule and DigitsDataModule (see `optsurvey fit --help`)
 """
@@ -736,8 +803,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_theory.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems (default: 0)")
     p_theory.add_argument("--tracking-uri", default=None, help="also log each check as an MLflow run")
     p_theory.add_argument("--experiment", default="optsurvey-theory")
+    p_sync = sub.add_parser("sync", help="deliver runs kept locally during a tracking-server outage")
+    p_sync.add_argument("--from", dest="source", required=True, help="the local store, e.g. sqlite:///optsurvey-outbox.db")
+    p_sync.add_argument("--to", dest="target", required=True, help="the tracking server, http(s)://HOST:PORT")
+    p_sync.add_argument("--experiment", default=None, help="only this experiment's runs (default: all)")
     args = parser.parse_args(args_list)
-    handlers = {"compare": compare, "list": list_available, "theory": theory}
+    handlers = {"compare": compare, "list": list_available, "theory": theory, "sync": sync_command}
     try:
         return handlers[args.command](args)
     except CLIError as err:
