@@ -114,6 +114,7 @@ def test_sampler_order_depends_only_on_seed_and_epoch_and_state_round_trips() ->
         EpochSampler(data, seed=8).load_state_dict(state)
 
 
+@pytest.mark.slow  # two processes importing Lightning: ~15 s of CPU
 def test_resume_under_two_process_ddp_is_bitwise_exact(tmp_path: Path) -> None:
     launch("resume_scenarios.py", tmp_path, procs_per_node=2, timeout=180)
     for rank in range(2):

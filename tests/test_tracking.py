@@ -48,30 +48,12 @@ def _make_run(client: MlflowClient, experiment: str, tmp_path: Path) -> str:
     return run_id
 
 
-def test_copy_run_moves_everything_and_redelivery_never_duplicates(tmp_path: Path) -> None:
-    local = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'local.db'}")
-    remote = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'remote.db'}")
-    run_id = _make_run(local, "e", tmp_path)
-    remote_exp = remote.create_experiment("e")
-    # an earlier copy cut short by an outage (no synced tag) is replaced, not kept beside the new one
-    remote.create_run(remote_exp, tags={SOURCE_TAG: run_id})
-    copied = copy_run(local, remote, run_id, remote_exp)
-    assert copy_run(local, remote, run_id, remote_exp) == copied  # a second delivery reuses the copy
-    runs = remote.search_runs([remote_exp])
-    assert [r.info.run_id for r in runs] == [copied]
-    target = remote.get_run(copied)
-    assert target.info.status == "FINISHED" and target.info.run_name == "sgd-seed0"
-    assert target.data.params == {"optimizer.lr": "0.1"}
-    assert target.data.tags["optimizer"] == "sgd" and target.data.tags[SYNCED_TAG] == "true"
-    local_h, remote_h = _histories(local, run_id), _histories(remote, copied)
-    assert local_h.keys() == remote_h.keys() and len(local_h["train/loss"]) == 30
-    assert local_h["train/loss"] == remote_h["train/loss"]
-    assert [a.path for a in remote.list_artifacts(copied, "hessian")] == ["hessian/density.json"]
-
-
-def test_delivery_keeps_runs_while_the_server_is_away_and_sync_uploads_them(tmp_path: Path, capsys) -> None:
+def test_delivery_keeps_runs_while_the_server_is_away_then_sync_copies_everything_once(
+        tmp_path: Path, capsys) -> None:
     outbox = f"sqlite:///{tmp_path / 'outbox.db'}"
-    run_id = _make_run(MlflowClient(tracking_uri=outbox), "e", tmp_path)
+    local = MlflowClient(tracking_uri=outbox)
+    run_id = _make_run(local, "e", tmp_path)
+    # the server is away: delivery keeps the run and gives up within its wait, never holding the sweep
     dead = f"http://127.0.0.1:{_free_port()}"
     delivery = Delivery(outbox, dead, "e", retry_every=0.2)
     delivery.submit(run_id)
@@ -80,14 +62,29 @@ def test_delivery_keeps_runs_while_the_server_is_away_and_sync_uploads_them(tmp_
     assert time.monotonic() - started < 15, "a dead server must not hold the sweep"
     assert report.pending == [run_id] and not report.delivered
     assert pending_runs(outbox, "e") == [(run_id, "e")]
-    # `optsurvey sync` to a store that answers delivers it and marks it delivered
-    target = f"sqlite:///{tmp_path / 'server.db'}"
-    assert main(["sync", "--from", outbox, "--to", target]) == 0
+    assert main(["sync", "--from", outbox, "--to", dead]) == 2  # still down: one line, exit 2
+    assert "does not answer" in capsys.readouterr().err
+    # a copy cut short by an earlier outage (no synced tag) is replaced, not kept beside the new one
+    server = f"sqlite:///{tmp_path / 'server.db'}"  # a store that answers stands in for the server
+    remote = MlflowClient(tracking_uri=server)
+    remote_exp = remote.create_experiment("e")
+    remote.create_run(remote_exp, tags={SOURCE_TAG: run_id})
+    assert main(["sync", "--from", outbox, "--to", server]) == 0
     assert "delivered 1 of 1" in capsys.readouterr().out
     assert pending_runs(outbox) == []
-    assert SYNCED_TO_TAG in MlflowClient(tracking_uri=outbox).get_run(run_id).data.tags
-    assert main(["sync", "--from", outbox, "--to", dead]) == 2  # a server that is down: one line, exit 2
-    assert "does not answer" in capsys.readouterr().err
+    assert SYNCED_TO_TAG in local.get_run(run_id).data.tags
+    runs = remote.search_runs([remote_exp])
+    assert len(runs) == 1
+    copied = runs[0].info.run_id
+    assert copy_run(local, remote, run_id, remote_exp) == copied  # a second delivery reuses the copy
+    target = remote.get_run(copied)
+    assert target.info.status == "FINISHED" and target.info.run_name == "sgd-seed0"
+    assert target.data.params == {"optimizer.lr": "0.1"}
+    assert target.data.tags["optimizer"] == "sgd" and target.data.tags[SYNCED_TAG] == "true"
+    local_h, remote_h = _histories(local, run_id), _histories(remote, copied)
+    assert local_h.keys() == remote_h.keys() and len(local_h["train/loss"]) == 30
+    assert local_h["train/loss"] == remote_h["train/loss"]
+    assert [a.path for a in remote.list_artifacts(copied, "hessian")] == ["hessian/density.json"]
 
 
 # ------------------------------------------------------------------------------- real server (slow)
