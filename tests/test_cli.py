@@ -108,8 +108,8 @@ def test_list_prints_optimizers_strategies_and_callbacks(capsys):
         assert name in ours.split(": ")[1].split(", ")
     callbacks = next(line for line in out.splitlines() if line.startswith("Callbacks"))
     assert callbacks == ("Callbacks: ConsensusDistance, DivergenceMonitor, EdgeOfStability, GeneralizationGap, "
-                         "GeneralizationMeasures, "
-                         "GradientNoiseScale, HessianSpectrum, LossLandscape, Sharpness")
+                         "GeneralizationMeasures, GradientNoiseScale, HessianSpectrum, LossLandscape, Sharpness, "
+                         "Straggler")
 
 
 def test_help_lists_every_subcommand(capsys):
