@@ -12,8 +12,10 @@
   config is saved as an MLflow artifact when the logger is an ``MLFlowLogger`` (Lightning's own
   ``SaveConfigCallback`` needs a ``log_dir``, which a remote tracking URI does not have).
 
-This module is the only place in the package that imports ``mlflow``: it creates and tags experiments,
-checks that a tracking server answers before anything trains, and reads the finished runs back.
+This module and :mod:`lightning_optsurvey.tracking` are the only places in the package that import
+``mlflow``: this one creates and tags experiments, checks that a tracking server answers before anything
+trains, and reads the finished runs back; with a tracking *server*, compare logs every run to a local
+outbox first and the tracking module delivers it (``optsurvey sync`` uploads what an outage left).
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -69,8 +73,8 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"seeds must be non-negative, got {text!r}")
+    if any(not 0 <= v < 2**32 for v in values):
+        raise argparse.ArgumentTypeError(f"seeds must be in [0, 2**32) (NumPy's seed range), got {text!r}")
     return values
 
 
@@ -90,8 +94,24 @@ def _hparam(text: str) -> tuple[str, str, Any]:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        try:  # nan, inf, -inf: numbers (that the finite check then refuses), not strings
+            value = float(raw)
+        except ValueError:
+            value = raw
     return name.strip(), key.strip(), value
+
+
+def _limit_batches(text: str) -> float | int:
+    """``--limit-train-batches``: a fraction in (0, 1] or a whole number of batches >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] or a number of batches, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] or a whole number of batches >= 1, got {text!r}")
+    return int(value) if value > 1 else value
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
@@ -112,6 +132,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
             raise CLIError(f"MLflow tracking server {uri} does not answer ({err})") from None
         return uri
     if scheme.split("+")[0] in _DB_SCHEMES:
+        _check_database_driver(uri)
         if scheme == "sqlite":
             path = uri.split(":///", 1)[1] if ":///" in uri else ""
             folder = os.path.dirname(os.path.abspath(path)) if path else ""
@@ -122,6 +143,23 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
         f"unsupported tracking URI {uri!r}: use sqlite:///PATH.db, http(s)://HOST:PORT, or a database URI "
         f"({', '.join(_DB_SCHEMES)}); MLflow's file store is deprecated"
     )
+
+
+def _check_database_driver(uri: str) -> None:
+    """The database URI parses and its Python driver imports (``postgresql://`` needs ``psycopg2``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(uri).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise CLIError(f"tracking URI {uri!r} is not a database URI SQLAlchemy understands ({err})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        module = getattr(err, "name", None) or str(err)
+        raise CLIError(f"tracking URI {uri!r} needs the database driver {module!r}, which is not installed "
+                       f"(pip install {module}); or use sqlite:///mlflow.db") from None
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
@@ -174,6 +212,7 @@ class RunConfig:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     measure: bool = True
     limit_train_batches: float | int | None = None
+    stop_on_divergence: bool = False
     module: str | None = None  # "pkg.mod:Class" of the user's LightningModule (default: ClassifierModule)
     datamodule: str | None = None  # "pkg.mod:Class" of the user's LightningDataModule (default: digits)
     swa: bool = False  # stochastic weight averaging (callbacks.SWA) over the last quarter of the epochs
@@ -212,7 +251,7 @@ def train_one(config: RunConfig) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from lightning_optsurvey.callbacks import SWA, OptimizerLoopAdapter
+    from lightning_optsurvey.callbacks import SWA, DivergenceMonitor, OptimizerLoopAdapter
     from lightning_optsurvey.optim import get_spec
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -233,7 +272,8 @@ def train_one(config: RunConfig) -> dict[str, Any]:
         num_nodes=config.num_nodes,
         strategy=config.strategy or "auto",
         logger=logger,
-        callbacks=[*(default_callbacks(config.devices * config.num_nodes) if config.measure else []),
+        callbacks=[DivergenceMonitor(stop=config.stop_on_divergence),
+                   *(default_callbacks(config.devices * config.num_nodes) if config.measure else []),
                    OptimizerLoopAdapter(),  # what registry optimizers need from the loop, for any module
                    *([SWA()] if config.swa else [])],
         enable_checkpointing=False,
@@ -308,6 +348,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
 
     from lightning_optsurvey.optim import available_optimizers, create_optimizer, get_spec
     from lightning_optsurvey.tasks import available_models, build_model
+    from lightning_optsurvey.tasks.classifier import check_optimizer_kwargs
 
     known = available_optimizers()
     unknown = [o for o in args.optimizers if o not in known]
@@ -323,6 +364,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             raise CLIError(f"unknown strategy {s!r}; known strategies: {', '.join(known_strategies)}")
     if args.devices * args.num_nodes > 1 and strategies == [None]:
         strategies = ["ddp"]
+    _preflight_compare(args, strategies)
     kwargs: dict[str, dict[str, Any]] = {o: {} for o in args.optimizers}
     for name, key, value in args.hparam or []:
         if name not in kwargs:
@@ -332,6 +374,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
     for name in args.optimizers:
         probe = build_model(args.model)
         try:
+            check_optimizer_kwargs(name, kwargs[name], where="--hparam")
             create_optimizer(name, probe.parameters(), model=probe if get_spec(name).needs_model else None,
                              **kwargs[name])
         except (TypeError, ValueError) as err:
@@ -353,6 +396,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator,
             experiment=args.experiment, tracking_uri=args.tracking_uri, optimizer_kwargs=kwargs[o],
             measure=not args.no_measure, limit_train_batches=args.limit_train_batches,
+            stop_on_divergence=args.stop_on_divergence,
             module=args.module, datamodule=args.datamodule, swa=args.swa,
             partition=args.partition, alpha=args.alpha, shards_per_rank=args.shards_per_rank,
         )
@@ -360,6 +404,37 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
         for o in args.optimizers
         for s in args.seeds
     ]
+
+
+def _preflight_compare(args: argparse.Namespace, strategies: Sequence[str | None]) -> None:
+    """Checks that need no training and no experiment: names, world sizes, devices, limits.
+
+    Raises:
+        CLIError: Naming the flag and what it allows.
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if not args.experiment.strip():
+        raise CLIError("--experiment must be a non-empty name")
+    if args.accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError("--accelerator gpu: no CUDA GPU is available here; use --accelerator cpu (or auto)")
+        if args.devices > torch.cuda.device_count():
+            raise CLIError(f"--devices {args.devices}: only {torch.cuda.device_count()} GPU(s) are available")
+    world_size = args.devices * args.num_nodes
+    for name in strategies:
+        if name is None:
+            continue
+        strategy = StrategyRegistry.get(name)
+        validate = getattr(strategy, "_validate_world_size", None)
+        if validate is not None:
+            try:
+                validate(world_size)
+            except ValueError as err:
+                raise CLIError(f"--strategy {name} with --devices {args.devices} --num-nodes {args.num_nodes}: "
+                               f"{err}") from None
 
 
 def _check_user_classes(args: argparse.Namespace) -> None:
@@ -396,21 +471,30 @@ def compare(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     configs = _validate_compare(args)
+    delivery = _start_delivery(args)  # a tracking server: runs are logged locally, delivered behind them
+    if delivery is not None:
+        configs = [replace(c, tracking_uri=delivery.local_uri) for c in configs]
     experiment_id = ensure_experiment(args.tracking_uri, args.experiment)
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    client = MlflowClient(tracking_uri=configs[0].tracking_uri)
     rows: list[dict[str, Any]] = []
     for i, config in enumerate(configs, start=1):
         print(f"run {i}/{len(configs)}: {config.run_name}", file=sys.stderr, flush=True)
         multi = config.devices * config.num_nodes > 1
         result = _train_in_subprocess(config) if multi else train_one(config)
-        metrics = client.get_run(result["run_id"]).data.metrics
+        if delivery is not None:
+            delivery.submit(result["run_id"])
+        run = client.get_run(result["run_id"])
         row = {"optimizer": config.optimizer, "seed": config.seed, "strategy": config.strategy or "single",
-               "seconds": result["seconds"], **metrics}
+               "seconds": result["seconds"], **run.data.metrics}
+        if run.data.tags.get("diverged") == "true":
+            row["diverged"] = f"step {run.data.tags.get('diverged_step')}"
         rows.append(row)
     columns = ["optimizer", "seed"]
     if any(c.strategy for c in configs):
         columns.append("strategy")
     columns += [*_SUMMARY_METRICS, "seconds", *(m for m in _MEASURED_METRICS if any(m in r for r in rows))]
+    if any("diverged" in r for r in rows):
+        columns.append("diverged")
     print()
     print(_format_table(rows, columns))
     best = max(rows, key=lambda r: r.get("val/acc", float("-inf")))
@@ -419,7 +503,35 @@ def compare(args: argparse.Namespace) -> int:
     print(f"\n{len(rows)} runs in experiment {args.experiment!r} (id {experiment_id}) at {args.tracking_uri}")
     print(f"open the MLflow UI:  {command}")
     print(f"then browse:         {address}")
+    if delivery is not None:
+        _finish_delivery(delivery, args)
     return 0
+
+
+def _start_delivery(args: argparse.Namespace) -> Any:
+    """For an http(s) tracking URI: the local outbox and the thread that delivers runs to the server."""
+    if args.tracking_uri.split(":", 1)[0].lower() not in _HTTP_SCHEMES:
+        return None
+    from lightning_optsurvey.tracking import Delivery
+
+    check_tracking_uri(args.outbox)
+    if args.outbox.split(":", 1)[0].lower() in _HTTP_SCHEMES:
+        raise CLIError(f"--outbox must be a local store (sqlite:///PATH.db), got {args.outbox!r}")
+    ensure_experiment(args.outbox, args.experiment)
+    return Delivery(args.outbox, args.tracking_uri, args.experiment)
+
+
+def _finish_delivery(delivery: Any, args: argparse.Namespace) -> None:
+    from lightning_optsurvey.tracking import upload_command
+
+    if delivery.pending:
+        print(f"delivering {len(delivery.pending)} run(s) to {args.tracking_uri} "
+              f"(waiting up to {args.sync_wait:g} s) ...", file=sys.stderr, flush=True)
+    report = delivery.finish(args.sync_wait)
+    if report.pending:
+        print(f"\nthe tracking server {args.tracking_uri} did not answer; {len(report.pending)} run(s) are kept "
+              f"in {args.outbox} (every metric, param and artifact). Upload them when it is back:\n  "
+              f"{upload_command(args.outbox, args.tracking_uri, args.experiment)}", file=sys.stderr)
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -454,7 +566,30 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--swa", action="store_true",
                    help="stochastic weight averaging (Izmailov et al. 2018) over the last quarter of the epochs, "
                         "BatchNorm recomputed; validation and the swa/ measurements are of the averaged model")
-    p.add_argument("--limit-train-batches", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--limit-train-batches", type=_limit_batches, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-on-divergence", action="store_true",
+                   help="end a run at the step its loss becomes non-finite (it is reported either way)")
+    p.add_argument("--outbox", default="sqlite:///optsurvey-outbox.db",
+                   help="with an http(s) --tracking-uri: the local store runs are logged to first and "
+                        "delivered from, so an outage loses nothing and stalls nothing")
+    p.add_argument("--sync-wait", type=float, default=120.0,
+                   help="seconds to wait at the end for a server that is away (default: 120)")
+
+
+def sync_command(args: argparse.Namespace) -> int:
+    """``optsurvey sync``: deliver the runs an outage left in the outbox."""
+    from lightning_optsurvey.tracking import pending_runs, sync
+
+    check_tracking_uri(args.source)
+    check_tracking_uri(args.target)
+    before = len(pending_runs(args.source, args.experiment))
+    report = sync(args.source, args.target, args.experiment)
+    print(f"delivered {len(report.delivered)} of {before} pending run(s) to {args.target}")
+    if report.pending:
+        print(f"optsurvey sync: error: {len(report.pending)} run(s) still pending ({report.last_error})",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- list
@@ -500,6 +635,8 @@ def theory(args: argparse.Namespace) -> int:
     """Run the executable theorems; exit code 1 if any fails."""
     from lightning_optsurvey import theory as th
 
+    if args.tracking_uri:
+        check_tracking_uri(args.tracking_uri)  # before the checks run, not after
     try:
         outcomes = th.run_checks(only=args.only, seed=args.seed)
     except ValueError as err:
@@ -589,6 +726,8 @@ def _lightning_cli(argv: list[str]) -> int:
     except CLIError as err:
         print(f"optsurvey {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except Exception:  # an unreadable config: the parser below reports it in one line
+        pass
 
     class MLflowSaveConfigCallback(SaveConfigCallback):
         """Save the resolved config as an MLflow artifact when logging to MLflow, else to ``log_dir``."""
@@ -610,11 +749,22 @@ def _lightning_cli(argv: list[str]) -> int:
             self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     class CLI(LightningCLI):
-        """Any LightningModule / LightningDataModule by ``class_path``; ours when none is named."""
+        """Any LightningModule / LightningDataModule by ``class_path``; ours when none is named.
+
+        It checks the tracking server before anything is built, and marks where configuration ends and
+        work begins (errors before that are one line).
+        """
+
+        configured = False
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.set_defaults({"model": {"class_path": "lightning_optsurvey.tasks.ClassifierModule"},
                                  "data": {"class_path": "lightning_optsurvey.tasks.DigitsDataModule"}})
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            for uri in _config_tracking_uris(config):
+                check_tracking_uri(uri)
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             trainer = super().instantiate_trainer(**kwargs)
@@ -622,32 +772,153 @@ def _lightning_cli(argv: list[str]) -> int:
                 trainer.callbacks.append(OptimizerLoopAdapter())  # what registry optimizers need, any module
             return trainer
 
-    CLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=MLflowSaveConfigCallback,
-        trainer_defaults={
-            # MLFlowLogger has no local save_dir for sqlite/http URIs; keep checkpoints out of the cwd's top level.
-            "default_root_dir": "lightning_logs",
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.MLFlowLogger",
-                "init_args": {"experiment_name": "optsurvey", "tracking_uri": DEFAULT_TRACKING_URI},
+        def _run_subcommand(self, subcommand: str) -> None:
+            CLI.configured = True
+            super()._run_subcommand(subcommand)
+
+    try:
+        CLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"exit_on_error": False},  # errors come back to us, for a one-line message
+            save_config_callback=MLflowSaveConfigCallback,
+            trainer_defaults={
+                # MLFlowLogger has no local save_dir for sqlite/http URIs; keep checkpoints out of the cwd's top.
+                "default_root_dir": "lightning_logs",
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                    "init_args": {"experiment_name": "optsurvey", "tracking_uri": DEFAULT_TRACKING_URI},
+                },
             },
-        },
-        args=argv,
-    )
+            args=None if argv == sys.argv[1:] else argv,  # Lightning warns when given both
+        )
+    except SystemExit:
+        raise
+    except Exception as err:
+        if CLI.configured:
+            raise  # an error while working: keep its traceback
+        raise CLIError(_config_error_line(err, argv)) from None
     return 0
+
+
+def _config_tracking_uris(config: Any) -> list[str]:
+    """The ``tracking_uri`` of every MLflow logger in a parsed ``fit`` config."""
+    loggers = getattr(getattr(config, "trainer", None), "logger", None)
+    found = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = str(getattr(logger, "class_path", "") or "")
+        init_args = getattr(logger, "init_args", None)
+        uri = getattr(init_args, "tracking_uri", None) if init_args is not None else None
+        if class_path.endswith("MLFlowLogger") and uri:
+            found.append(str(uri))
+    return found
+
+
+_CLI_KEYS = {"ClassifierModule": "model", "DigitsDataModule": "data", "Trainer": "trainer"}
+
+
+def _config_error_line(err: BaseException, argv: list[str]) -> str:
+    """One line for a configuration error: the config key, then the reason (not jsonargparse's stack)."""
+    import re
+
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if isinstance(err, CLIError):
+        return str(err)
+    # The innermost error raised by our (or the user's) code, not by the parser: the real reason.
+    for exc in reversed(chain):
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and "jsonargparse" not in frames[-1].filename and not frames[-1].filename.endswith("cli.py"):
+            owner = _raising_class(exc)
+            key = _config_key_of(owner, argv) if owner else None
+            where = f"{key} ({owner})" if key and key != _CLI_KEYS.get(owner or "") else (key or owner or "config")
+            return f"{where}: {' '.join(str(exc).split())}"
+    # Nested parsers (subclass mode: model -> its init args) each name their part of the key.
+    keys: list[str] = []
+    message = str(err)
+    for exc in chain:
+        if (match := re.match(r'Parser key "([^"]+)"', str(exc))) is not None:
+            if not keys or keys[-1] != match.group(1):
+                keys.append(match.group(1))
+            message = str(exc)
+    key = ".".join(keys) or None
+    bullets = [b.strip()[2:] for b in message.splitlines() if re.match(r"\s+- ", b)]
+    given = re.search(r"Given value: (.*)", message)
+    given_type = re.search(r"Given value type: <class '([\w.]+)'>", message)
+    expected = [re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", b[len("Expected a "):]).replace("NoneType", "None")
+                for b in bullets if b.startswith("Expected a ")]
+    reasons = [b for b in bullets if not b.endswith(":") and not b.startswith((
+        "Expected a ", "Not a valid subclass", "a class path", "a dict with", "a dict without"))]
+    if key is None:  # a class given by class_path: name it by where it is configured
+        named = re.search(r"class_path='(?:[\w]+\.)*(\w+)'", message)
+        key = _config_key_of(named.group(1), argv) if named else None
+    if reasons:
+        return f"{key or 'config'}: {'; '.join(reasons)}"
+    innermost = str(chain[-1]).strip()
+    if innermost and "\n" not in innermost and not innermost.startswith("Expected a "):
+        return f"{key or 'config'}: {innermost}"
+    if key and expected:
+        got = f", got {given_type.group(1) if given_type else 'value'} {given.group(1)!r}" if given else ""
+        return f"{key}: expected {' or '.join(expected)}{got}"
+    return " ".join(message.split())[:400]
+
+
+def _raising_class(exc: BaseException) -> str | None:
+    """The class whose ``__init__`` raised ``exc`` (innermost), if any."""
+    tb = exc.__traceback__
+    owner = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            owner = type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return owner
+
+
+def _config_key_of(class_name: str, argv: list[str]) -> str | None:
+    """Where ``class_name`` is configured: ``model``/``data``/``trainer``, or a path like ``trainer.callbacks[0]``."""
+    if class_name in _CLI_KEYS:
+        return _CLI_KEYS[class_name]
+    import yaml
+
+    def walk(node: Any, path: str) -> str | None:
+        if isinstance(node, dict):
+            class_path = str(node.get("class_path", ""))
+            if class_path == class_name or class_path.endswith("." + class_name):
+                return path
+            for key, value in node.items():
+                if (found := walk(value, f"{path}.{key}" if path else str(key))) is not None:
+                    return found
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                if (found := walk(value, f"{path}[{i}]")) is not None:
+                    return found
+        return None
+
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            try:
+                with open(argv[i + 1]) as handle:
+                    if (found := walk(yaml.safe_load(handle), "")) is not None:
+                        return found
+            except (OSError, yaml.YAMLError):
+                continue
+    return None
 
 
 # --------------------------------------------------------------------------------------------- entry point
 
-_USAGE = """usage: optsurvey {compare,list,theory,fit,validate,test} ...
+_USAGE = """usage: optsurvey {compare,list,theory,sync,fit,validate,test} ...
 
   compare    train optimizers (and strategies) on digits, one MLflow run each, and compare them
   list       print the registered optimizers, strategies and callbacks
   theory     run the survey's theorems as executable checks
+  sync       deliver runs kept locally during a tracking-server outage
   fit, validate, test
              Lightning's CLI over your LightningModule/LightningDataModule (model.class_path, data.class_path)
              or ClassifierModule and DigitsDataModule (see `optsurvey fit --help`)
@@ -671,7 +942,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dump(result, f)
         return 0
     if command in ("fit", "validate", "test", "predict"):
-        return _lightning_cli(args_list)
+        try:
+            return _lightning_cli(args_list)
+        except CLIError as err:
+            print(f"optsurvey {command}: error: {err}", file=sys.stderr)
+            return 2
 
     parser = argparse.ArgumentParser(prog="optsurvey")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -683,8 +958,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_theory.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems (default: 0)")
     p_theory.add_argument("--tracking-uri", default=None, help="also log each check as an MLflow run")
     p_theory.add_argument("--experiment", default="optsurvey-theory")
+    p_sync = sub.add_parser("sync", help="deliver runs kept locally during a tracking-server outage")
+    p_sync.add_argument("--from", dest="source", required=True, help="the local store, e.g. sqlite:///optsurvey-outbox.db")
+    p_sync.add_argument("--to", dest="target", required=True, help="the tracking server, http(s)://HOST:PORT")
+    p_sync.add_argument("--experiment", default=None, help="only this experiment's runs (default: all)")
     args = parser.parse_args(args_list)
-    handlers = {"compare": compare, "list": list_available, "theory": theory}
+    handlers = {"compare": compare, "list": list_available, "theory": theory, "sync": sync_command}
     try:
         return handlers[args.command](args)
     except CLIError as err:

@@ -107,8 +107,9 @@ def test_list_prints_optimizers_strategies_and_callbacks(capsys):
     for name in ("gossip", "gossip_ring", "gossip_one_peer", "local_sgd", "easgd", "lsgd"):
         assert name in ours.split(": ")[1].split(", ")
     callbacks = next(line for line in out.splitlines() if line.startswith("Callbacks"))
-    assert callbacks == ("Callbacks: ConsensusDistance, EdgeOfStability, GeneralizationGap, GeneralizationMeasures, "
-                         "GradientNoiseScale, HessianSpectrum, LossLandscape, Sharpness")
+    assert callbacks == ("Callbacks: ConsensusDistance, DivergenceMonitor, EdgeOfStability, GeneralizationGap, "
+                         "GeneralizationMeasures, GradientNoiseScale, HessianSpectrum, LossLandscape, Sharpness, "
+                         "Straggler")
 
 
 def test_help_lists_every_subcommand(capsys):

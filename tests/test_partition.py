@@ -130,6 +130,8 @@ def test_a_single_process_fit_uses_the_partition_sampler_and_logs_the_partition(
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0)
     trainer.fit(ClassifierModule(model="mlp"), datamodule=dm)
-    assert isinstance(trainer.train_dataloader.sampler, PartitionSampler)
+    sampler = trainer.train_dataloader.sampler  # the resumable epoch sampler, visiting the partition's order
+    assert isinstance(sampler.partition, PartitionSampler)
+    assert sampler.rank_indices() == list(sampler.partition)
     hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
     assert "partition: shards" in hparams and "shards_per_rank: 2" in hparams

@@ -6,6 +6,7 @@ training with the callback is bitwise identical to training without it.
 
 from lightning_optsurvey.callbacks._measure import Cadence, MeasuringCallback, measuring
 from lightning_optsurvey.callbacks.consensus import ConsensusDistance
+from lightning_optsurvey.callbacks.divergence import DivergenceMonitor
 from lightning_optsurvey.callbacks.generalization import GeneralizationGap
 from lightning_optsurvey.callbacks.generalization_measures import GeneralizationMeasures
 from lightning_optsurvey.callbacks.hessian import HessianSpectrum
@@ -21,6 +22,7 @@ __all__ = [
     "SWA",
     "Cadence",
     "ConsensusDistance",
+    "DivergenceMonitor",
     "EdgeOfStability",
     "GeneralizationGap",
     "GeneralizationMeasures",

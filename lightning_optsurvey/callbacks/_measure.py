@@ -50,6 +50,7 @@ the model (switch it to eval mode, leave graph-carrying ``.grad`` behind).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import override
@@ -473,15 +475,42 @@ class MeasuringCallback(Callback):
 
     def run_measurement(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Measure now (inside the context), log, record in ``history``, and return the metrics."""
+        from lightning_optsurvey.callbacks.divergence import nonfinite_reason
+
         module = trainer.lightning_module if trainer.lightning_module is not None else pl_module
-        with measuring(module) as unwrapped:
-            measured = cast(LightningModule, unwrapped)  # unwrap_module stops at the LightningModule
-            batches = self.measurement_batches(trainer, measured)
-            metrics = {k: float(v) for k, v in self.measure(trainer, measured, batches).items()}
+        # A non-finite point (a diverged run) is skipped and reported, never a reason to raise.
+        if (reason := nonfinite_reason(trainer, module)) is not None:
+            return self._skip_nonfinite(trainer, reason)
+        try:
+            with measuring(module) as unwrapped:
+                measured = cast(LightningModule, unwrapped)  # unwrap_module stops at the LightningModule
+                batches = self.measurement_batches(trainer, measured)
+                metrics = {k: float(v) for k, v in self.measure(trainer, measured, batches).items()}
+        except Exception as err:
+            if (reason := nonfinite_reason(trainer, module)) is None:
+                raise
+            return self._skip_nonfinite(trainer, f"{reason}; the measurement failed with {type(err).__name__}")
+        if bad := sorted(k for k, v in metrics.items() if not math.isfinite(v)):
+            rank_zero_warn(f"{type(self).__name__} measured non-finite {bad} at step {trainer.global_step}; "
+                           "logged as measure/skipped_nonfinite instead", category=RuntimeWarning)
+            metrics = {k: v for k, v in metrics.items() if k not in bad}
+            metrics["measure/skipped_nonfinite"] = float(len(bad))
         self.log_metrics(trainer, metrics)
         where = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
         self.history.append({**where, **metrics})
         return metrics
+
+    def _skip_nonfinite(self, trainer: Trainer, reason: str) -> dict[str, float]:
+        """Log that the measurement at this point was skipped (``measure/skipped_nonfinite``), warn once."""
+        if not getattr(self, "_warned_nonfinite", False):
+            self._warned_nonfinite = True
+            rank_zero_warn(f"{type(self).__name__} skips its measurements from step {trainer.global_step}: "
+                           f"{reason}", category=RuntimeWarning)
+        metrics = {"measure/skipped_nonfinite": 1.0}
+        self.log_metrics(trainer, metrics)
+        self.history.append({"epoch": float(trainer.current_epoch), "step": float(trainer.global_step),
+                             "skipped_nonfinite": 1.0})
+        return {}
 
     def log_metrics(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """Write to every logger (they write on rank 0 only) and to ``trainer.callback_metrics``."""

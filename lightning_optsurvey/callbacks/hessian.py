@@ -252,7 +252,7 @@ class HessianSpectrum(MeasuringCallback):
     @override
     def run_measurement(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         metrics = super().run_measurement(trainer, pl_module)
-        if self.density and self.last_density is not None:
+        if metrics and self.density and self.last_density is not None:  # {}: skipped (non-finite)
             suffix = f"_step_{trainer.global_step}" if self.trigger == "step" else ""
             self._save_density(trainer, self.last_density, f"density_epoch_{trainer.current_epoch}{suffix}")
         return metrics

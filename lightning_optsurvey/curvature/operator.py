@@ -72,7 +72,8 @@ def check_batches(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
 
     Raises:
         TypeError: If ``batches`` is a single ``(inputs, targets)`` pair rather than a sequence of them.
-        ValueError: If it is empty or an element is not a pair.
+        ValueError: If it is empty, an element is not a pair, or any batch has no samples or inputs and
+            targets of different lengths (sequence lengths may differ from batch to batch).
     """
     if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
         raise TypeError("batches must be a sequence of (inputs, targets) pairs; wrap a single batch in a list")
@@ -82,6 +83,14 @@ def check_batches(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     for i, b in enumerate(out):
         if not isinstance(b, tuple | list) or len(b) != 2:
             raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
+        # Every batch, not only the first: a later empty or mismatched batch would fail deep inside.
+        tensors = [t for t in (b[1], *model_args(b[0])) if isinstance(t, Tensor) and t.ndim > 0]
+        sizes = {int(t.shape[0]) for t in tensors}
+        if len(sizes) > 1:
+            raise ValueError(f"batch {i}: its inputs and targets disagree on the number of samples "
+                             f"(leading dimensions {[tuple(t.shape) for t in tensors]})")
+        if batch_size(b) == 0:
+            raise ValueError(f"batch {i} has no samples; every batch needs at least one")
     return out
 
 

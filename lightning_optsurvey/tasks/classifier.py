@@ -12,6 +12,9 @@ logits.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,6 +31,70 @@ from lightning_optsurvey.tasks.models import build_model
 _SCHEDULERS = {"cosine": ("T_max", "eta_min"), "step": ("step_size", "gamma"), "exponential": ("gamma",)}
 
 
+def _is_number(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):  # torch's optimizers take a one-element tensor lr
+        return value.numel() == 1 and (value.is_floating_point() or not value.dtype.is_complex)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_optimizer_kwargs(optimizer: str, kwargs: Any, where: str = "optimizer_kwargs") -> dict[str, Any]:
+    """Check hyperparameter overrides before an optimizer is built; return them as a dict.
+
+    The rule (one for every optimizer): ``kwargs`` is a mapping of keyword names; a keyword whose default
+    is a number (and ``lr``) takes a real number, not a string or bool (``TypeError``); every number,
+    also inside tuples such as ``betas``, is finite (``ValueError``). Ranges are each optimizer's own
+    checks.
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{where} must be a dict of hyperparameters such as {{'lr': 0.1}}, "
+                        f"got {type(kwargs).__name__} {kwargs!r}")
+    defaults = get_spec(optimizer).defaults
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where} keys must be hyperparameter names (str), got {key!r}")
+        label = f"{where} {optimizer}.{key}" if where.startswith("--") else \
+            f"{where}[{key!r}] of optimizer {optimizer!r}"
+        default = defaults.get(key, 0.0 if key == "lr" else None)
+        if _is_number(default) and not _is_number(value):
+            raise TypeError(f"{label} must be a number, got {type(value).__name__} {value!r}")
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if _is_number(item) and not math.isfinite(float(item)):
+                raise ValueError(f"{label} must be finite, got {value!r}")
+    return dict(kwargs)
+
+
+def _check_scheduler_kwargs(name: str | None, kwargs: Mapping[str, Any]) -> None:
+    def number(key: str, low: float, inclusive: bool) -> None:
+        if key not in kwargs:
+            return
+        value = kwargs[key]
+        if not _is_number(value):
+            raise TypeError(f"lr_scheduler_kwargs[{key!r}] must be a number, got {type(value).__name__} {value!r}")
+        ok = math.isfinite(float(value)) and (value >= low if inclusive else value > low)
+        if not ok:
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ValueError(f"lr_scheduler={name!r}: {key} must be a finite number {bound}, got {value!r}")
+
+    def positive_int(key: str) -> None:
+        value = kwargs.get(key)
+        if value is None and key == "T_max":
+            return  # cosine: None means max_epochs
+        if key in kwargs and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"lr_scheduler={name!r}: {key} must be a positive integer, got {value!r}")
+
+    if name == "step":
+        positive_int("step_size")
+        number("gamma", 0.0, inclusive=False)
+    elif name == "exponential":
+        number("gamma", 0.0, inclusive=False)
+    elif name == "cosine":
+        positive_int("T_max")
+        number("eta_min", 0.0, inclusive=True)
+
+
 class ClassifierModule(LightningModule):
     """Image classifier trained with cross-entropy and any registered optimizer.
 
@@ -41,9 +108,11 @@ class ClassifierModule(LightningModule):
         num_classes: Number of classes.
 
     Raises:
-        ValueError: For an unknown model, optimizer or scheduler name, or an invalid optimizer
-            hyperparameter value.
-        TypeError: For an optimizer or scheduler keyword that it does not take.
+        ValueError: For an unknown model, optimizer or scheduler name, a non-finite or out-of-range
+            optimizer or scheduler value (``step_size`` < 1, ``gamma`` <= 0, ...), ``num_classes`` < 2,
+            or (at setup) a ``num_classes`` that differs from the data module's.
+        TypeError: For an optimizer or scheduler keyword that it does not take, kwargs that are not a
+            dict, or a string where a number belongs.
 
     Logs ``train/loss`` (epoch mean), ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
     """
@@ -58,10 +127,15 @@ class ClassifierModule(LightningModule):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.net = model if isinstance(model, nn.Module) else build_model(model, num_classes)
         self.spec = get_spec(optimizer)
-        self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.optimizer_kwargs = check_optimizer_kwargs(self.spec.name, optimizer_kwargs)
+        if lr_scheduler_kwargs is not None and not isinstance(lr_scheduler_kwargs, Mapping):
+            raise TypeError(f"lr_scheduler_kwargs must be a dict such as {{'step_size': 10}}, "
+                            f"got {type(lr_scheduler_kwargs).__name__} {lr_scheduler_kwargs!r}")
         # Fail at construction, not at fit time: build once on a throw-away copy of the network, so that
         # unknown names and bad values are caught and nothing (K-FAC's layer hooks) stays on ``self.net``.
         self._build_optimizer(copy.deepcopy(self.net))
@@ -75,11 +149,21 @@ class ClassifierModule(LightningModule):
             raise TypeError(
                 f"lr_scheduler={lr_scheduler!r} does not take {unknown}; it takes: {list(takes)}"
             )
+        _check_scheduler_kwargs(lr_scheduler, self.lr_scheduler_kwargs)
+        self.num_classes = num_classes
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            raise ValueError(
+                f"num_classes={self.num_classes} does not match the data, which has {data_classes} classes "
+                f"({type(self.trainer.datamodule).__name__}.num_classes); use num_classes={data_classes}"
+            )
 
     def configure_callbacks(self) -> list[Any]:
         # Replaces the one an installed package's entry point puts on the Trainer (same type), so the

@@ -1,0 +1,233 @@
+"""Tracking that survives its server: log locally first, deliver to the MLflow server when it answers.
+
+When ``optsurvey compare`` is given a tracking *server* (``http(s)://``), every run is recorded in a
+local SQLite store (the *outbox*, ``optsurvey-outbox.db`` by default) exactly as it would be on the
+server, and a background thread copies each finished run to the server. Training never waits on the
+network, so a server outage neither stalls a run nor inflates ``time/train_seconds``; records are on
+disk (durable, in a transactional database) from the moment they are logged; a run is delivered when
+the server answers again; and if it never does, the sweep still completes and prints one command
+(``optsurvey sync ...``) that uploads what is pending later. Delivery is idempotent: a remote run
+carries the tag ``optsurvey.source_run_id`` and is marked ``optsurvey.synced = "true"`` only after its
+last record arrived, so a copy cut short by an outage is deleted and redone, never duplicated; the
+local run is then tagged ``optsurvey.synced_to``.
+
+What MLflow provides and we use: the SQLite tracking store (local durability), ``MlflowClient``'s
+``log_batch`` (params, metrics with their steps and timestamps, tags in batches of MLflow's limits),
+``log_artifacts``/``download_artifacts``, ``set_terminated`` (status and end time kept), and its HTTP
+client's retry and timeout settings, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` (defaulted here to a few quick attempts, so a delivery attempt against a
+dead server fails in seconds instead of MLflow's default several-minute backoff). What MLflow lacks
+and this module adds: copying a whole run between tracking stores (MLflow's ``mlflow-export-import``
+is a separate tool, not a dependency), the delivery queue that retries while training continues, and
+the bookkeeping that makes redelivery safe. MLflow's own asynchronous logging
+(``MLFLOW_ENABLE_ASYNC_LOGGING``) queues in memory only: records are lost when the process ends before
+the server returns, which is why the outbox is a database on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Delivery", "SyncReport", "copy_run", "pending_runs", "server_answers", "sync", "upload_command"]
+
+DEFAULT_OUTBOX = "sqlite:///optsurvey-outbox.db"
+SOURCE_TAG = "optsurvey.source_run_id"
+SYNCED_TAG = "optsurvey.synced"
+SYNCED_TO_TAG = "optsurvey.synced_to"
+# One quick retry, short timeouts: an attempt against a dead server ends in seconds (MLflow's defaults
+# are 7 retries with exponential backoff and a 120 s timeout, minutes per call).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _set_http_defaults() -> None:
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def server_answers(uri: str, timeout: float = 2.0) -> bool:
+    """Whether the tracking server at ``uri`` answers its ``/health`` check now."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def copy_run(source: Any, target: Any, run_id: str, target_experiment_id: str) -> str:
+    """Copy one finished run (params, tags, full metric histories, artifacts, status) to ``target``.
+
+    ``source`` and ``target`` are ``MlflowClient``s. Idempotent: a complete earlier copy is reused, an
+    incomplete one is deleted and redone. Returns the target's run id.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    run = source.get_run(run_id)
+    found = target.search_runs([target_experiment_id], filter_string=f"tags.`{SOURCE_TAG}` = '{run_id}'")
+    for earlier in found:
+        if earlier.data.tags.get(SYNCED_TAG) == "true":
+            return earlier.info.run_id
+        target.delete_run(earlier.info.run_id)  # cut short by an outage: redo it
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k != SYNCED_TO_TAG}
+    copied = target.create_run(target_experiment_id, start_time=run.info.start_time,
+                               tags={**tags, SOURCE_TAG: run_id}, run_name=run.info.run_name)
+    new_id = copied.info.run_id
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for chunk in _chunks(params, 100):
+        target.log_batch(new_id, params=chunk)
+    metrics: list[Metric] = []
+    for key in run.data.metrics:
+        metrics.extend(source.get_metric_history(run_id, key))
+    for chunk in _chunks(metrics, 1000):
+        target.log_batch(new_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step) for m in chunk])
+    if source.list_artifacts(run_id):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = source.download_artifacts(run_id, "", tmp)
+            target.log_artifacts(new_id, local)
+    target.log_batch(new_id, tags=[RunTag(SYNCED_TAG, "true")])
+    target.set_terminated(new_id, status=run.info.status, end_time=run.info.end_time)
+    return new_id
+
+
+def _target_experiment(target: Any, name: str, tags: dict[str, str]) -> str:
+    experiment = target.get_experiment_by_name(name)
+    if experiment is None:
+        return target.create_experiment(name, tags=tags)
+    return experiment.experiment_id
+
+
+def pending_runs(local_uri: str, experiment: str | None = None) -> list[tuple[str, str]]:
+    """``(run_id, experiment name)`` of the finished local runs not yet delivered."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=local_uri)
+    experiments = client.search_experiments()
+    out = []
+    for exp in experiments:
+        if experiment is not None and exp.name != experiment:
+            continue
+        for run in client.search_runs([exp.experiment_id], max_results=50000):
+            if run.info.status != "RUNNING" and SYNCED_TO_TAG not in run.data.tags:
+                out.append((run.info.run_id, exp.name))
+    return out
+
+
+@dataclass
+class SyncReport:
+    """What a delivery attempt did: ``delivered`` (local id -> remote id) and the still ``pending`` ids."""
+
+    delivered: dict[str, str] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+    last_error: str | None = None
+
+
+def _deliver(local_uri: str, remote_uri: str, run_id: str, experiment: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    _set_http_defaults()
+    source = MlflowClient(tracking_uri=local_uri)
+    target = MlflowClient(tracking_uri=remote_uri)
+    local_exp = source.get_experiment_by_name(experiment)
+    exp_tags = {k: v for k, v in (local_exp.tags if local_exp else {}).items() if k != "mlflow.note.content"}
+    remote_id = copy_run(source, target, run_id, _target_experiment(target, experiment, exp_tags))
+    source.set_tag(run_id, SYNCED_TO_TAG, f"{remote_uri} {remote_id}")
+    return remote_id
+
+
+def sync(local_uri: str, remote_uri: str, experiment: str | None = None) -> SyncReport:
+    """Deliver every pending local run (of ``experiment``, or all) to the server now; one attempt each."""
+    report = SyncReport()
+    for run_id, name in pending_runs(local_uri, experiment):
+        try:
+            report.delivered[run_id] = _deliver(local_uri, remote_uri, run_id, name)
+        except Exception as err:  # any failure leaves the run pending; it is retried later
+            report.pending.append(run_id)
+            report.last_error = f"{type(err).__name__}: {err}"
+    return report
+
+
+def upload_command(local_uri: str, remote_uri: str, experiment: str | None = None) -> str:
+    """The command that delivers the pending runs later."""
+    command = f"optsurvey sync --from {local_uri} --to {remote_uri}"
+    return command + (f" --experiment {experiment!r}" if experiment and " " in experiment else
+                      f" --experiment {experiment}" if experiment else "")
+
+
+class Delivery:
+    """A background thread that delivers finished runs to the server, retrying while it is away.
+
+    ``submit(run_id)`` after a run ends (returns at once); ``finish(wait)`` waits up to ``wait``
+    seconds for what is still pending and returns the :class:`SyncReport`. Nothing here blocks training.
+    """
+
+    def __init__(self, local_uri: str, remote_uri: str, experiment: str, retry_every: float = 2.0) -> None:
+        self.local_uri = local_uri
+        self.remote_uri = remote_uri
+        self.experiment = experiment
+        self.retry_every = retry_every
+        self.report = SyncReport()
+        self._queue: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.outage_seconds = 0.0  # time delivery waited for the server
+        self._thread = threading.Thread(target=self._loop, name="optsurvey-delivery", daemon=True)
+        self._thread.start()
+
+    def submit(self, run_id: str) -> None:
+        with self._lock:
+            self._queue.append(run_id)
+        self._wake.set()
+
+    @property
+    def pending(self) -> list[str]:
+        with self._lock:
+            return list(self._queue)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=self.retry_every)
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    run_id = self._queue[0] if self._queue else None
+                if run_id is None or self._stop.is_set():
+                    break
+                started = time.monotonic()
+                try:
+                    if not server_answers(self.remote_uri):
+                        raise ConnectionError(f"{self.remote_uri} does not answer")
+                    remote = _deliver(self.local_uri, self.remote_uri, run_id, self.experiment)
+                except Exception as err:  # the server is away: keep the run, try again later
+                    self.report.last_error = f"{type(err).__name__}: {err}"
+                    self.outage_seconds += time.monotonic() - started
+                    self._stop.wait(self.retry_every)
+                    self.outage_seconds += self.retry_every
+                    continue
+                with self._lock:
+                    self._queue.pop(0)
+                    self.report.delivered[run_id] = remote
+
+    def finish(self, wait: float) -> SyncReport:
+        """Wait up to ``wait`` seconds for the queue to empty, then stop; return what was delivered."""
+        deadline = time.monotonic() + max(0.0, wait)
+        self._wake.set()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.report.pending = self.pending
+        return self.report

@@ -1,0 +1,199 @@
+"""Tracking that survives its server: the local outbox, run copying, delivery and ``optsurvey sync``.
+
+The fast tests copy runs between two SQLite stores (the copy is what delivery does to a server) and let
+a delivery thread face a port where nothing listens. The slow tests run ``optsurvey compare`` against a
+real ``mlflow server`` killed mid-sweep by its process group, once restarted and once for good.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lightning_optsurvey.cli import main
+from lightning_optsurvey.tracking import SOURCE_TAG, SYNCED_TAG, SYNCED_TO_TAG, Delivery, copy_run, pending_runs
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float, int]]]:
+    keys = client.get_run(run_id).data.metrics
+    return {k: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
+def _make_run(client: MlflowClient, experiment: str, tmp_path: Path) -> str:
+    exp_id = client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name="sgd-seed0", tags={"optimizer": "sgd"})
+    run_id = run.info.run_id
+    client.log_param(run_id, "optimizer.lr", "0.1")
+    for step in range(30):
+        client.log_metric(run_id, "train/loss", 1.0 / (step + 1), step=step, timestamp=1000 + step)
+    client.log_metric(run_id, "val/acc", float("nan"), step=3)  # a diverged value travels as it is
+    (tmp_path / "density.json").write_text('{"nodes": [1, 2]}')
+    client.log_artifact(run_id, str(tmp_path / "density.json"), "hessian")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_delivery_keeps_runs_while_the_server_is_away_then_sync_copies_everything_once(
+        tmp_path: Path, capsys) -> None:
+    outbox = f"sqlite:///{tmp_path / 'outbox.db'}"
+    local = MlflowClient(tracking_uri=outbox)
+    run_id = _make_run(local, "e", tmp_path)
+    # the server is away: delivery keeps the run and gives up within its wait, never holding the sweep
+    dead = f"http://127.0.0.1:{_free_port()}"
+    delivery = Delivery(outbox, dead, "e", retry_every=0.2)
+    delivery.submit(run_id)
+    started = time.monotonic()
+    report = delivery.finish(wait=1.0)
+    assert time.monotonic() - started < 15, "a dead server must not hold the sweep"
+    assert report.pending == [run_id] and not report.delivered
+    assert pending_runs(outbox, "e") == [(run_id, "e")]
+    assert main(["sync", "--from", outbox, "--to", dead]) == 2  # still down: one line, exit 2
+    assert "does not answer" in capsys.readouterr().err
+    # a copy cut short by an earlier outage (no synced tag) is replaced, not kept beside the new one
+    server = f"sqlite:///{tmp_path / 'server.db'}"  # a store that answers stands in for the server
+    remote = MlflowClient(tracking_uri=server)
+    remote_exp = remote.create_experiment("e")
+    remote.create_run(remote_exp, tags={SOURCE_TAG: run_id})
+    assert main(["sync", "--from", outbox, "--to", server]) == 0
+    assert "delivered 1 of 1" in capsys.readouterr().out
+    assert pending_runs(outbox) == []
+    assert SYNCED_TO_TAG in local.get_run(run_id).data.tags
+    runs = remote.search_runs([remote_exp])
+    assert len(runs) == 1
+    copied = runs[0].info.run_id
+    assert copy_run(local, remote, run_id, remote_exp) == copied  # a second delivery reuses the copy
+    target = remote.get_run(copied)
+    assert target.info.status == "FINISHED" and target.info.run_name == "sgd-seed0"
+    assert target.data.params == {"optimizer.lr": "0.1"}
+    assert target.data.tags["optimizer"] == "sgd" and target.data.tags[SYNCED_TAG] == "true"
+    local_h, remote_h = _histories(local, run_id), _histories(remote, copied)
+    assert local_h.keys() == remote_h.keys() and len(local_h["train/loss"]) == 30
+    assert local_h["train/loss"] == remote_h["train/loss"]
+    assert [a.path for a in remote.list_artifacts(copied, "hessian")] == ["hessian/density.json"]
+
+
+# ------------------------------------------------------------------------------- real server (slow)
+
+
+class Server:
+    """An ``mlflow server`` on a fixed port and store, started and killed by its process group."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.process = folder, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> None:
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+             str(self.port), "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
+            stdout=open(self.folder / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.folder)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError((self.folder / "server.log").read_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+def _compare(folder: Path, uri: str, sync_wait: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("optsurvey")), "compare", "--optimizers", "sgd,adam",
+         "--max-epochs", "3", "--no-measure", "--tracking-uri", uri, "--experiment", "outage",
+         "--sync-wait", str(sync_wait)],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_first_run(folder: Path, timeout: float = 240) -> None:
+    outbox = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        if not (folder / "optsurvey-outbox.db").exists():
+            continue
+        exp = outbox.get_experiment_by_name("outage")
+        if exp and outbox.search_runs([exp.experiment_id]):
+            return
+    raise RuntimeError("the first run did not start")
+
+
+def _assert_delivered(outbox: str, server: str) -> None:
+    local, remote = MlflowClient(tracking_uri=outbox), MlflowClient(tracking_uri=server)
+    local_runs = local.search_runs([local.get_experiment_by_name("outage").experiment_id])
+    remote_runs = remote.search_runs([remote.get_experiment_by_name("outage").experiment_id])
+    assert sorted(r.info.run_name for r in remote_runs) == ["adam-seed0", "sgd-seed0"]
+    by_source = {r.data.tags[SOURCE_TAG]: r for r in remote_runs}
+    for run in local_runs:
+        copied = by_source[run.info.run_id]
+        assert copied.info.status == "FINISHED" and copied.data.params == run.data.params
+        assert _histories(local, run.info.run_id) == _histories(remote, copied.info.run_id)
+        assert run.data.metrics["time/train_seconds"] < 60, "waiting for the server counted as training"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    server.start()
+    compare = _compare(tmp_path, server.uri, sync_wait=300)
+    try:
+        _wait_for_first_run(tmp_path)
+        server.kill()
+        time.sleep(30)
+        server.start()
+        out, err = compare.communicate(timeout=600)
+        assert compare.returncode == 0, err[-3000:]
+        assert "did not answer" not in err and "| adam " in out
+        _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
+    finally:
+        if compare.poll() is None:
+            os.killpg(compare.pid, signal.SIGKILL)
+        server.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_server_that_never_returns_leaves_every_record_and_an_upload_command(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    server.start()
+    compare = _compare(tmp_path, server.uri, sync_wait=5)
+    try:
+        _wait_for_first_run(tmp_path)
+        server.kill()
+        out, err = compare.communicate(timeout=600)
+        assert compare.returncode == 0, err[-3000:]
+        assert "| sgd " in out and "| adam " in out  # the sweep completed, the table printed
+        command = next(line.strip() for line in err.splitlines() if line.strip().startswith("optsurvey sync"))
+        server.start()
+        upload = subprocess.run([str(Path(sys.executable).with_name("optsurvey")), *command.split()[1:]],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert upload.returncode == 0, upload.stderr[-3000:]
+        _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
+    finally:
+        if compare.poll() is None:
+            os.killpg(compare.pid, signal.SIGKILL)
+        server.kill()
