@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
 from lightning_optsurvey.curvature.lanczos import lanczos
+from lightning_optsurvey.curvature.objective import split_samples
 from lightning_optsurvey.curvature.operator import model_args
 from lightning_optsurvey.measures._functional import (
     Batch,
@@ -346,7 +347,9 @@ def fisher_rao_norm(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch])
     (L+1) \langle \partial \ell_i / \partial f, f_w(x_i) \rangle` (Liang et al., Lemma 2.1). All products
     come from one forward-mode pass (a JVP along ``w``) and the loss's gradient in the outputs, so
     ``loss_fn`` must be the mean of per-sample losses, and the model must treat samples independently
-    (call ``model.eval()`` first if it has BatchNorm).
+    (call ``model.eval()`` first if it has BatchNorm). With a ``ModuleLoss`` (the model's own
+    ``compute_loss(batch)``, any batch structure) each batch is split into one-sample batches (every tensor
+    leaf with the batch's leading size is sliced) and each sample's term is one forward-mode derivative.
 
     Args:
         model: The network (not modified).
@@ -364,6 +367,14 @@ def fisher_rao_norm(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch])
     objective = FlatObjective(model, loss_fn, batches)
     w = objective.w
     total = torch.zeros((), dtype=torch.float64, device=w.device)
+    if not objective.pairs:
+        # The loss is the model's own compute_loss(batch): one directional derivative per sample.
+        for batch, size in zip(objective.batches, objective.sizes):
+            for sample in split_samples(batch, size):
+                with torch.enable_grad():
+                    _, slope = jvp(lambda flat, b=sample: objective.batch_loss(flat, b), (w,), (w,))
+                total += slope.double().pow(2)
+        return float((total / objective.total).sqrt())
     for (inputs, targets), size in zip(objective.batches, objective.sizes):
         with torch.enable_grad():
             out, tangent = jvp(lambda flat, x=inputs: objective.forward(flat, x), (w,), (w,))

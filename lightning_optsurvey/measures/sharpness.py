@@ -93,6 +93,9 @@ def sam_sharpness(
     if m is not None:
         check_count("m", m)
         objective = FlatObjective(model, loss_fn, batches)
+        if not objective.pairs:
+            raise TypeError("m-sharpness regroups samples and needs (inputs, targets) batches with a loss_fn, "
+                            f"got {objective.objective!r}; use m=None")
         x, y = _concat_samples(objective.batches)
         groups = [(x[i : i + m], y[i : i + m]) for i in range(0, x.shape[0], m)]
         total = x.shape[0]
