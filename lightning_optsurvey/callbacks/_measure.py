@@ -160,7 +160,7 @@ def measuring(module: nn.Module) -> Iterator[nn.Module]:
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
-            stack.enter_context(derivative_kernels())
+            stack.enter_context(derivative_kernels(module))
             yield module
     finally:
         with torch.inference_mode(False), torch.no_grad():

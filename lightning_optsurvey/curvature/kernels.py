@@ -9,7 +9,8 @@ aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``.
 computes the same attention from matmuls and a softmax, so every derivative exists and products are exact.
 
 - :func:`derivative_kernels`: the context every measurement runs in (the curvature engine's products
-  and the measuring callbacks' context): SDPA restricted to its math backend, on CPU and CUDA.
+  and the measuring callbacks' context): SDPA restricted to its math backend, on CPU and CUDA, and the
+  fused ``nn.MultiheadAttention`` fast path off.
 - :func:`explain_missing_derivative`: turns autograd's message for an op without the needed derivative
   into one naming the op and the layer (module path) that ran it, found by re-running the forward pass
   under a dispatch mode with module hooks.
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -51,14 +53,32 @@ class MissingDerivativeError(RuntimeError):
 
 
 @contextmanager
-def derivative_kernels() -> Iterator[None]:
+def derivative_kernels(model: nn.Module | None = None) -> Iterator[None]:
     """Run attention through SDPA's math backend (exact first and second derivatives, CPU and CUDA).
+
+    Also turns off the "fast path" of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
+    (``torch.backends.mha``): when no input requires grad, as in a forward-mode product on detached
+    weights, they would call the fused ``_native_multi_head_attention``, which has no derivatives at all.
+    When ``model`` has recurrent layers (``nn.RNNBase``: LSTM, GRU, RNN), the oneDNN (CPU) and cuDNN
+    (CUDA) backends are turned off as well: their fused RNN kernels have no forward-mode derivative
+    (oneDNN) or no double backward (cuDNN), the native implementation has both. Convolutions of models
+    without recurrent layers keep their fast backends. Every setting is restored on exit.
 
     A model that picks a fused backend itself, inside its forward, overrides this; a product through it
     then fails with a :class:`MissingDerivativeError` that names the layer.
     """
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    recurrent = model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if recurrent:
+                stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+                stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def missing_derivative_op(error: BaseException) -> tuple[str, str] | None:

@@ -244,13 +244,13 @@ class HessianOperator:
     def _explained(self) -> Iterator[None]:
         """Attention on SDPA's math backend; autograd's "derivative not implemented" made readable."""
         try:
-            with derivative_kernels():
+            with derivative_kernels(self.model):
                 yield
         except (RuntimeError, NotImplementedError) as err:
             leaves = {n: t.detach().requires_grad_(True) for n, t in self._primals().items()}
 
             def forward() -> Any:
-                with torch.enable_grad(), self._product_mode(), derivative_kernels():
+                with torch.enable_grad(), self._product_mode(), derivative_kernels(self.model):
                     return self._loss_fn_of(self.batches[0], self._constants())(leaves)
 
             explained = explain_missing_derivative(err, self.model, forward)
@@ -259,7 +259,7 @@ class HessianOperator:
             raise explained from err
 
     def _check_scalar_loss(self) -> None:
-        with torch.no_grad(), self._product_mode(), derivative_kernels():
+        with torch.no_grad(), self._product_mode(), derivative_kernels(self.model):
             value = self._loss_fn_of(self.batches[0], self._constants())(self._primals())
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -311,7 +311,7 @@ class HessianOperator:
         leaf_list = list(leaves.values())
         constants = self._constants()
         per_batch = []
-        with torch.enable_grad(), self._product_mode(), derivative_kernels():
+        with torch.enable_grad(), self._product_mode(), derivative_kernels(self.model):
             for batch in self.batches:
                 loss = self._loss_fn_of(batch, constants)(leaves)
                 grads = torch.autograd.grad(loss, leaf_list, create_graph=True, allow_unused=True,

@@ -117,7 +117,7 @@ class FlatObjective:
         """
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        with derivative_kernels():
+        with derivative_kernels(self.model):
             return functional_call(self.model, state, model_args(inputs))
 
     @property
@@ -129,7 +129,7 @@ class FlatObjective:
         """Mean loss of one ``batch`` with parameters ``flat`` (buffers passed as clones, never updated)."""
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        with derivative_kernels():
+        with derivative_kernels(self.model):
             return self.objective(self.model, state, batch)
 
     def _batch_loss(self, flat: Tensor, index: int) -> Tensor:
