@@ -17,9 +17,9 @@ import math
 
 import pytest
 import torch
+from _zoo import ZOO, make
 from lightning.pytorch import Trainer
 
-from _zoo import ZOO, make
 from lightning_optsurvey import callbacks as cbs
 from lightning_optsurvey.callbacks import MeasuringCallback
 

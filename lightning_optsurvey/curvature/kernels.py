@@ -111,10 +111,18 @@ def _locate(model: nn.Module, op: str, forward: Callable[[], Any]) -> list[str]:
     stack: list[str] = []
     hits: list[str] = []
     handles = []
+
+    def enter(label: str) -> None:
+        stack.append(label)
+
+    def leave() -> None:  # a forward hook must return None: a value would replace the module's output
+        if stack:
+            stack.pop()
+
     for name, module in model.named_modules():
         label = name or f"<root {type(module).__name__}>"
-        handles.append(module.register_forward_pre_hook(lambda *_, label=label: stack.append(label)))
-        handles.append(module.register_forward_hook(lambda *_: stack.pop() if stack else None))
+        handles.append(module.register_forward_pre_hook(lambda *_, label=label: enter(label)))
+        handles.append(module.register_forward_hook(lambda *_: leave()))
     try:
         with _Recorder(base, stack, hits):
             forward()
