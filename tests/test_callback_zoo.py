@@ -120,3 +120,20 @@ def test_every_callback_on_every_zoo_model(name, tmp_path):
 @pytest.mark.parametrize("name", ZOO)
 def test_each_callback_alone_on_each_zoo_model(name, callback, tmp_path):
     _check_conformance(name, [FAST_CONFIGS[callback]()], tmp_path)
+
+
+def test_the_readme_example_runs_and_measures_a_dict_batch_module(tmp_path, monkeypatch):
+    """README's "Measuring callbacks on your module" example, run as written."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"### Measuring callbacks on your module.*?```python\n(.*?)```", readme, re.S)
+    assert match, "README lacks the example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme_example"}
+    with pytest.warns(UserWarning, match="no accuracy for MyModule"):
+        exec(compile(match.group(1), "README.md", "exec"), namespace)
+    metrics = namespace["trainer"].callback_metrics
+    assert math.isfinite(float(metrics["hessian/eig_1"])) and math.isfinite(float(metrics["gen_gap/loss"]))
+    assert "gen_gap/acc" not in metrics
