@@ -244,6 +244,8 @@ def test_an_op_without_double_backward_is_named_with_its_layer():
     with pytest.raises(MissingDerivativeError, match=r"forward-mode.*encoder\.attn") as info:
         fresh @ torch.ones(op.numel)
     assert info.value.layers == ["encoder.attn"]
+    with pytest.raises(MissingDerivativeError, match=r"forward-mode.*encoder\.attn"):  # measures' forward mode
+        fisher_rao_norm(model, loss, [(x, y)])
 
 
 def test_measuring_selects_kernels_with_derivatives_and_restores_the_settings():

@@ -10,14 +10,15 @@ the model's running statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_optsurvey.curvature.kernels import derivative_kernels
+from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
 from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
 
 Batch = Any  # an (inputs, targets) pair for a loss_fn; any structure for a ModuleLoss
@@ -117,7 +118,7 @@ class FlatObjective:
         """
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        with derivative_kernels(self.model):
+        with self._kernels(lambda: functional_call(self.model, self._plain_state(), model_args(inputs))):
             return functional_call(self.model, state, model_args(inputs))
 
     @property
@@ -129,8 +130,26 @@ class FlatObjective:
         """Mean loss of one ``batch`` with parameters ``flat`` (buffers passed as clones, never updated)."""
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        with derivative_kernels(self.model):
+        with self._kernels(lambda: self.objective(self.model, self._plain_state(), batch)):
             return self.objective(self.model, state, batch)
+
+    def _plain_state(self) -> dict[str, Tensor]:
+        state: dict[str, Tensor] = {n: b.clone() for n, b in self._buffers.items()}
+        state.update({n: t.detach() for n, t in self.unflatten(self.w).items()})
+        return state
+
+    @contextmanager
+    def _kernels(self, forward: Callable[[], Any]) -> Iterator[None]:
+        """Kernels with derivatives; an op without the one needed (forward mode) named with its layer."""
+        try:
+            with derivative_kernels(self.model):
+                yield
+        except (RuntimeError, NotImplementedError) as err:
+            with torch.no_grad(), derivative_kernels(self.model):
+                explained = explain_missing_derivative(err, self.model, forward)
+            if explained is None:
+                raise
+            raise explained from err
 
     def _batch_loss(self, flat: Tensor, index: int) -> Tensor:
         return self.batch_loss(flat, self.batches[index]) * (self.sizes[index] / self.total)
