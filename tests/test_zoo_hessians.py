@@ -292,3 +292,39 @@ def test_generalization_gap_on_dict_batches_logs_the_loss_and_says_why_no_accura
     assert acc is None
     expected = FlatObjective(module, ModuleLoss(), batches).loss()
     assert loss == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_batch_sizes_leaves_and_samples_of_any_structure():
+    from collections import namedtuple
+
+    from lightning_optsurvey.curvature.objective import batch_size, first_tensor_leaf, split_samples
+
+    x, y = torch.randn(4, 3), torch.arange(4)
+    assert batch_size((x, y)) == 4 and batch_size(((x[:2], x[:2]), y[:2])) == 2
+    nested = {"meta": {"lengths": torch.tensor(7)}, "ids": torch.zeros(5, 6, dtype=torch.long), "w": x}
+    assert first_tensor_leaf(nested) is nested["ids"] and batch_size(nested) == 5  # 0-dim leaves skipped
+    with pytest.raises(ValueError, match="compute_batch_size"):
+        batch_size({"name": "no tensors"})
+    Pair = namedtuple("Pair", "inputs targets")
+    pieces = split_samples({"x": x, "pair": Pair(x, y), "scale": torch.tensor(2.0), "tag": "a"}, 4)
+    assert len(pieces) == 4 and torch.equal(pieces[2]["pair"].targets, y[2:3])
+    assert pieces[1]["scale"] is not None and pieces[3]["tag"] == "a" and pieces[0]["x"].shape == (1, 3)
+
+
+def test_batch_loss_arguments_are_checked():
+    from lightning_optsurvey.curvature import as_batch_loss
+
+    with pytest.raises(TypeError, match="BatchLoss"):
+        as_batch_loss(3)
+    with pytest.raises(TypeError, match="method name"):
+        ModuleLoss("not a name")
+    plain = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="Linear has no method compute_loss"):
+        HessianOperator(plain, ModuleLoss(), [{"x": torch.randn(3, 2)}])
+
+    class BadSize(DictModule):
+        def compute_batch_size(self, batch):
+            return 0
+
+    with pytest.raises(ValueError, match="compute_batch_size must return a positive integer, got 0"):
+        HessianOperator(BadSize(), ModuleLoss(), [DictDataset(2)[0]])
