@@ -50,8 +50,8 @@ class GeneralizationMeasures(MeasuringCallback):
 
     Args:
         measures: A non-empty subset of :data:`MEASURES`.
-        loss_fn: ``loss_fn(outputs, targets)`` for the Fisher-Rao norm; default the module's or
-            cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         num_batches: Batches in the fixed subset.
