@@ -328,3 +328,13 @@ def test_batch_loss_arguments_are_checked():
 
     with pytest.raises(ValueError, match="compute_batch_size must return a positive integer, got 0"):
         HessianOperator(BadSize(), ModuleLoss(), [DictDataset(2)[0]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt", "lstm", "resnet"])
+def test_full_dense_hessian_of_the_larger_zoo_models(name):
+    """The default test checks these on random directions; here every column (400 for the GPT)."""
+    module, batches, direct = _case(name)
+    op = HessianOperator(module, resolve_loss_fn(module, None), batches)
+    torch.testing.assert_close(op.dense(), _dense_reference(module, batches, direct), rtol=DENSE_RTOL,
+                               atol=DENSE_ATOL)
