@@ -258,6 +258,9 @@ def test_measuring_selects_kernels_with_derivatives_and_restores_the_settings():
         assert not torch.backends.mha.get_fastpath_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.mha.get_fastpath_enabled() == fastpath
+    with measuring(TinyLSTM()):  # recurrent layers: native kernels (oneDNN/cuDNN RNNs lack the derivatives)
+        assert not torch.backends.mkldnn.enabled and not torch.backends.cudnn.enabled
+    assert torch.backends.mkldnn.enabled and torch.backends.cudnn.enabled
 
 
 def test_generalization_gap_on_token_level_outputs_ignores_padding():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,16 +69,20 @@ def derivative_kernels(model: nn.Module | None = None) -> Iterator[None]:
     """
     recurrent = model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    # The flags themselves, not torch.backends.<x>.flags(): those also reset TF32 and determinism settings
+    # (and warn about oneDNN TF32 on every call).
+    onednn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
     torch.backends.mha.set_fastpath_enabled(False)
+    if recurrent:
+        torch.backends.mkldnn.enabled = False
+        torch.backends.cudnn.enabled = False
     try:
-        with ExitStack() as stack:
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            if recurrent:
-                stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-                stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mkldnn.enabled = onednn
+        torch.backends.cudnn.enabled = cudnn
 
 
 def missing_derivative_op(error: BaseException) -> tuple[str, str] | None:
