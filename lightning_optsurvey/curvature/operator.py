@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
-from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss, model_args
 from lightning_optsurvey.curvature.objective import batch_size as _batch_size
 
 __all__ = ["HessianOperator", "batch_size", "check_batches", "model_args"]
@@ -263,7 +263,8 @@ class HessianOperator:
             value = self._loss_fn_of(self.batches[0], self._constants())(self._primals())
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn must return a scalar (a batch mean), got {shape}")
+            what = "compute_loss" if isinstance(self.objective, ModuleLoss) else "loss_fn"
+            raise ValueError(f"{what} must return a scalar (a batch mean), got {shape}")
 
     # -- flat vectors <-> parameter dicts -----------------------------------------------------------------
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
