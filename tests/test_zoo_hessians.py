@@ -108,7 +108,7 @@ def _dense_reference(module: nn.Module, batches: list, direct, directions: torch
     named = {n: p.detach() for n, p in module.named_parameters()}
     shapes = {n: p.shape for n, p in named.items()}
     flat0 = torch.cat([p.reshape(-1) for p in named.values()])
-    sizes = [b["label"].shape[0] if isinstance(b, dict) else b[1].shape[0] for b in batches]
+    sizes = [next(iter(b.values())).shape[0] if isinstance(b, dict) else b[1].shape[0] for b in batches]
     total = sum(sizes)
 
     def loss(flat):
@@ -341,3 +341,36 @@ def test_full_dense_hessian_of_the_larger_zoo_models(name):
     op = HessianOperator(module, resolve_loss_fn(module, None), batches)
     torch.testing.assert_close(op.dense(), _dense_reference(module, batches, direct), rtol=DENSE_RTOL,
                                atol=DENSE_ATOL)
+
+
+class _HFStyleGPT(TinyGPT):
+    """Hugging Face-style batches ``{"input_ids", "labels"}`` with padding labelled -100; the loss is the mean
+    over real tokens, so a batch weighs its number of real tokens (``compute_batch_size``)."""
+
+    def compute_loss(self, batch):
+        logits = self(batch["input_ids"])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+
+    def compute_batch_size(self, batch):
+        return int((batch["labels"] != -100).sum())
+
+
+def test_token_weighted_dict_batches_give_the_hessian_of_the_token_mean():
+    torch.manual_seed(0)
+    module = _HFStyleGPT(vocab=7, d=4, heads=2, blocks=1, context=5, dropout=0.1).double().train()
+    tokens, labels = gpt_data(6, vocab=7, context=5).tensors
+    labels = labels.clone()
+    labels[0, 3:] = -100  # unequal padding: 3 + 5 real tokens in the first batch, 5 + 5 + 1 in the second
+    labels[4, 1:] = -100
+    batches = [{"input_ids": tokens[i:j], "labels": labels[i:j]} for i, j in ((0, 2), (2, 5))]
+    op = HessianOperator(module, resolve_loss_fn(module, None), batches)
+    assert op._weights == pytest.approx([8 / 19, 11 / 19])
+    merged = {"input_ids": tokens[:5], "labels": labels[:5]}  # one batch: the token mean over all 19 tokens
+
+    def direct(call, batch):
+        logits = call(batch["input_ids"])
+        return F.cross_entropy(logits.reshape(-1, 7), batch["labels"].reshape(-1))
+
+    directions = torch.randn(op.numel, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    reference = _dense_reference(module, [merged], direct, directions)
+    torch.testing.assert_close(op @ directions, reference, rtol=DENSE_RTOL, atol=DENSE_ATOL)
