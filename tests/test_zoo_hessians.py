@@ -374,3 +374,17 @@ def test_token_weighted_dict_batches_give_the_hessian_of_the_token_mean():
     directions = torch.randn(op.numel, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     reference = _dense_reference(module, [merged], direct, directions)
     torch.testing.assert_close(op @ directions, reference, rtol=DENSE_RTOL, atol=DENSE_ATOL)
+
+
+def test_m_sharpness_of_dict_batches_equals_that_of_the_pairs():
+    """compute_loss on dict batches vs. a loss_fn on ((x, extra), label) pairs, and vs. one direct SAM step
+    per group of two samples."""
+    module, batches, _ = _case("dict")
+    module.eval()
+    batches = [_to_double(b) for b in _batches(DictDataset(8), (4, 4))]
+    pairs = [((b["x"], b["extra"]), b["label"]) for b in batches]
+    value = sam_sharpness(module, ModuleLoss(), batches, rho=0.1, m=2)
+    torch.testing.assert_close(value, sam_sharpness(module, F.cross_entropy, pairs, rho=0.1, m=2), rtol=1e-10, atol=0)
+    groups = [((x[i:i + 2], e[i:i + 2]), y[i:i + 2]) for (x, e), y in pairs for i in (0, 2)]
+    direct = sum(sam_sharpness(module, F.cross_entropy, [g], rho=0.1) for g in groups) / len(groups)
+    torch.testing.assert_close(value, direct, rtol=1e-12, atol=0)

@@ -215,15 +215,16 @@ def as_batch_loss(loss: Callable[[Any, Any], Tensor] | BatchLoss) -> BatchLoss:
     raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets) or a BatchLoss, got {loss!r}")
 
 
-def split_samples(batch: Any, size: int) -> list[Any]:
-    """One batch of one sample per sample: every tensor leaf with leading dimension ``size`` sliced.
+def split_samples(batch: Any, size: int, chunk: int = 1) -> list[Any]:
+    """Consecutive pieces of ``chunk`` samples (the last may be smaller), one sample each by default.
 
-    Leaves of another leading size (or not tensors) are kept whole in every piece.
+    Every tensor leaf with leading dimension ``size`` is sliced; leaves of another leading size (or not
+    tensors) are kept whole in every piece.
     """
 
     def take(item: Any, i: int) -> Any:
         if isinstance(item, Tensor):
-            return item[i : i + 1] if item.ndim > 0 and item.shape[0] == size else item
+            return item[i : i + chunk] if item.ndim > 0 and item.shape[0] == size else item
         if isinstance(item, Mapping):
             return {k: take(v, i) for k, v in item.items()}
         if isinstance(item, tuple | list):
@@ -231,4 +232,4 @@ def split_samples(batch: Any, size: int) -> list[Any]:
             return type(item)(*parts) if hasattr(item, "_fields") else type(item)(parts)
         return item
 
-    return [take(batch, i) for i in range(size)]
+    return [take(batch, i) for i in range(0, size, chunk)]
