@@ -50,6 +50,14 @@ def _builders() -> dict[str, tuple[Builder, bool]]:
     out["po:sam"] = (lambda m: po.SAM(m.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9), False)
     out["po:shampoo"] = (lambda m: po.Shampoo(m.parameters(), lr=0.05, momentum=0.9,
                                               preconditioning_compute_steps=10), False)
+    # The registry's pytorch-optimizer entries are torch-conforming subclasses (optim/_external.py); the raw
+    # library classes with the same defaults show what the conformance (gradient copies) costs.
+    for name, cls in (("adabelief", po.AdaBelief), ("adabound", po.AdaBound), ("yogi", po.Yogi),
+                      ("lars", po.LARS), ("lamb", po.Lamb), ("adahessian", po.AdaHessian)):
+        defaults = dict(get_spec(name).defaults)
+        out[f"po:{name}"] = (lambda m, cls=cls, kw=defaults: cls(m.parameters(), **kw), get_spec(name).create_graph)
+    out["po:lookahead"] = (lambda m: po.Lookahead(torch.optim.Adam(m.parameters(), lr=1e-2), k=5, alpha=0.5),
+                           False)
     return out
 
 
@@ -173,8 +181,8 @@ def _source(name: str) -> str:
     factory = get_spec(name).factory
     factory = getattr(factory, "func", factory)  # functools.partial
     module = getattr(factory, "__module__", "") or ""
-    if name in ("adahessian", "sophiah", "adabound", "adabelief", "yogi", "lars", "lamb", "lookahead"):
-        return "pytorch-optimizer"
+    if name in ("adahessian", "sophiah", "adabound", "adabelief", "yogi", "lars", "lamb"):
+        return "pytorch-optimizer (conforming subclass)"
     return "ours" if "lightning_optsurvey.optim" in module and "_torch" not in module else "torch"
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401  (registers the strategy names)
-from lightning_optsurvey.callbacks import GeneralizationGap, HessianSpectrum, Sharpness
+from lightning_optsurvey.callbacks import GeneralizationGap, HessianSpectrum, OptimizerLoopAdapter, Sharpness
 from lightning_optsurvey.cli import ensure_experiment, ui_hint
 from lightning_optsurvey.optim import create_optimizer, get_spec
 
@@ -102,7 +102,10 @@ if __name__ == "__main__":
             trainer = L.Trainer(
                 accelerator=args.accelerator, devices=args.devices, strategy=strategy,
                 max_epochs=args.max_epochs, limit_train_batches=args.limit_train_batches, logger=logger,
-                callbacks=[HessianSpectrum(top_k=1), Sharpness(kinds=("sam",)), GeneralizationGap()],
+                # OptimizerLoopAdapter: what SAM, K-FAC, ... need from the loop (an installed package's entry
+                # point attaches it by itself; here it is explicit so that the script also runs from a checkout).
+                callbacks=[HessianSpectrum(top_k=1), Sharpness(kinds=("sam",)), GeneralizationGap(),
+                           OptimizerLoopAdapter()],
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             )
             trainer.fit(DigitsClassifier(name), train_loader, val_loader)

@@ -1,13 +1,16 @@
 """The ``optsurvey`` command.
 
-- ``optsurvey compare``: trains optimizers (and strategies) on the digits task, one MLflow run each,
-  then prints a summary table and the command that opens the MLflow UI on those runs.
+- ``optsurvey compare``: trains optimizers (and strategies) on the digits task, or on the user's own
+  classes (``--module pkg.mod:MyModule --datamodule pkg.mod:MyData``; see
+  :mod:`lightning_optsurvey.user_classes`), one MLflow run each, then prints a summary table and the
+  command that opens the MLflow UI on those runs.
 - ``optsurvey list``: the registered optimizers, strategies and callbacks.
 - ``optsurvey theory``: runs the survey's theorems as executable checks.
-- ``optsurvey fit|validate|test``: Lightning's CLI over ``ClassifierModule`` and ``DigitsDataModule``, so YAML
-  configs with ``class_path`` work for our callbacks, optimizers and strategies. Its config is saved as an
-  MLflow artifact when the logger is an ``MLFlowLogger`` (Lightning's own ``SaveConfigCallback`` needs a
-  ``log_dir``, which a remote tracking URI does not have).
+- ``optsurvey fit|validate|test``: Lightning's CLI over any ``LightningModule`` and ``LightningDataModule``
+  (``model: class_path: ...``; ``ClassifierModule`` and ``DigitsDataModule`` when none is named), so YAML
+  configs with ``class_path`` work for the user's classes, our callbacks, optimizers and strategies. Its
+  config is saved as an MLflow artifact when the logger is an ``MLFlowLogger`` (Lightning's own
+  ``SaveConfigCallback`` needs a ``log_dir``, which a remote tracking URI does not have).
 
 This module is the only place in the package that imports ``mlflow``: it creates and tags experiments,
 checks that a tracking server answers before anything trains, and reads the finished runs back.
@@ -171,11 +174,16 @@ class RunConfig:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     measure: bool = True
     limit_train_batches: float | int | None = None
+    module: str | None = None  # "pkg.mod:Class" of the user's LightningModule (default: ClassifierModule)
+    datamodule: str | None = None  # "pkg.mod:Class" of the user's LightningDataModule (default: digits)
+    swa: bool = False  # stochastic weight averaging (callbacks.SWA) over the last quarter of the epochs
+
 
     @property
     def run_name(self) -> str:
         base = f"{self.optimizer}-seed{self.seed}"
-        return f"{base}-{self.strategy}" if self.strategy else base
+        base = f"{base}-{self.strategy}" if self.strategy else base
+        return f"{base}-swa" if self.swa else base
 
 
 def default_callbacks(world_size: int = 1) -> list[Any]:
@@ -202,17 +210,16 @@ def train_one(config: RunConfig) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import MLFlowLogger
 
+    from lightning_optsurvey.callbacks import SWA, OptimizerLoopAdapter
     from lightning_optsurvey.optim import get_spec
-    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = DigitsDataModule(batch_size=config.batch_size, seed=config.seed)
-    module = ClassifierModule(config.model, config.optimizer, config.optimizer_kwargs)
+    module, datamodule, model_name, task = _build_run_classes(config)
     logger = MLFlowLogger(
         experiment_name=config.experiment,
         run_name=config.run_name,
         tracking_uri=config.tracking_uri,
-        tags={"task": "digits", "optimizer": config.optimizer, "strategy": config.strategy or "single"},
+        tags={"task": task, "optimizer": config.optimizer, "strategy": config.strategy or "single"},
     )
     trainer_kwargs: dict[str, Any] = {}
     if config.limit_train_batches is not None:
@@ -224,7 +231,9 @@ def train_one(config: RunConfig) -> dict[str, Any]:
         num_nodes=config.num_nodes,
         strategy=config.strategy or "auto",
         logger=logger,
-        callbacks=default_callbacks(config.devices * config.num_nodes) if config.measure else [],
+        callbacks=[*(default_callbacks(config.devices * config.num_nodes) if config.measure else []),
+                   OptimizerLoopAdapter(),  # what registry optimizers need from the loop, for any module
+                   *([SWA()] if config.swa else [])],
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=10,
@@ -237,10 +246,11 @@ def train_one(config: RunConfig) -> dict[str, Any]:
             **{f"optimizer.{k}": v for k, v in effective.items()},
             "strategy": config.strategy or "single",
             "world_size": config.devices * config.num_nodes,
-            "model": config.model,
-            "task": "digits",
+            "model": model_name,
+            "task": task,
             "seed": config.seed,
             "max_epochs": config.max_epochs,
+            "swa": config.swa,
         }
     )
     start = time.perf_counter()
@@ -251,6 +261,28 @@ def train_one(config: RunConfig) -> dict[str, Any]:
     logger.log_metrics({"time/train_seconds": seconds}, step=trainer.global_step)
     logger.finalize("success")
     return {"run_id": logger.run_id, "seconds": seconds}
+
+
+def _build_run_classes(config: RunConfig) -> tuple[Any, Any, str, str]:
+    """The run's module and data module (the user's classes or ours), its model name and task name."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from lightning_optsurvey import user_classes as uc
+    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+    if config.module:
+        module_cls = uc.load_class(config.module, LightningModule, "--module")
+        module = uc.build_module(module_cls, config.optimizer, config.optimizer_kwargs)
+        model_name = uc.class_path(module_cls)
+    else:
+        module, model_name = ClassifierModule(config.model, config.optimizer, config.optimizer_kwargs), config.model
+    if config.datamodule:
+        data_cls = uc.load_class(config.datamodule, LightningDataModule, "--datamodule")
+        datamodule = uc.build_datamodule(data_cls, batch_size=config.batch_size, seed=config.seed)
+        task = uc.class_path(data_cls)
+    else:
+        datamodule, task = DigitsDataModule(batch_size=config.batch_size, seed=config.seed), "digits"
+    return module, datamodule, model_name, task
 
 
 def _train_in_subprocess(config: RunConfig) -> dict[str, Any]:
@@ -279,6 +311,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
         raise CLIError(f"unknown optimizer(s) {', '.join(unknown)}; known optimizers: {', '.join(known)}")
     if args.model not in available_models():
         raise CLIError(f"unknown model {args.model!r}; known models: {', '.join(available_models())}")
+    _check_user_classes(args)
     strategies: list[str | None] = list(args.strategy) if args.strategy else [None]
     known_strategies = sorted(StrategyRegistry.available_strategies())
     for s in strategies:
@@ -306,11 +339,28 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator,
             experiment=args.experiment, tracking_uri=args.tracking_uri, optimizer_kwargs=kwargs[o],
             measure=not args.no_measure, limit_train_batches=args.limit_train_batches,
+            module=args.module, datamodule=args.datamodule, swa=args.swa,
         )
         for st in strategies
         for o in args.optimizers
         for s in args.seeds
     ]
+
+
+def _check_user_classes(args: argparse.Namespace) -> None:
+    """Import ``--module`` / ``--datamodule`` and check that the module takes the grid's optimizer."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from lightning_optsurvey import user_classes as uc
+
+    try:
+        if args.module:
+            module_cls = uc.load_class(args.module, LightningModule, "--module")
+            uc.check_module_class(module_cls, with_kwargs=bool(args.hparam))
+        if args.datamodule:
+            uc.load_class(args.datamodule, LightningDataModule, "--datamodule")
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
 
 
 def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -363,7 +413,13 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                                    "callbacks, one MLflow run each, then print a summary table.")
     p.add_argument("--optimizers", type=_name_list, default=list(DEFAULT_OPTIMIZERS),
                    help=f"comma-separated registry names (default: {','.join(DEFAULT_OPTIMIZERS)})")
-    p.add_argument("--model", default="cnn", help="model name (default: cnn)")
+    p.add_argument("--model", default="cnn", help="model name of the built-in ClassifierModule (default: cnn)")
+    p.add_argument("--module", default=None, metavar="PKG.MOD:CLASS",
+                   help="your LightningModule, importable from the working directory; it is built as "
+                        "Class(optimizer=NAME[, optimizer_kwargs={...}]) for each optimizer "
+                        "(default: ClassifierModule)")
+    p.add_argument("--datamodule", default=None, metavar="PKG.MOD:CLASS",
+                   help="your LightningDataModule, given batch_size and seed when it takes them (default: digits)")
     p.add_argument("--strategy", type=_name_list, default=None,
                    help="comma-separated strategy names (default: single device, or ddp with --devices > 1)")
     p.add_argument("--devices", type=_positive_int, default=1, help="processes (or GPUs) per node")
@@ -377,6 +433,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparam", type=_hparam, action="append", metavar="OPT.KEY=VALUE",
                    help="override a hyperparameter, e.g. --hparam adam.lr=0.003 (repeatable)")
     p.add_argument("--no-measure", action="store_true", help="skip the measuring callbacks")
+    p.add_argument("--swa", action="store_true",
+                   help="stochastic weight averaging (Izmailov et al. 2018) over the last quarter of the epochs, "
+                        "BatchNorm recomputed; validation and the swa/ measurements are of the averaged model")
     p.add_argument("--limit-train-batches", type=float, default=None, help=argparse.SUPPRESS)
 
 
@@ -397,15 +456,22 @@ def list_available(args: argparse.Namespace) -> int:
     rows = [{"name": n, "family": get_spec(n).family, "reference": get_spec(n).reference}
             for n in available_optimizers()]
     print("Optimizers\n" + _format_table(rows, ["name", "family", "reference"]))
+    from lightning_optsurvey.callbacks.swa import REFERENCE
+
+    # SWA averages any of them, so it is a callback and not a registry entry; listed beside them.
+    print(f"+ weight averaging (landscape), with any optimizer above: swa, {REFERENCE} "
+          "(callbacks.SWA; `optsurvey compare --swa`)")
     ours = sorted(getattr(st, "STRATEGY_NAMES", ()))
     others = sorted(set(StrategyRegistry.available_strategies()) - set(ours))
     print("\nStrategies (ours): " + (", ".join(ours) or "none"))
     print("Strategies (Lightning): " + ", ".join(others))
     from lightning.pytorch.callbacks import Callback
 
-    measuring = sorted(n for n in cb.__all__ if isinstance(getattr(cb, n), type)
+    loop = ("OptimizerLoopAdapter", "SVRGSnapshot", "SWA")  # training, not measurements
+    measuring = sorted(n for n in cb.__all__ if isinstance(getattr(cb, n), type) and n not in loop
                        and issubclass(getattr(cb, n), Callback) and getattr(cb, n) is not cb.MeasuringCallback)
     print("\nCallbacks: " + ", ".join(measuring))
+    print("Training-loop callbacks: " + ", ".join(loop[:2]))
     return 0
 
 
@@ -452,11 +518,59 @@ def _log_theory(tracking_uri: str, experiment: str, outcomes: Sequence[Any]) -> 
 # --------------------------------------------------------------------------------------------- Lightning CLI
 
 
+def _class_paths(argv: list[str]) -> dict[str, str]:
+    """The ``model`` / ``data`` class paths that ``argv`` (its ``--config`` files, then flags) chooses."""
+    import yaml
+
+    found: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if key in ("-c", "--config") and os.path.isfile(value):
+            with open(value) as f:
+                config = yaml.safe_load(f) or {}
+            for section in ("model", "data"):
+                entry = config.get(section) if isinstance(config, dict) else None
+                if isinstance(entry, dict) and isinstance(entry.get("class_path"), str):
+                    found[section] = entry["class_path"]
+                elif isinstance(entry, str):
+                    found[section] = entry
+        for section in ("model", "data"):
+            if key in (f"--{section}", f"--{section}.class_path") and value and not value.startswith("-"):
+                found[section] = value
+    return found
+
+
+def _check_fit_classes(argv: list[str]) -> None:
+    """One-line errors for a ``model``/``data`` class that does not import or takes no ``optimizer``."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from lightning_optsurvey import user_classes as uc
+
+    paths = _class_paths(argv)
+    try:
+        if "." in paths.get("model", "") or ":" in paths.get("model", ""):
+            uc.check_module_class(uc.load_class(paths["model"], LightningModule, "model.class_path"),
+                                  with_kwargs=False)
+        if "." in paths.get("data", "") or ":" in paths.get("data", ""):
+            uc.load_class(paths["data"], LightningDataModule, "data.class_path")
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+
+
 def _lightning_cli(argv: list[str]) -> int:
+    from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+    from lightning_optsurvey.callbacks import OptimizerLoopAdapter
+
+    try:
+        _check_fit_classes(argv)
+    except CLIError as err:
+        print(f"optsurvey {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
 
     class MLflowSaveConfigCallback(SaveConfigCallback):
         """Save the resolved config as an MLflow artifact when logging to MLflow, else to ``log_dir``."""
@@ -477,9 +591,24 @@ def _lightning_cli(argv: list[str]) -> int:
             self.already_saved = True
             self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
-    LightningCLI(
-        ClassifierModule,
-        DigitsDataModule,
+    class CLI(LightningCLI):
+        """Any LightningModule / LightningDataModule by ``class_path``; ours when none is named."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.set_defaults({"model": {"class_path": "lightning_optsurvey.tasks.ClassifierModule"},
+                                 "data": {"class_path": "lightning_optsurvey.tasks.DigitsDataModule"}})
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            trainer = super().instantiate_trainer(**kwargs)
+            if not any(isinstance(cb, OptimizerLoopAdapter) for cb in trainer.callbacks):
+                trainer.callbacks.append(OptimizerLoopAdapter())  # what registry optimizers need, any module
+            return trainer
+
+    CLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         save_config_callback=MLflowSaveConfigCallback,
         trainer_defaults={
             # MLFlowLogger has no local save_dir for sqlite/http URIs; keep checkpoints out of the cwd's top level.
@@ -502,7 +631,8 @@ _USAGE = """usage: optsurvey {compare,list,theory,fit,validate,test} ...
   list       print the registered optimizers, strategies and callbacks
   theory     run the survey's theorems as executable checks
   fit, validate, test
-             Lightning's CLI over ClassifierModule and DigitsDataModule (see `optsurvey fit --help`)
+             Lightning's CLI over your LightningModule/LightningDataModule (model.class_path, data.class_path)
+             or ClassifierModule and DigitsDataModule (see `optsurvey fit --help`)
 """
 
 

@@ -298,9 +298,14 @@ class _Counting(ClassifierModule):
         super().__init__(*args, **kwargs)
         self.evaluations = 0
         self.first_losses: list[float] = []
+        self._this_batch = 0
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._this_batch = 0
 
     def training_step(self, batch, batch_idx):
-        first = self._evals_this_batch == 0
+        first = self._this_batch == 0
+        self._this_batch += 1
         loss = super().training_step(batch, batch_idx)
         self.evaluations += 1
         if first:

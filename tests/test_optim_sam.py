@@ -207,9 +207,14 @@ def test_registry_builds_the_family():
 def test_fp16_amp_is_refused_for_closure_methods():
     from types import SimpleNamespace
 
+    from lightning_optsurvey.callbacks import OptimizerLoopAdapter
+
     module = ClassifierModule(_bn_net(), optimizer="sam")
-    module._trainer = SimpleNamespace(precision="16-mixed", accumulate_grad_batches=1)
+    adapter = OptimizerLoopAdapter()
+    trainer = SimpleNamespace(precision="16-mixed", accumulate_grad_batches=1, callbacks=[adapter],
+                              optimizers=[module.configure_optimizers()])
     with pytest.raises(ValueError, match="bf16-mixed"):
-        module.on_fit_start()
-    module._trainer = SimpleNamespace(precision="bf16-mixed", accumulate_grad_batches=1)
-    module.on_fit_start()
+        adapter.on_fit_start(trainer, module)
+    trainer.precision = "bf16-mixed"
+    adapter.on_fit_start(trainer, module)
+    adapter.teardown(trainer, module, "fit")

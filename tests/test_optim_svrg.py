@@ -9,7 +9,8 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optsurvey.optim import SVRG, SVRGSnapshot
+from lightning_optsurvey.callbacks import OptimizerLoopAdapter, SVRGSnapshot
+from lightning_optsurvey.optim import SVRG
 from lightning_optsurvey.tasks import ClassifierModule
 
 DTYPE = torch.float64
@@ -130,7 +131,7 @@ def test_classifier_module_adds_the_snapshot_callback_and_it_takes_the_full_grad
     trainer = Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, loader)
-    assert any(isinstance(cb, SVRGSnapshot) for cb in trainer.callbacks)
+    assert any(isinstance(cb, OptimizerLoopAdapter) for cb in trainer.callbacks)
     opt = trainer.optimizers[0]
     assert opt.snapshot_tag == 0
     reference = ClassifierModule("mlp", optimizer="svrg")

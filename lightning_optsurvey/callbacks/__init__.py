@@ -11,10 +11,14 @@ from lightning_optsurvey.callbacks.generalization_measures import Generalization
 from lightning_optsurvey.callbacks.hessian import HessianSpectrum
 from lightning_optsurvey.callbacks.landscape import LossLandscape
 from lightning_optsurvey.callbacks.noise import GradientNoiseScale
+from lightning_optsurvey.callbacks.optimizer_loop import OptimizerLoopAdapter, SVRGSnapshot
 from lightning_optsurvey.callbacks.sharpness import Sharpness
 from lightning_optsurvey.callbacks.stability import EdgeOfStability
+from lightning_optsurvey.callbacks.straggler import Straggler
+from lightning_optsurvey.callbacks.swa import SWA
 
 __all__ = [
+    "SWA",
     "Cadence",
     "ConsensusDistance",
     "EdgeOfStability",
@@ -24,6 +28,9 @@ __all__ = [
     "HessianSpectrum",
     "LossLandscape",
     "MeasuringCallback",
+    "OptimizerLoopAdapter",
+    "SVRGSnapshot",
     "Sharpness",
+    "Straggler",
     "measuring",
 ]

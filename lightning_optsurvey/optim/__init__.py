@@ -10,8 +10,10 @@ from lightning_optsurvey.optim import (
 from lightning_optsurvey.optim.entropy_sgd import EntropySGD
 from lightning_optsurvey.optim.gsam import GSAM
 from lightning_optsurvey.optim.kfac import KFAC
+from lightning_optsurvey.optim.lookahead import Lookahead
 from lightning_optsurvey.optim.lpf_sgd import LPFSGD
 from lightning_optsurvey.optim.registry import (
+    DEVIATIONS,
     FAMILIES,
     OptimizerSpec,
     available_optimizers,
@@ -22,9 +24,10 @@ from lightning_optsurvey.optim.registry import (
 )
 from lightning_optsurvey.optim.sam import SAM
 from lightning_optsurvey.optim.shampoo import Shampoo
-from lightning_optsurvey.optim.svrg import SVRG, SVRGSnapshot
+from lightning_optsurvey.optim.svrg import SVRG
 
 __all__ = [
+    "DEVIATIONS",
     "FAMILIES",
     "GSAM",
     "KFAC",
@@ -32,8 +35,8 @@ __all__ = [
     "SAM",
     "SVRG",
     "EntropySGD",
+    "Lookahead",
     "OptimizerSpec",
-    "SVRGSnapshot",
     "Shampoo",
     "available_optimizers",
     "create_optimizer",
@@ -41,3 +44,13 @@ __all__ = [
     "methods_markdown",
     "register",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # SVRGSnapshot is a Lightning callback and lives in callbacks/ (optim does not import Lightning); the old
+    # import path keeps working.
+    if name == "SVRGSnapshot":
+        from lightning_optsurvey.callbacks.optimizer_loop import SVRGSnapshot
+
+        return SVRGSnapshot
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

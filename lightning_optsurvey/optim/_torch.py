@@ -13,15 +13,15 @@ from lightning_optsurvey.optim.registry import OptimizerSpec, register
 
 
 def _sgd(params, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-         nesterov: bool = False, foreach: bool | None = None):
+         nesterov: bool = False, maximize: bool = False, foreach: bool | None = None):
     return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                           nesterov=nesterov, foreach=foreach)
+                           nesterov=nesterov, maximize=maximize, foreach=foreach)
 
 
 def _adam(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.0, amsgrad: bool = False, foreach: bool | None = None):
+          weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None):
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                            amsgrad=amsgrad, foreach=foreach)
+                            amsgrad=amsgrad, maximize=maximize, foreach=foreach)
 
 
 _ENTRIES = [
@@ -84,6 +84,9 @@ _ENTRIES = [
     ),
     OptimizerSpec(
         "lbfgs", torch.optim.LBFGS, "second_order", needs_closure=True,
+        deviations={"deepcopy": "torch.optim.LBFGS keeps its parameter list in _params, which "
+                                "Optimizer.__getstate__ drops; torch's own class, kept as is",
+                    "param_groups": "torch.optim.LBFGS keeps one flat parameter vector"},
         defaults={"lr": 0.5, "max_iter": 4, "history_size": 10, "line_search_fn": "strong_wolfe"},
         reference="Liu & Nocedal 1989, doi:10.1007/BF01589116",
         summary="limited-memory BFGS (closure, strong Wolfe line search)",

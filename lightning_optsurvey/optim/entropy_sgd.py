@@ -16,10 +16,12 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_optsurvey.optim._common import (
+    FullStateMixin,
     StateGenerator,
     call_closure,
     check_bool,
     check_int,
+    check_lr,
     check_number,
     heavy_ball,
     require_closure,
@@ -28,7 +30,7 @@ from lightning_optsurvey.optim._common import (
 _STEP_KEY = "entropy_sgd"
 
 
-class EntropySGD(Optimizer):
+class EntropySGD(FullStateMixin, Optimizer):
     r"""Entropy-SGD (Algorithm 1 of Chaudhari et al. 2017).
 
     The local entropy :math:`F(x;\gamma) = \log \int \exp(-f(x') - \tfrac{\gamma}{2}\|x-x'\|^2)\,dx'` has gradient
@@ -85,7 +87,7 @@ class EntropySGD(Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ) -> None:
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("gamma", gamma, low_open=True)
         check_number("gamma_scoping", gamma_scoping)
@@ -156,7 +158,7 @@ class EntropySGD(Optimizer):
         i = 0
         for group in self.param_groups:
             gamma_t = group["gamma"] * (1.0 + group["gamma_scoping"]) ** t
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, m, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 mu = means[i]
                 i += 1
@@ -182,6 +184,9 @@ def _register() -> None:
                   "noise": 1e-4, "alpha": 0.75},
         reference="Chaudhari, Choromanska et al. 2017, arXiv:1611.01838",
         summary="descent on the local entropy, estimated by Langevin inner steps",
+        deviations={"complex": "Langevin noise is drawn for real weights",
+                    "moves_at_zero_grad": "the Langevin inner loop adds thermal noise (noise > 0); noise=0 makes a "
+                                          "zero gradient a no-op"},
     ))
 
 

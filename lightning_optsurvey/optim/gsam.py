@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_optsurvey.optim._common import check_number
-from lightning_optsurvey.optim.sam import SAM, BaseOptimizer
+from lightning_optsurvey.optim.sam import _DEVIATIONS, SAM, BaseOptimizer
 
 
 class GSAM(SAM):
@@ -39,6 +39,10 @@ class GSAM(SAM):
         adaptive: Use ASAM's scale-invariant neighbourhood.
         eta: ASAM's offset, ``>= 0``.
         **base_kwargs: Hyperparameters of the base optimizer.
+
+    With ``maximize=True`` the roles of ascent and descent swap as for :class:`SAM` (the direction is
+    computed from the raw gradients and the base ascends along it). After ``step``, ``.grad`` holds the
+    gradient at the perturbed point, as the closure left it; the direction is only handed to the base.
 
     Raises:
         ValueError: For a negative ``rho``, ``alpha`` or ``eta`` and the cases of :class:`SAM`.
@@ -67,10 +71,10 @@ class GSAM(SAM):
     def _needs_ascent_grads(self) -> bool:
         return True
 
-    def _descent_gradients(self, params: list[Tensor], ascent_grads: list[Tensor]) -> None:
+    def _descent_gradients(self, params: list[Tensor], ascent_grads: list[Tensor]) -> dict[Tensor, Tensor]:
         have = [i for i, p in enumerate(params) if p.grad is not None]
         if not have:
-            return
+            return {}
         g = [ascent_grads[i] for i in have]
         gp = [params[i].grad for i in have]
         device = g[0].device
@@ -78,11 +82,13 @@ class GSAM(SAM):
         gp_sq = torch.stack([x.to(device) ** 2 for x in torch._foreach_norm(gp)]).sum()
         coef = inner / (gp_sq + 1e-12)
         alpha_of = {id(p): group["alpha"] for group in self.param_groups for p in group["params"]}
+        directions: dict[Tensor, Tensor] = {}
         for i, gi, gpi in zip(have, g, gp):
             alpha = alpha_of[id(params[i])]
             if alpha:
-                # d = g_p - alpha (g - coef g_p) = (1 + alpha coef) g_p - alpha g
-                gpi.mul_(1.0 + alpha * coef).add_(gi, alpha=-alpha)
+                # d = g_p - alpha (g - coef g_p) = (1 + alpha coef) g_p - alpha g; .grad itself is left alone
+                directions[params[i]] = gpi.mul(1.0 + alpha * coef).add_(gi, alpha=-alpha)
+        return directions
 
 
 def _register() -> None:
@@ -93,6 +99,7 @@ def _register() -> None:
         defaults={"base": "momentum", "rho": 0.05, "alpha": 0.1},
         reference="Zhuang et al. 2022, arXiv:2203.08065",
         summary="SAM whose descent also lowers the surrogate gap",
+        deviations=_DEVIATIONS,
     ))
 
 

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_optsurvey.optim._common import (
+    FullStateMixin,
     StateGenerator,
     call_closure,
     check_bool,
     check_int,
+    check_lr,
     check_number,
     heavy_ball,
 )
@@ -41,6 +43,8 @@ _STEP_KEY = "kfac"
 #: A gradient counts as the captured batch's (up to a scale, e.g. norm clipping) within this relative error.
 _LOW_RANK_RTOL = 1e-5
 _FISHERS = ("empirical", "mc")
+#: Options that act on the whole step (one capture window, one Fisher, one trust region): optimizer-wide.
+_WIDE = ("stat_every", "fisher", "kl_clip")
 _LIKELIHOODS = ("categorical", "gaussian")
 
 
@@ -96,6 +100,14 @@ class _Hooks:
         self._optimizer = weakref.ref(optimizer)
         self._module = weakref.ref(module)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or pickle of the model (or of the optimizer with it) gets a dead hook; the copied
+        # optimizer registers its own (KFAC._restore).
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._optimizer = self._module = lambda: None  # type: ignore[assignment]
+
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         opt = self._optimizer()
         if opt is None or not opt._capturing or not module.training or not torch.is_grad_enabled():
@@ -140,7 +152,7 @@ class _OutputGradHook:
                 pending["go"] = grad.detach()
 
 
-class KFAC(Optimizer):
+class KFAC(FullStateMixin, Optimizer):
     r"""K-FAC with momentum, factored Tikhonov damping and KL clipping.
 
     For a layer with input rows :math:`a` (Conv2d: unfolded patches, Grosse & Martens 2016) and output
@@ -159,6 +171,14 @@ class KFAC(Optimizer):
     :math:`\nu = \min(1, \sqrt{\kappa / \sum \eta^2 \langle V, \nabla W\rangle})`, then
     :math:`d = \nu V + \text{wd}\, W`, :math:`b \leftarrow \mu b + d`, :math:`W \leftarrow W - \eta b`.
     Parameters outside supported layers take the same momentum step on their plain gradient.
+
+    ``lr``, ``momentum``, ``damping``, ``stat_decay``, ``inv_every``, ``weight_decay``, ``pi_correction``
+    and ``low_rank`` may differ per parameter group (a layer follows its weight's group); ``stat_every``,
+    ``fisher`` and ``kl_clip`` act on the whole step and are optimizer-wide: a group that sets them to
+    another value is refused with a ``ValueError``. Layers whose parameters arrive later through
+    ``add_param_group`` (as Lightning's ``BaseFinetuning`` does when it unfreezes a block) are
+    preconditioned from then on. ``copy.deepcopy`` and pickling keep the layers (the copy hooks the copied
+    layers) and the trajectory continues identically.
 
     Statistics are collected by hooks that are active only during the closure evaluated by ``step``
     (first forward and first backward of each layer in it, train mode, grad enabled) and only every
@@ -217,7 +237,7 @@ class KFAC(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("damping", damping, low_open=True)
         check_number("stat_decay", stat_decay, high=1.0, high_open=True)
@@ -238,25 +258,88 @@ class KFAC(Optimizer):
                     "inv_every": inv_every, "stat_every": stat_every, "fisher": fisher,
                     "low_rank": low_rank}
         super().__init__(params, defaults)
-        owned = {p for group in self.param_groups for p in group["params"]}
-        self._layers: list[nn.Module] = [
-            m for m in model.modules() if _supported(m) and m.weight in owned
-            and (m.bias is None or m.bias in owned)
-        ]
+        #: Every supported layer of the model, owned or not yet (add_param_group may bring it in).
+        self._model_layers: list[nn.Module] = [m for m in model.modules() if _supported(m)]
+        self._layers: list[nn.Module] = []
+        self._hooked = True
         self._capturing = False
         self._stats = True
         self._sampling = False
         self._rng = StateGenerator(seed)
+        self._init_transient()
+        self._adopt_layers()
+
+    _TRANSIENT = ("_handles", "_pending", "_seen_forward", "_seen_backward")
+
+    def _init_transient(self) -> None:
         self._seen_forward: set[nn.Module] = set()
         self._seen_backward: set[nn.Module] = set()
         self._pending: dict[nn.Module, dict[str, Tensor]] = {}
-        self._handles = [m.register_forward_hook(_Hooks(self, m)) for m in self._layers]
+        self._handles: list[Any] = []
+
+    def _restore(self) -> None:
+        if "_handles" in self.__dict__ or "_layers" not in self.__dict__:
+            return  # load_state_dict on a live optimizer: nothing to rebuild
+        self._init_transient()
+        self._capturing = False
+        if self._hooked:
+            for module in self._layers:
+                for key, hook in list(module._forward_hooks.items()):
+                    if isinstance(hook, _Hooks):
+                        del module._forward_hooks[key]
+                self._handles.append(module.register_forward_hook(_Hooks(self, module)))
+
+    def _adopt_layers(self) -> None:
+        """Precondition (and hook) every supported layer whose parameters are all in this optimizer."""
+        owned = {p for group in self.param_groups for p in group["params"]}
+        for m in self._model_layers:
+            if m in self._layers or m.weight not in owned or (m.bias is not None and m.bias not in owned):
+                continue
+            self._layers.append(m)
+            if self._hooked:
+                self._handles.append(m.register_forward_hook(_Hooks(self, m)))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; a layer whose parameters are now all in the optimizer is preconditioned from now on.
+
+        Raises:
+            ValueError: If the group sets an optimizer-wide option (``stat_every``, ``fisher``,
+                ``kl_clip``) to a value other than the optimizer's, or an out-of-range per-group option.
+        """
+        for key in _WIDE:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"K-FAC's {key} is optimizer-wide ({self.defaults[key]!r}); a parameter group cannot set "
+                    f"{param_group[key]!r}"
+                )
+        if "lr" in param_group:
+            check_lr(param_group["lr"])
+        for key, kwargs in (("momentum", {"high": 1.0, "high_open": True}),
+                            ("damping", {"low_open": True}), ("stat_decay", {"high": 1.0, "high_open": True}),
+                            ("weight_decay", {})):
+            if key in param_group:
+                check_number(key, param_group[key], **kwargs)
+        if "inv_every" in param_group:
+            check_int("inv_every", param_group["inv_every"])
+        super().add_param_group(param_group)
+        if "_model_layers" in self.__dict__:
+            self._adopt_layers()
+
+    def _check_wide(self) -> None:
+        for group in self.param_groups:
+            for key in _WIDE:
+                if group.get(key, self.defaults[key]) != self.defaults[key]:
+                    raise ValueError(
+                        f"K-FAC's {key} is optimizer-wide ({self.defaults[key]!r}) but a parameter group was set "
+                        f"to {group[key]!r}; change optimizer.defaults[{key!r}] and every group together"
+                    )
 
     def remove_hooks(self) -> None:
         """Detach the statistics hooks from the model (the optimizer then steps with its last factors)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked = False
 
     @contextmanager
     def capture(self, stats: bool = True) -> Iterator[None]:
@@ -318,7 +401,7 @@ class KFAC(Optimizer):
     def _keeps_rows(self, module: nn.Module, x: Tensor) -> bool:
         """Whether to keep the layer's input rows for the low-rank preconditioning path."""
         return (
-            self.defaults["low_rank"] and self.defaults["fisher"] == "empirical"
+            self._group_of(module.weight)["low_rank"] and self.defaults["fisher"] == "empirical"
             and isinstance(module, nn.Linear) and x.ndim == 2
             and 2 * x.shape[0] < min(module.in_features, module.out_features)
         )
@@ -356,12 +439,13 @@ class KFAC(Optimizer):
         values, vectors = torch.linalg.eigh(damped)  # round-off made it indefinite: clip the spectrum
         return ((vectors / values.clamp_min(shift)) @ vectors.T).to(matrix.dtype)
 
-    def _update_inverses(self, only_missing: bool) -> None:
+    def _update_inverses(self, step: int) -> None:
+        """Refresh a layer's inverses every ``inv_every`` steps of its group; invert new statistics at once."""
         for module in self._layers:
             state = self.state[module.weight]
-            if "A" not in state or (only_missing and "A_inv" in state):
-                continue
             group = self._group_of(module.weight)
+            if "A" not in state or (step % group["inv_every"] != 0 and "A_inv" in state):
+                continue
             a_fac, g_fac = state["A"], state["G"]
             if not (torch.isfinite(a_fac).all() and torch.isfinite(g_fac).all()):
                 raise FloatingPointError(
@@ -454,6 +538,7 @@ class KFAC(Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
+        self._check_wide()
         counter = self._step_state()
         step = counter["step"]
         loss = None
@@ -461,21 +546,20 @@ class KFAC(Optimizer):
             with self.capture(stats=step % self.defaults["stat_every"] == 0):
                 loss = call_closure(closure)
         captured = self._update_factors()
-        # Refresh every inv_every steps; a layer whose first statistics just arrived is inverted at once.
-        self._update_inverses(only_missing=step % self.defaults["inv_every"] != 0)
+        self._update_inverses(step)
 
         updates = self._precondition(captured)
         nu = 1.0
         if updates and self.defaults["kl_clip"] is not None:
             vg = sum(
-                (self._group_of(p)["lr"] ** 2) * torch.vdot(v.flatten(), p.grad.flatten())
+                (float(self._group_of(p)["lr"]) ** 2) * torch.vdot(v.flatten(), p.grad.flatten())
                 for p, v in updates.items()
             )
             vg = float(vg)
             if vg > 0:
                 nu = min(1.0, (self.defaults["kl_clip"] / vg) ** 0.5)
         for group in self.param_groups:
-            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, momentum, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -488,21 +572,24 @@ class KFAC(Optimizer):
         return loss
 
 
+def _factory(params: Any, *, model: nn.Module, **hparams: Any) -> KFAC:
+    """The registry's factory (module level, so that the spec pickles)."""
+    return KFAC(model, params=params, **hparams)
+
+
 def _register() -> None:
     import inspect
 
     from lightning_optsurvey.optim.registry import OptimizerSpec, register
 
-    def factory(params: Any, *, model: nn.Module, **hparams: Any) -> KFAC:
-        return KFAC(model, params=params, **hparams)
-
-    factory.__signature__ = inspect.signature(KFAC)  # type: ignore[attr-defined]
+    _factory.__signature__ = inspect.signature(KFAC)  # type: ignore[attr-defined]
     register(OptimizerSpec(
-        "kfac", factory, "second_order", needs_model=True,
+        "kfac", _factory, "second_order", needs_model=True,
         defaults={"lr": 0.05, "momentum": 0.9, "damping": 0.1, "inv_every": 10, "stat_every": 10,
                   "kl_clip": 1e-3},
         reference="Martens & Grosse 2015, arXiv:1503.05671; Grosse & Martens 2016, arXiv:1602.01407",
         summary="Kronecker-factored natural gradient (Linear and Conv2d layers)",
+        deviations={"complex": "the Kronecker factors are real covariances"},
     ))
 
 

@@ -9,7 +9,15 @@ An :class:`OptimizerSpec` records what an optimizer needs from the training loop
 - ``needs_model``: the constructor takes the module, not only its parameters (K-FAC hooks layers).
 
 ``create_optimizer`` checks the hyperparameters against the factory's signature before building, so a
-misspelt name is an error rather than silently ignored (several libraries swallow unknown keywords).
+misspelt name is an error rather than silently ignored (several libraries swallow unknown keywords), and
+applies the package's one rule for float hyperparameters to every entry, torch's and pytorch-optimizer's
+included: a wrong type is a ``TypeError``, a NaN or infinite value a ``ValueError``, both naming the
+parameter (:func:`~lightning_optsurvey.optim._common.check_float_hparam`; ranges stay with each optimizer).
+
+``deviations`` declares where an entry knowingly differs from a ``torch.optim`` optimizer in the generic
+properties PyTorch tests all of its optimizers for (``tests/test_optim_torch_battery.py`` ports that
+battery); each key names a difference from :data:`DEVIATIONS`, its value says why, and the battery checks
+the declared behaviour instead of the torch one.
 """
 
 from __future__ import annotations
@@ -20,10 +28,28 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_optsurvey.optim import _loop
+from lightning_optsurvey.optim._common import check_float_hparam
+
 FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
+
+#: The differences from ``torch.optim``'s generic behaviour an entry may declare, and what the battery then
+#: checks instead.
+DEVIATIONS: Mapping[str, str] = MappingProxyType({
+    "complex": "complex parameters are rejected with a ValueError at construction",
+    "tensor_lr": "a tensor lr is rejected with a ValueError at construction",
+    "moves_at_zero_grad": "a step moves the parameters even at a zero gradient",
+    "grad_replaced": "after step, .grad holds the gradient the update used, not the closure's last one",
+    "bounded_step": "the step size is clipped into bounds that do not scale to zero with lr",
+    "linear_loss": "a loss linear in every parameter is refused with a RuntimeError (no gradient has a graph: "
+                   "indistinguishable from a backward without create_graph)",
+    "deepcopy": "a deep copy (or pickle) cannot continue stepping",
+    "param_groups": "one parameter group only: several are rejected with a ValueError",
+    "global_rng": "steps draw from torch's global RNG: two copies stepped in turn diverge unless it is forked",
+})
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
@@ -44,6 +70,8 @@ class OptimizerSpec:
         defaults: Hyperparameters used unless overridden (tuned for the digits task).
         summary: One line for tables.
         strict: Reject hyperparameters that the factory's signature does not name.
+        deviations: Declared differences from ``torch.optim``'s generic behaviour: keys from
+            :data:`DEVIATIONS`, values the reason.
 
     Raises:
         ValueError: If ``name`` or ``family`` is invalid, or ``defaults`` names a keyword that a ``strict``
@@ -61,6 +89,7 @@ class OptimizerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
     strict: bool = True
+    deviations: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not all(
@@ -72,6 +101,12 @@ class OptimizerSpec:
         if not callable(self.factory):
             raise TypeError(f"factory of {self.name!r} must be callable, got {self.factory!r}")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        unknown = set(self.deviations) - set(DEVIATIONS)
+        if unknown:
+            raise ValueError(f"deviations of {self.name!r} name {sorted(unknown)}; known: {sorted(DEVIATIONS)}")
+        if not all(isinstance(v, str) and v for v in self.deviations.values()):
+            raise ValueError(f"every deviation of {self.name!r} needs a reason (a non-empty string)")
+        object.__setattr__(self, "deviations", MappingProxyType(dict(self.deviations)))
         accepted = self.accepted_hparams()
         if accepted is not None and set(self.defaults) - accepted:
             raise ValueError(
@@ -84,7 +119,7 @@ class OptimizerSpec:
         return (
             type(self),
             (self.name, self.factory, self.family, self.needs_closure, self.create_graph, self.needs_model,
-             self.reference, dict(self.defaults), self.summary, self.strict),
+             self.reference, dict(self.defaults), self.summary, self.strict, dict(self.deviations)),
         )
 
     def accepted_hparams(self) -> set[str] | None:
@@ -99,6 +134,44 @@ class OptimizerSpec:
         if takes_any and not self.strict:
             return None
         return names
+
+    def float_hparams(self) -> set[str]:
+        """Names whose default in the factory's signature is a float or a tuple of floats (and ``lr``)."""
+        names = {"lr"}
+        for n, p in inspect.signature(self.factory).parameters.items():
+            default = p.default
+            if isinstance(default, (tuple, list)) and default and all(
+                isinstance(v, float) for v in default
+            ):
+                names.add(n)
+            elif isinstance(default, float):
+                names.add(n)
+        return names
+
+
+def _params_list(params: Iterable[Any]) -> list[Any]:
+    """``params`` as a list whose groups' ``params`` are lists too (generators are consumed once)."""
+    if isinstance(params, Tensor):
+        return params  # type: ignore[return-value]  # the optimizer raises its own TypeError
+    out = []
+    for item in params:
+        if isinstance(item, dict) and "params" in item and not isinstance(item["params"], Tensor):
+            item = {**item, "params": list(item["params"])}
+        out.append(item)
+    return out
+
+
+def _complex_params(params: list[Any]) -> list[Tensor]:
+    found = []
+    for item in params if isinstance(params, list) else []:
+        group = item["params"] if isinstance(item, dict) else [item]
+        group = [group] if isinstance(group, Tensor) else group
+        for p in group:
+            if isinstance(p, tuple) and len(p) == 2:  # named parameters
+                p = p[1]
+            if isinstance(p, Tensor) and p.is_complex():
+                found.append(p)
+    return found
 
 
 def register(spec: OptimizerSpec, *, replace: bool = False) -> OptimizerSpec:
@@ -172,8 +245,10 @@ def create_optimizer(
         The optimizer.
 
     Raises:
-        ValueError: For an unknown name, a missing ``model``, or an invalid hyperparameter value.
-        TypeError: For a hyperparameter the optimizer does not take.
+        ValueError: For an unknown name, a missing ``model``, an invalid hyperparameter value (NaN and
+            infinite floats included), or complex parameters for an entry that declares them unsupported.
+        TypeError: For a hyperparameter the optimizer does not take, or a float hyperparameter that is not
+            a real number (``lr="0.1"``).
 
     Example:
         >>> from torch import nn
@@ -191,22 +266,47 @@ def create_optimizer(
                 f"it takes: {', '.join(sorted(accepted))}"
             )
     kwargs = {**spec.defaults, **hparams}
+    for key in spec.float_hparams() & set(kwargs):
+        check_float_hparam(key, kwargs[key])
+    params = _params_list(params)
+    if "complex" in spec.deviations and _complex_params(params):
+        p = _complex_params(params)[0]
+        raise ValueError(
+            f"optimizer {name!r} does not support complex parameters (got one of shape {tuple(p.shape)}, "
+            f"{p.dtype}): {spec.deviations['complex']}; optimize torch.view_as_real(param) instead"
+        )
     if spec.needs_model:
         if model is None:
             raise ValueError(f"optimizer {name!r} needs the model: call create_optimizer(..., model=module)")
-        return spec.factory(params, model=model, **kwargs)
-    return spec.factory(params, **kwargs)
+        optimizer = spec.factory(params, model=model, **kwargs)
+    else:
+        optimizer = spec.factory(params, **kwargs)
+    # What the method needs from a training loop is served by callbacks.OptimizerLoopAdapter; the guard
+    # refuses a Lightning step without it (see optim/_loop.py).
+    _loop.tag(optimizer, name, spec, model)
+    _loop.install_guard(optimizer, name)
+    return optimizer
 
 
 def methods_markdown() -> str:
-    """The registry as a markdown table (name, family, closure, summary, reference), as in the README."""
+    """The registry as a markdown table, as in the README.
+
+    Columns: name, family, needs, summary, reference, and the differences from ``torch.optim`` the entry
+    declares (:data:`DEVIATIONS` keys with the entry's reason), followed by the keys' meanings.
+    """
     _ensure_loaded()
-    lines = ["| name | family | needs | summary | reference |", "|---|---|---|---|---|"]
+    lines = ["| name | family | needs | summary | reference | differs from torch.optim |", "|---|---|---|---|---|---|"]
     for name in available_optimizers():
         spec = _REGISTRY[name]
         needs = ", ".join(
             flag for flag, on in (("closure", spec.needs_closure), ("create_graph", spec.create_graph),
                                   ("model", spec.needs_model)) if on
         )
-        lines.append(f"| `{name}` | {spec.family} | {needs} | {spec.summary} | {spec.reference} |")
+        differs = "; ".join(f"`{k}`: {why}" for k, why in sorted(spec.deviations.items()))
+        lines.append(f"| `{name}` | {spec.family} | {needs} | {spec.summary} | {spec.reference} | {differs} |")
+    lines.append("")
+    lines.append("Declared differences from `torch.optim` (each checked as declared by "
+                 "`tests/test_optim_torch_battery.py`, PyTorch's generic optimizer tests run over every entry):")
+    lines.append("")
+    lines.extend(f"- `{k}`: {meaning}" for k, meaning in DEVIATIONS.items())
     return "\n".join(lines)

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import call_closure, check_bool, check_number, require_closure
+from lightning_optsurvey.optim._common import (
+    FullStateMixin,
+    call_closure,
+    check_bool,
+    check_number,
+    require_closure,
+    unhooked_step,
+)
 
 BaseOptimizer = str | type[Optimizer] | Callable[..., Optimizer]
 
@@ -47,7 +54,7 @@ def _build_base(base: BaseOptimizer, groups: list[dict[str, Any]], base_kwargs: 
     )
 
 
-class SAM(Optimizer):
+class SAM(FullStateMixin, Optimizer):
     r"""Sharpness-aware minimization around any base optimizer.
 
     Each step solves the inner maximization of :math:`\min_w \max_{\|\epsilon\|\le\rho} L(w+\epsilon)` to first
@@ -60,6 +67,12 @@ class SAM(Optimizer):
 
     with :math:`T_w = I` for SAM and :math:`T_w = \mathrm{diag}(|w| + \eta)` for ASAM (``adaptive=True``).
     The norm is taken over all parameter groups; ``rho``, ``adaptive`` and ``eta`` may differ per group.
+    A group with ``maximize=True`` (when the base optimizer takes ``maximize``) maximizes the loss: its
+    perturbation points down the gradient and the base ascends.
+
+    The base optimizer's ``step`` runs without step hooks: hooks registered on this optimizer, and the
+    global ones (``torch.optim.optimizer.register_optimizer_step_pre_hook``), fire once per ``step``.
+    ``copy.deepcopy`` and pickling keep the base, so a copy continues identically.
 
     ``step(closure)`` calls the closure twice; the closure must zero the gradients, recompute the loss and
     call ``backward`` (Lightning's automatic optimization passes such a closure). The loss returned is the
@@ -128,9 +141,12 @@ class SAM(Optimizer):
         self._base.param_groups = self.param_groups
         self._base.state = self.state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._bind_base()
+    def _restore(self) -> None:
+        if "_base" in self.__dict__:
+            # The base's own __setstate__ applies its backward-compatibility fixes (flags missing from
+            # old groups, Python-number steps) to the one set of groups and state, and re-binds it.
+            self._base.__setstate__({"state": self.state, "param_groups": self.param_groups})
+            self._bind_base()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -160,6 +176,8 @@ class SAM(Optimizer):
         perturbations: list[Tensor] = []
         for group, params, scales in per_group:
             factor = group["rho"] / (norm + 1e-12)
+            if group.get("maximize", False):
+                factor = -factor  # ascend the loss: the worst neighbour is downhill
             grads = [p.grad for p in params]
             if group["adaptive"]:
                 e = torch._foreach_mul(grads, torch._foreach_mul(scales, scales))
@@ -170,8 +188,9 @@ class SAM(Optimizer):
             perturbations.extend(e)
         return all_params, perturbations
 
-    def _descent_gradients(self, params: list[Tensor], ascent_grads: list[Tensor]) -> None:
-        """Turn the gradients at the perturbed point (in ``p.grad``) into the base's input (SAM: as is)."""
+    def _descent_gradients(self, params: list[Tensor], ascent_grads: list[Tensor]) -> dict[Tensor, Tensor]:
+        """The base's input where it is not the gradient at the perturbed point in ``p.grad`` (SAM: none)."""
+        return {}
 
     def _needs_ascent_grads(self) -> bool:
         return False
@@ -201,9 +220,23 @@ class SAM(Optimizer):
                 call_closure(closure)
             finally:
                 torch._foreach_copy_(params, saved)
-            self._descent_gradients(params, ascent)
-        self._base.step()
+            directions = self._descent_gradients(params, ascent)
+        else:
+            directions = {}
+        # The base reads .grad: hand it the directions, then give back the gradients the closure computed.
+        computed = {p: p.grad for p in directions}
+        for p, d in directions.items():
+            p.grad = d
+        try:
+            unhooked_step(self._base)
+        finally:
+            for p, g in computed.items():
+                p.grad = g
         return loss
+
+
+#: What SAM-type entries declare (shared with GSAM).
+_DEVIATIONS = {"complex": "the neighbourhood radius is defined for real weights only"}
 
 
 def _register() -> None:
@@ -216,12 +249,14 @@ def _register() -> None:
         defaults={"base": "momentum", "rho": 0.05},
         reference="Foret, Kleiner, Mobahi & Neyshabur 2021, arXiv:2010.01412",
         summary="sharpness-aware minimization around a base optimizer (two closure evaluations)",
+        deviations=_DEVIATIONS,
     ))
     register(OptimizerSpec(
         "asam", partial(SAM, adaptive=True), "landscape", needs_closure=True, strict=False,
         defaults={"base": "momentum", "rho": 0.5, "eta": 0.01},
         reference="Kwon, Kim, Park & Choi 2021, arXiv:2102.11600",
         summary="adaptive (scale-invariant) SAM",
+        deviations=_DEVIATIONS,
     ))
 
 

@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import call_closure, check_bool, check_int, check_number, heavy_ball
+from lightning_optsurvey.optim._common import (
+    FullStateMixin,
+    call_closure,
+    check_bool,
+    check_int,
+    check_lr,
+    check_number,
+    heavy_ball,
+)
 
 
 def _inverse_root(matrix: Tensor, exponent: float, eps: float) -> Tensor:
@@ -32,7 +40,7 @@ def _inverse_root(matrix: Tensor, exponent: float, eps: float) -> Tensor:
     return ((vectors * values.clamp_min(eps).pow(-1.0 / exponent)) @ vectors.T).to(matrix.dtype)
 
 
-class Shampoo(Optimizer):
+class Shampoo(FullStateMixin, Optimizer):
     r"""Shampoo with momentum.
 
     For a parameter of order :math:`k` with gradient :math:`G`, each dimension :math:`i` (of size at most
@@ -81,7 +89,7 @@ class Shampoo(Optimizer):
         weight_decay: float = 0.0,
         graft: bool = True,
     ) -> None:
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("eps", eps, low_open=True)
         check_int("update_every", update_every)
@@ -104,7 +112,7 @@ class Shampoo(Optimizer):
         """
         loss = call_closure(closure) if closure is not None else None
         for group in self.param_groups:
-            lr, m, eps, wd = group["lr"], group["momentum"], group["eps"], group["weight_decay"]
+            lr, m, eps, wd = float(group["lr"]), group["momentum"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -146,6 +154,7 @@ def _register() -> None:
         defaults={"lr": 0.05, "momentum": 0.9, "update_every": 10},
         reference="Gupta, Koren & Singer 2018, arXiv:1802.09568",
         summary="Kronecker-factored full-matrix AdaGrad (one preconditioner per dimension)",
+        deviations={"complex": "the preconditioners are real symmetric matrices"},
     ))
 
 

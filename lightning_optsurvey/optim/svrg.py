@@ -4,9 +4,9 @@ Why ours: no maintained package offers SVRG as an optimizer that fits a training
 full gradient at a snapshot once per epoch and a second gradient evaluation, on the same mini-batch, at
 the snapshot. :class:`SVRG` does the second evaluation inside ``step(closure)`` (at the snapshot weights,
 with the same random state, so dropout masks match) and keeps the snapshot and its full gradient in
-``self.state``; :class:`SVRGSnapshot` computes the full gradient at the start of each epoch.
-``ClassifierModule`` adds the callback itself, so ``optsurvey compare --optimizers svrg`` needs nothing
-special.
+``self.state``; :class:`~lightning_optsurvey.callbacks.SVRGSnapshot` (Lightning-side, so not here) computes
+the full gradient at the start of each epoch, and :class:`~lightning_optsurvey.callbacks.OptimizerLoopAdapter`
+runs one for any module whose optimizer is SVRG.
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
-from typing_extensions import override
 
 from lightning_optsurvey.optim._common import (
+    FullStateMixin,
     call_closure,
-    check_int,
+    check_lr,
     check_number,
-    frozen_batchnorm_stats,
     heavy_ball,
     require_closure,
 )
@@ -48,7 +45,7 @@ def _set_rng_states(states: list[tuple[str, Any]]) -> None:
             torch.cuda.set_rng_state(state, device)
 
 
-class SVRG(Optimizer):
+class SVRG(FullStateMixin, Optimizer):
     r"""Stochastic variance-reduced gradient (with optional momentum).
 
     With a snapshot :math:`\tilde w` and its full gradient :math:`\tilde\mu = \nabla F(\tilde w)`, each step on a
@@ -79,11 +76,11 @@ class SVRG(Optimizer):
         NeurIPS 2013, papers.nips.cc/paper/4937.
     """
 
-    #: Under Lightning the snapshot is taken by :class:`SVRGSnapshot`; ``ClassifierModule`` adds it.
+    #: Under Lightning the snapshot is taken by ``callbacks.SVRGSnapshot``, which ``OptimizerLoopAdapter`` runs.
     requires_snapshot_callback = True
 
     def __init__(self, params: Any, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        check_number("lr", lr, low_open=True)
+        check_lr(lr)
         check_number("momentum", momentum, high=1.0, high_open=True)
         check_number("weight_decay", weight_decay)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
@@ -146,7 +143,7 @@ class SVRG(Optimizer):
                     v.sub_(p.grad)
                 v.add_(self.state[p]["full_grad"])
         for group in self.param_groups:
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, m, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p not in directions:
                     continue
@@ -158,103 +155,6 @@ class SVRG(Optimizer):
         return loss
 
 
-def _default_loss(pl_module: LightningModule, batch: Any) -> Tensor:
-    compute = getattr(pl_module, "compute_loss", None)
-    if compute is None:
-        raise ValueError(
-            f"SVRGSnapshot needs loss_fn(pl_module, batch) or a {type(pl_module).__name__}.compute_loss(batch) "
-            "method returning the mean training loss of a batch"
-        )
-    return compute(batch)
-
-
-class SVRGSnapshot(Callback):
-    """Take SVRG's snapshot and full training gradient at the start of every ``every_n_epochs``-th epoch.
-
-    The full gradient is the size-weighted mean of the batch gradients over the whole training set (a
-    sequential pass over the train loader's dataset, so the training shuffle is not disturbed), computed in
-    train mode with BatchNorm running statistics left untouched. Under DDP every rank computes it over the
-    whole dataset, so the ranks agree without communication.
-
-    Args:
-        every_n_epochs: Epochs between snapshots (>= 1).
-        loss_fn: ``loss_fn(pl_module, batch) -> Tensor``, the mean loss of a batch; defaults to
-            ``pl_module.compute_loss(batch)``.
-        batch_size: Batch size of the full-gradient pass (default: the train loader's).
-
-    Raises:
-        ValueError: For a bad ``every_n_epochs``/``batch_size``, or at fit start when no SVRG optimizer is
-            configured or the train loader is not a single ``DataLoader``.
-
-    References:
-        Johnson & Zhang 2013, papers.nips.cc/paper/4937.
-    """
-
-    def __init__(
-        self,
-        every_n_epochs: int = 1,
-        loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
-        batch_size: int | None = None,
-    ) -> None:
-        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs)
-        if batch_size is not None:
-            check_int("batch_size", batch_size)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
-        self.loss_fn = loss_fn or _default_loss
-        self.batch_size = batch_size
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(every_n_epochs=self.every_n_epochs)
-
-    @staticmethod
-    def _optimizers(trainer: Trainer) -> list[SVRG]:
-        return [opt for opt in trainer.optimizers if isinstance(opt, SVRG)]
-
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._optimizers(trainer):
-            raise ValueError("SVRGSnapshot is attached but no configured optimizer is an SVRG instance")
-
-    @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if epoch % self.every_n_epochs:
-            return
-        optimizers = [opt for opt in self._optimizers(trainer) if opt.snapshot_tag != epoch]
-        if not optimizers:  # resumed inside an epoch whose snapshot the checkpoint already holds
-            return
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise ValueError(f"SVRGSnapshot needs a single DataLoader for training, got {type(loader).__name__}")
-        sequential = DataLoader(loader.dataset, batch_size=self.batch_size or loader.batch_size or 1,
-                                shuffle=False, collate_fn=loader.collate_fn)
-        total = len(loader.dataset)  # type: ignore[arg-type]
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        for p in params:
-            p.grad = None
-        was_training = pl_module.training
-        pl_module.train()
-        try:
-            with torch.enable_grad(), frozen_batchnorm_stats(pl_module):
-                for batch in sequential:
-                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                    size = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
-                    loss = self.loss_fn(pl_module, batch) * (size / total)
-                    loss.backward()
-            for opt in optimizers:
-                opt.snapshot(tag=epoch)
-        finally:
-            for p in params:
-                p.grad = None
-            pl_module.train(was_training)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"every_n_epochs": self.every_n_epochs}
-
-
 def _register() -> None:
     from lightning_optsurvey.optim.registry import OptimizerSpec, register
 
@@ -263,6 +163,7 @@ def _register() -> None:
         defaults={"lr": 0.05, "momentum": 0.9},
         reference="Johnson & Zhang 2013, papers.nips.cc/paper/4937",
         summary="variance-reduced SGD (here with momentum) with a full gradient each epoch",
+        deviations={"complex": "the snapshot correction is implemented for real weights"},
     ))
 
 

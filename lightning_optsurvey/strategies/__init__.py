@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_optsurvey.strategies._base import LocalModelStrategy, PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import CommCounter, FlatBuffers, consensus_distance
 from lightning_optsurvey.strategies.easgd import EASGDStrategy
+from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy, AsyncLSGDStrategy
 from lightning_optsurvey.strategies.gossip import GOSSIP_STRATEGY_NAMES, GossipStrategy
 from lightning_optsurvey.strategies.local_sgd import LocalSGDStrategy
 from lightning_optsurvey.strategies.lsgd import LSGDStrategy
@@ -19,6 +20,8 @@ GossipStrategy.register_strategies(StrategyRegistry)
 LocalSGDStrategy.register_strategies(StrategyRegistry)
 EASGDStrategy.register_strategies(StrategyRegistry)
 LSGDStrategy.register_strategies(StrategyRegistry)
+AsyncEASGDStrategy.register_strategies(StrategyRegistry)
+AsyncLSGDStrategy.register_strategies(StrategyRegistry)
 
 #: The strategy names this package registers (derived from the registry, so it cannot go stale).
 STRATEGY_NAMES: tuple[str, ...] = tuple(
@@ -33,6 +36,8 @@ __all__ = [
     "GOSSIP_STRATEGY_NAMES",
     "STRATEGY_NAMES",
     "TOPOLOGY_KINDS",
+    "AsyncEASGDStrategy",
+    "AsyncLSGDStrategy",
     "CommCounter",
     "EASGDStrategy",
     "FlatBuffers",

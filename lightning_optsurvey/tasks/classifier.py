@@ -1,23 +1,17 @@
 """A classifier ``LightningModule`` that trains with any registered optimizer, by name.
 
-The module reads the optimizer's :class:`~lightning_optsurvey.optim.OptimizerSpec` and adapts the loop
-to it, so that every method works under Lightning's automatic optimization:
-
-- ``create_graph`` methods (AdaHessian, Sophia-H) get a backward pass that keeps its graph;
-- ``needs_model`` methods (K-FAC) get the network, and K-FAC's Monte-Carlo Fisher gets the logits;
-- closure methods (L-BFGS, the SAM family, Entropy-SGD, LPF-SGD, SVRG) may evaluate ``training_step``
-  several times per optimizer step. Only the first evaluation logs, and the later ones leave BatchNorm's
-  running statistics as the first left them, so neither the logged loss nor the statistics are counted
-  twice. Gradient accumulation is refused for them (the later evaluations would only see the last
-  micro-batch); gradient clipping applies to every evaluation's gradient;
-- SVRG gets its per-epoch snapshot callback (:class:`~lightning_optsurvey.optim.SVRGSnapshot`) from
-  ``configure_callbacks``, so nothing else has to be attached.
+What each method needs from Lightning's loop (a ``create_graph`` backward, BatchNorm statistics and logging
+frozen on repeated closure evaluations, SVRG's snapshot, K-FAC's Monte-Carlo Fisher sampling, refusing
+gradient accumulation and ``16-mixed`` where they cannot work) is not coded here: the module returns
+:class:`~lightning_optsurvey.callbacks.OptimizerLoopAdapter` from ``configure_callbacks``, the same
+callback that serves any user ``LightningModule`` (attached to every Trainer by the package's entry point
+when it is installed). K-FAC gets the network as ``model=`` so that its Monte-Carlo Fisher samples from the
+logits.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -26,8 +20,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_optsurvey.optim import SVRGSnapshot, create_optimizer, get_spec
-from lightning_optsurvey.optim._common import frozen_batchnorm_stats
+from lightning_optsurvey.callbacks.optimizer_loop import OptimizerLoopAdapter
+from lightning_optsurvey.optim import create_optimizer, get_spec
 from lightning_optsurvey.tasks.models import build_model
 
 #: The schedulers by name, with the keywords each takes.
@@ -83,33 +77,14 @@ class ClassifierModule(LightningModule):
             )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._evals_this_batch = 0
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._evals_this_batch = 0
-
-    def on_fit_start(self) -> None:
-        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
-        if self.spec.needs_closure and accumulate > 1:
-            raise ValueError(
-                f"optimizer {self.spec.name!r} evaluates the closure several times per step, which cannot be "
-                f"combined with gradient accumulation (accumulate_grad_batches={accumulate}): only the last "
-                "micro-batch would be seen by the later evaluations. Use a larger batch size instead."
-            )
-        if self.spec.needs_closure and str(getattr(self.trainer, "precision", "")) == "16-mixed":
-            raise ValueError(
-                f"optimizer {self.spec.name!r} needs the closure in step(), but precision='16-mixed' steps "
-                "through a GradScaler that calls the closure itself and steps without it; use "
-                "precision='bf16-mixed' or 32-bit"
-            )
-
     def configure_callbacks(self) -> list[Any]:
-        if getattr(self.spec.factory, "requires_snapshot_callback", False):
-            return [SVRGSnapshot()]
-        return []
+        # Replaces the one an installed package's entry point puts on the Trainer (same type), so the
+        # module behaves the same whether the package is installed or only on the path.
+        return [OptimizerLoopAdapter()]
 
     def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Mean cross-entropy of a batch, without logging (used by full-gradient passes such as SVRG's)."""
@@ -118,23 +93,9 @@ class ClassifierModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        first = self._evals_this_batch == 0
-        self._evals_this_batch += 1
-        with nullcontext() if first else frozen_batchnorm_stats(self.net):
-            logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
-        if first:
-            self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-            # K-FAC with fisher="mc" samples targets from the model's outputs (a no-op otherwise).
-            sample_fisher = getattr(self._optimizer_or_none(), "sample_fisher", None)
-            if sample_fisher is not None:
-                sample_fisher(logits, "categorical")
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
-
-    def _optimizer_or_none(self) -> Any:
-        trainer = self._trainer
-        optimizers = trainer.optimizers if trainer is not None else []
-        return optimizers[0] if optimizers else None
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch
@@ -150,11 +111,6 @@ class ClassifierModule(LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "test", self.test_acc)
-
-    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        if self.spec.create_graph:
-            kwargs["create_graph"] = True
-        super().backward(loss, *args, **kwargs)
 
     def _build_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         return create_optimizer(self.spec.name, net.parameters(), model=net if self.spec.needs_model else None,

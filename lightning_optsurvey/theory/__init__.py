@@ -19,6 +19,7 @@ from lightning_optsurvey.theory import (  # noqa: F401  (importing the group mod
     adaptive,
     centralized,
     decentralized,
+    easgd_async,
     first_order,
     generalization,
     landscape,
