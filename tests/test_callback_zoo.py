@@ -55,9 +55,10 @@ def all_callbacks() -> list[MeasuringCallback]:
 
 def fit(name: str, callbacks: list, root, epochs: int = EPOCHS, ckpt_path: str | None = None):
     module, data = make(name)
+    # A copy of the list: Lightning appends the entry-point callbacks (OptimizerLoopAdapter) to the one it gets.
     trainer = Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, deterministic=True,
-                      default_root_dir=root, callbacks=callbacks, num_sanity_val_steps=0)
+                      default_root_dir=root, callbacks=list(callbacks), num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, trainer
 
