@@ -53,7 +53,7 @@ CONFIGS: tuple[tuple[str, str], ...] = (
     ("gossip_one_peer", "one-peer exponential"),
     ("local_sgd", "H=8"),
     ("post_local_sgd", "H=8, warm-up 1 epoch"),
-    ("easgd", "rho=0.1, tau=4"),
+    ("easgd", "beta=N*alpha=0.9, tau=4"),
     ("lsgd", "lambda=0.1, tau=4"),
     ("grawa", "lambda=0.1, tau=4"),
 )

@@ -177,7 +177,9 @@ class RunConfig:
     module: str | None = None  # "pkg.mod:Class" of the user's LightningModule (default: ClassifierModule)
     datamodule: str | None = None  # "pkg.mod:Class" of the user's LightningDataModule (default: digits)
     swa: bool = False  # stochastic weight averaging (callbacks.SWA) over the last quarter of the epochs
-
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_rank: int = 2
 
     @property
     def run_name(self) -> str:
@@ -281,7 +283,9 @@ def _build_run_classes(config: RunConfig) -> tuple[Any, Any, str, str]:
         datamodule = uc.build_datamodule(data_cls, batch_size=config.batch_size, seed=config.seed)
         task = uc.class_path(data_cls)
     else:
-        datamodule, task = DigitsDataModule(batch_size=config.batch_size, seed=config.seed), "digits"
+        datamodule = DigitsDataModule(batch_size=config.batch_size, seed=config.seed, partition=config.partition,
+                                      alpha=config.alpha, shards_per_rank=config.shards_per_rank)
+        task = "digits"
     return module, datamodule, model_name, task
 
 
@@ -332,6 +336,16 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
                              **kwargs[name])
         except (TypeError, ValueError) as err:
             raise CLIError(f"optimizer {name!r}: {err}") from None
+    from lightning_optsurvey.tasks.partition import check_partition_args
+
+    try:
+        check_partition_args(args.partition, args.alpha, args.shards_per_rank)
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    if args.datamodule and args.partition != "iid":
+        raise CLIError(
+            f"--partition {args.partition} splits the digits task; with --datamodule, split in your datamodule"
+        )
     check_tracking_uri(args.tracking_uri)
     return [
         RunConfig(
@@ -340,6 +354,7 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             experiment=args.experiment, tracking_uri=args.tracking_uri, optimizer_kwargs=kwargs[o],
             measure=not args.no_measure, limit_train_batches=args.limit_train_batches,
             module=args.module, datamodule=args.datamodule, swa=args.swa,
+            partition=args.partition, alpha=args.alpha, shards_per_rank=args.shards_per_rank,
         )
         for st in strategies
         for o in args.optimizers
@@ -433,6 +448,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparam", type=_hparam, action="append", metavar="OPT.KEY=VALUE",
                    help="override a hyperparameter, e.g. --hparam adam.lr=0.003 (repeatable)")
     p.add_argument("--no-measure", action="store_true", help="skip the measuring callbacks")
+    p.add_argument("--partition", default="iid", help="training data over ranks: iid (default), dirichlet, shards")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
+    p.add_argument("--shards-per-rank", type=int, default=2, help="shards per rank for --partition shards")
     p.add_argument("--swa", action="store_true",
                    help="stochastic weight averaging (Izmailov et al. 2018) over the last quarter of the epochs, "
                         "BatchNorm recomputed; validation and the swa/ measurements are of the averaged model")

@@ -133,6 +133,10 @@ def test_invalid_arguments() -> None:
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match="moving_rate"):
             EASGDStrategy(moving_rate=bad)
+        with pytest.raises(ValueError, match="beta"):
+            EASGDStrategy(beta=bad)
+    with pytest.raises(TypeError, match="beta"):
+        EASGDStrategy(beta="0.9")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="find_unused_parameters"):
         EASGDStrategy(find_unused_parameters=True)
     with pytest.raises(ValueError, match="num_workers"):
@@ -214,3 +218,24 @@ def test_moving_rate_follows_each_param_groups_learning_rate(quiet_trainer_kwarg
                 x = x - lr * grad
         assert torch.allclose(getattr(model, name).detach(), x, rtol=0, atol=EXACT_TOL * 10), name
         assert torch.allclose(strategy.center_tensors()[name], center, rtol=0, atol=EXACT_TOL * 10), name
+
+
+def test_default_moving_rate_is_beta_over_n(quiet_trainer_kwargs: dict) -> None:
+    """The paper's rule (Sec. 5): beta = N * alpha = 0.9; on one process alpha = 0.9, regardless of lr."""
+    h, lr, tau, steps = 2.0, 0.1, 2, 6
+    model = _Quadratic(h, lr)
+    strategy = EASGDStrategy(sync_every=tau)
+    assert strategy.alpha_rule == "beta/N" and strategy.beta == 0.9
+    trainer = Trainer(devices=1, strategy=strategy, max_steps=steps, precision="64-true", **quiet_trainer_kwargs)
+    with pytest.warns(UserWarning, match="single process"):
+        trainer.fit(model, DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1))
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    center = x.clone()
+    minimizer = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    for step in range(1, steps + 1):
+        grad = h * (x - minimizer)
+        if step % tau == 0:
+            (x,), center = easgd_step([x], center, alpha=0.9, grads=[grad], lr=lr)
+        else:
+            x = x - lr * grad
+    assert torch.allclose(strategy.center_tensors()["w"], center, rtol=0, atol=EXACT_TOL * 10)

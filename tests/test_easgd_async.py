@@ -270,3 +270,17 @@ def test_a_killed_worker_ends_the_others_with_a_clear_error(tmp_path: Path) -> N
     for log in logs:
         assert f"rank {WORLD - 1} stopped: no heartbeat" in log, log[-2000:]
     assert time.monotonic() - start < 90
+
+
+def test_easgd_asynchronous_switch_builds_the_async_strategy():
+    from lightning_optsurvey.strategies import EASGDStrategy
+    from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy
+
+    strategy = EASGDStrategy(0.2, 3, asynchronous=True)
+    assert type(strategy) is AsyncEASGDStrategy
+    assert (strategy.rho, strategy.sync_every) == (0.2, 3)
+    assert type(EASGDStrategy(rho=0.2)) is EASGDStrategy
+    with pytest.raises(TypeError, match="asynchronous must be a bool"):
+        EASGDStrategy(asynchronous=1)
+    with pytest.raises(TypeError, match="beta"):
+        EASGDStrategy(asynchronous=True, beta=0.9)

@@ -196,14 +196,27 @@ def test_validation_logging_with_sync_dist_and_callbacks(out_dir: Path) -> None:
     for rank, result in enumerate(results):
         assert result["topology"] == {"global_rank": rank, "node_rank": rank // 2, "world_size": WORLD,
                                       "num_nodes": NODES}
-        # sync_dist reduces over all 4 ranks (2 nodes), each evaluating its own model.
+        # sync_dist reduces over all 4 ranks (2 nodes), each evaluating the run's one model: the consensus.
         assert result["after_fit"]["val/rank"] == pytest.approx(sum(range(WORLD)) / WORLD)
         assert result["after_fit"]["val/loss"] == pytest.approx(sum(own_losses) / WORLD, rel=FLOAT32_REL * 4)
-        # trainer.validate after fit keeps each rank's own model (no broadcast from rank 0).
+        # trainer.validate after fit evaluates the consensus again; the ranks keep their own models.
         assert result["validated"]["val/own_loss"] == pytest.approx(result["after_fit"]["val/own_loss"],
                                                                      rel=FLOAT32_REL)
         assert Path(result["best_path"]).name == "best.ckpt"
-    assert len(set(own_losses)) == WORLD
+    # The logged score is the consensus model's: the average of the ranks' models (which training keeps
+    # apart, see below) scores val/loss on the whole validation set (equal shards, equal batches).
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * 4 * WORLD, 6, generator=generator)
+    y = x @ torch.randn(6, 3, generator=generator) + 0.1 * torch.randn(2 * 4 * WORLD, 3, generator=generator)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    average = {k.removeprefix("net."): sum(r["params"][k].double() for r in results) / WORLD
+               for k in results[0]["params"]}
+    model.load_state_dict({k: v.float() for k, v in average.items()})
+    with torch.no_grad():
+        consensus_loss = float(nn.functional.mse_loss(model(x), y))
+    for result in results:
+        assert result["after_fit"]["val/loss"] == pytest.approx(consensus_loss, rel=1e-5)
+        assert result["validated"]["val/loss"] == pytest.approx(consensus_loss, rel=1e-5)
     first = results[0]["params"]
     assert any(not torch.equal(first[k], results[1]["params"][k]) for k in first)
     best = torch.load(results[0]["best_path"], weights_only=False)

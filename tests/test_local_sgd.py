@@ -31,7 +31,8 @@ def test_invalid_arguments() -> None:
     ("name", "cls", "attributes"),
     [
         ("local_sgd", LocalSGDStrategy, {"sync_every": 8, "warmup_steps": 0}),
-        ("easgd", EASGDStrategy, {"rho": 0.1, "sync_every": 4, "moving_rate": None}),
+        ("easgd", EASGDStrategy, {"rho": None, "sync_every": 4, "moving_rate": None, "beta": 0.9,
+                                   "alpha_rule": "beta/N"}),
         ("lsgd", LSGDStrategy, {"pull_strength": 0.1, "sync_every": 4, "leader": "loss"}),
         ("grawa", LSGDStrategy, {"pull_strength": 0.1, "sync_every": 4, "leader": "grawa"}),
     ],

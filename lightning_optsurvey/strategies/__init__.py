@@ -9,6 +9,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_optsurvey.strategies._base import LocalModelStrategy, PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import CommCounter, FlatBuffers, consensus_distance
+from lightning_optsurvey.strategies.compressed_ddp import COMPRESSED_DDP_STRATEGY_NAMES, CompressedDDPStrategy
+from lightning_optsurvey.strategies.compression import QSGD, Compressor, RandomK, Sign, TopK
 from lightning_optsurvey.strategies.easgd import EASGDStrategy
 from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy, AsyncLSGDStrategy
 from lightning_optsurvey.strategies.gossip import GOSSIP_STRATEGY_NAMES, GossipStrategy
@@ -22,23 +24,29 @@ EASGDStrategy.register_strategies(StrategyRegistry)
 LSGDStrategy.register_strategies(StrategyRegistry)
 AsyncEASGDStrategy.register_strategies(StrategyRegistry)
 AsyncLSGDStrategy.register_strategies(StrategyRegistry)
+CompressedDDPStrategy.register_strategies(StrategyRegistry)
 
 #: The strategy names this package registers (derived from the registry, so it cannot go stale).
 STRATEGY_NAMES: tuple[str, ...] = tuple(
     sorted(
         name
         for name, entry in StrategyRegistry.items()
-        if isinstance(entry.get("strategy"), type) and issubclass(entry["strategy"], LocalModelStrategy)
+        if isinstance(entry.get("strategy"), type)
+        and issubclass(entry["strategy"], (LocalModelStrategy, CompressedDDPStrategy))
     )
 )
 
 __all__ = [
+    "COMPRESSED_DDP_STRATEGY_NAMES",
     "GOSSIP_STRATEGY_NAMES",
+    "QSGD",
     "STRATEGY_NAMES",
     "TOPOLOGY_KINDS",
     "AsyncEASGDStrategy",
     "AsyncLSGDStrategy",
     "CommCounter",
+    "CompressedDDPStrategy",
+    "Compressor",
     "EASGDStrategy",
     "FlatBuffers",
     "GossipStrategy",
@@ -46,6 +54,9 @@ __all__ = [
     "LocalModelStrategy",
     "LocalSGDStrategy",
     "PeriodicSyncStrategy",
+    "RandomK",
+    "Sign",
+    "TopK",
     "Topology",
     "consensus_distance",
 ]

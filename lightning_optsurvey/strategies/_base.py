@@ -27,6 +27,36 @@ subclass) provides so each method only writes its communication:
   stores them under ``checkpoint["per_rank_states"]``; a run resumed with the same strategy and world
   size loads its own rank's entry and continues exactly, other runs load the consensus.
 
+One model per run: :meth:`LocalModelStrategy.checkpoint_model_state` is the run's model (the consensus
+average; EASGD's center). Checkpoints store it, and validation, test and predict evaluate it on every
+rank (loaded into the module at ``on_validation_start``/``on_test_start``/``on_predict_start``, each
+rank's own model put back at the end), so the metrics Lightning logs, and ``ModelCheckpoint``'s score,
+describe the file. ``validate/test/predict(ckpt_path=...)`` outside a resumed fit load the checkpoint's
+model on every rank, equal to a 1-process evaluation of the file.
+
+Uneven data (ranks with different numbers of training batches in an epoch, none included): a rank that
+runs out of batches keeps answering the others' communication until every rank has finished the
+epoch (a join, as ``torch.distributed.algorithms.Join`` does for DDP). The protocol is one control
+message per training batch, an all-reduce of a few integers that replaces the SIGTERM broadcast Lightning
+2.6's loop makes before every batch: each rank's state (training, out of data with or without steps not
+yet communicated), SIGTERM flags, and, while a rank is out of data, an announcement before each round and
+each ``reduce``/``barrier``/``broadcast`` of the strategy (``self.log(..., sync_dist=True)`` then
+averages over the ranks that log). Ranks out of data take part in rounds as each method's docstring
+says (local SGD, EASGD and GRAWA weight them 0 unless they have steps not yet communicated; gossip
+relays with a zero update; LSGD picks the leader among ranks with fresh losses). After the epoch the
+ranks agree on validating (every rank validates, on the run's model) and on stopping (``max_steps`` on
+one rank stops all), the step schedule follows the rank that ran the most steps, epoch-level logged
+values are reduced over the batches that were run, and every rank's number of batches is logged as
+``data/batches_rank_<r>`` (and kept in ``batches_per_rank``). Features that communicate in the middle
+of an epoch, where a rank out of data cannot take part (validation inside the epoch, ``ModelCheckpoint``
+every n steps, ``ConsensusDistance`` every n steps, post-local SGD's warm-up), stop all ranks with a clear
+``RuntimeError`` as soon as their batches differ. A sized train loader of length 0 on a rank ends
+Lightning's fit on that rank, so use an iterable loader for a rank without data.
+
+Peers: ``timeout`` defaults to :data:`DEFAULT_CPU_TIMEOUT` (5 minutes) with gloo, and when a
+collective fails, the error names the failed rank (a rank that raised stores its error in the process
+group's TCP store; survivors check in there and name the ranks that do not).
+
 Subclass hooks (all optional): ``_validate_world_size(n)`` (raise ``ValueError`` early; called in
 ``Trainer.__init__`` and at setup), ``_on_fit_setup()`` (model and optimizers are on the device),
 ``_pre_optimizer_step(optimizer)``, ``_after_backward(optimizer)``, ``_post_optimizer_step(optimizer)``,
@@ -44,24 +74,32 @@ the step and synchronization counters in each rank's checkpointed state, and fla
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from functools import partial
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.data import sized_len
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata, _ResultMetric, _Sync
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -75,7 +113,15 @@ from lightning_optsurvey.strategies._comm import (
     is_distributed,
 )
 
-__all__ = ["PER_RANK_STATES_KEY", "LocalModelStrategy", "PeriodicSyncStrategy", "check_ddp_kwargs", "check_int"]
+__all__ = [
+    "DEFAULT_CPU_TIMEOUT",
+    "PER_RANK_STATES_KEY",
+    "LocalModelStrategy",
+    "PeriodicSyncStrategy",
+    "check_ddp_kwargs",
+    "check_int",
+    "check_timeout",
+]
 
 PER_RANK_STATES_KEY = "per_rank_states"
 """Checkpoint key of the per-rank states: ``{"strategy", "world_size", "ranks": [state_0, ...]}``."""
@@ -91,6 +137,23 @@ _DDP_STRATEGY_KWARGS = frozenset({
     "start_method",
 })
 _LOGGING_HOOKS = frozenset({"optimizer_step", "training_step"})
+
+# The uneven-data protocol (see "Uneven data" in the module docstring). One control message is an
+# all-reduce (MAX) of an int64 vector: _NUM_FIELDS fields, then one state slot per rank, then one
+# batch count per rank (each rank writes only its own slots).
+_OP_WAIT, _OP_STEP, _OP_ROUND, _OP_REDUCE, _OP_BARRIER, _OP_BROADCAST = range(6)
+_IDLE, _PENDING, _ACTIVE, _LAST = range(4)  # a rank's slot: out of data (with / without an unsent update),
+# training this batch (and more / and this is its last)
+(_F_OP, _F_ARG1, _F_ARG2, _F_ARG3, _F_SIGTERM, _F_REFUSE, _F_VALIDATE, _F_STOP, _F_STEPS, _NUM_FIELDS) = range(10)
+_REDUCE_OPS = ("sum", "mean", "max", "min")
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8)
+_REFUSALS = {
+    1: "validation inside the epoch (val_check_interval < 1 epoch, a time interval, or check_val_every_n_epoch=None)",
+    2: "ModelCheckpoint saving every n training steps or on a time interval",
+    4: "post-local SGD's synchronous warm-up (gradients averaged every step)",
+    8: "ConsensusDistance measuring every n steps",
+    16: "a gossip algorithm whose per-rank state advances with every rank's step (d2, gradient_tracking, choco)",
+}
 
 
 def _to_cpu_copy(obj: Any) -> Any:
@@ -124,13 +187,22 @@ class LocalModelStrategy(DDPStrategy):
         checkpoint_io: Checkpoint IO plugin.
         precision_plugin: Precision plugin.
         process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: by device).
-        timeout: Timeout of the process group's operations.
+        timeout: How long a collective waits for a peer before failing, as a ``timedelta`` or in
+            seconds. Default: :data:`DEFAULT_CPU_TIMEOUT` (5 minutes) with gloo (CPU), Lightning's
+            30 minutes otherwise. A frozen peer thus stops a CPU run after 5 minutes, not 30.
         start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
 
     Raises:
         TypeError: For any other keyword (``find_unused_parameters``, ``ddp_comm_hook``, ...): those
             configure ``DistributedDataParallel``, which these strategies do not use.
     """
+
+    uneven_data_join: bool = True
+    """Whether ranks out of data keep answering the others' rounds (one control message per batch).
+
+    Asynchronous methods, whose ranks never wait for each other per step, set it to ``False``."""
+    evaluate_run_model: bool = True
+    """Whether validation, test and predict evaluate :meth:`checkpoint_model_state` on every rank."""
 
     def __init__(
         self,
@@ -141,10 +213,11 @@ class LocalModelStrategy(DDPStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | float | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         self.__layer_sync = None
+        self._timeout_given = check_timeout(timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -152,13 +225,28 @@ class LocalModelStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=self._timeout_given or default_pg_timeout,
             start_method=start_method,
         )
+        self._monitor: _PeerMonitor | None = None
         self.comm = CommCounter()
         self._restored_rank_state = False
         self._models_diverged = False
         self._warned_consensus_load = False
+        self._own_state: dict[str, Any] | None = None
+        self._eval_state: dict[str, Any] | None = None
+        # Uneven data (the join protocol)
+        self._join_trainer: Trainer | None = None
+        self._live = False
+        self._contrib: list[float] | None = None
+        self._unsent_steps = False
+        self._joined_epoch = False
+        self._epoch_batches = 0
+        self._live_active: list[bool] = []
+        self._refusals_epoch = -1
+        self._static_refusals = 0
+        self.batches_per_rank: list[int] = []
+        """Training batches each rank ran in the latest epoch (logged as ``data/batches_rank_<r>``)."""
 
     # ----------------------------------------------------------------------------------------------
     # Configuration
@@ -188,6 +276,9 @@ class LocalModelStrategy(DDPStrategy):
 
     @override
     def setup_distributed(self) -> None:
+        if self._timeout_given is None:
+            backend = self._process_group_backend or self._get_process_group_backend()
+            self._timeout = DEFAULT_CPU_TIMEOUT if backend == "gloo" else default_pg_timeout
         if self.num_nodes * self.num_processes == 1:
             reset_seed()
             self.set_world_ranks()
@@ -198,6 +289,14 @@ class LocalModelStrategy(DDPStrategy):
             )
             return
         super().setup_distributed()
+        if self._monitor is None and self.cluster_environment is not None:
+            self._monitor = _PeerMonitor.shared(self.cluster_environment.main_address,
+                                                self.cluster_environment.main_port, self.global_rank, self.world_size)
+
+    @property
+    def timeout(self) -> timedelta | None:
+        """The process group's timeout (see the ``timeout`` argument)."""
+        return self._timeout
 
     @classmethod
     @override
@@ -228,6 +327,8 @@ class LocalModelStrategy(DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             self._models_diverged = True
             self._on_fit_setup()
+            if is_distributed() and self.uneven_data_join:
+                self._install_join(trainer)
 
     def _on_fit_setup(self) -> None:
         """Called at the end of setup when fitting: model and optimizers are on the device."""
@@ -263,6 +364,10 @@ class LocalModelStrategy(DDPStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         self.comm.start_step()
+        if self._join_trainer is not None:
+            self._epoch_batches += 1
+            slot = _LAST if self._predict_epoch_end() else _ACTIVE
+            self._message(_OP_STEP, slot, refuse=self._join_refusals())
 
     @override
     def optimizer_step(
@@ -273,8 +378,14 @@ class LocalModelStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> Any:
         inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        announce = self._live and self._round_due()
         self._pre_optimizer_step(inner)
         output = super().optimizer_step(optimizer, partial(self._run_closure, inner, closure), model, **kwargs)
+        self._unsent_steps = True
+        if announce:
+            # Ranks out of data take part in this round. While some are, a round's communication starts
+            # only here, after the step (the closure may send other announced collectives before).
+            self._message(_OP_ROUND, _ACTIVE)
         self._post_optimizer_step(inner)
         self._log_metric("comm/bytes_sent", float(self.comm.step_bytes))
         return output
@@ -283,6 +394,14 @@ class LocalModelStrategy(DDPStrategy):
         output = closure()
         self._after_backward(optimizer)
         return output
+
+    def _round_due(self) -> bool:
+        """Whether the optimizer step about to be taken ends with a communication round."""
+        return False
+
+    def _shadow_round(self) -> None:
+        """Take part in a round as a rank that has run out of data (it takes no optimizer step)."""
+        raise NotImplementedError(f"{type(self).__name__} has no communication rounds")
 
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
         """Called before the optimizer step (before the closure computes the gradient)."""
@@ -305,6 +424,31 @@ class LocalModelStrategy(DDPStrategy):
         return {"world_size": self.world_size}
 
     @override
+    def on_train_end(self) -> None:
+        self._uninstall_join()
+        super().on_train_end()
+
+    @override
+    def teardown(self) -> None:
+        self._uninstall_join()
+        self._restore_own_model()
+        super().teardown()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._uninstall_join()
+        if self._monitor is not None:
+            if _is_peer_failure(exception):
+                _augment(exception, self._monitor.diagnose())
+            else:  # this rank fails first: tell the others why
+                self._monitor.record_failure(exception)
+        try:
+            self._restore_own_model()
+        except Exception:
+            pass
+        super().on_exception(exception)
+
+    @override
     def on_train_start(self) -> None:
         super().on_train_start()
         module = self.lightning_module
@@ -313,6 +457,364 @@ class LocalModelStrategy(DDPStrategy):
         params = self._logged_params()
         for logger in module.trainer.loggers:
             logger.log_hyperparams(params)
+
+    # ----------------------------------------------------------------------------------------------
+    # Uneven data: ranks that run out of batches keep answering rounds until every rank is done
+    # ----------------------------------------------------------------------------------------------
+    def _install_join(self, trainer: Trainer) -> None:
+        """Hook the protocol into this fit's training-epoch loop (undone at train end and teardown).
+
+        Lightning 2.6's epoch loop broadcasts rank 0's SIGTERM flag before every batch; the control message
+        replaces that broadcast (it carries every rank's flag), so the protocol costs no extra collective
+        per batch. A rank whose epoch loop is about to end joins before its end-of-epoch validation.
+        """
+        loop = trainer.fit_loop.epoch_loop
+        needed = ("_broadcast_sigterm_tensor", "on_advance_end", "run", "_should_check_val_fx", "val_loop", "done")
+        if not all(hasattr(loop, name) for name in needed):  # pragma: no cover - another Lightning version
+            rank_zero_warn(f"{type(self).__name__}: this Lightning version's training loop is not the one the "
+                           "uneven-data protocol hooks into; ranks must have the same number of batches.")
+            return
+        self._uninstall_join()
+        run, on_advance_end = loop.run, loop.on_advance_end
+
+        def joined_run(data_fetcher: Any) -> None:
+            self._epoch_batches, self._joined_epoch = 0, False
+            run(data_fetcher)
+            if self._joined_epoch:
+                return
+            # The loop ended without a predicted last batch (no batch at all, or an unsized iterator).
+            validate, stop = self._join(validate=False, stop=self._stop_requested(loop))
+            if validate:  # the others validate at the end of their epoch: so must this rank
+                trainer.validating = True
+                loop.val_loop.run()
+                trainer.training = True
+            if stop:
+                trainer.should_stop = True
+
+        def joined_on_advance_end(data_fetcher: Any) -> None:
+            if self._joined_epoch or not (loop.done or getattr(data_fetcher, "done", False)):
+                on_advance_end(data_fetcher)
+                return
+            wants = bool(loop._should_check_val_fx(data_fetcher)) and not loop._skip_next_val
+            validate, stop = self._join(validate=wants, stop=self._stop_requested(loop))
+            loop._should_check_val_fx = lambda _fetcher: validate  # the agreed decision, for this call
+            try:
+                on_advance_end(data_fetcher)
+            finally:
+                del loop._should_check_val_fx
+            if stop:
+                trainer.should_stop = True
+
+        loop._broadcast_sigterm_tensor = lambda: None
+        self._refusals_epoch = -1
+        loop.run = joined_run
+        loop.on_advance_end = joined_on_advance_end
+        self._join_trainer = trainer
+        self._live, self._contrib, self._unsent_steps = False, None, False
+
+    @override
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """Refuse, on every rank at once, a sized train loader that is empty on some rank.
+
+        Lightning's fit loop ends the fit of a rank whose train loader has length 0 (with
+        ``allow_zero_length_dataloader_with_multiple_devices``), while the others train and wait for it.
+        """
+        dataloader = super().process_dataloader(dataloader)
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        if not is_distributed() or trainer is None or not (self._fitting() and trainer.training):
+            return dataloader
+        empty = torch.zeros(self.world_size, dtype=torch.int64, device=self.root_device)
+        empty[self.global_rank] = int(sized_len(dataloader) == 0)
+        dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+        ranks = [r for r, flag in enumerate(empty.tolist()) if flag]
+        if ranks:
+            raise RuntimeError(
+                f"{type(self).__name__}: the train dataloader of rank(s) {ranks} has length 0. Lightning ends the fit "
+                "of a rank without training batches while the others go on, so the run could not finish. For a rank "
+                "without data, use an iterable-style loader (no __len__) that yields nothing in that epoch: the "
+                "strategy then keeps that rank in the communication until the others finish the epoch."
+            )
+        return dataloader
+
+    def _uninstall_join(self) -> None:
+        trainer, self._join_trainer = self._join_trainer, None
+        self._live, self._contrib = False, None
+        if trainer is None:
+            return
+        loop = trainer.fit_loop.epoch_loop
+        for name in ("_broadcast_sigterm_tensor", "run", "on_advance_end"):
+            loop.__dict__.pop(name, None)
+
+    @staticmethod
+    def _stop_requested(loop: Any) -> bool:
+        max_steps = loop.max_steps
+        return bool(loop.trainer.should_stop) or (max_steps is not None and 0 <= max_steps <= loop.global_step)
+
+    def _predict_epoch_end(self) -> bool:
+        """Whether this batch is this rank's last of the epoch, as far as the loop knows now."""
+        assert self._join_trainer is not None
+        loop = self._join_trainer.fit_loop.epoch_loop
+        max_steps = loop.max_steps
+        return bool(loop.batch_progress.is_last_batch) or (max_steps is not None and 0 <= max_steps
+                                                            <= loop.global_step + 1)
+
+    def _join_refusals(self) -> int:
+        """Features whose collectives a rank out of data cannot take part in (bits of ``_REFUSALS``).
+
+        The Trainer's configuration is read once per epoch (at its first batch), not at every batch.
+        """
+        trainer = self._join_trainer
+        if trainer is None:
+            return 0
+        epoch = trainer.current_epoch
+        if self._refusals_epoch != epoch:
+            self._refusals_epoch, self._static_refusals = epoch, self._configured_refusals(trainer)
+        return self._static_refusals
+
+    def _configured_refusals(self, trainer: Trainer) -> int:
+        module = self.lightning_module
+        if module is None:
+            return 0
+        bits = 0
+        validates = is_overridden("validation_step", module) and trainer.limit_val_batches != 0
+        if validates:
+            check_batch = trainer.val_check_batch
+            if (trainer.check_val_every_n_epoch is None or trainer._val_check_time_interval is not None or (
+                    check_batch is not None and math.isfinite(check_batch)
+                    and check_batch < trainer.num_training_batches)):
+                bits |= 1
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and (
+                    callback._every_n_train_steps > 0 or callback._train_time_interval is not None):
+                bits |= 2
+            if type(callback).__name__ == "ConsensusDistance" and getattr(callback, "every_n_steps", None):
+                bits |= 8
+        return bits
+
+    def _message(self, op: int, slot: int, *, arg1: int = 0, arg2: int = 0, arg3: int = 0, refuse: int = 0,
+                 validate: bool = False, stop: bool = False) -> list[int]:
+        """One control message (collective); returns the reduced fields and applies what all ranks agree on."""
+        trainer = self._join_trainer
+        n = self.world_size
+        values = [0] * (_NUM_FIELDS + 2 * n)
+        values[_F_OP], values[_F_ARG1], values[_F_ARG2], values[_F_ARG3] = op, arg1, arg2, arg3
+        values[_F_SIGTERM] = int(bool(getattr(trainer, "received_sigterm", False)))
+        values[_F_REFUSE], values[_F_VALIDATE], values[_F_STOP] = refuse, int(validate), int(stop)
+        values[_F_STEPS] = self._join_steps()
+        values[_NUM_FIELDS + self.global_rank] = slot
+        values[_NUM_FIELDS + n + self.global_rank] = self._epoch_batches
+        message = torch.tensor(values, dtype=torch.int64, device=self.root_device)
+        dist.all_reduce(message, op=dist.ReduceOp.MAX)
+        values = message.tolist()
+        slots = values[_NUM_FIELDS:_NUM_FIELDS + n]
+        if values[_F_SIGTERM]:
+            raise SIGTERMException()
+        uneven = len(set(slots)) > 1
+        self._live = any(s < _ACTIVE for s in slots)
+        self._contrib = [1.0 if s >= _PENDING else 0.0 for s in slots] if self._live else None
+        self._live_active = [s >= _ACTIVE for s in slots]
+        refused = values[_F_REFUSE]
+        if uneven and refused:
+            what = "; ".join(text for bit, text in _REFUSALS.items() if refused & bit)
+            counts = values[_NUM_FIELDS + n:]
+            raise RuntimeError(
+                f"{type(self).__name__}: the ranks have different numbers of training batches this epoch (so far "
+                f"{counts}), and this run uses {what}. Those communicate in the middle of an epoch, when a rank "
+                "that has run out of data cannot take part. Validate and checkpoint at epoch ends, or give every "
+                "rank the same number of batches (e.g. DistributedSampler, or drop_last)."
+            )
+        if values[_F_OP] == _OP_BROADCAST and slots[values[_F_ARG1]] < _ACTIVE:
+            raise RuntimeError(
+                f"{type(self).__name__}: broadcast from rank {values[_F_ARG1]} while that rank has run out of "
+                "training data for this epoch (uneven per-rank batches); broadcast from a rank that still trains."
+            )
+        return values
+
+    def _join_steps(self) -> int:
+        return 0
+
+    def _after_join(self, values: list[int]) -> None:
+        """Agree on what the ranks share after an epoch (subclasses: the step counter)."""
+
+    def _join(self, validate: bool, stop: bool) -> tuple[bool, bool]:
+        """Answer the others' control messages until every rank is out of data; return (validate, stop).
+
+        ``validate``/``stop``: whether this rank would validate now / end the fit; the returned values
+        are the ranks' agreement (any rank).
+        """
+        self._joined_epoch = True
+        if self._join_trainer is None:
+            return validate, stop
+        while True:
+            values = self._message(_OP_WAIT, _PENDING if self._unsent_steps else _IDLE, validate=validate, stop=stop)
+            op = values[_F_OP]
+            if op == _OP_WAIT:
+                break
+            if op == _OP_ROUND:
+                self._shadow_round()
+                self._unsent_steps = False
+            elif op == _OP_REDUCE:
+                self._shadow_reduce(values)
+            elif op == _OP_BARRIER:
+                dist.barrier()
+            elif op == _OP_BROADCAST:
+                dist.broadcast_object_list([None], src=values[_F_ARG1])
+        self._live, self._contrib = False, None
+        n = self.world_size
+        self.batches_per_rank = values[_NUM_FIELDS + n:]
+        self._after_join(values)
+        self._log_batches()
+        if len(set(self.batches_per_rank)) > 1:
+            self._align_epoch_results()
+        return bool(values[_F_VALIDATE]), bool(values[_F_STOP])
+
+    def _log_batches(self) -> None:
+        trainer = self._join_trainer
+        if trainer is None:
+            return
+        metrics = {f"data/batches_rank_{r}": float(b) for r, b in enumerate(self.batches_per_rank)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _align_epoch_results(self) -> None:
+        """Give every rank the same epoch-level logged entries, in the same order, before they are synced.
+
+        A rank with fewer (or no) batches may not have logged a key the others did; each epoch-level value
+        is then reduced on some ranks only. Missing entries are added empty (sum 0, batch size 0, -inf for
+        max, +inf for min, or the module's metric object), so the reductions pair up and average over the
+        batches that were run.
+        """
+        trainer = self._join_trainer
+        module = self.lightning_module
+        assert trainer is not None and module is not None
+        results = trainer.fit_loop.epoch_loop._results
+        local = [(key, self._describe_result(metric), not metric.has_reset) for key, metric in results.items()]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local)
+        order: dict[str, dict[str, Any]] = {}
+        valid: set[str] = set()
+        for entries in gathered:
+            for key, description, logged in entries:
+                order.setdefault(key, description)
+                if logged:
+                    valid.add(key)
+        existing = dict(results)
+        results.clear()
+        for key, description in order.items():
+            metric = existing.get(key)
+            if metric is None:
+                metric = self._empty_result(description, module)
+            if key in valid:
+                # Logged this epoch somewhere: take part in its reduction (an entry reset at the start
+                # of the epoch holds the identity element of its reduction).
+                metric.has_reset = False
+            results[key] = metric
+
+    @staticmethod
+    def _describe_result(metric: _ResultMetric) -> dict[str, Any]:
+        meta = metric.meta
+        return {
+            "fx": meta.fx, "name": meta.name, "prog_bar": meta.prog_bar, "logger": meta.logger,
+            "on_step": meta.on_step, "on_epoch": meta.on_epoch,
+            "reduce_fx": "max" if meta.is_max_reduction else "min" if meta.is_min_reduction
+            else "sum" if meta.is_sum_reduction else "mean",
+            "enable_graph": meta.enable_graph, "add_dataloader_idx": meta.add_dataloader_idx,
+            "dataloader_idx": meta.dataloader_idx, "metric_attribute": meta.metric_attribute,
+            "sync_dist": meta.sync.should, "rank_zero_only": meta.sync.rank_zero_only,
+            "is_tensor": metric.is_tensor,
+            "dtype": metric.value.dtype if metric.is_tensor else None,
+        }
+
+    def _empty_result(self, description: Mapping[str, Any], module: LightningModule) -> _ResultMetric:
+        meta = _Metadata(
+            fx=description["fx"], name=description["name"], prog_bar=description["prog_bar"],
+            logger=description["logger"], on_step=description["on_step"], on_epoch=description["on_epoch"],
+            reduce_fx=description["reduce_fx"], enable_graph=description["enable_graph"],
+            add_dataloader_idx=description["add_dataloader_idx"], dataloader_idx=description["dataloader_idx"],
+            metric_attribute=description["metric_attribute"],
+        )
+        meta.sync = _Sync(_should=description["sync_dist"], fn=self.reduce,
+                          rank_zero_only=description["rank_zero_only"])
+        metric = _ResultMetric(meta, description["is_tensor"])
+        if description["is_tensor"]:  # the others' dtype (the default dtype differs outside forward contexts)
+            metric.value = metric.value.to(description["dtype"])
+            metric._defaults["value"] = metric._defaults["value"].to(description["dtype"])
+        else:
+            attribute = description["metric_attribute"]
+            if attribute is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: rank {self.global_rank} ran no training batch that logged "
+                    f"{description['name']!r}, a torchmetrics object without a module attribute; log a metric "
+                    "object that is an attribute of the LightningModule so every rank can take part in its sync."
+                )
+            metric.value = module.get_submodule(attribute) if "." in attribute else getattr(module, attribute)
+        metric.to(self.root_device)
+        return metric
+
+    def _reduce_spec(self, tensor: Tensor, reduce_op: Any) -> tuple[Tensor, int]:
+        name = reduce_op if isinstance(reduce_op, str) else {
+            dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}.get(reduce_op)
+        name = {"avg": "mean"}.get(str(name).lower(), str(name).lower())
+        if name not in _REDUCE_OPS:
+            raise RuntimeError(f"{type(self).__name__}: reduce_op={reduce_op!r} while a rank has run out of "
+                               f"training data; supported then: {_REDUCE_OPS}")
+        work = tensor.detach().clone()
+        if name == "mean" and not work.is_floating_point():
+            work = work.float()
+        if work.dtype not in _DTYPES:
+            work = work.to(torch.float64)
+        return work, _REDUCE_OPS.index(name)
+
+    @staticmethod
+    def _dist_op(index: int) -> Any:
+        return (dist.ReduceOp.SUM, dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN)[index]
+
+    def _shadow_reduce(self, values: list[int]) -> None:
+        dtype, index = _DTYPES[values[_F_ARG2]], values[_F_ARG3]
+        work = torch.zeros(values[_F_ARG1], dtype=dtype, device=self.root_device)
+        if index in (2, 3):
+            info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+            work.fill_(info.min if index == 2 else info.max)
+        dist.all_reduce(work, op=self._dist_op(index))
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        """DDP's reduce; while a rank has run out of data, the ranks still training reduce among themselves."""
+        if not (self._live and isinstance(tensor, Tensor) and group is None):
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+        work, index = self._reduce_spec(tensor, reduce_op)
+        self._message(_OP_REDUCE, _ACTIVE, arg1=work.numel(), arg2=_DTYPES.index(work.dtype), arg3=index)
+        flat = work.reshape(-1)
+        dist.all_reduce(flat, op=self._dist_op(index))
+        result = flat.reshape(work.shape)
+        if index == 1:
+            result = result / sum(1 for s in self._active_slots() if s)
+        return result
+
+    def _active_slots(self) -> list[bool]:
+        """Which ranks train in the current batch (all, unless some have run out of data)."""
+        return list(self._live_active) if self._live else [True] * self.world_size
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if not self._live:
+            return super().reduce_boolean_decision(decision, all=all)
+        total = self.reduce(torch.tensor(int(decision), device=self.root_device), reduce_op="sum")
+        active = sum(1 for s in self._active_slots() if s)
+        return bool(total == active) if all else bool(total)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self._live:
+            self._message(_OP_BARRIER, _ACTIVE)
+        super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self._live:
+            self._message(_OP_BROADCAST, _ACTIVE, arg1=src)
+        return super().broadcast(obj, src)
 
     # ----------------------------------------------------------------------------------------------
     # Consensus and checkpoints
@@ -350,10 +852,81 @@ class LocalModelStrategy(DDPStrategy):
         assert module is not None
         return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
 
+    def checkpoint_model_state(self) -> dict[str, Any]:
+        """The run's one model: what checkpoints store and what validation, test and predict evaluate.
+
+        The consensus average (:meth:`consensus_state_dict`) here; EASGD returns its center. Collective
+        (every rank must call it).
+        """
+        return self.consensus_state_dict()
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The consensus model (see :meth:`consensus_state_dict`); collective."""
-        return self.consensus_state_dict()
+        """The run's model (:meth:`checkpoint_model_state`); collective.
+
+        During an evaluation the module already holds that model (see :meth:`on_validation_start`), so
+        the state is returned as loaded, without communication.
+        """
+        if self._eval_state is not None:
+            return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in self._eval_state.items()}
+        return self.checkpoint_model_state()
+
+    # ----------------------------------------------------------------------------------------------
+    # Evaluation: one model per run
+    # ----------------------------------------------------------------------------------------------
+    def _swap_in_run_model(self) -> None:
+        """Load the run's model (:meth:`checkpoint_model_state`) into the module, keeping this rank's own.
+
+        Only when the ranks' models may differ (after a fit in this Trainer); a model loaded from a
+        checkpoint outside a fit is already the same on every rank. Collective.
+        """
+        module = self.lightning_module
+        if (module is None or not self.evaluate_run_model or not is_distributed() or not self._models_diverged
+                or self._own_state is not None):
+            return
+        state = self.checkpoint_model_state()
+        self._own_state = self._state_copy()
+        module.load_state_dict(state)
+        self._eval_state = state
+
+    def _restore_own_model(self) -> None:
+        """Put this rank's own model back after an evaluation."""
+        module = self.lightning_module
+        if self._own_state is None or module is None:
+            return
+        module.load_state_dict(self._own_state)
+        self._own_state = None
+        self._eval_state = None
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._swap_in_run_model()
+
+    @override
+    def on_validation_end(self) -> None:
+        self._restore_own_model()
+        super().on_validation_end()
+
+    @override
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._swap_in_run_model()
+
+    @override
+    def on_test_end(self) -> None:
+        self._restore_own_model()
+        super().on_test_end()
+
+    @override
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._swap_in_run_model()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._restore_own_model()
+        super().on_predict_end()
 
     def _rank_state(self) -> dict[str, Any]:
         """Extra per-rank state saved in checkpoints (tensors are moved to the CPU)."""
@@ -368,7 +941,8 @@ class LocalModelStrategy(DDPStrategy):
         if is_distributed():
             module = self.lightning_module
             assert module is not None
-            local: dict[str, Any] = {"state_dict": module.state_dict(), "strategy": self._rank_state()}
+            own = module.state_dict() if self._own_state is None else self._own_state
+            local: dict[str, Any] = {"state_dict": own, "strategy": self._rank_state()}
             if "optimizer_states" in checkpoint:
                 local["optimizer_states"] = [self.optimizer_state(o) for o in self.optimizers]
             local = _to_cpu_copy(local)
@@ -397,11 +971,23 @@ class LocalModelStrategy(DDPStrategy):
             )
         return None
 
+    def _fitting(self) -> bool:
+        module = self.lightning_module
+        return module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        own = self._own_rank_state(checkpoint)
+        """Resuming a fit: this rank's own stored state; otherwise the checkpoint's model on every rank.
+
+        ``validate/test/predict(ckpt_path=...)`` therefore evaluate the model the checkpoint stores (the
+        consensus or EASGD's center), identical on every rank, as a 1-process evaluation of the file does.
+        """
+        own = self._own_rank_state(checkpoint) if self._fitting() else None
         if own is None:
             super().load_model_state_dict(checkpoint, strict=strict)
+            if not self._fitting():
+                self._models_diverged = False
+                self._restored_rank_state = False
             return
         assert self.lightning_module is not None
         self.lightning_module.load_state_dict(own["state_dict"], strict=strict)
@@ -480,6 +1066,10 @@ class PeriodicSyncStrategy(LocalModelStrategy):
         self._flat = FlatBuffers(tensors) if tensors else None
 
     @override
+    def _round_due(self) -> bool:
+        return self._flat is not None and self._sync_due()
+
+    @override
     def _post_optimizer_step(self, optimizer: Optimizer) -> None:
         due = self._sync_due()
         self._steps += 1
@@ -488,6 +1078,34 @@ class PeriodicSyncStrategy(LocalModelStrategy):
         with torch.no_grad():
             self._synchronize(optimizer)
         self._syncs += 1
+        self._unsent_steps = False
+
+    @override
+    def _shadow_round(self) -> None:
+        """A round without a step before it (this rank is out of data); see :meth:`_shadow_synchronize`."""
+        if self._flat is None:
+            return
+        inner = self.optimizers[0] if self.optimizers else None
+        with torch.no_grad():
+            self._shadow_synchronize(inner)
+        self._syncs += 1
+
+    def _shadow_synchronize(self, optimizer: Optimizer | None) -> None:
+        """What a rank out of data does in a round; by default the round itself with a zero update.
+
+        ``self._contrib[r]`` is 1 for the ranks that stepped since their previous round (the ones still
+        training, and a rank out of data whose last steps were not yet communicated), else 0.
+        """
+        self._synchronize(optimizer)  # type: ignore[arg-type]
+
+    @override
+    def _join_steps(self) -> int:
+        return self._steps
+
+    @override
+    def _after_join(self, values: list[int]) -> None:
+        # The schedule follows the rank that ran the most steps, so rounds stay aligned next epoch.
+        self._steps = max(self._steps, values[_F_STEPS])
 
     def _synchronize(self, optimizer: Optimizer) -> None:
         """Communicate after the optimizer step of a due step (under ``torch.no_grad()``)."""
@@ -521,3 +1139,108 @@ class PeriodicSyncStrategy(LocalModelStrategy):
         super()._load_rank_state(state)
         self._steps = int(state.get("steps", 0))
         self._syncs = int(state.get("syncs", 0))
+
+
+DEFAULT_CPU_TIMEOUT = timedelta(minutes=5)
+"""Default process-group timeout of our strategies with gloo (CPU); Lightning's is 30 minutes."""
+
+_CHECK_IN_SECONDS = 3.0
+_PEER_ERROR_HINTS = ("connection closed by peer", "connection reset by peer", "read error", "timed out",
+                     "timeout", "broken pipe", "nccl", "gloo", "socket")
+
+
+def check_timeout(timeout: Any) -> timedelta | None:
+    """``timeout`` as a positive finite ``timedelta`` (numbers are seconds), ``None`` for the default."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(f"timeout must be a datetime.timedelta or a number of seconds, got {timeout!r}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a positive, finite duration, got {timeout!r}")
+    return timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
+
+
+def _is_peer_failure(exception: BaseException) -> bool:
+    if isinstance(exception, getattr(dist, "DistError", ())):
+        return True
+    text = str(exception).lower()
+    return isinstance(exception, RuntimeError) and any(hint in text for hint in _PEER_ERROR_HINTS)
+
+
+def _augment(exception: BaseException, note: str | None) -> None:
+    """Append ``note`` to the exception's message (and as a PEP 678 note)."""
+    if not note:
+        return
+    if exception.args and isinstance(exception.args[0], str):
+        exception.args = (f"{exception.args[0]}\n{note}", *exception.args[1:])
+    else:
+        exception.args = (*exception.args, note)
+    exception.add_note(note)
+
+
+class _PeerMonitor:
+    """Names the rank that failed when a collective breaks, through the process group's TCP store.
+
+    ``torch.distributed`` (gloo) reports a dead peer as "Connection closed by peer [address]:port" or a
+    timeout, without its rank. A rank that fails with an ordinary exception stores its message under
+    ``optsurvey/failed/<rank>`` before it exits. A rank whose collective fails checks in under
+    ``optsurvey/alive/<rank>`` and waits up to 3 s for the others to do the same: a rank that neither
+    checks in nor stored an error crashed, was killed, is frozen (or is still blocked elsewhere). If the
+    store itself is unreachable, rank 0, which hosts it, is the one that is gone. No thread and no
+    traffic while training: the store is only used on failure.
+    """
+
+    _instances: dict[tuple[str, int, int, int], _PeerMonitor] = {}
+
+    @classmethod
+    def shared(cls, host: str, port: int, rank: int, world_size: int) -> _PeerMonitor:
+        key = (host, port, rank, world_size)
+        if key not in cls._instances:
+            cls._instances[key] = cls(host, port, rank, world_size)
+        return cls._instances[key]
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int) -> None:
+        self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
+
+    def _client(self) -> Any:
+        return dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=5),
+                             wait_for_workers=False)
+
+    def record_failure(self, exception: BaseException) -> None:
+        try:
+            text = f"{type(exception).__name__}: {exception}"[:500]
+            self._client().set(f"optsurvey/failed/{self.rank}", text)
+        except Exception:  # best effort while failing
+            pass
+
+    def diagnose(self, wait: float = _CHECK_IN_SECONDS) -> str:
+        """A sentence naming the failed ranks, for the survivor's error message."""
+        others = [r for r in range(self.world_size) if r != self.rank]
+        try:
+            store = self._client()
+            store.set(f"optsurvey/alive/{self.rank}", "1")
+            deadline = time.monotonic() + wait
+            while True:
+                alive = {r for r in others if store.check([f"optsurvey/alive/{r}"])}
+                failed = {r for r in others if store.check([f"optsurvey/failed/{r}"])}
+                if len(alive | failed) == len(others) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            reasons = {r: store.get(f"optsurvey/failed/{r}").decode(errors="replace") for r in sorted(failed)}
+        except Exception:  # the store lives in rank 0's process
+            return (f"optsurvey: rank {self.rank} lost its peers, and the rendezvous store hosted by rank 0 "
+                    f"({self.host}:{self.port}) is unreachable: rank 0 crashed, was killed or its machine is down.")
+        silent = [r for r in others if r not in alive and r not in failed]
+        parts = [f"rank {r} failed first with {text}" for r, text in reasons.items()]
+        if silent:
+            ranks = ", ".join(str(r) for r in silent)
+            parts.append(f"rank{'s' if len(silent) > 1 else ''} {ranks} did not respond within {wait:.0f} s "
+                         "(crashed, killed or frozen)")
+        if not parts:
+            return (f"optsurvey: rank {self.rank}'s collective failed while every peer is alive and none reported "
+                    "an error: the network may have failed.")
+        return f"optsurvey: rank {self.rank} lost its peers: " + "; ".join(parts) + "."

@@ -10,7 +10,8 @@ Each rank trains its own model :math:`x_i`, tied by an elastic force to a center
     \tilde x &\leftarrow \tilde x + \alpha \sum_{i=1}^N (x_i - \tilde x),
 
 both differences taken at the parameters *before* the optimizer step, as in the paper's synchronous
-update (the optimizer supplies the :math:`-\eta g_i` part; other steps are purely local). The sum is
+update. By default :math:`\alpha = 0.9 / N` (:math:`\beta = N\alpha = 0.9`, the paper's Sec. 5
+recommendation) (the optimizer supplies the :math:`-\eta g_i` part; other steps are purely local). The sum is
 one all-reduce of the differences per dtype and device, started before the forward pass of the
 synchronization step so that it overlaps the gradient computation. The center is identical on every
 rank, so no parameter server is needed. Float buffers (BatchNorm statistics) are coupled the same way.
@@ -57,12 +58,17 @@ from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import is_distributed, world_size
 
 __all__ = [
+    "DEFAULT_BETA",
     "EASGDStrategy",
     "easgd_fixed_point",
     "easgd_is_stable",
     "easgd_quadratic_matrix",
     "easgd_step",
 ]
+
+
+DEFAULT_BETA = 0.9
+"""The default :math:`\beta = N\alpha` (Zhang, Choromanska & LeCun 2015, Sec. 5: "beta = p alpha = 0.9")."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,22 +225,40 @@ class EASGDStrategy(PeriodicSyncStrategy):
 
     Every ``sync_every`` steps each rank takes its optimizer step and the elastic step of
     :func:`easgd_step`: :math:`x_i \leftarrow x_i - \alpha(x_i - \tilde x)` and
-    :math:`\tilde x \leftarrow \tilde x + \alpha\sum_i (x_i - \tilde x)`, the differences taken before
-    the optimizer step. :math:`\alpha = \eta\rho` uses the learning rate of each parameter's group at
-    that step (so learning-rate schedules apply; float buffers use the first group's), unless
-    ``moving_rate`` fixes :math:`\alpha`. On a single process it runs EASGD with one worker.
+    :math:`\tilde x \leftarrow \tilde x + \sum_i \alpha_i (x_i - \tilde x)`, the differences taken
+    before the optimizer step (each rank weights its own difference by its own :math:`\alpha_i`, so the
+    replicated center stays identical). The moving rate :math:`\alpha`, in order of precedence:
+
+    - ``moving_rate``: fixed;
+    - ``rho``: :math:`\alpha = \eta\rho` with the learning rate of each parameter's group at that step
+      (learning-rate schedules apply; float buffers use the first group's);
+    - default: :math:`\alpha = \beta / N` with :math:`\beta = 0.9`, the paper's recommendation
+      (Zhang, Choromanska & LeCun 2015, Sec. 5: choose :math:`\beta = p\alpha` around 0.9, p = N
+      workers), so the center moves 90% of the way to the workers' mean at each elastic update and
+      tracks them closely. (A small ``rho`` such as 0.1 with lr 0.05 gives :math:`\alpha` = 0.005, and
+      the center lags far behind the workers in short runs.)
+
+    On a single process it runs EASGD with one worker. Ranks that have run out of data in an epoch
+    (uneven loaders) take part in elastic updates with a zero difference and keep their worker model:
+    the center moves by :math:`\sum_{i\ \text{active}} \alpha_i (x_i - \tilde x)`.
 
     Args:
-        rho: The elastic coefficient :math:`\rho > 0`.
+        rho: The elastic coefficient :math:`\rho > 0` (:math:`\alpha = \eta\rho`); ``None``: the
+            :math:`\beta / N` rule.
         sync_every: :math:`\tau`, the number of optimizer steps between elastic updates.
-        moving_rate: A fixed :math:`\alpha` in (0, 1) instead of :math:`\eta\rho`.
+        moving_rate: A fixed :math:`\alpha` in (0, 1) instead of :math:`\eta\rho` or :math:`\beta/N`.
+        beta: :math:`\beta = N\alpha` in (0, 1) for the default rule.
+        asynchronous: ``True`` builds asynchronous EASGD instead
+            (:class:`~lightning_optsurvey.strategies.easgd_async.AsyncEASGDStrategy`, registered as
+            ``"easgd_async"``: the center on rank 0, each worker exchanging every ``sync_every`` of its own
+            steps without a barrier); ``rho`` then defaults to that class's 0.1 and ``beta`` is refused.
         **ddp_kwargs: ``accelerator``, ``parallel_devices``, ``cluster_environment``,
             ``checkpoint_io``, ``precision_plugin``, ``process_group_backend``, ``timeout``,
             ``start_method`` (see :class:`~lightning.pytorch.strategies.DDPStrategy`).
 
     Raises:
-        ValueError: If ``rho`` is not a positive finite number, ``sync_every < 1``, ``moving_rate`` is
-            not in (0, 1), or :math:`(N+1)\alpha \ge 2` (the center's update then diverges for any
+        ValueError: If ``rho`` is not a positive finite number, ``sync_every < 1``, ``moving_rate`` or
+            ``beta`` is not in (0, 1), or :math:`(N+1)\alpha \ge 2` (the center's update then diverges for any
             learning rate; checked in ``Trainer.__init__`` for ``moving_rate``, at fit start for
             :math:`\eta\rho`); for ``Trainer(sync_batchnorm=True)``.
         TypeError: For arguments of the wrong type, or ``DistributedDataParallel`` keywords.
@@ -252,21 +276,54 @@ class EASGDStrategy(PeriodicSyncStrategy):
 
     strategy_name = "easgd"
 
+    def __new__(cls, *args: Any, asynchronous: bool = False, **kwargs: Any) -> Any:
+        # ``asynchronous=True`` builds the published, barrier-free method (registered as "easgd_async"),
+        # which keeps its center on rank 0; the synchronous default is this class.
+        if not isinstance(asynchronous, bool):
+            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
+        if asynchronous and cls is EASGDStrategy:
+            from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy
+
+            if "beta" in kwargs:
+                raise TypeError(
+                    "beta (the synchronous default rule alpha = beta / N) is not an argument of asynchronous "
+                    "EASGD; pass rho or moving_rate"
+                )
+            names = ("rho", "sync_every", "moving_rate")
+            kwargs.update({name: value for name, value in zip(names, args)})
+            if kwargs.get("rho", 0.1) is None:
+                kwargs.pop("rho")
+            return AsyncEASGDStrategy(**kwargs)
+        return super().__new__(cls)
+
     def __init__(
-        self, rho: float = 0.1, sync_every: int = 4, moving_rate: float | None = None, **ddp_kwargs: Any
+        self,
+        rho: float | None = None,
+        sync_every: int = 4,
+        moving_rate: float | None = None,
+        *,
+        beta: float = DEFAULT_BETA,
+        asynchronous: bool = False,
+        **ddp_kwargs: Any,
     ) -> None:
-        if isinstance(rho, bool) or not isinstance(rho, int | float):
-            raise TypeError(f"rho must be a number, got {rho!r}")
-        if not (math.isfinite(rho) and rho > 0):
-            raise ValueError(f"rho must be a positive finite number, got {rho}")
+        if rho is not None:
+            if isinstance(rho, bool) or not isinstance(rho, int | float):
+                raise TypeError(f"rho must be a number or None, got {rho!r}")
+            if not (math.isfinite(rho) and rho > 0):
+                raise ValueError(f"rho must be a positive finite number, got {rho}")
         if moving_rate is not None:
             if isinstance(moving_rate, bool) or not isinstance(moving_rate, int | float):
                 raise TypeError(f"moving_rate must be a number or None, got {moving_rate!r}")
             if not 0 < moving_rate < 1:
                 raise ValueError(f"moving_rate must be in (0, 1), got {moving_rate}")
+        if isinstance(beta, bool) or not isinstance(beta, int | float):
+            raise TypeError(f"beta must be a number, got {beta!r}")
+        if not 0 < beta < 1:
+            raise ValueError(f"beta must be in (0, 1), got {beta}")
         super().__init__(sync_every=sync_every, **ddp_kwargs)
-        self.rho = float(rho)
+        self.rho = None if rho is None else float(rho)
         self.moving_rate = None if moving_rate is None else float(moving_rate)
+        self.beta = float(beta)
         self._center: list[Tensor] | None = None
         self._center_source: Mapping[str, Any] | None = None
         self._tensors: list[Tensor] = []
@@ -278,6 +335,9 @@ class EASGDStrategy(PeriodicSyncStrategy):
         self._diff: list[Tensor] = []
         self._sum: list[Tensor] = []
         self._works: list[Any] = []
+        self._alpha_now: list[float] = []
+        self._contributes = True
+        self._launched = False
 
     # ----------------------------------------------------------------------------------------------
     # Configuration
@@ -309,9 +369,18 @@ class EASGDStrategy(PeriodicSyncStrategy):
         """
         return {k: v for k, v in zip(self._keys, self._center_views) if k is not None}
 
+    @property
+    def alpha_rule(self) -> str:
+        """How the moving rate is chosen: ``"moving_rate"``, ``"rho*lr"`` or ``"beta/N"`` (the default)."""
+        if self.moving_rate is not None:
+            return "moving_rate"
+        return "rho*lr" if self.rho is not None else "beta/N"
+
     def _alphas(self) -> list[float]:
         if self.moving_rate is not None:
             return [self.moving_rate] * len(self._tensors)
+        if self.rho is None:
+            return [self.beta / self.world_size] * len(self._tensors)
         return [self.rho * float(group["lr"]) for group in self._groups]
 
     # ----------------------------------------------------------------------------------------------
@@ -355,24 +424,53 @@ class EASGDStrategy(PeriodicSyncStrategy):
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
         if not self._sync_due() or self._flat is None:
             return
-        assert self._center is not None
+        # The reduction overlaps the forward and backward passes, unless a rank is out of data (then the
+        # round is announced after the step and the reduction starts in _synchronize).
+        self._start_elastic_sum(contributes=True, launch=not self._live)
+
+    def _start_elastic_sum(self, contributes: bool, launch: bool = True) -> None:
+        r"""Start the all-reduce of :math:`\alpha (x_i - \tilde x)` (zeros for a rank out of data)."""
+        assert self._center is not None and self._flat is not None
+        self._alpha_now = self._alphas()
         with torch.no_grad():
-            for diff, current, center, total in zip(self._diff, self._flat.pack(), self._center, self._sum):
+            for diff, current, center in zip(self._diff, self._flat.pack(), self._center):
                 torch.sub(current, center, out=diff)
-                total.copy_(diff)
+            # Each rank weights its own difference, so the center's update is identical on every rank
+            # even if their learning rates (and so alphas) differ.
+            for total in self._sum:
+                total.zero_()
+            if contributes:
+                torch._foreach_add_(self._sum_views, torch._foreach_mul(self._diff_views, self._alpha_now))
+        self._contributes = contributes
+        self._launched = False
+        if launch:
+            self._launch_elastic_sum()
+
+    def _launch_elastic_sum(self) -> None:
+        assert self._flat is not None
+        self._launched = True
         if is_distributed():
-            # Started before the closure, so the reduction overlaps the forward and backward passes.
             self._works = [dist.all_reduce(total, async_op=True) for total in self._sum]
             self.comm.add_all_reduce(self._flat.nbytes, world_size())
 
     @override
+    def _shadow_synchronize(self, optimizer: Optimizer | None) -> None:
+        # Out of data: contribute this rank's last steps if they were not yet sent, else a zero difference
+        # (the worker stays where it is); the replicated center takes the same update as everywhere.
+        contrib = self._contrib
+        self._start_elastic_sum(contributes=contrib is None or bool(contrib[self.global_rank]))
+        self._synchronize(optimizer)  # type: ignore[arg-type]
+
+    @override
     def _synchronize(self, optimizer: Optimizer) -> None:
-        alphas = self._alphas()
-        torch._foreach_sub_(self._tensors, torch._foreach_mul(self._diff_views, alphas))
+        if not self._launched:
+            self._launch_elastic_sum()
+        if self._contributes:
+            torch._foreach_sub_(self._tensors, torch._foreach_mul(self._diff_views, self._alpha_now))
         for work in self._works:
             work.wait()
         self._works = []
-        torch._foreach_add_(self._center_views, torch._foreach_mul(self._sum_views, alphas))
+        torch._foreach_add_(self._center_views, self._sum_views)
 
     # ----------------------------------------------------------------------------------------------
     # Logging and checkpoints
@@ -380,18 +478,20 @@ class EASGDStrategy(PeriodicSyncStrategy):
     @override
     def _logged_params(self) -> dict[str, Any]:
         params = super()._logged_params()
-        params.update(easgd_rho=self.rho, easgd_moving_rate=self.moving_rate)
+        params.update(easgd_rho=self.rho, easgd_moving_rate=self.moving_rate, easgd_beta=self.beta,
+                      easgd_alpha_rule=self.alpha_rule)
         return params
 
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
+    def checkpoint_model_state(self) -> dict[str, Any]:
         """The center model: the module's state with every synchronized tensor replaced by the center.
 
-        Falls back to the consensus average before the first fit. Not a collective call (the center is
+        What checkpoints hold and what validation, test and predict evaluate on every rank. Falls back to
+        the consensus average before the first fit. Not a collective call once the center exists (it is
         the same on every rank).
         """
         if self._center is None:
-            return super().lightning_module_state_dict()
+            return super().checkpoint_model_state()
         state = self._state_copy()
         for key, center in self.center_tensors().items():
             state[key] = center.detach().clone()

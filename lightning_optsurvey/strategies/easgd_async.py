@@ -122,6 +122,9 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
 
     _rule = "elastic"
 
+    uneven_data_join = False  # asynchronous: no per-batch control message (see strategies._base)
+    evaluate_run_model = False  # the center lives on rank 0; lightning_module_state_dict says what is saved
+
     def __init__(
         self, sync_every: int = 4, heartbeat_timeout: float = 60.0, record_history: bool = False, **ddp_kwargs: Any
     ) -> None:

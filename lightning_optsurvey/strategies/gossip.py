@@ -16,10 +16,19 @@ out-neighbours (column-stochastic :math:`P`), then de-biases,
 directed and irregular graphs, where ``W`` is not doubly stochastic. Float buffers (BatchNorm
 statistics) are gossiped like parameters.
 
+``algorithm="d2"`` (D²), ``"gradient_tracking"`` (DIGing) and ``"choco"`` (CHOCO-SGD with a
+``compressor``) remove D-PSGD's bias on heterogeneous data or compress the messages; their update
+rules live in :mod:`lightning_optsurvey.strategies.gossip_algorithms`.
+
 Every round is one ``torch.distributed.batch_isend_irecv`` over flat buffers (one per dtype and
 device), on gloo (CPU) and NCCL (GPU) alike. ``gossip_every=k`` takes ``k - 1`` purely local steps
 between rounds. Checkpoints hold the consensus model (the average) plus each rank's own state for an
 exact resume (see :mod:`lightning_optsurvey.strategies._base`).
+
+Validation, test and predict evaluate the consensus model on every rank (what checkpoints hold). With
+uneven per-rank data, a rank out of batches keeps gossiping with a zero update until every rank has
+finished the epoch: the mixing preserves the network average, so the consensus stays the average of
+every rank's model (see :mod:`lightning_optsurvey.strategies._base`).
 
 Why our own: BlueFog needs its own MPI/NCCL engine and has been unmaintained since 2021; SGP's code
 is a research snapshot outside Lightning; Bagua's Lightning strategy does not import on
@@ -46,11 +55,18 @@ from typing_extensions import override
 
 from lightning_optsurvey.strategies._base import PeriodicSyncStrategy, check_int
 from lightning_optsurvey.strategies._comm import Exchange, neighbour_exchange
+from lightning_optsurvey.strategies.compression import Compressor, make_compressor
+from lightning_optsurvey.strategies.gossip_algorithms import (
+    ChocoGossip,
+    D2Gossip,
+    GossipAlgorithm,
+    GradientTrackingGossip,
+)
 from lightning_optsurvey.strategies.topology import TOPOLOGY_KINDS, Topology
 
-__all__ = ["GOSSIP_ALGORITHMS", "GOSSIP_STRATEGY_NAMES", "GossipStrategy"]
+__all__ = ["GOSSIP_ALGORITHMS", "GOSSIP_ALGORITHM_STRATEGY_NAMES", "GOSSIP_STRATEGY_NAMES", "GossipStrategy"]
 
-GOSSIP_ALGORITHMS: tuple[str, ...] = ("dpsgd", "push_sum")
+GOSSIP_ALGORITHMS: tuple[str, ...] = ("dpsgd", "push_sum", "d2", "gradient_tracking", "choco")
 GOSSIP_STRATEGY_NAMES: dict[str, str] = {
     "gossip": "exponential",
     "gossip_ring": "ring",
@@ -60,6 +76,13 @@ GOSSIP_STRATEGY_NAMES: dict[str, str] = {
     "gossip_complete": "complete",
 }
 """Registered ``Trainer(strategy=...)`` names and the topology each one uses."""
+GOSSIP_ALGORITHM_STRATEGY_NAMES: dict[str, dict[str, str]] = {
+    "gossip_d2": {"topology": "ring", "algorithm": "d2"},
+    "gossip_gt": {"topology": "ring", "algorithm": "gradient_tracking"},
+    "gossip_choco": {"topology": "ring", "algorithm": "choco"},
+}
+"""Registered names of the heterogeneous-data and compressed algorithms, and their arguments."""
+_STEPWISE = frozenset({"d2", "gradient_tracking", "choco"})
 
 
 class GossipStrategy(PeriodicSyncStrategy):
@@ -72,7 +95,16 @@ class GossipStrategy(PeriodicSyncStrategy):
         gossip_every: Gossip after every ``gossip_every``-th optimizer step (local steps between).
         overlap: Start the exchange of the pre-step model before the gradient is computed and combine
             after the step, so communication overlaps computation.
-        algorithm: ``"dpsgd"`` (mixing with ``W``) or ``"push_sum"`` (SGP with de-biasing weights).
+        algorithm: ``"dpsgd"`` (mixing with ``W``), ``"push_sum"`` (SGP with de-biasing weights),
+            ``"d2"``, ``"gradient_tracking"`` or ``"choco"`` (see
+            :mod:`~lightning_optsurvey.strategies.gossip_algorithms`; these three need a static
+            topology, ``gossip_every=1`` and ``overlap=False``).
+        compressor: CHOCO's compressor: ``"topk"`` (default), ``"randomk"``, ``"qsgd"``, ``"sign"`` or a
+            :class:`~lightning_optsurvey.strategies.compression.Compressor` (only with ``"choco"``).
+        ratio: Fraction of coordinates ``"topk"``/``"randomk"`` keep.
+        consensus_lr: CHOCO's consensus step size gamma in ``(0, 1]`` (0.5 diverged with top-1 % and QSGD on
+            Dirichlet digits in benchmarks/heterogeneous.py; the theorem's step is far smaller).
+        compression_seed: Seed of the random compressors (mixed with the rank).
         topology_seed: Seed of a random topology built from a kind string (``"erdos_renyi"``).
         **ddp_kwargs: ``accelerator``, ``parallel_devices``, ``cluster_environment``,
             ``checkpoint_io``, ``precision_plugin``, ``process_group_backend``, ``timeout``,
@@ -99,6 +131,10 @@ class GossipStrategy(PeriodicSyncStrategy):
         algorithm: str = "dpsgd",
         *,
         topology_seed: int = 0,
+        compressor: str | Compressor | None = None,
+        ratio: float = 0.01,
+        consensus_lr: float = 0.1,
+        compression_seed: int = 0,
         **ddp_kwargs: Any,
     ) -> None:
         if isinstance(topology, str):
@@ -113,6 +149,12 @@ class GossipStrategy(PeriodicSyncStrategy):
             raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(GOSSIP_ALGORITHMS)}")
         if isinstance(topology_seed, bool) or not isinstance(topology_seed, int):
             raise TypeError(f"topology_seed must be an integer, got {topology_seed!r}")
+        self._compressor = _check_algorithm_args(
+            algorithm, gossip_every, overlap, compressor, ratio, consensus_lr, compression_seed
+        )
+        self.consensus_lr = float(consensus_lr)
+        self.compression_seed = compression_seed
+        self._algorithm: GossipAlgorithm | None = None
         super().__init__(sync_every=gossip_every, **ddp_kwargs)
         self._topology_spec = topology
         self.topology_seed = topology_seed
@@ -124,6 +166,7 @@ class GossipStrategy(PeriodicSyncStrategy):
         self._numerator: list[Tensor] | None = None
         self._recv: list[list[Tensor]] = []
         self._pending: Exchange | None = None
+        self._send: list[Tensor] | None = None
         self._rows: dict[int, tuple[float, list[float]]] = {}
 
     @property
@@ -155,8 +198,10 @@ class GossipStrategy(PeriodicSyncStrategy):
                     "(devices x num_nodes)"
                 )
             self.topology = spec if world_size > 1 else None
-            return
-        self.topology = Topology(spec, world_size, seed=self.topology_seed) if world_size > 1 else None
+        else:
+            self.topology = Topology(spec, world_size, seed=self.topology_seed) if world_size > 1 else None
+        if self.algorithm in _STEPWISE and self.topology is not None and self.topology.is_time_varying:
+            raise ValueError(f"algorithm={self.algorithm!r} needs a static topology, got {self.topology!r}")
 
     @override
     def _logged_params(self) -> dict[str, Any]:
@@ -169,6 +214,8 @@ class GossipStrategy(PeriodicSyncStrategy):
         )
         if self.topology is not None:
             params["spectral_gap"] = self.topology.spectral_gap()
+        if self._algorithm is not None:
+            params.update(self._algorithm.logged_params())
         return params
 
     @override
@@ -177,6 +224,11 @@ class GossipStrategy(PeriodicSyncStrategy):
         self._pending = None
         if self.topology is None or self._flat is None:
             self._flat = None  # a single rank, or nothing to gossip
+            return
+        if self.algorithm in _STEPWISE:
+            if self._algorithm is None:
+                self._algorithm = self._make_algorithm()
+            self._algorithm.setup()
             return
         if self.overlap or self.algorithm == "push_sum":
             self._pre = self._flat.like()
@@ -224,10 +276,45 @@ class GossipStrategy(PeriodicSyncStrategy):
             for k, weight in enumerate(peer_weights):
                 buffer.add_(received[k][b], alpha=weight)
 
+    def _make_algorithm(self) -> GossipAlgorithm:
+        if self.algorithm == "d2":
+            return D2Gossip(self)
+        if self.algorithm == "gradient_tracking":
+            return GradientTrackingGossip(self)
+        assert self._compressor is not None
+        return ChocoGossip(self, self._compressor, self.consensus_lr, self.compression_seed)
+
+    @override
+    def _after_backward(self, optimizer: Optimizer) -> None:
+        if self._algorithm is not None and self._flat is not None:
+            with torch.no_grad():
+                self._algorithm.after_backward()
+
     @override
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
         if not self._sync_due() or self._flat is None:
             return
+        if self._algorithm is not None:
+            self._algorithm.before_step()
+            return
+        # While a rank is out of data, the round is announced after the step, so the exchange starts then.
+        self._prepare_round(launch=not self._live)
+
+    @override
+    def _join_refusals(self) -> int:
+        # D2, gradient tracking and CHOCO carry per-rank state (previous iterate, tracker, replicas) that a
+        # round without a step would corrupt: uneven batches stop the run with the base's clear error instead.
+        return super()._join_refusals() | (16 if self._algorithm is not None else 0)
+
+    @override
+    def _shadow_synchronize(self, optimizer: Optimizer | None) -> None:
+        # Out of data: a round with a zero update. The mixing keeps the network average, so such a rank
+        # relays its neighbours' models and the consensus is still the average of every rank's model.
+        self._prepare_round()
+        self._synchronize(optimizer)  # type: ignore[arg-type]
+
+    def _prepare_round(self, launch: bool = True) -> None:
+        assert self._flat is not None
         if self._pre is not None:
             self._flat.pack(self._pre)
         if not self.overlap:
@@ -239,11 +326,15 @@ class GossipStrategy(PeriodicSyncStrategy):
             for numerator, pre in zip(self._numerator, self._pre):
                 torch.mul(pre, self._weight.to(pre.dtype), out=numerator)
             send = self._numerator
-        self._pending = self._start_exchange(self._payload(send))
+        self._send = self._payload(send)
+        if launch:
+            self._pending = self._start_exchange(self._send)
 
     @override
     def _synchronize(self, optimizer: Optimizer) -> None:
-        if self.overlap:
+        if self._algorithm is not None:
+            self._algorithm.synchronize()
+        elif self.overlap:
             self._combine_overlapped()
         else:
             self._combine_after_step()
@@ -269,6 +360,8 @@ class GossipStrategy(PeriodicSyncStrategy):
         self._flat.unpack(self._pre)
 
     def _combine_overlapped(self) -> None:
+        if self._pending is None and self._send is not None:
+            self._pending = self._start_exchange(self._send)
         assert self._flat is not None and self._pending is not None and self._pre is not None
         received = self._pending.wait()
         self._pending = None
@@ -302,6 +395,8 @@ class GossipStrategy(PeriodicSyncStrategy):
         state = super()._rank_state()
         if self._weight is not None:
             state["push_sum_weight"] = self._weight.detach().clone()
+        if self._algorithm is not None:
+            state["gossip_algorithm"] = self._algorithm.state_dict()
         return state
 
     @override
@@ -309,6 +404,10 @@ class GossipStrategy(PeriodicSyncStrategy):
         super()._load_rank_state(state)
         weight = state.get("push_sum_weight")
         self._weight = None if weight is None else weight.detach().to(torch.float64).reshape(1).clone()
+        if self.algorithm in _STEPWISE and "gossip_algorithm" in state:
+            if self._algorithm is None:
+                self._algorithm = self._make_algorithm()
+            self._algorithm.load_state_dict(state["gossip_algorithm"])
 
     @classmethod
     @override
@@ -321,3 +420,35 @@ class GossipStrategy(PeriodicSyncStrategy):
                 override=True,
                 topology=kind,
             )
+        for name, kwargs in GOSSIP_ALGORITHM_STRATEGY_NAMES.items():
+            strategy_registry.register(
+                name, cls, description=f"Decentralized {kwargs['algorithm']} on the ring", override=True, **kwargs
+            )
+
+
+def _check_algorithm_args(
+    algorithm: str, gossip_every: int, overlap: bool, compressor: Any, ratio: Any, consensus_lr: Any, seed: Any
+) -> Compressor | None:
+    """Validate the arguments of the stepwise algorithms; CHOCO's compressor (``None`` for the others)."""
+    if algorithm in _STEPWISE and (gossip_every != 1 or overlap):
+        raise ValueError(
+            f"algorithm={algorithm!r} gossips after every step without overlap; got gossip_every={gossip_every}, "
+            f"overlap={overlap}"
+        )
+    if isinstance(consensus_lr, bool) or not isinstance(consensus_lr, (int, float)):
+        raise TypeError(f"consensus_lr must be a number, got {consensus_lr!r}")
+    if not 0.0 < consensus_lr <= 1.0:
+        raise ValueError(f"consensus_lr must be in (0, 1], got {consensus_lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"compression_seed must be an integer, got {seed!r}")
+    if algorithm != "choco":
+        if compressor is not None:
+            raise ValueError(f"compressor is CHOCO's; algorithm={algorithm!r} sends uncompressed models")
+        for name, value, default in (("ratio", ratio, 0.01), ("consensus_lr", consensus_lr, 0.1),
+                                     ("compression_seed", seed, 0)):
+            if value != default:
+                raise ValueError(
+                    f"{name} configures CHOCO-SGD; algorithm={algorithm!r} does not use it (got {value!r})"
+                )
+        return None
+    return make_compressor("topk" if compressor is None else compressor, ratio)

@@ -15,6 +15,14 @@ averaged before the optimizer step, BatchNorm statistics broadcast from rank 0 a
 ``DistributedDataParallel`` does), and local SGD starts afterwards: post-local SGD. With H = 1 and
 plain SGD, local SGD is mini-batch SGD: averaging the updated models is averaging the gradients.
 
+Uneven data (ranks with different numbers of batches in an epoch): a rank that has run out of batches
+keeps taking part in the averaging rounds until every rank has finished the epoch; a round averages
+the models of the ranks that took a step since the previous round (so a finished rank's last local
+steps count once, and it is not counted again with a stale model), and every rank receives the
+average. The checkpoint model is the plain average of every rank's current model. Post-local SGD's
+warm-up averages gradients every step, which a rank without data cannot do: uneven batches during the
+warm-up stop the run with a clear error.
+
 Local SGD is the centralized baseline of the survey's distributed chapter: it trades communication
 for the drift of the local models between averaging rounds (measured by
 :class:`~lightning_optsurvey.callbacks.ConsensusDistance`). Checkpoints hold the average model and
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -45,6 +54,7 @@ from lightning_optsurvey.strategies._comm import (
     all_reduce_mean_,
     broadcast_flat,
     is_distributed,
+    world_size,
 )
 
 __all__ = ["LocalSGDStrategy"]
@@ -124,7 +134,24 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     @override
     def _synchronize(self, optimizer: Optimizer) -> None:
         assert self._flat is not None
-        all_reduce_flat_(self._flat, counter=self.comm)
+        contrib = self._contrib
+        if contrib is None or all(c == 1.0 for c in contrib):
+            all_reduce_flat_(self._flat, counter=self.comm)
+            return
+        # Uneven data: the average of the ranks that stepped since the previous round; every rank,
+        # including those out of data, receives it.
+        own, total = contrib[self.global_rank], sum(contrib)
+        buffers = self._flat.pack()
+        for buffer in buffers:
+            buffer.mul_(own)
+            dist.all_reduce(buffer)
+            buffer.div_(total)
+        self.comm.add_all_reduce(self._flat.nbytes, world_size())
+        self._flat.unpack()
+
+    @override
+    def _join_refusals(self) -> int:
+        return super()._join_refusals() | (4 if self.in_warmup else 0)
 
     @override
     def _logged_params(self) -> dict[str, Any]:

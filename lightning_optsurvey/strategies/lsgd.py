@@ -22,6 +22,11 @@ pulled toward a point chosen from all of them, with pull strength :math:`\lambda
   with one all-gather of the gradient norms and one all-reduce of :math:`w_i x_i`. The gradient is the
   one this rank's optimizer used in the synchronization step (after unscaling and clipping).
 
+Uneven data (ranks with different numbers of batches in an epoch): a rank that has run out of batches
+keeps taking part in the synchronizations until every rank has finished the epoch. It can be the
+leader only with losses of steps not yet synchronized (otherwise its mean loss is :math:`+\infty`), it
+has weight 0 in GRAWA's center unless it has such steps, and it is pulled like every other rank.
+
 Float buffers are pulled like parameters. The pure functions :func:`select_leader`,
 :func:`leader_pull`, :func:`grawa_weights` and :func:`grawa_center` hold the maths; the strategy runs
 them across ranks. Checkpoints hold the average model plus each rank's own state (model, optimizer,
@@ -298,7 +303,12 @@ class LSGDStrategy(PeriodicSyncStrategy):
 
     def _pull_to_grawa_center(self, optimizer: Optimizer) -> None:
         assert self._flat is not None
-        weights = grawa_weights(self._all_gather_scalar(self._grad_norm(optimizer)).reshape(-1))
+        contrib = self._contrib
+        if contrib is None or contrib[self.global_rank]:
+            norm = self._grad_norm(optimizer)
+        else:  # out of data with nothing new: weight 0 in the center (an infinite gradient norm)
+            norm = torch.full((1,), math.inf, dtype=torch.float64, device=self.root_device)
+        weights = grawa_weights(self._all_gather_scalar(norm).reshape(-1))
         own = float(weights[self.global_rank])
         center = self._flat.pack()
         for buffer in center:

@@ -3,6 +3,9 @@
 The 1,797 images ship inside scikit-learn, so the default task runs offline. Splits are stratified
 and seeded; the standardization is fitted on the training split only, so no statistic of the
 validation or test images leaks into training.
+
+``partition="dirichlet"`` or ``"shards"`` gives every rank its own label-skewed part of the training
+set (see :mod:`lightning_optsurvey.tasks.partition`); the validation and test sets stay global.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optsurvey.tasks.partition import PartitionSampler, check_partition_args, partition_indices
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 8, 8)
@@ -29,9 +34,19 @@ class DigitsDataModule(LightningDataModule):
         test_fraction: Fraction of all images held out for testing.
         seed: Seed of the split and of the training loader's shuffling.
         num_workers: DataLoader worker processes.
+        partition: How the training set is spread over the ranks of a distributed run: ``"iid"``
+            (default; Lightning's ``DistributedSampler``, a fresh uniform share every epoch),
+            ``"dirichlet"`` (per-class Dirichlet(``alpha``) proportions) or ``"shards"``
+            (``shards_per_rank`` label-sorted shards per rank). The split is seeded by ``seed`` and
+            fixed for the run; each rank then draws ``ceil(n_train / world_size)`` samples per epoch
+            from its own part (:class:`~lightning_optsurvey.tasks.partition.PartitionSampler`).
+            Validation and test sets stay global. With one process, the single part is everything.
+        alpha: Dirichlet concentration for ``partition="dirichlet"`` (0.1: about one class per rank).
+        shards_per_rank: Shards per rank for ``partition="shards"``.
 
     Raises:
-        ValueError: If a size or fraction is out of range.
+        ValueError: If a size or fraction is out of range, or the partition is unknown.
+        TypeError: If ``seed``, ``alpha`` or ``shards_per_rank`` has the wrong type.
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32)
@@ -51,6 +66,9 @@ class DigitsDataModule(LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        shards_per_rank: int = 2,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -68,12 +86,16 @@ class DigitsDataModule(LightningDataModule):
             raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-        self.save_hyperparameters()
+        check_partition_args(partition, alpha, shards_per_rank)
+        self.save_hyperparameters()  # logged as run params by every logger, the partition included
         self.batch_size = batch_size
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.seed = seed
         self.num_workers = num_workers
+        self.partition = partition
+        self.alpha = float(alpha)
+        self.shards_per_rank = shards_per_rank
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
@@ -105,12 +127,38 @@ class DigitsDataModule(LightningDataModule):
         self.val_set = to_set(x_val, y_val)
         self.test_set = to_set(x_test, y_test)
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+
+    def partition_sampler(self, rank: int | None = None, world_size: int | None = None) -> PartitionSampler | None:
+        """This rank's :class:`PartitionSampler` (``None`` for ``partition="iid"``).
+
+        ``rank`` and ``world_size`` default to the attached Trainer's (0 and 1 without one).
+        """
+        if self.partition == "iid":
+            return None
+        self.setup()
+        assert self.train_set is not None
+        own_rank, own_world = self._rank_and_world()
+        rank = own_rank if rank is None else rank
+        world_size = own_world if world_size is None else world_size
+        labels = self.train_set.tensors[1]
+        per_rank = -(-labels.numel() // world_size)
+        parts = partition_indices(
+            labels, world_size, self.partition, alpha=self.alpha, shards_per_rank=self.shards_per_rank,
+            seed=self.seed, min_size=min(self.batch_size, labels.numel() // world_size),
+        )
+        return PartitionSampler(parts[rank], per_rank, rank, world_size, seed=self.seed)
+
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = self.partition_sampler() if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -15,6 +15,7 @@ order, :func:`run_checks` runs them, :func:`format_table` and :func:`plot_outcom
 :func:`render_docs` writes ``docs/theory.md``.
 """
 
+# New groups of results (one module each): add the module's name to this import, one line.
 from lightning_optsurvey.theory import (  # noqa: F401  (importing the group modules registers their results)
     adaptive,
     centralized,
@@ -22,7 +23,9 @@ from lightning_optsurvey.theory import (  # noqa: F401  (importing the group mod
     easgd_async,
     first_order,
     generalization,
+    heterogeneous,
     landscape,
+    networks,
     second_order,
     stochastic,
 )

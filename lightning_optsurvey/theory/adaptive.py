@@ -1,4 +1,4 @@
-"""Adaptive methods: AdaGrad's regret (result 9) and Adam's non-convergence (result 10).
+"""Adaptive methods: AdaGrad's regret (9), Adam's non-convergence (10) and Adam's non-convex rate (27).
 
 Both are online convex problems on a box, run with the registry's ``adagrad``, ``adam`` and
 ``amsgrad``; after each step the parameter is clipped back onto the box. For a diagonal
@@ -14,17 +14,21 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.problems import DTYPE, ReddiOnline, generator
+from lightning_optsurvey.theory.problems import DTYPE, BoundedGradientFunction, ReddiOnline, generator
 from lightning_optsurvey.theory.result import (
+    MC_Z,
     CheckOutcome,
     Result,
     _positive_float,
     _positive_int,
     bound_violations,
+    loglog_slope,
+    mc_bound_violations,
+    mean_and_stderr,
     register_result,
 )
 
-__all__ = ["AdaGradRegret", "AdamFailsAMSGradConverges"]
+__all__ = ["AdaGradRegret", "AdamFailsAMSGradConverges", "AdamNonConvex"]
 
 #: Relative slack on the regret bound: float64 round-off only.
 REGRET_RTOL = 1e-9
@@ -33,6 +37,11 @@ REGRET_RTOL = 1e-9
 ENDPOINT_ATOL = 0.1
 #: AMSGrad's average regret at T must be below this fraction of Adam's limit 2(C - 2)/3.
 AMSGRAD_REGRET_FRACTION = 0.1
+#: Allowed distance between the measured log-log exponent of Adam's E||grad F||^2 and the bound's.
+EXPONENT_ATOL = 0.15
+#: The eps of Defossez et al.'s Adam (sqrt(eps + v) in the denominator) at which the bound is evaluated:
+#: below float64's resolution of every v_n seen, so that torch's eps = 0 computes that algorithm exactly.
+ADAM_EPS = 1e-30
 
 
 @dataclass(frozen=True)
@@ -200,4 +209,113 @@ class AdamFailsAMSGradConverges(Result):
             steps=steps, predicted_curve=[limit] * len(steps), measured_curve=adam_avg,
             extra_curves={"AMSGrad R_t/t": tuple(ams_avg)}, x_label="t", y_label="R_t / t", log_x=True,
             log_y=False,
+        )
+
+
+@dataclass(frozen=True)
+class _AdamProblem:
+    function: BoundedGradientFunction
+    noise: float
+    start: torch.Tensor
+
+    @property
+    def R(self) -> float:
+        """``sup ||stochastic gradient||_inf``: the function's bound plus the noise's."""
+        return self.function.gradient_bound + self.noise
+
+
+@register_result
+@dataclass(frozen=True)
+class AdamNonConvex(Result):
+    """Adam (beta1 = 0) on a smooth non-convex function: E||grad F(x_tau)||^2 = O(d ln N / sqrt N)."""
+
+    number = 27
+    name = "adam_nonconvex"
+    statement = (
+        "F L-smooth, bounded below by F*, stochastic gradients with ||g||_inf <= R a.s.; Adam with beta1 = 0, "
+        "step alpha_n = alpha sqrt((1 - beta2^n)/(1 - beta2)) (torch's bias correction) and tau uniform in "
+        "{0..N-1}: E||grad F(x_tau)||^2 <= 2R(F(x_0) - F*)/(alpha N) + E (ln(1 + R^2/((1 - beta2) eps))/N - "
+        "ln beta2), E = 4dR^2/sqrt(1 - beta2) + alpha d R L/(1 - beta2); with beta2 = 1 - 1/N and alpha = "
+        "alpha_0/sqrt(N) the bound is O(d ln N / sqrt N)"
+    )
+    reference = "Defossez, Bottou, Bach & Usunier 2022, arXiv:2003.02395, Thm. 2 (Adam without momentum)"
+    criterion = (
+        f"at every horizon N the Monte-Carlo mean of (1/N) sum_(n<N) ||grad F(x_n)||^2 below the bound ({MC_Z:g} "
+        f"standard errors allowance), and its log-log slope over the horizons within {EXPONENT_ATOL:g} of the "
+        "bound's (the ln N / sqrt N shape); F = sum_j sqrt(1 + x_j^2) + a cos(b x_j) (non-convex, "
+        "||grad F||_inf <= 1 + ab, L = 1 + ab^2) plus Rademacher noise of size c: R = 1 + ab + c. The registry's "
+        "'adam' with betas (0, beta2) and eps = 0 is Defossez et al.'s Adam with eps -> 0; the bound is taken at "
+        f"eps = {ADAM_EPS:g}, below float64's resolution of every v_n (checked: v_1 > {ADAM_EPS / 2**-53:.0e})"
+    )
+
+    dim: int = 2
+    runs: int = 100
+    horizons: tuple[int, ...] = (64, 256, 1024)
+    alpha0: float = 1.0
+    noise: float = 1.0
+    scaled: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim)
+        _positive_int("runs", self.runs, 10)
+        if len(self.horizons) < 2:
+            raise ValueError(f"horizons needs at least two values, got {self.horizons!r}")
+        for n in self.horizons:
+            _positive_int("horizons[i]", n, 2)
+        _positive_float("alpha0", self.alpha0)
+        _positive_float("noise", self.noise)
+
+    def problem(self, seed: int = 0) -> _AdamProblem:
+        start = 3.0 * (2.0 * torch.rand(self.dim, generator=generator(seed), dtype=DTYPE) - 1.0)
+        return _AdamProblem(BoundedGradientFunction(self.dim, 0.5, 2.0), self.noise, start)
+
+    def hyperparameters(self, horizon: int) -> tuple[float, float]:
+        """``(alpha, beta2)``: ``alpha_0/sqrt(N)`` and ``1 - 1/N`` (at the smallest horizon when not ``scaled``)."""
+        n = horizon if self.scaled else min(self.horizons)
+        return self.alpha0 / math.sqrt(n), 1.0 - 1.0 / n
+
+    def predict(self, problem: _AdamProblem, k: int) -> float:
+        """Defossez et al.'s bound at horizon ``N = k``."""
+        f, r, d = problem.function, problem.R, self.dim
+        alpha, beta2 = self.hyperparameters(k)
+        gap = float(f.value(problem.start)) - f.infimum
+        e = 4 * d * r * r / math.sqrt(1 - beta2) + alpha * d * r * f.L / (1 - beta2)
+        return 2 * r * gap / (alpha * k) + e * (math.log1p(r * r / ((1 - beta2) * ADAM_EPS)) / k - math.log(beta2))
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        f = p.function
+        gen = generator(seed + 1)
+        measured, bounds, lines, ok = [], [], [], True
+        smallest_first = math.inf
+
+        def noisy(x: torch.Tensor, k: int) -> torch.Tensor:
+            signs = torch.randint(2, x.shape, generator=gen).to(DTYPE) * 2.0 - 1.0
+            return f.gradient(x) + p.noise * signs
+
+        for horizon in self.horizons:
+            alpha, beta2 = self.hyperparameters(horizon)
+            xs, gs = run_optimizer(
+                "adam", p.start.expand(self.runs, self.dim), noisy, horizon, lr=alpha, betas=(0.0, beta2), eps=0.0,
+            )
+            smallest_first = min(smallest_first, float(gs[0].square().min()))
+            norms = f.gradient(xs[:-1]).square().sum(-1)  # ||grad F(x_n)||^2, n = 0..N-1
+            mean, err = map(float, mean_and_stderr(norms.mean(0)))
+            bound = self.predict(p, horizon)
+            ok = ok and mc_bound_violations([mean], [err], [bound]) == 0
+            measured.append(mean)
+            bounds.append(bound)
+            lines.append(f"N={horizon}: {mean:.4g} +- {err:.1g} <= {bound:.4g}")
+        slope = loglog_slope(list(self.horizons), measured)
+        predicted_slope = loglog_slope(list(self.horizons), bounds)
+        resolved = smallest_first > ADAM_EPS / 2**-53
+        holds = ok and abs(slope - predicted_slope) <= EXPONENT_ATOL and resolved
+        return CheckOutcome(
+            predicted=predicted_slope, measured=slope, holds=holds, name=self.name,
+            quantity="log-log slope of E||grad F(x_tau)||^2 against N",
+            details=f"d={self.dim}, L={f.L:g}, R={p.R:g}, F(x0) - F* = {float(f.value(p.start)) - f.infimum:.4g}, "
+            f"alpha={self.alpha0:g}/sqrt(N), beta2=1-1/N{'' if self.scaled else ' (fixed at the smallest N)'}, "
+            f"{self.runs} runs; " + "; ".join(lines) + f"; min v_1 = {smallest_first:.1e}",
+            steps=list(self.horizons), predicted_curve=bounds, measured_curve=measured, x_label="N",
+            y_label="E||grad F(x_tau)||^2", log_x=True,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import cmath
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -30,7 +31,13 @@ from lightning_optsurvey.theory.result import (
     tail_rate,
 )
 
-__all__ = ["EASGDStability", "LocalSGDvsMinibatch", "easgd_spectral_radius"]
+__all__ = [
+    "EASGDStability",
+    "EASGDStronglyConvex",
+    "LocalSGDClientDrift",
+    "LocalSGDvsMinibatch",
+    "easgd_spectral_radius",
+]
 
 #: Grid points whose predicted spectral radius is within this distance of 1 are not classified (the
 #: decay or growth is too slow to see in the simulated steps).
@@ -38,6 +45,8 @@ STABILITY_MARGIN = 0.02
 #: Relative band on the growth rate fitted on the last half of the steps against the spectral radius
 #: (complex pairs make the norm oscillate around the rate).
 EASGD_RATE_RTOL = 0.05
+#: The exact recursion must be this close (relative) to the stationary variance at the end of the run.
+EASGD_SETTLED_RTOL = 0.01
 
 
 def _minibatch_expectation(problem: NoisyQuadratic, lr: float, batch: int, steps: int) -> list[float]:
@@ -275,4 +284,274 @@ class EASGDStability(Result):
             details=f"N={self.workers}, {self.grid} values of eta h, {self.steps} steps; " + "; ".join(lines),
             steps=eta_h.tolist(), predicted_curve=radii, measured_curve=rates, extra_curves=extra,
             x_label="eta h", y_label="per-step growth rate of ||(x_1..x_N, c)||", log_y=False,
+        )
+
+
+@dataclass(frozen=True)
+class _Heterogeneous:
+    """Worker ``i``: ``sum_j a_ij (x_j - b_ij)^2 / 2``, gradient noise of variance ``sigma2`` per coordinate."""
+
+    curvatures: torch.Tensor  # (N, d)
+    targets: torch.Tensor  # (N, d)
+    sigma2: float
+
+    @property
+    def minimizer(self) -> torch.Tensor:
+        return (self.curvatures * self.targets).sum(0) / self.curvatures.sum(0)
+
+    def gap(self, mean: torch.Tensor, variance: torch.Tensor) -> float:
+        """``E f(xbar) - f*`` from the mean and variance of ``xbar`` per coordinate (``f`` the workers' mean)."""
+        curvature = self.curvatures.mean(0)
+        return float((0.5 * curvature * ((mean - self.minimizer) ** 2 + variance)).sum())
+
+
+def _local_sgd_moments(p: _Heterogeneous, lr: float, h: int, rounds: int) -> tuple[list[float], float]:
+    """Exact ``E f(xbar) - f*`` at each synchronization of local SGD from 0, and the drift ``f(xbar_inf) - f*``.
+
+    Per coordinate the workers' vector follows ``x <- (I - lr D) x + lr D b - lr xi`` and is replaced by its
+    average (``J = 11^T/N``) every ``h`` steps: mean and covariance recursions are exact; the deterministic
+    fixed point solves ``x = J (M^h x + c_h)``.
+    """
+    n, d = p.curvatures.shape
+    j = torch.full((n, n), 1.0 / n, dtype=DTYPE)
+    eye = torch.eye(n, dtype=DTYPE)
+    values = []
+    means = torch.zeros(d, n, dtype=DTYPE)
+    covariances = torch.zeros(d, n, n, dtype=DTYPE)
+    maps = torch.stack([eye - lr * torch.diag(p.curvatures[:, c]) for c in range(d)])
+    drive = (lr * p.curvatures * p.targets).T  # (d, N)
+    noise = lr * lr * p.sigma2 * eye
+    for _ in range(rounds + 1):
+        values.append(p.gap(means.mean(-1), covariances.sum((-2, -1)) / n**2))
+        for _ in range(h):
+            means = torch.einsum("cij,cj->ci", maps, means) + drive
+            covariances = maps @ covariances @ maps.transpose(-2, -1) + noise
+        means = means @ j.T
+        covariances = j @ covariances @ j.T
+    # Deterministic fixed point x = J (M^h x + c_h), c_h = sum_(s<h) M^s drive, solved per coordinate.
+    fixed = []
+    for c in range(d):
+        power = torch.linalg.matrix_power(maps[c], h)
+        offset = sum(torch.linalg.matrix_power(maps[c], s) @ drive[c] for s in range(h))
+        fixed.append(torch.linalg.solve(eye - j @ power, j @ offset).mean())
+    drift = p.gap(torch.stack(fixed), torch.zeros(d, dtype=DTYPE))
+    return values, drift
+
+
+@register_result
+@dataclass(frozen=True)
+class LocalSGDClientDrift(Result):
+    """Local SGD on heterogeneous objectives: exact rate in H and a fixed point that drifts with H."""
+
+    number = 32
+    name = "local_sgd_drift"
+    statement = (
+        "workers with different quadratics f_i (curvatures a_i, minimizers b_i), step eta, averaging every H "
+        "steps: E f(xbar) - f* follows the exact mean/covariance recursion, converging per round at the spectral "
+        "radius of J M^H to a fixed point x_H with f(x_H) - f* = 0 for H = 1 (mini-batch SGD is unbiased) and "
+        "growing with H (client drift: local steps pull toward each worker's own minimizer)"
+    )
+    reference = (
+        "Woodworth, Patel & Srebro 2020, arXiv:2006.04735 (local SGD under heterogeneity); Charles & Konecny "
+        "2021, arXiv:2007.00878 (local update methods on quadratics converge to a surrogate minimizer)"
+    )
+    criterion = (
+        f"for each H, E f(xbar) - f* at every synchronization within {MC_Z:g} standard errors (+1e-12) of the exact "
+        "recursion; the deterministic drift f(x_H) - f* below 1e-12 at H = 1 and increasing with H; the method is "
+        "the registry's 'sgd' on every worker (rows of one parameter) with the all-reduce average every H steps"
+    )
+
+    workers: int = 4
+    dim: int = 2
+    local_steps: tuple[int, ...] = (1, 4, 16)
+    rounds: int = 12
+    lr: float = 0.1
+    runs: int = 200
+    sigma2: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_int("workers", self.workers, 2)
+        _positive_int("dim", self.dim)
+        if len(self.local_steps) < 2 or 1 not in self.local_steps:
+            raise ValueError(f"local_steps must hold 1 and at least one other H, got {self.local_steps!r}")
+        for h in self.local_steps:
+            _positive_int("local_steps[i]", h)
+        _positive_int("rounds", self.rounds)
+        _positive_float("lr", self.lr)
+        _positive_int("runs", self.runs, 10)
+        _positive_float("sigma2", self.sigma2)
+
+    def problem(self, seed: int = 0) -> _Heterogeneous:
+        gen = generator(seed)
+        curvatures = 0.2 + 1.8 * torch.rand(self.workers, self.dim, generator=gen, dtype=DTYPE)
+        targets = 2.0 * torch.randn(self.workers, self.dim, generator=gen, dtype=DTYPE)
+        return _Heterogeneous(curvatures, targets, self.sigma2)
+
+    def predict(self, problem: _Heterogeneous, k: int) -> float:
+        """The drift ``f(x_H) - f*`` for ``H = local_steps[k]``."""
+        return _local_sgd_moments(problem, self.lr, self.local_steps[k], 0)[1]
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        gen = generator(seed + 1)
+        noise = math.sqrt(self.sigma2)
+        holds, lines, drifts, curves = True, [], [], {}
+        for h in self.local_steps:
+            taken = 0
+
+            def average(x: torch.Tensor, h: int = h) -> torch.Tensor:
+                nonlocal taken
+                taken += 1
+                return x.mean(-2, keepdim=True).expand_as(x) if taken % h == 0 else x
+
+            def gradient(x: torch.Tensor, k: int) -> torch.Tensor:
+                return p.curvatures * (x - p.targets) + noise * torch.randn(x.shape, generator=gen, dtype=DTYPE)
+
+            values, _ = run_optimizer(
+                "sgd", torch.zeros(self.runs, self.workers, self.dim, dtype=DTYPE), gradient, h * self.rounds,
+                project=average, lr=self.lr,
+                record=lambda x: 0.5 * (p.curvatures.mean(0) * (x.mean(-2) - p.minimizer) ** 2).sum(-1),
+            )
+            mean, err = mean_and_stderr(values[::h])
+            exact, drift = _local_sgd_moments(p, self.lr, h, self.rounds)
+            exact_t = torch.tensor(exact, dtype=DTYPE)
+            ok = bool(((mean - exact_t).abs() <= MC_Z * err + 1e-12).all()) and self.lr * float(p.curvatures.max()) < 2
+            holds = holds and ok
+            drifts.append(drift)
+            curves[h] = (mean.tolist(), exact)
+            lines.append(f"H={h}: E f at R = {float(mean[-1]):.4g} vs exact {exact[-1]:.4g}, drift {drift:.3e}")
+        order = sorted(range(len(self.local_steps)), key=lambda i: self.local_steps[i])
+        increasing = all(drifts[a] < drifts[b] for a, b in pairwise(order))
+        first = drifts[self.local_steps.index(1)]
+        holds = holds and increasing and first <= 1e-12
+        largest = max(self.local_steps)
+        measured, exact = curves[largest]
+        return CheckOutcome(
+            predicted=exact[-1], measured=measured[-1], holds=holds, name=self.name,
+            quantity=f"E f(xbar) - f* after {self.rounds} rounds of H={largest}",
+            details=f"N={self.workers}, eta={self.lr:g}, sigma^2={self.sigma2:g}, {self.runs} runs; "
+            + "; ".join(lines),
+            steps=list(range(self.rounds + 1)), predicted_curve=exact, measured_curve=measured,
+            extra_curves={f"H={h} measured": tuple(curves[h][0]) for h in self.local_steps if h != largest},
+            x_label="round", y_label="E f(xbar) - f*",
+        )
+
+
+def _easgd_moments(curvatures: torch.Tensor, workers: int, lr: float, alpha: float, sigma2: float,
+                   start: torch.Tensor, steps: int) -> tuple[list[float], float]:
+    """Exact ``E||c_t - x*||^2`` for synchronous EASGD on ``sum_j lambda_j x_j^2 / 2`` with Gaussian noise.
+
+    Per coordinate the state ``(x_1..x_N, c)`` follows ``s <- T s + B xi``; mean and covariance recursions,
+    and the stationary covariance from the Lyapunov equation ``C = T C T^T + lr^2 sigma2 B B^T``.
+    """
+    n = workers
+    values = []
+    maps, sources, means, covs = [], [], [], []
+    for j, lam in enumerate(curvatures.tolist()):
+        t = torch.zeros(n + 1, n + 1, dtype=DTYPE)
+        t[:n, :n] = (1.0 - lr * lam - alpha) * torch.eye(n, dtype=DTYPE)
+        t[:n, n] = alpha
+        t[n, :n] = alpha
+        t[n, n] = 1.0 - n * alpha
+        b = torch.zeros(n + 1, n + 1, dtype=DTYPE)
+        b[:n, :n] = lr * lr * sigma2 * torch.eye(n, dtype=DTYPE)
+        maps.append(t)
+        sources.append(b)
+        means.append(start[:, j].clone())
+        covs.append(torch.zeros(n + 1, n + 1, dtype=DTYPE))
+    for _ in range(steps + 1):
+        values.append(sum(float(m[n] ** 2 + c[n, n]) for m, c in zip(means, covs, strict=True)))
+        means = [t @ m for t, m in zip(maps, means, strict=True)]
+        covs = [t @ c @ t.T + b for t, c, b in zip(maps, covs, sources, strict=True)]
+    stationary = 0.0
+    for t, b in zip(maps, sources, strict=True):
+        size = (n + 1) ** 2
+        c = torch.linalg.solve(torch.eye(size, dtype=DTYPE) - torch.kron(t, t), b.reshape(-1)).reshape(n + 1, n + 1)
+        stationary += float(c[n, n])
+    return values, stationary
+
+
+@register_result
+@dataclass(frozen=True)
+class EASGDStronglyConvex(Result):
+    """Synchronous EASGD converges on a strongly convex quadratic, linearly, to a noise ball around x*."""
+
+    number = 33
+    name = "easgd_strongly_convex"
+    statement = (
+        "f = sum_j lambda_j (x_j - x*_j)^2/2 (mu-strongly convex), N workers with unbiased noise of variance "
+        "sigma^2, synchronous EASGD inside its stability region: E||c_t - x*||^2 converges linearly, at the "
+        "squared spectral radius of the EASGD map, to the stationary variance of the center, which shrinks as "
+        "the number of workers grows"
+    )
+    reference = (
+        "Zhang, Choromanska & LeCun 2015, arXiv:1412.6651, Sec. 4 (quadratic case: the center's mean and variance)"
+    )
+    criterion = (
+        f"E||c_t - x*||^2 from strategies.easgd.easgd_step (all workers and runs at once) within {MC_Z:g} standard "
+        "errors (+1e-12) of the exact mean/covariance recursion at every t; the recursion within "
+        f"{EASGD_SETTLED_RTOL:g} (relative) of the Lyapunov stationary value at the end and the measured mean over "
+        f"the last quarter within {MC_Z:g} standard errors (+ that slack) of it; easgd_is_stable true at every "
+        "eta lambda_j"
+    )
+
+    workers: int = 4
+    dim: int = 3
+    runs: int = 300
+    steps: int = 300
+    lr: float = 0.2
+    alpha: float = 0.1
+    sigma2: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive_int("workers", self.workers)
+        _positive_int("dim", self.dim)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("steps", self.steps, 10)
+        _positive_float("lr", self.lr)
+        _positive_float("alpha", self.alpha)
+        _positive_float("sigma2", self.sigma2)
+
+    def problem(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Curvatures in [0.1, 1] and starting errors ``(workers + 1, dim)`` (workers, then the center)."""
+        gen = generator(seed)
+        curvatures = torch.linspace(0.1, 1.0, self.dim, dtype=DTYPE)
+        return curvatures, torch.randn(self.workers + 1, self.dim, generator=gen, dtype=DTYPE)
+
+    def predict(self, problem: tuple[torch.Tensor, torch.Tensor], k: int) -> float:
+        curvatures, start = problem
+        return _easgd_moments(curvatures, self.workers, self.lr, self.alpha, self.sigma2, start, k)[0][k]
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        curvatures, start = self.problem(seed)
+        gen = generator(seed + 1)
+        noise = math.sqrt(self.sigma2)
+        workers = [start[i].expand(self.runs, self.dim).clone() for i in range(self.workers)]
+        center = start[self.workers].expand(self.runs, self.dim).clone()
+        history = []
+        for _ in range(self.steps + 1):
+            history.append(center.square().sum(-1))
+            grads = [curvatures * x + noise * torch.randn(x.shape, generator=gen, dtype=DTYPE) for x in workers]
+            workers, center = easgd_step(workers, center, self.alpha, grads=grads, lr=self.lr)
+        values = torch.stack(history)
+        mean, err = mean_and_stderr(values)
+        exact, stationary = _easgd_moments(
+            curvatures, self.workers, self.lr, self.alpha, self.sigma2, start, self.steps
+        )
+        exact_t = torch.tensor(exact, dtype=DTYPE)
+        tracked = bool(((mean - exact_t).abs() <= MC_Z * err + 1e-12).all())
+        tail, tail_err = map(float, mean_and_stderr(values[-self.steps // 4 :].mean(0)))
+        converged = abs(exact[-1] - stationary) <= EASGD_SETTLED_RTOL * stationary
+        settled = converged and abs(tail - stationary) <= MC_Z * tail_err + EASGD_SETTLED_RTOL * stationary
+        stable = all(easgd_is_stable(self.lr * lam, self.alpha, self.workers) for lam in curvatures.tolist())
+        radius = max(easgd_spectral_radius(self.lr * lam, self.alpha, self.workers) for lam in curvatures.tolist())
+        return CheckOutcome(
+            predicted=stationary, measured=tail, holds=tracked and settled and stable, name=self.name,
+            quantity="stationary E||c - x*||^2 (tail mean)",
+            details=f"N={self.workers}, eta={self.lr:g}, alpha={self.alpha:g}, sigma^2={self.sigma2:g}, {self.runs} "
+            f"runs; spectral radius {radius:.4f}; tracked the exact recursion at every t: {tracked}; tail "
+            f"{tail:.4g} +- {tail_err:.1g} vs stationary {stationary:.4g}; stable: {stable}",
+            steps=list(range(self.steps + 1)), predicted_curve=exact, measured_curve=mean.tolist(),
+            extra_curves={"stationary": tuple([stationary] * (self.steps + 1))}, x_label="step",
+            y_label="E||c_t - x*||^2",
         )

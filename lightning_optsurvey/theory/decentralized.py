@@ -18,7 +18,7 @@ import torch
 
 from lightning_optsurvey.strategies.topology import Topology
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.problems import DTYPE, generator
+from lightning_optsurvey.theory.problems import DTYPE, WavyFunction, generator
 from lightning_optsurvey.theory.result import (
     MC_Z,
     CheckOutcome,
@@ -26,12 +26,19 @@ from lightning_optsurvey.theory.result import (
     _positive_float,
     _positive_int,
     bound_violations,
+    loglog_slope,
     mean_and_stderr,
     register_result,
     tail_rate,
 )
 
-__all__ = ["DPSGDConsensus", "GossipConsensus", "OnePeerExactAveraging", "second_eigenvalue_modulus"]
+__all__ = [
+    "DPSGDConsensus",
+    "DPSGDLinearSpeedup",
+    "GossipConsensus",
+    "OnePeerExactAveraging",
+    "second_eigenvalue_modulus",
+]
 
 #: Relative slack on the contraction bound (round-off of the matrix products).
 BOUND_RTOL = 1e-9
@@ -47,6 +54,8 @@ RATE_RTOL = 1e-2
 EXACT_TOL = 1e-13
 #: Agreement required between Topology.spectral_gap and the gap recomputed from the eigenvalues.
 GAP_ATOL = 1e-10
+#: Allowed distance between the measured exponent in N of D-PSGD's average squared gradient and the bound's.
+SPEEDUP_EXPONENT_ATOL = 0.15
 
 
 def second_eigenvalue_modulus(matrix: torch.Tensor) -> float:
@@ -337,4 +346,99 @@ class DPSGDConsensus(Result):
             steps=[1.0 / r[0] for r in rows], predicted_curve=[r[4] for r in rows],
             measured_curve=[r[2] for r in rows], extra_curves={"bound": tuple(r[5] for r in rows)},
             x_label="1 / spectral gap", y_label="(1/N) E||X - 1 xbar||^2", log_x=True,
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class DPSGDLinearSpeedup(Result):
+    """D-PSGD's non-convex rate: O(1/sqrt(NK)), a linear speedup in the number of nodes N."""
+
+    number = 31
+    name = "dpsgd_linear_speedup"
+    statement = (
+        "f L-smooth (non-convex), every node sees unbiased gradients of variance sigma^2, W doubly stochastic and "
+        "connected, step gamma = 1/(2L + sigma sqrt(K/N)): for K past a transient that depends on the spectral "
+        "gap, (1/K) sum_k E||grad f(xbar_k)||^2 <= 8 (f(x_0) - f*) L / K + (8 (f(x_0) - f*) + 4L) sigma / "
+        "sqrt(K N), so N nodes need N times fewer iterations"
+    )
+    reference = "Lian, Zhang, Zhang, Hsieh, Zhang & Liu 2017, arXiv:1705.09056, Thm. 1 and Cor. 2"
+    criterion = (
+        f"for N in the list (ring graphs from Topology), the Monte-Carlo mean below Cor. 2's bound ({MC_Z:g} standard "
+        f"errors allowance), and its log-log slope against N within {SPEEDUP_EXPONENT_ATOL:g} of the bound's (about "
+        "-1/2); f = sum_j x_j^2/2 + cos(2 x_j) (L = 5), nodes simulated as rows of one parameter stepping with the "
+        "registry's 'sgd', then mixed by W (adapt then combine, as GossipStrategy)"
+    )
+
+    dim: int = 2
+    runs: int = 60
+    iterations: int = 600
+    sizes: tuple[int, ...] = (1, 2, 4, 8)
+    sigma: float = 5.0
+    gossip: bool = True
+    scaled: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("iterations", self.iterations, 10)
+        if len(self.sizes) < 2:
+            raise ValueError(f"sizes needs at least two node counts, got {self.sizes!r}")
+        for n in self.sizes:
+            _positive_int("sizes[i]", n)
+        _positive_float("sigma", self.sigma)
+
+    def problem(self, seed: int = 0) -> tuple[WavyFunction, torch.Tensor]:
+        return WavyFunction(self.dim, 1.0, 2.0), 3.0 * torch.randn(self.dim, generator=generator(seed), dtype=DTYPE)
+
+    def mixing(self, n: int) -> torch.Tensor:
+        """The ring's ``W`` (a single node keeps its value); the identity when ``gossip`` is off."""
+        if n == 1 or not self.gossip:
+            return torch.eye(n, dtype=DTYPE)
+        return Topology("ring", n).mixing_matrix(0)
+
+    def predict(self, problem: tuple[WavyFunction, torch.Tensor], k: int) -> float:
+        """Cor. 2's bound for ``N = k`` nodes after ``iterations`` steps."""
+        f, start = problem
+        gap = float(f.value(start)) - f.infimum
+        total = self.iterations
+        return 8 * gap * f.L / total + (8 * gap + 4 * f.L) * self.sigma / math.sqrt(total * k)
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        problem = self.problem(seed)
+        f, start = problem
+        gen = generator(seed + 1)
+        noise = self.sigma / math.sqrt(self.dim)
+        measured, bounds, lines, ok = [], [], [], True
+        for n in self.sizes:
+            w = self.mixing(n)
+            lr = 1.0 / (2 * f.L + self.sigma * math.sqrt(self.iterations / (n if self.scaled else 1)))
+
+            def gradient(x: torch.Tensor, k: int) -> torch.Tensor:
+                return f.gradient(x) + noise * torch.randn(x.shape, generator=gen, dtype=DTYPE)
+
+            def gossip(x: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:
+                return torch.einsum("ij,rjd->rid", w, x)
+
+            norms, _ = run_optimizer(
+                "sgd", start.expand(self.runs, n, self.dim), gradient, self.iterations, project=gossip,
+                record=lambda x: f.gradient(x.mean(-2)).square().sum(-1), lr=lr,
+            )
+            mean, err = map(float, mean_and_stderr(norms[:-1].mean(0)))
+            bound = self.predict(problem, n)
+            ok = ok and mean - MC_Z * err <= bound
+            gap = 1.0 - second_eigenvalue_modulus(w) if n > 1 else 1.0
+            measured.append(mean)
+            bounds.append(bound)
+            lines.append(f"N={n} (gap {gap:.3f}, gamma {lr:.4f}): {mean:.4g} +- {err:.1g} <= {bound:.4g}")
+        slope = loglog_slope(list(self.sizes), measured)
+        predicted_slope = loglog_slope(list(self.sizes), bounds)
+        holds = ok and abs(slope - predicted_slope) <= SPEEDUP_EXPONENT_ATOL
+        return CheckOutcome(
+            predicted=predicted_slope, measured=slope, holds=holds, name=self.name,
+            quantity=f"log-log slope of (1/K) sum_k E||grad f(xbar_k)||^2 against N (K={self.iterations})",
+            details=f"L={f.L:g}, sigma={self.sigma:g}, {self.runs} runs{'' if self.gossip else ', no gossip (W = I)'}; "
+            + "; ".join(lines),
+            steps=list(self.sizes), predicted_curve=bounds, measured_curve=measured, x_label="N (nodes)",
+            y_label="(1/K) sum_k E||grad f(xbar_k)||^2", log_x=True,
         )

@@ -21,18 +21,18 @@ from lightning_optsurvey.theory.result import (
     Result,
     _positive_float,
     _positive_int,
+    loglog_slope,
     mc_bound_violations,
     mean_and_stderr,
     register_result,
 )
 
-__all__ = ["ImplicitBiasMaxMargin", "UniformStabilitySGD"]
+__all__ = ["ImplicitBiasMaxMargin", "UniformStabilityNonConvex", "UniformStabilitySGD"]
 
-#: Relative distance allowed between the measured angle to the max-margin direction at the last
-#: checkpoint and the asymptotic prediction atan(|w~_perp| / (log k + w~_par)).
-ANGLE_RTOL = 0.1
-#: The residual ||w(k) - w^ log k - w~|| must shrink by at least this factor from K/10 to K.
-RESIDUAL_SHRINK = 0.5
+#: The residual r(k) = w(k) - w^ log k - w~ must decay at least like k^(-RESIDUAL_EXPONENT_FRACTION nu), nu the
+#: exponent of the linearized residual dynamics (log-log slope fitted on [K/10, K]; seen -0.47 to -0.73
+#: for nu = 0.5 over seeds 0-14 at K = 5000: the asymptotic power comes with log k corrections).
+RESIDUAL_EXPONENT_FRACTION = 0.8
 
 
 @register_result
@@ -51,9 +51,12 @@ class ImplicitBiasMaxMargin(Result):
         "Soudry, Hoffer, Nacson, Gunasekar & Srebro 2018, arXiv:1710.10345, Thm. 3 and the limit w~ of its residual"
     )
     criterion = (
-        f"angle between w(K) and w^ within {ANGLE_RTOL:g} (relative) of atan(|w~_2| / (log K + w~_1)), and "
-        f"the residual ||w(k) - w^ log k - w~|| at K at most {RESIDUAL_SHRINK:g} x its value at K/10; data "
-        "built so that w^ = e_1 and the duals are known in closed form"
+        "the residual r(k) = w(k) - w^ log k - w~ vanishes (the theorem's o(1)): its log-log slope over "
+        f"[K/10, K] is at most -{RESIDUAL_EXPONENT_FRACTION:g} nu, nu = min(lambda_min(sum_n alpha_n z_n z_n^T), "
+        "theta - 1) the decay exponent of the residual's linearized dynamics dr/dk = -(1/k) sum_n alpha_n "
+        "z_n z_n^T r + O(k^-theta) (theta the smallest margin of the other points); and the angle between w(K) "
+        "and w^ within asin(||r(K)|| / ||w^ log K + w~||) of atan(|w~_2| / (log K + w~_1)), the o(1) term's "
+        "whole effect on the direction; data built so that w^ = e_1 and the duals are known in closed form"
     )
 
     steps: int = 5000
@@ -71,6 +74,15 @@ class ImplicitBiasMaxMargin(Result):
         offset = problem.offset(self.lr_scale / problem.smoothness)
         return math.atan2(abs(float(offset[1])), math.log(k) + float(offset[0]))
 
+    @staticmethod
+    def residual_exponent(problem: SeparableLogistic) -> float:
+        """``nu = min(lambda_min(sum_n alpha_n z_n z_n^T), theta - 1)`` over the support vectors ``z_n``."""
+        duals = torch.tensor(problem.duals, dtype=DTYPE)
+        support = problem.points[:2]
+        damping = float(torch.linalg.eigvalsh((support.T * duals) @ support)[0])
+        theta = float((problem.points[2:] @ problem.max_margin).min()) if len(problem.points) > 2 else math.inf
+        return min(damping, theta - 1.0)
+
     def check(self, seed: int = 0) -> CheckOutcome:
         p = self.problem(seed)
         lr = self.lr_scale / p.smoothness
@@ -83,14 +95,21 @@ class ImplicitBiasMaxMargin(Result):
         def residual(t: int) -> float:
             return float(torch.linalg.vector_norm(ws[t] - p.max_margin * math.log(t) - offset))
 
-        early, late = residual(max(self.steps // 10, 1)), residual(self.steps)
-        angle_ok = abs(angles[-1] - predicted[-1]) <= ANGLE_RTOL * predicted[-1]
-        holds = angle_ok and late <= RESIDUAL_SHRINK * early and lr < 2.0 / p.smoothness
+        nu = self.residual_exponent(p)
+        window = [t for t in range(max(self.steps // 10, 1), self.steps + 1, max(self.steps // 100, 1))]
+        slope = loglog_slope(window, [residual(t) for t in window])
+        late = residual(self.steps)
+        asymptote = float(torch.linalg.vector_norm(p.max_margin * math.log(self.steps) + offset))
+        allowance = math.asin(min(1.0, late / asymptote))
+        angle_ok = abs(angles[-1] - predicted[-1]) <= allowance
+        holds = angle_ok and slope <= -RESIDUAL_EXPONENT_FRACTION * nu and lr < 2.0 / p.smoothness
         return CheckOutcome(
             predicted=predicted[-1], measured=angles[-1], holds=holds, name=self.name,
             quantity=f"angle(w(K), w^) at K={self.steps} (radians)",
             details=f"eta={lr:.4g} (smoothness {p.smoothness:.4g}), w^=(1, 0), w~=({float(offset[0]):.4f}, "
-            f"{float(offset[1]):.4f}); residual {early:.3g} at K/10 -> {late:.3g} at K",
+            f"{float(offset[1]):.4f}); residual {residual(window[0]):.3g} at K/10 -> {late:.3g} at K, log-log slope "
+            f"{slope:.3f} (nu = {nu:.3g}); |angle - prediction| = {abs(angles[-1] - predicted[-1]):.2e} <= "
+            f"{allowance:.2e}",
             steps=checkpoints, predicted_curve=predicted, measured_curve=angles, y_label="angle to w^ (rad)",
             log_x=True,
         )
@@ -198,4 +217,109 @@ class UniformStabilitySGD(Result):
             f"violations {violations}/{steps + 1}",
             steps=list(range(steps + 1)), predicted_curve=bound, measured_curve=mean_stab.tolist(),
             y_label="G E||w_t - w'_t||", log_y=False,
+        )
+
+
+def _sigmoid_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample sigmoid losses ``sigmoid(-y w^T x)`` in [0, 1] (non-convex in ``w``); shapes as ``_logistic_loss``."""
+    logits = w @ x.T if x.ndim == 2 else torch.bmm(x, w.unsqueeze(-1)).squeeze(-1)
+    return torch.sigmoid(-y * logits)
+
+
+@register_result
+@dataclass(frozen=True)
+class UniformStabilityNonConvex(Result):
+    """SGD with steps c/t on a smooth, Lipschitz, bounded non-convex loss is uniformly stable."""
+
+    number = 34
+    name = "sgd_stability_nonconvex"
+    statement = (
+        "loss in [0, 1], L-Lipschitz and beta-smooth (non-convex), SGD with steps alpha_t <= c/t for T steps on n "
+        "samples: epsilon-uniformly stable with epsilon <= (1 + 1/(beta c))/(n - 1) (2 c L^2)^(1/(beta c + 1)) "
+        "T^(beta c/(beta c + 1)), hence |E[R(w_T) - R_S(w_T)]| <= epsilon"
+    )
+    reference = "Hardt, Recht & Singer 2016, arXiv:1509.01240, Thm. 3.12 (and Thm. 2.2)"
+    criterion = (
+        "the stability E|l(w_T; z) - l(w'_T; z)| of coupled runs on S and S' (one example replaced, same sample "
+        "order), its largest value over 200 fresh points z, and the generalization gap (4000 fresh draws), all "
+        f"below epsilon with {MC_Z:g} standard errors of Monte-Carlo allowance; sigmoid loss sigmoid(-y w^T x) with "
+        "||x|| <= 1: L = 1/4, beta = 1/(6 sqrt 3); the registry's 'sgd' with its lr set to c/t before step t"
+    )
+
+    samples: int = 50
+    dim: int = 5
+    runs: int = 500
+    epochs: int = 4
+    c: float = 2.0
+    decaying: bool = True
+    test_size: int = 4000
+
+    def __post_init__(self) -> None:
+        _positive_int("samples", self.samples, 2)
+        _positive_int("dim", self.dim)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("epochs", self.epochs)
+        _positive_float("c", self.c)
+        _positive_int("test_size", self.test_size, 10)
+
+    def problem(self, seed: int = 0) -> _LogisticDistribution:
+        gen = generator(seed)
+        direction = torch.randn(self.dim, generator=gen, dtype=DTYPE)
+        return _LogisticDistribution(direction / torch.linalg.vector_norm(direction), 0.2)
+
+    def predict(self, problem: _LogisticDistribution, k: int) -> float:
+        """Hardt et al.'s epsilon after ``k`` steps with ``L = 1/4``, ``beta = 1/(6 sqrt 3)``."""
+        lip, beta, c = 0.25, 1.0 / (6.0 * math.sqrt(3.0)), self.c
+        exponent = beta * c / (beta * c + 1.0)
+        return (1.0 + 1.0 / (beta * c)) / (self.samples - 1) * (2 * c * lip**2) ** (1 / (beta * c + 1)) * k**exponent
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        dist = self.problem(seed)
+        gen = generator(seed + 1)
+        steps = self.epochs * self.samples
+        x, y = dist.sample((self.runs, self.samples), gen)
+        x2, y2 = x.clone(), y.clone()
+        x2[:, 0], y2[:, 0] = dist.sample((self.runs,), gen)
+        features, labels = torch.cat([x, x2]), torch.cat([y, y2])
+        order = torch.randint(self.samples, (steps, self.runs), generator=gen).repeat(1, 2)
+        rows = torch.arange(2 * self.runs)
+
+        def gradient(w: torch.Tensor, k: int) -> torch.Tensor:
+            xi, yi = features[rows, order[k]], labels[rows, order[k]]
+            s = torch.sigmoid(-yi * (xi * w).sum(-1))
+            return (-yi * s * (1.0 - s)).unsqueeze(-1) * xi
+
+        def schedule(optimizer: torch.optim.Optimizer, k: int) -> None:
+            optimizer.param_groups[0]["lr"] = self.c / (k + 1) if self.decaying else self.c
+
+        iterates, _ = run_optimizer(
+            "sgd", torch.zeros(2 * self.runs, self.dim, dtype=DTYPE), gradient, steps, before_step=schedule, lr=self.c,
+        )
+        w, w2 = iterates[-1, : self.runs], iterates[-1, self.runs :]
+        probes, probe_labels = dist.sample((200,), gen)
+        differences = (_sigmoid_loss(w, probes, probe_labels) - _sigmoid_loss(w2, probes, probe_labels)).abs()
+        per_point, per_point_err = mean_and_stderr(differences.T)  # (200,): E over runs at each z
+        worst = int(per_point.argmax())
+        x_test, y_test = dist.sample((self.test_size,), gen)
+        gaps = _sigmoid_loss(w, x_test, y_test).mean(1) - _sigmoid_loss(w, x, y).mean(1)
+        gap, gap_err = map(float, mean_and_stderr(gaps))
+        epsilon = self.predict(dist, steps)
+        stable = float(per_point[worst]) - MC_Z * float(per_point_err[worst]) <= epsilon
+        holds = stable and abs(gap) - MC_Z * gap_err <= epsilon and self.decaying
+        ks = list(range(1, steps + 1))
+        # Stability along the run, at the worst probe, for the figure.
+        along = [
+            float((_sigmoid_loss(iterates[t, : self.runs], probes[worst : worst + 1], probe_labels[worst : worst + 1])
+                   - _sigmoid_loss(iterates[t, self.runs :], probes[worst : worst + 1],
+                                   probe_labels[worst : worst + 1])).abs().mean())
+            for t in ks
+        ]
+        return CheckOutcome(
+            predicted=epsilon, measured=float(per_point[worst]), holds=holds, name=self.name,
+            quantity=f"sup_z E|l(w_T; z) - l(w'_T; z)| after T={steps} steps (n={self.samples})",
+            details=f"c={self.c:g}, steps {'c/t' if self.decaying else 'c (constant: outside the theorem)'}, "
+            f"T={steps}, n={self.samples}, {self.runs} datasets; stability {float(per_point[worst]):.4f} (mean over "
+            f"probes {float(per_point.mean()):.4f}), gap {gap:.4f} +- {gap_err:.2g}, epsilon {epsilon:.4f}",
+            steps=ks, predicted_curve=[self.predict(dist, t) for t in ks], measured_curve=along,
+            y_label="E|l(w_t; z) - l(w'_t; z)| (worst probe z)", log_y=False,
         )

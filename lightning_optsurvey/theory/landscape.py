@@ -29,7 +29,7 @@ from lightning_optsurvey.theory.result import (
     register_result,
 )
 
-__all__ = ["EdgeOfStability", "SAMSharpness", "SmoothingFlattens"]
+__all__ = ["EdgeOfStability", "LPFSmoothingBound", "SAMNonConvex", "SAMSharpness", "SmoothingFlattens"]
 
 #: Round-off allowed on top of the exact Taylor remainder M rho^3 / 6 in the SAM check.
 SAM_ATOL = 1e-14
@@ -47,6 +47,10 @@ EOS_REACH_FRACTION = 0.95
 #: Agreement of the Hessian of the local entropy read off Entropy-SGD with gamma A (A + gamma I)^(-1)
 #: (the inner Langevin loop, run without noise, converges to ~1e-12).
 ENTROPY_RTOL = 1e-6
+#: Standard errors allowed between LPF-SGD's mean gradient and the closed form, per coordinate: a Bonferroni
+#: band over the 64 comparisons (16 rows x 4 coordinates) with Student-t tails (31 degrees of freedom), so
+#: that the family-wise false alarm stays near 1e-3.
+LPF_Z = 5.0
 
 
 def _mlp(widths: tuple[int, ...], gen: torch.Generator) -> nn.Module:
@@ -360,4 +364,192 @@ class EdgeOfStability(Result):
             f"{losses[0]:.3g} -> {losses[-1]:.3g}",
             steps=ks, predicted_curve=[threshold] * len(ks), measured_curve=sharpness, x_label="GD step",
             y_label="lambda_max of the training loss", log_y=False,
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class SAMNonConvex(Result):
+    """SAM with a constant radius converges on a smooth non-convex function to an O(L^2 rho^2) neighbourhood."""
+
+    number = 29
+    name = "sam_nonconvex"
+    statement = (
+        "f L-smooth (non-convex), bounded below; SAM x_(k+1) = x_k - eta grad f(x_k + rho g_k/||g_k||) with eta "
+        "<= 1/L and radius rho: (1/K) sum_(k<K) ||grad f(x_k)||^2 <= 4 (f(x_0) - f*)/(eta K) + 18 L^2 rho^2 for every "
+        "K (descent lemma with ||grad f(x + rho u) - grad f(x)|| <= L rho), so SAM converges at SGD's O(1/K) up to "
+        "a floor O(L^2 rho^2) that vanishes as rho -> 0 (rho ~ 1/sqrt(K) gives O(1/sqrt(K)))"
+    )
+    reference = (
+        "Andriushchenko & Flammarion 2022, arXiv:2206.06232, Sec. 4 (convergence of SAM for non-convex "
+        "objectives); the constants are those of the descent-lemma argument for the deterministic normalized step"
+    )
+    criterion = (
+        f"bound at every K = 1..steps for each radius (slack {SAM_ATOL:g}), with eta <= 1/L; f = sum_j x_j^2/2 + "
+        "cos(2 x_j) (L = 5) from a random start, the registry's 'sam' (base 'sgd'), its closure writing the exact "
+        "gradient"
+    )
+
+    dim: int = 5
+    steps: int = 300
+    radii: tuple[float, ...] = (0.01, 0.1)
+    lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim)
+        _positive_int("steps", self.steps, 2)
+        if not self.radii:
+            raise ValueError("radii must hold at least one radius")
+        for rho in self.radii:
+            _positive_float("radii[i]", rho)
+        _positive_float("lr_scale", self.lr_scale)
+
+    def problem(self, seed: int = 0) -> tuple[WavyFunction, torch.Tensor]:
+        return WavyFunction(self.dim, 1.0, 2.0), 3.0 * torch.randn(self.dim, generator=generator(seed), dtype=DTYPE)
+
+    def predict(self, problem: tuple[WavyFunction, torch.Tensor], k: int, rho: float | None = None) -> float:
+        """The bound on the average over ``K = k`` steps, for ``rho`` (default: the first radius)."""
+        f, start = problem
+        return self._bound(f, float(f.value(start)) - f.infimum, [k], self.radii[0] if rho is None else rho)[0]
+
+    def _bound(self, f: WavyFunction, gap: float, ks: list[int], rho: float) -> list[float]:
+        lr = self.lr_scale / f.L
+        return [4.0 * gap / (lr * k) + 18.0 * f.L**2 * rho**2 for k in ks]
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        problem = self.problem(seed)
+        f, start = problem
+        ks = list(range(1, self.steps + 1))
+        gap = float(f.value(start)) - f.infimum
+        holds, lines, curves = self.lr_scale <= 1.0, [], {}
+        for rho in self.radii:
+            x = torch.nn.Parameter(start.clone())
+            optimizer = create_optimizer("sam", [x], base="sgd", rho=rho, lr=self.lr_scale / f.L)
+
+            def closure(x: torch.nn.Parameter = x) -> torch.Tensor:
+                x.grad = f.gradient(x.detach())
+                return f.value(x.detach())
+
+            norms = []
+            for _ in range(self.steps):
+                norms.append(float(f.gradient(x.detach()).square().sum()))
+                optimizer.step(closure)
+            averages = (torch.tensor(norms, dtype=DTYPE).cumsum(0) / torch.arange(1, self.steps + 1)).tolist()
+            bound = self._bound(f, gap, ks, rho)
+            violations = sum(1 for a, b in zip(averages, bound, strict=True) if not a <= b + SAM_ATOL)
+            holds = holds and violations == 0
+            curves[rho] = (averages, bound)
+            lines.append(f"rho={rho:g}: average at K {averages[-1]:.3g} <= {bound[-1]:.3g} (floor "
+                         f"{18 * f.L**2 * rho**2:.3g}), last ||grad||^2 {norms[-1]:.2e}, violations {violations}")
+        averages, bound = curves[self.radii[0]]
+        return CheckOutcome(
+            predicted=bound[-1], measured=averages[-1], holds=holds, name=self.name,
+            quantity=f"(1/K) sum_k ||grad f(x_k)||^2 at K={self.steps}, rho={self.radii[0]:g}",
+            details=f"L={f.L:g}, eta={self.lr_scale:g}/L, f(x_0) - f* = {gap:.4g}; "
+            + "; ".join(lines),
+            steps=ks, predicted_curve=bound, measured_curve=averages,
+            extra_curves={f"rho={rho:g} measured": tuple(curves[rho][0]) for rho in self.radii[1:]},
+            x_label="K", y_label="(1/K) sum_k ||grad f(x_k)||^2", log_x=True,
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class LPFSmoothingBound(Result):
+    """LPF-SGD steps with the gradient of the Gaussian-smoothed loss, within Nesterov & Spokoiny's bias bound."""
+
+    number = 30
+    name = "lpf_smoothing_bound"
+    statement = (
+        "f L-smooth, f_s(x) = E f(x + s u), u ~ N(0, I_d): |f_s(x) - f(x)| <= s^2 L d/2 and ||grad f_s(x) - "
+        "grad f(x)|| <= (s/2) L (d + 3)^(3/2); LPF-SGD's step direction is an unbiased Monte-Carlo estimate of "
+        "grad f_s with s = sigma ||w_k|| for each filter (row) w_k"
+    )
+    reference = (
+        "Bisla, Wang & Choromanska 2022, arXiv:2201.08025 (LPF-SGD, the smoothed loss); Nesterov & Spokoiny "
+        "2017, doi:10.1007/s10208-015-9296-2, Thm. 1 and Lemma 3 (smoothing bias for C^(1,1) functions)"
+    )
+    criterion = (
+        "for every row, the registry's 'lpf_sgd' gradient (mean over 32 seeds of its Monte-Carlo estimate) within "
+        f"{LPF_Z:g} standard errors of the closed-form grad f_s (E cos(b(x + s u)) = exp(-b^2 s^2/2) cos(b x)); the "
+        "closed-form bias ||grad f_s - grad f|| and f_s - f below the bounds; f = sum_j x_j^2/2 + cos(2 x_j) "
+        "(L = 5), one row per point, each its own filter of radius sigma ||w_k||"
+    )
+
+    points: int = 16
+    dim: int = 4
+    sigma: float = 0.1
+    samples: int = 50
+    seeds: int = 32
+    per_filter: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("points", self.points, 2)
+        _positive_int("dim", self.dim)
+        _positive_float("sigma", self.sigma)
+        _positive_int("samples", self.samples)
+        _positive_int("seeds", self.seeds, 2)
+
+    def problem(self, seed: int = 0) -> tuple[WavyFunction, torch.Tensor]:
+        points = 1.5 * torch.randn(self.points, self.dim, generator=generator(seed), dtype=DTYPE)
+        return WavyFunction(self.dim, 1.0, 2.0), points
+
+    def radii(self, points: torch.Tensor) -> torch.Tensor:
+        """The kernel's standard deviation for each row: ``sigma ||w_k||`` (or the whole norm if not ``per_filter``)."""
+        if self.per_filter:
+            return self.sigma * torch.linalg.vector_norm(points, dim=1)
+        return self.sigma * torch.linalg.vector_norm(points) * torch.ones(points.shape[0], dtype=DTYPE)
+
+    def predict(self, problem: tuple[WavyFunction, torch.Tensor], k: int) -> float:
+        """Nesterov & Spokoiny's gradient-bias bound ``(s/2) L (d + 3)^(3/2)`` at row ``k``."""
+        f, points = problem
+        return 0.5 * float(self.radii(points)[k]) * f.L * (self.dim + 3) ** 1.5
+
+    def smoothed_gradient(self, f: WavyFunction, points: torch.Tensor) -> torch.Tensor:
+        s = self.radii(points)[:, None]
+        damping = torch.exp(-0.5 * (f.frequency * s) ** 2)
+        return points - f.amplitude * f.frequency * damping * torch.sin(f.frequency * points)
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        problem = self.problem(seed)
+        f, points = problem
+        estimates = []
+        for i in range(self.seeds):
+            x = torch.nn.Parameter(points.clone())
+            optimizer = create_optimizer(
+                "lpf_sgd", [x], lr=1.0, momentum=0.0, sigma=self.sigma, num_samples=self.samples,
+                seed=seed * 1000 + i,
+            )
+
+            def closure(x: torch.nn.Parameter = x) -> torch.Tensor:
+                x.grad = f.gradient(x.detach())
+                return f.value(x.detach()).sum()
+
+            optimizer.step(closure)
+            estimates.append(x.grad.detach().clone())  # LPF-SGD leaves its smoothed gradient in .grad
+        mean, err = mean_and_stderr(torch.stack(estimates, dim=-1))
+        s = self.radii(points)
+        exact = self.smoothed_gradient(WavyFunction(self.dim, 1.0, 2.0), points)
+        unbiased = bool(((mean - exact).abs() <= LPF_Z * err + 1e-12).all())
+        bias = torch.linalg.vector_norm(exact - f.gradient(points), dim=1)
+        measured_bias = torch.linalg.vector_norm(mean - f.gradient(points), dim=1)
+        bounds = torch.tensor([self.predict(problem, k) for k in range(self.points)], dtype=DTYPE)
+        damping = torch.exp(-0.5 * (f.frequency * s[:, None]) ** 2)
+        value_gap = (0.5 * s * s * self.dim + (f.amplitude * (damping - 1) * torch.cos(f.frequency * points)).sum(1))
+        value_ok = bool((value_gap.abs() <= 0.5 * s * s * f.L * self.dim + 1e-12).all())
+        holds = unbiased and bool((bias <= bounds).all()) and value_ok
+        worst = int((measured_bias / bounds).argmax())
+        order = torch.argsort(s)
+        return CheckOutcome(
+            predicted=float(bounds[worst]), measured=float(measured_bias[worst]), holds=holds, name=self.name,
+            quantity="||LPF-SGD gradient - grad f|| against (s/2) L (d+3)^(3/2) (row closest to its bound)",
+            details=f"sigma={self.sigma:g}, d={self.dim}, {self.points} rows, {self.seeds} x {self.samples} samples; "
+            f"LPF-SGD's gradient within the Monte-Carlo band of grad f_s on every row: {unbiased}; largest "
+            f"bias / bound {float((bias / bounds).max()):.3g}; |f_s - f| / (s^2 L d / 2) at most "
+            f"{float((value_gap.abs() / (0.5 * s * s * f.L * self.dim)).max()):.3g}"
+            + ("" if self.per_filter else "; radius modelled as sigma ||w|| of the whole tensor"),
+            steps=s[order].tolist(), predicted_curve=bounds[order].tolist(),
+            measured_curve=measured_bias[order].tolist(),
+            extra_curves={"||grad f_s - grad f|| (closed form)": tuple(bias[order].tolist())},
+            x_label="kernel radius s = sigma ||w_k||", y_label="||gradient - grad f||", log_x=True,
         )

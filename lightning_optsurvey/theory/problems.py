@@ -20,9 +20,11 @@ from torch import Tensor
 
 __all__ = [
     "DTYPE",
+    "BoundedGradientFunction",
     "LeastSquaresSum",
     "LogisticRegression",
     "NoisyQuadratic",
+    "PLFunction",
     "Quadratic",
     "ReddiOnline",
     "SeparableLogistic",
@@ -382,3 +384,92 @@ class ReddiOnline:
         r""":math:`\min_{x \in [-1,1]} \sum_{t \le T} f_t(x)`."""
         total = sum(self.coefficient(t) for t in range(1, rounds + 1))
         return -abs(total)
+
+
+def _refine_minimum(function, grid: Tensor, iterations: int = 100) -> float:
+    """``min function`` over an interval: the best grid point, then golden-section search around it."""
+    values = function(grid)
+    i = int(torch.argmin(values))
+    lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, grid.numel() - 1)])
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(iterations):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        fa, fb = function(torch.tensor([a, b], dtype=DTYPE)).tolist()
+        lo, hi = (lo, b) if fa < fb else (a, hi)
+    return min(float(values[i]), float(function(torch.tensor([0.5 * (lo + hi)], dtype=DTYPE))[0]))
+
+
+@dataclass(frozen=True)
+class PLFunction:
+    r"""The non-convex Polyak-Lojasiewicz function :math:`f(x) = \sum_j x_j^2 + a \sin^2(x_j)`, :math:`f^* = 0`.
+
+    Karimi, Nutini & Schmidt's example (with ``a = 3``): :math:`f'' = 2 + 2a\cos(2x) \in [2 - 2a, 2 + 2a]`,
+    so ``L = 2 + 2a`` and ``f`` is non-convex for ``a > 1``; its only stationary point is the minimizer 0.
+    The PL constant :math:`\mu = \inf_x f'(x)^2 / (2 f(x))` (coordinate-wise, so the same for any ``d``)
+    is computed by minimizing that ratio in one dimension (grid, then golden section), as is
+    ``slowest_point``, where the PL inequality is tightest; Karimi et al. give the lower bound 1/32 for
+    ``a = 3``.
+    """
+
+    dim: int
+    amplitude: float = 3.0
+    mu: float = field(init=False, repr=False, compare=False)
+    slowest_point: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # mu = inf f'^2/(2f) and where it is attained (x > 0; the ratio is even), computed once.
+        a = self.amplitude
+
+        def ratio(t: Tensor) -> Tensor:
+            g = 2 * t + a * torch.sin(2 * t)
+            return g * g / (2 * (t * t + a * torch.sin(t) ** 2))
+
+        # The ratio tends to 2 (|x| -> inf) and to 2(1 + a) (x -> 0): its infimum is attained in between.
+        grid = torch.linspace(1e-3, 20.0, 20001, dtype=DTYPE)
+        object.__setattr__(self, "mu", min(_refine_minimum(ratio, grid), 2.0))
+        object.__setattr__(self, "slowest_point", float(grid[torch.argmin(ratio(grid))]))
+
+    @property
+    def L(self) -> float:
+        return 2.0 + 2.0 * self.amplitude
+
+    def value(self, x: Tensor) -> Tensor:
+        return (x * x + self.amplitude * torch.sin(x) ** 2).sum(-1)
+
+    def gradient(self, x: Tensor) -> Tensor:
+        return 2 * x + self.amplitude * torch.sin(2 * x)
+
+
+@dataclass(frozen=True)
+class BoundedGradientFunction:
+    r"""A smooth non-convex function with bounded gradients: :math:`f(x) = \sum_j \sqrt{1 + x_j^2} + a\cos(b x_j)`.
+
+    :math:`f'(x) = x/\sqrt{1+x^2} - ab\sin(bx)`, so :math:`\|\nabla f\|_\infty \le 1 + ab`;
+    :math:`f'' = (1+x^2)^{-3/2} - ab^2\cos(bx) \le 1 + ab^2 = L` (and non-convex when :math:`ab^2 > 1`).
+    The infimum is ``d`` times the one-dimensional minimum (grid, then golden section).
+    """
+
+    dim: int
+    amplitude: float = 0.5
+    frequency: float = 2.0
+
+    @property
+    def L(self) -> float:
+        return 1.0 + self.amplitude * self.frequency**2
+
+    @property
+    def gradient_bound(self) -> float:
+        """``sup ||grad f||_inf``."""
+        return 1.0 + self.amplitude * self.frequency
+
+    def value(self, x: Tensor) -> Tensor:
+        return (torch.sqrt(1 + x * x) + self.amplitude * torch.cos(self.frequency * x)).sum(-1)
+
+    def gradient(self, x: Tensor) -> Tensor:
+        return x / torch.sqrt(1 + x * x) - self.amplitude * self.frequency * torch.sin(self.frequency * x)
+
+    @property
+    def infimum(self) -> float:
+        a, b = self.amplitude, self.frequency
+        grid = torch.linspace(-4.0, 4.0, 80001, dtype=DTYPE)
+        return self.dim * _refine_minimum(lambda t: torch.sqrt(1 + t * t) + a * torch.cos(b * t), grid)

@@ -20,6 +20,7 @@ from lightning_optsurvey.theory.problems import (
     DTYPE,
     LeastSquaresSum,
     NoisyQuadratic,
+    PLFunction,
     Quadratic,
     WavyFunction,
     centred_shifts,
@@ -37,7 +38,15 @@ from lightning_optsurvey.theory.result import (
     register_result,
 )
 
-__all__ = ["SGDConstantStep", "SGDDiminishingStep", "SGDNonConvex", "SVRGLinearRate"]
+__all__ = [
+    "MomentumNoiseFloor",
+    "SGDConstantStep",
+    "SGDDiminishingStep",
+    "SGDNonConvex",
+    "SGDPolyakLojasiewicz",
+    "SVRGLinearRate",
+    "momentum_stationary_gap",
+]
 
 #: Allowed distance of a fitted log-log exponent from the predicted one (transients, Monte-Carlo noise).
 EXPONENT_ATOL = 0.15
@@ -406,4 +415,198 @@ class SVRGLinearRate(Result):
             f"alpha={alpha:.4g}, {self.runs} runs; bound violations {violations}/{len(ks)}",
             steps=ks, predicted_curve=bound, measured_curve=mean.tolist(), x_label="epoch s",
             y_label="E f(x~_s) - f*",
+        )
+
+
+@register_result
+@dataclass(frozen=True)
+class SGDPolyakLojasiewicz(Result):
+    """SGD with a constant step converges linearly to a noise floor under the PL inequality alone."""
+
+    number = 25
+    name = "sgd_pl_constant_step"
+    statement = (
+        "f L-smooth, non-convex, PL with constant mu (||grad f||^2 >= 2 mu (f - f*)), unbiased gradients of "
+        "variance M, constant step eta <= 1/L: E f(x_k) - f* <= eta L M/(2 mu) + (1 - eta mu)^(k-1) "
+        "(f(x_1) - f* - eta L M/(2 mu)) (Bottou et al.'s Thm. 4.6, whose proof uses strong convexity only "
+        "through the PL inequality)"
+    )
+    reference = (
+        "Karimi, Nutini & Schmidt 2016, arXiv:1608.04636, Sec. 4 (SGD under PL); "
+        "Bottou, Curtis & Nocedal 2018, arXiv:1606.04838, Thm. 4.6 and its proof"
+    )
+    criterion = (
+        f"bound at every k with {MC_Z:g} standard errors of Monte-Carlo allowance and eta <= 1/L, on "
+        "f = sum_j x_j^2 + 3 sin^2(x_j) (non-convex, L = 8, mu = 0.1755) with additive noise z_i (100 centred "
+        "shifts, variance M exactly), runs started where the PL inequality is tightest"
+    )
+
+    dim: int = 5
+    runs: int = 200
+    steps: int = 300
+    sigma2: float = 0.1
+    lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim)
+        _positive_int("runs", self.runs, 10)
+        _positive_int("steps", self.steps, 10)
+        _positive_float("sigma2", self.sigma2)
+        _positive_float("lr_scale", self.lr_scale)
+
+    def problem(self, seed: int = 0) -> tuple[PLFunction, torch.Tensor, torch.Tensor]:
+        f = PLFunction(self.dim, 3.0)
+        gen = generator(seed)
+        signs = torch.where(torch.rand(self.dim, generator=gen) < 0.5, -1.0, 1.0).to(DTYPE)
+        return f, signs * f.slowest_point, centred_shifts(100, self.dim, self.sigma2, gen)
+
+    def predict(self, problem: tuple[PLFunction, torch.Tensor, torch.Tensor], k: int) -> float:
+        """The bound at ``k`` (1-based, Bottou's ``x_1`` is the start)."""
+        f, start, shifts = problem
+        lr = self.lr_scale / f.L
+        floor = lr * f.L * float((shifts * shifts).sum(1).mean()) / (2.0 * f.mu)
+        return floor + (1.0 - lr * f.mu) ** (k - 1) * (float(f.value(start)) - floor)
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        problem = self.problem(seed)
+        f, start, shifts = problem
+        gen = generator(seed + 1)
+        lr = self.lr_scale / f.L
+
+        def noisy(x: torch.Tensor, k: int) -> torch.Tensor:
+            return f.gradient(x) + shifts[torch.randint(shifts.shape[0], x.shape[:-1], generator=gen)]
+
+        values, _ = run_optimizer(
+            "sgd", start.expand(self.runs, self.dim), noisy, self.steps, record=f.value, lr=lr,
+        )
+        mean, stderr = mean_and_stderr(values)
+        ks = list(range(1, self.steps + 2))
+        bound = [self.predict(problem, k) for k in ks]
+        violations = mc_bound_violations(mean.tolist(), stderr.tolist(), bound)
+        plateau = float(mean[self.steps // 2 :].mean())
+        holds = violations == 0 and lr <= 1.0 / f.L and bool(torch.isfinite(mean).all())
+        return CheckOutcome(
+            predicted=bound[-1], measured=float(mean[-1]), holds=holds, name=self.name,
+            quantity=f"E f(x_K) - f* at K={self.steps + 1}",
+            details=f"mu={f.mu:.4f}, L={f.L:g}, M={self.sigma2:g}, eta={self.lr_scale:g}/L, {self.runs} runs; "
+            f"floor eta L M/(2 mu) = {bound[-1]:.4g}, measured plateau {plateau:.4g}, start {bound[0]:.4g}; "
+            f"bound violations {violations}/{len(ks)}",
+            steps=ks, predicted_curve=bound, measured_curve=mean.tolist(), y_label="E f(x_k) - f*",
+        )
+
+
+def _momentum_map(name: str, lr: float, beta: float, curvature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, b)`` of torch's momentum update on one eigenmode: ``(e, v) <- T (e, v) + b xi``.
+
+    Heavy ball (``"momentum"``): ``v' = beta v + g``, ``e' = e - lr v'``; Nesterov (``"nesterov"``):
+    ``v' = beta v + g``, ``e' = e - lr (g + beta v')``; ``g = curvature e + xi``.
+    """
+    if name == "momentum":
+        t = [[1.0 - lr * curvature, -lr * beta], [curvature, beta]]
+        b = [-lr, 1.0]
+    else:
+        t = [[1.0 - lr * (1.0 + beta) * curvature, -lr * beta * beta], [curvature, beta]]
+        b = [-lr * (1.0 + beta), 1.0]
+    return torch.tensor(t, dtype=DTYPE), torch.tensor(b, dtype=DTYPE)
+
+
+def momentum_stationary_gap(problem: NoisyQuadratic, name: str, lr: float, beta: float) -> float:
+    """Exact stationary ``E f - f*`` of torch's heavy ball (``"momentum"``) or ``"nesterov"`` on a noisy quadratic.
+
+    Each eigenmode ``j`` of ``A`` is a linear system driven by the noise's component along it (variance
+    ``Sigma_jj`` in the eigenbasis); its stationary covariance solves the Lyapunov equation
+    ``C = T C T^T + Sigma_jj b b^T``, here as a 4x4 linear system, and ``E f - f* = sum_j lambda_j C_j[0, 0]/2``.
+    ``inf`` when a mode is unstable (spectral radius of ``T`` at least 1).
+    """
+    q = problem.quadratic
+    sigma_jj = torch.diagonal(q.basis.T @ problem.covariance @ q.basis)
+    total = 0.0
+    for curvature, variance in zip(q.eigenvalues.tolist(), sigma_jj.tolist(), strict=True):
+        t, b = _momentum_map(name, lr, beta, curvature)
+        if float(torch.linalg.eigvals(t).abs().max()) >= 1.0:
+            return math.inf
+        system = torch.eye(4, dtype=DTYPE) - torch.kron(t, t)
+        c = torch.linalg.solve(system, variance * torch.outer(b, b).reshape(-1)).reshape(2, 2)
+        total += 0.5 * curvature * float(c[0, 0])
+    return total
+
+
+@register_result
+@dataclass(frozen=True)
+class MomentumNoiseFloor(_NoisyQuadraticCheck):
+    """Stochastic heavy ball and Nesterov converge linearly to a noise floor ~ eta/(1 - beta) x SGD's."""
+
+    number = 26
+    name = "momentum_noise_floor"
+    statement = (
+        "quadratic f with spectrum in [mu, L], unbiased gradient noise of covariance Sigma, constant step eta and "
+        "momentum beta inside the stability region: heavy ball and Nesterov reach a stationary E f - f* that is "
+        "the Lyapunov solution of their linear dynamics, for heavy ball exactly "
+        "sum_j (1 + beta) eta Sigma_jj / (2 (1 - beta) (2 (1 + beta) - eta lambda_j)), i.e. SGD's floor with "
+        "the effective step eta/(1 - beta); the error contracts at the spectral radius of the dynamics"
+    )
+    reference = (
+        "Yang, Lin & Li 2016, arXiv:1604.03257 (unified stochastic momentum: O(eta/(1-beta)) floor); "
+        "Kidambi, Netrapalli, Jain & Kakade 2018, arXiv:1803.05591 (stochastic heavy ball on quadratics)"
+    )
+    criterion = (
+        f"for heavy ball and Nesterov, the plateau (mean of E f over [K/2, K], runs started at x*) within "
+        f"{MC_Z:g} standard errors of the exact stationary value; the heavy-ball value also equal to the closed "
+        "form (relative 1e-9); the registry's 'momentum' and 'nesterov'"
+    )
+
+    runs: int = 400
+    steps: int = 600
+    lr: float = 0.05
+    beta: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_float("lr", self.lr)
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+
+    def predict(self, problem: NoisyQuadratic, k: int) -> float:
+        """The exact stationary heavy-ball ``E f - f*`` (the same for every ``k``)."""
+        return momentum_stationary_gap(problem, "momentum", self.lr, self.beta)
+
+    def closed_form(self, problem: NoisyQuadratic) -> float:
+        """The heavy ball's stationary ``E f - f*`` from the AR(2) variance formula."""
+        q = problem.quadratic
+        sigma_jj = torch.diagonal(q.basis.T @ problem.covariance @ q.basis)
+        eta, beta = self.lr, self.beta
+        return float(((1 + beta) * eta * sigma_jj / (2 * (1 - beta) * (2 * (1 + beta) - eta * q.eigenvalues))).sum())
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        p = self.problem(seed)
+        q = p.quadratic
+        gen = generator(seed + 1)
+        ks = list(range(self.steps + 1))
+        holds, lines, curves = True, [], {}
+        for name in ("momentum", "nesterov"):
+            values, _ = run_optimizer(
+                name, q.minimizer.expand(self.runs, q.dim), lambda x, k: p.stochastic_gradient(x, gen),
+                self.steps, record=q.value, lr=self.lr, momentum=self.beta,
+            )
+            mean, _ = mean_and_stderr(values)
+            plateau, err = map(float, mean_and_stderr(values[self.steps // 2 :].mean(0)))
+            exact = momentum_stationary_gap(p, name, self.lr, self.beta)
+            ok = math.isfinite(plateau) and abs(plateau - exact) <= MC_Z * err
+            holds = holds and ok
+            lines.append(f"{name}: plateau {plateau:.4g} +- {err:.2g} vs exact {exact:.4g}")
+            curves[name] = (mean.tolist(), plateau, exact)
+        closed = self.closed_form(p)
+        heavy_exact = curves["momentum"][2]
+        holds = holds and abs(closed - heavy_exact) <= 1e-9 * abs(heavy_exact)
+        sgd_floor = SGDConstantStep.exact_plateau(p, self.lr)
+        mean, plateau, exact = curves["momentum"]
+        return CheckOutcome(
+            predicted=exact, measured=plateau, holds=holds, name=self.name,
+            quantity=f"stationary E f - f* of heavy ball (eta={self.lr:g}, beta={self.beta:g})",
+            details=f"mu={q.mu:g}, L={q.L:g}, sigma^2={p.sigma2:g}, {self.runs} runs; " + "; ".join(lines)
+            + f"; closed form {closed:.4g}; SGD's floor at eta {sgd_floor:.4g} (x {exact / sgd_floor:.3g})",
+            steps=ks, predicted_curve=[exact] * len(ks), measured_curve=mean,
+            extra_curves={"nesterov (measured)": tuple(curves["nesterov"][0]),
+                          "nesterov (exact plateau)": tuple([curves["nesterov"][2]] * len(ks))},
+            y_label="E f(x_k) - f*", log_y=False,
         )

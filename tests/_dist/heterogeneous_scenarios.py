@@ -1,0 +1,131 @@
+"""One rank of the D² / gradient tracking / CHOCO / partition / compressed-DDP scenarios (see gossip_scenarios.py).
+
+Usage: ``python heterogeneous_scenarios.py OUT_DIR SCENARIO [SCENARIO ...]`` with the launcher's environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gossip_scenarios import (
+    BATCH,
+    RANK,
+    WORLD,
+    LinearRegression,
+    Recorder,
+    Regression,
+    regression_data,
+    run_scenarios,
+    save,
+    state,
+    straight_and_resumed,
+    trainer,
+)
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optsurvey.strategies import GossipStrategy
+from lightning_optsurvey.strategies.compressed_ddp import CompressedDDPStrategy
+from lightning_optsurvey.strategies.compression import QSGD, RandomK
+from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+STEPS = 6
+
+
+def heterogeneous_least_squares() -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares whose ranks' shards have different minimizers (rank r's targets shifted by 3 r)."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(8 * WORLD, 3, generator=generator, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64) + torch.randn(8 * WORLD, generator=generator,
+                                                                               dtype=torch.float64)
+    # DistributedSampler(shuffle=False) gives rank r the samples r, r + N, ...: shift those.
+    y = y + 3.0 * (torch.arange(8 * WORLD) % WORLD).to(torch.float64)
+    return x, y
+
+
+def algorithm_reference() -> None:
+    """Full-batch least squares in float64 under D², DIGing and CHOCO, for a dense re-simulation."""
+    x, y = heterogeneous_least_squares()
+    variants = {
+        "d2_ring": GossipStrategy("ring", algorithm="d2"),  # ring of 4: lambda_min = -1/3, lazy (I + W)/2
+        "d2_complete": GossipStrategy("complete", algorithm="d2"),  # eigenvalues 1, 0, 0, 0: W itself
+        "gt_ring": GossipStrategy("ring", algorithm="gradient_tracking"),
+        "gt_exponential": GossipStrategy("exponential", algorithm="gradient_tracking"),
+        "choco_topk": GossipStrategy("ring", algorithm="choco", compressor="topk", ratio=0.34, consensus_lr=0.8),
+        "choco_randomk": GossipStrategy("ring", algorithm="choco", compressor=RandomK(0.67), consensus_lr=0.5,
+                                        compression_seed=3),
+        "choco_qsgd": GossipStrategy("ring", algorithm="choco", compressor=QSGD(levels=4), consensus_lr=0.6),
+        "choco_sign": GossipStrategy("ring", algorithm="choco", compressor="sign", consensus_lr=0.4),
+    }
+    results: dict[str, Any] = {}
+    for name, strategy in variants.items():
+        model = LinearRegression()
+        recorder = Recorder()
+        fit = trainer(strategy, max_steps=STEPS, precision="64-true", callbacks=[recorder])
+        fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False))
+        results[name] = {"params": recorder.params, "batches": model.batches, "bytes": recorder.bytes,
+                         "lazy": getattr(fit.strategy._algorithm, "lazy", None)}
+    save("algorithm_reference", results)
+
+
+def algorithm_resume() -> None:
+    """D², DIGing and CHOCO (random compressor: its generator is state): checkpoint + resume == straight."""
+    data = regression_data(6 * BATCH * WORLD, seed=1)
+    variants = {
+        "d2": lambda: GossipStrategy("ring", algorithm="d2"),
+        "gt": lambda: GossipStrategy("ring", algorithm="gradient_tracking"),
+        "choco": lambda: GossipStrategy("ring", algorithm="choco", compressor=RandomK(0.3)),
+    }
+    results = {}
+    for name, make in variants.items():
+        runs, _, _ = straight_and_resumed(f"hetero_{name}", make, data)
+        results[name] = runs
+    save("algorithm_resume", results)
+
+
+class LabelRecorder(Callback):
+    def __init__(self) -> None:
+        self.labels: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.labels.append(batch[1].clone())
+
+
+def partition_ddp() -> None:
+    """DigitsDataModule(partition="dirichlet") under Lightning's DDP: each rank trains on its own part."""
+    dm = DigitsDataModule(batch_size=16, partition="dirichlet", alpha=0.1, seed=0)
+    recorder = LabelRecorder()
+    torch.manual_seed(0)
+    fit = trainer("ddp", max_epochs=1, limit_val_batches=0, callbacks=[recorder])
+    fit.fit(ClassifierModule(model="mlp"), datamodule=dm)
+    reference = DigitsDataModule(batch_size=16, partition="dirichlet", alpha=0.1, seed=0)
+    part = reference.partition_sampler(RANK, WORLD).part
+    save("partition_ddp", {"labels": torch.cat(recorder.labels), "part_labels": reference.train_set.tensors[1][part],
+                           "steps": len(recorder.labels)})
+
+
+def compressed_ddp() -> None:
+    """fp16 / PowerSGD hooks against plain DDP on the same data; bytes as the hooks send them."""
+    data = regression_data(10 * BATCH * WORLD)
+    results: dict[str, Any] = {}
+    for name, strategy in (
+        ("none", CompressedDDPStrategy(compression="none")),
+        ("fp16", CompressedDDPStrategy(compression="fp16")),
+        ("powersgd", CompressedDDPStrategy(compression="powersgd", matrix_approximation_rank=1,
+                                           start_powersgd_iter=2)),
+    ):
+        torch.manual_seed(0)
+        model = Regression(momentum=0.0)
+        recorder = Recorder()
+        fit = trainer(strategy, max_steps=10, callbacks=[recorder])
+        fit.fit(model, DataLoader(data, batch_size=BATCH, shuffle=False))
+        results[name] = {"state": state(model), "bytes": recorder.bytes, "params": recorder.params,
+                         "total": fit.strategy.comm.total_bytes}
+    save("compressed_ddp", results)
+
+
+SCENARIOS = {f.__name__: f for f in (algorithm_reference, algorithm_resume, partition_ddp, compressed_ddp)}
+
+if __name__ == "__main__":
+    run_scenarios(SCENARIOS)

@@ -1,0 +1,52 @@
+"""One rank of the refusal scenario: uneven batches plus validation inside the epoch.
+
+Usage: ``python uneven_refusal.py OUT_DIR`` under ``tests/_dist/launch.py`` on 2 ranks. Rank 0 has 3
+batches, rank 1 one; ``val_check_interval=1`` validates after every batch, which a rank out of data cannot
+take part in. Every rank must stop with the strategy's clear error (printed as ``REFUSED <message>``, exit
+code 4) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_optsurvey  # noqa: F401
+from lightning_optsurvey.strategies import LocalSGDStrategy
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore")
+RANK = int(os.environ["LOCAL_RANK"])
+
+
+class Model(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).square().mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/loss", self.layer(batch[0]).square().mean(), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+trainer = Trainer(accelerator="cpu", devices=2, strategy=LocalSGDStrategy(sync_every=1, timeout=60), max_epochs=1,
+                  val_check_interval=1, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+train = DataLoader(TensorDataset(torch.randn(2 * (3 if RANK == 0 else 1), 2)), batch_size=2)
+try:
+    trainer.fit(Model(), train, DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))
+except RuntimeError as error:
+    print(f"REFUSED {error}".replace("\n", " | "), flush=True)
+    sys.exit(4)

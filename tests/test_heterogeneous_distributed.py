@@ -1,0 +1,171 @@
+"""D², gradient tracking, CHOCO-SGD, label-skewed partitions and compressed DDP on 4 gloo processes.
+
+One launch (``tests/_dist/heterogeneous_scenarios.py``) runs the scenarios; each test checks what the ranks
+saved against a dense float64 re-simulation of all ranks, a closed form for the bytes, or the partition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _dist.launch import launch
+
+from lightning_optsurvey.strategies import Topology
+from lightning_optsurvey.strategies.compression import QSGD, RandomK, Sign, TopK
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
+
+WORLD = 4
+FAST = ("algorithm_reference", "compressed_ddp")
+REFERENCE_REL = 1e-12  # a few float64 steps, summed in another order than the reference
+LR = 0.1
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("heterogeneous")
+    launch("heterogeneous_scenarios.py", out, *FAST, nodes=2, procs_per_node=2, timeout=500)
+    return out
+
+
+def load(out: Path, scenario: str) -> list[dict[str, Any]]:
+    return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _gradients(results: list[dict[str, Any]], x: torch.Tensor, step: int) -> torch.Tensor:
+    """Least-squares gradients ``X^T (X x - y) / n`` of every rank's batch at ``step``, stacked."""
+    rows = []
+    for rank in range(WORLD):
+        xb, yb = results[rank]["batches"][step]
+        rows.append(xb.T @ (xb @ x[rank] - yb) / len(yb))
+    return torch.stack(rows)
+
+
+def _start() -> torch.Tensor:
+    return torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64).repeat(WORLD, 1)
+
+
+def _assert_trajectory(results: list[dict[str, Any]], step: int, x: torch.Tensor) -> None:
+    for rank in range(WORLD):
+        torch.testing.assert_close(results[rank]["params"][step], x[rank], rtol=REFERENCE_REL, atol=REFERENCE_REL)
+
+
+@pytest.mark.parametrize("variant", ["d2_ring", "d2_complete"])
+def test_d2_matches_a_dense_simulation(out_dir: Path, variant: str) -> None:
+    """x^{t+1} = M (2 x^t - x^{t-1} - lr g^t + lr g^{t-1}), x^1 = M (x^0 - lr g^0); M = (I + W)/2 on the ring of 4."""
+    results = [r[variant] for r in load(out_dir, "algorithm_reference")]
+    w = Topology("ring" if variant == "d2_ring" else "complete", WORLD).mixing_matrix()
+    lazy = variant == "d2_ring"  # the ring of 4 has eigenvalue -1/3: z^2 + 2z/3 - 1/3 has the root -1
+    assert all(r["lazy"] is lazy for r in results)
+    mix = (torch.eye(WORLD, dtype=torch.float64) + w) / 2 if lazy else w
+    x, x_prev, g_prev = _start(), None, None
+    for step in range(6):
+        g = _gradients(results, x, step)
+        new = mix @ (x - LR * g) if x_prev is None else mix @ (2 * x - x_prev - LR * g + LR * g_prev)
+        x_prev, g_prev, x = x, g, new
+        _assert_trajectory(results, step, x)
+    # One model (3 float64) per neighbour and step, as D-PSGD.
+    assert all(r["bytes"] == [float(8 * 3 * (2 if lazy else 3))] * 6 for r in results)
+
+
+@pytest.mark.parametrize("variant", ["gt_ring", "gt_exponential"])
+def test_gradient_tracking_matches_a_dense_simulation(out_dir: Path, variant: str) -> None:
+    """DIGing: x^{t+1} = W x^t - lr y^t, y^{t+1} = W y^t + g^{t+1} - g^t, y^0 = g^0."""
+    results = [r[variant] for r in load(out_dir, "algorithm_reference")]
+    w = Topology(variant.removeprefix("gt_"), WORLD).mixing_matrix()
+    x = _start()
+    y = g_prev = None
+    for step in range(6):
+        g = _gradients(results, x, step)
+        y = g if y is None else w @ y + g - g_prev
+        x, g_prev = w @ x - LR * y, g
+        _assert_trajectory(results, step, x)
+    # x and y (3 float64 each) to each of 2 neighbours (ring: both sides; exponential on 4: i+1, i+2).
+    assert all(r["bytes"] == [float(2 * 2 * 3 * 8)] * 6 for r in results)
+
+
+CHOCO = {
+    "choco_topk": (TopK(0.34), 0.8, 0, 8 + 4),  # k = 1: one float64 value + one int32 index
+    "choco_randomk": (RandomK(0.67), 0.5, 3, 2 * (8 + 4)),  # k = 2
+    "choco_qsgd": (QSGD(levels=4), 0.6, 0, 8 + 3),  # float64 norm + 3 int8 levels
+    "choco_sign": (Sign(), 0.4, 0, 8 + 1),  # float64 scale + 3 bits in one byte
+}
+
+
+@pytest.mark.parametrize("variant", list(CHOCO))
+def test_choco_matches_a_dense_simulation_and_sends_the_payload(out_dir: Path, variant: str) -> None:
+    """h = x - lr g; q_i = C(h_i - xhat_i); xhat += q; s_i += sum_j W_ij q_j; x = h + gamma (s - xhat)."""
+    results = [r[variant] for r in load(out_dir, "algorithm_reference")]
+    compressor, gamma, seed, payload = CHOCO[variant]
+    w = Topology("ring", WORLD).mixing_matrix()
+    generators = [torch.Generator().manual_seed(seed + 1_000_003 * rank) for rank in range(WORLD)]
+    x = _start()
+    hat = torch.zeros_like(x)
+    s = torch.zeros_like(x)
+    for step in range(6):
+        h = x - LR * _gradients(results, x, step)
+        q = torch.stack([compressor(h[rank] - hat[rank], generators[rank]) for rank in range(WORLD)])
+        hat, s = hat + q, s + w @ q
+        x = h + gamma * (s - hat)
+        _assert_trajectory(results, step, x)
+    assert all(r["bytes"] == [float(2 * payload)] * 6 for r in results)
+
+
+def test_compressed_ddp_bytes_and_updates(out_dir: Path) -> None:
+    results = load(out_dir, "compressed_ddp")
+    # The model: Linear(6, 16), Linear(16, 3) (no BatchNorm): 163 float32 in one bucket.
+    ring = lambda nbytes: (2 * (WORLD - 1) * nbytes) // WORLD  # noqa: E731
+    # PowerSGD rank 1: the 16x6 and 3x16 weights are sent as P (16 + 3) and Q (6 + 16) since
+    # (n + m) * 1 * 2 < n * m; the biases (16 + 3) are not worth compressing and go as they are.
+    powersgd_step = ring(19 * 4) + ring(19 * 4) + ring(22 * 4)
+    for result in results:
+        assert result["none"]["bytes"] == [float(ring(163 * 4))] * 10
+        assert result["fp16"]["bytes"] == [float(ring(163 * 2))] * 10
+        assert result["powersgd"]["bytes"] == [float(ring(163 * 4))] * 2 + [float(powersgd_step)] * 8
+        assert result["powersgd"]["total"] == 2 * ring(163 * 4) + 8 * powersgd_step
+        reference = result["none"]["params"]
+        for step, (fp16, low_rank) in enumerate(zip(result["fp16"]["params"], result["powersgd"]["params"])):
+            torch.testing.assert_close(fp16, reference[step], rtol=0, atol=1e-3)  # fp16 rounding of gradients
+            if step < 2:  # plain all-reduce before start_powersgd_iter
+                assert torch.equal(low_rank, reference[step])
+        assert not torch.allclose(result["powersgd"]["params"][-1], reference[-1], atol=1e-3)
+    for name in ("none", "fp16", "powersgd"):  # DDP keeps the replicas identical
+        assert all(torch.equal(r[name]["params"][-1], results[0][name]["params"][-1]) for r in results)
+
+
+@pytest.mark.slow
+def test_checkpoint_resume_is_exact_for_every_new_algorithm(tmp_path: Path) -> None:
+    launch("heterogeneous_scenarios.py", tmp_path, "algorithm_resume", nodes=2, procs_per_node=2, timeout=500)
+    results = load(tmp_path, "algorithm_resume")
+    for name in ("d2", "gt", "choco"):
+        checkpoint = torch.load(tmp_path / f"hetero_{name}.ckpt", weights_only=False)
+        assert "gossip_algorithm" in checkpoint["per_rank_states"]["ranks"][0]["strategy"]
+        for rank, result in enumerate(results):
+            runs = result[name]
+            assert any(not torch.equal(runs["first"][k], runs["straight"][k]) for k in runs["first"])
+            for key, tensor in runs["straight"].items():
+                assert torch.equal(runs["resumed"][key], tensor), (name, rank, key)
+                if key.endswith("running_var"):  # BatchNorm statistics stay valid under every algorithm
+                    assert bool((tensor > 0).all()), (name, rank, key)
+
+
+@pytest.mark.slow
+def test_dirichlet_partition_under_ddp_trains_each_rank_on_its_part(tmp_path: Path) -> None:
+    launch("heterogeneous_scenarios.py", tmp_path, "partition_ddp", nodes=2, procs_per_node=2, timeout=500)
+    results = load(tmp_path, "partition_ddp")
+    per_rank = -(-1078 // WORLD)  # digits: 1078 training images (val 0.2, test 0.2), ceil(n / N) per rank
+    assert {r["steps"] for r in results} == {-(-per_rank // 16)}  # same number of steps on every rank
+    for result in results:
+        seen = torch.bincount(result["labels"], minlength=10)
+        part = torch.bincount(result["part_labels"], minlength=10)
+        assert int(seen.sum()) == per_rank
+        assert bool(((seen > 0) <= (part > 0)).all())  # only the part's classes
+        if part.sum() >= per_rank:  # a large part: a subset of it, without repetition
+            assert bool((seen <= part).all())
+        else:  # a small part: all of it, then again
+            assert bool((seen >= part).all())
+    classes = [set(torch.nonzero(torch.bincount(r["part_labels"], minlength=10)).flatten().tolist()) for r in results]
+    assert min(len(c) for c in classes) < 10  # label skew
