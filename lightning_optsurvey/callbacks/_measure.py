@@ -20,8 +20,8 @@ How a callback uses this module (the whole API)::
         def measure(self, trainer, pl_module, batches) -> dict[str, float]:
             # Runs inside `measuring(pl_module)`: grad on, inference mode and autocast off, and
             # everything (parameters, .grad, buffers, modes, RNG) restored afterwards. `batches` is the
-            # fixed list of (inputs, targets) on the module's device, drawn once.
-            loss_fn = resolve_loss_fn(pl_module, None)
+            # fixed list of train batches (any structure) on the module's device, drawn once.
+            loss_fn = resolve_loss_fn(pl_module, None)  # ModuleLoss() with compute_loss
             ...
             return {"my/metric": value}
 
@@ -32,8 +32,9 @@ them in ``trainer.callback_metrics`` and in ``callback.history``. Lower-level pi
 - :func:`measuring` (context manager): saves and restores, around any code, the parameters (values and
   ``requires_grad``), their ``.grad``, the buffers (BatchNorm running statistics), every submodule's
   train/eval flag, the CPU, CUDA, Python and NumPy RNG states; inside it grad is enabled, inference mode
-  and autocast are off. Tensors are restored *in place* (same objects), so optimizers, DDP bucket views
-  and anything else holding references keeps working.
+  and autocast are off, and attention runs on SDPA's math backend (it has the double backward that
+  Hessian products need; fused kernels do not). Tensors are restored *in place* (same objects), so
+  optimizers, DDP bucket views and anything else holding references keeps working.
 - :func:`unwrap_module`: the LightningModule (or plain module) under DDP / Lightning wrappers.
 - :func:`draw_batches`: ``num_batches`` batches drawn from a *dataset* with the caller's own
   ``torch.Generator``. It never iterates the trainer's train loader: that would advance the loader's
@@ -41,8 +42,9 @@ them in ``trainer.callback_metrics`` and in ``callback.history``. Lower-level pi
 - :func:`train_measurement_batches`: the same, reading dataset, batch size and collate function off
   ``trainer.train_dataloader``, sharded over ranks (each rank gets different samples).
 - :class:`Cadence`: the ``every_n_epochs`` / ``every_n_steps`` rule.
-- :func:`resolve_loss_fn`: the loss a measurement uses (``pl_module.loss_fn`` if the module has one,
-  else cross-entropy).
+- :func:`resolve_loss_fn`: the loss a measurement uses: the callback's own ``loss_fn`` if given, else
+  the module's ``compute_loss(batch)`` if it defines one (any batch structure), else
+  ``pl_module.loss_fn`` or cross-entropy on ``(inputs, targets)`` batches.
 
 Why our own: Lightning has no notion of a side-effect-free measurement, and tools such as PyHessian change
 the model (switch it to eval mode, leave graph-carrying ``.grad`` behind).
@@ -67,6 +69,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import override
 
+from lightning_optsurvey.curvature.kernels import derivative_kernels
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss
+
 __all__ = [
     "Cadence",
     "MeasuringCallback",
@@ -77,7 +82,7 @@ __all__ = [
     "unwrap_module",
 ]
 
-LossFn = Callable[[Any, Any], Tensor]
+LossFn = Callable[[Any, Any], Tensor] | BatchLoss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,6 +162,7 @@ def measuring(module: nn.Module) -> Iterator[nn.Module]:
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
+            stack.enter_context(derivative_kernels(module))
             yield module
     finally:
         with torch.inference_mode(False), torch.no_grad():
@@ -194,14 +200,24 @@ def unwrap_module(module: nn.Module) -> nn.Module:
 
 
 def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None) -> LossFn:
-    """The loss a measurement uses: ``loss_fn`` if given, else ``pl_module.loss_fn``, else cross-entropy.
+    """The loss a measurement uses.
 
-    The loss must be ``loss_fn(outputs, targets)`` returning the *mean* over the batch.
+    In this order:
+
+    1. ``loss_fn`` if given (the callback's argument: ``loss_fn(outputs, targets)`` or a ``BatchLoss``);
+    2. ``ModuleLoss()`` if the module defines ``compute_loss(self, batch) -> Tensor`` (the mean loss of one
+       batch of any structure, no logging);
+    3. ``pl_module.loss_fn`` if it has one, else cross-entropy, as ``loss_fn(outputs, targets)`` on
+       ``(inputs, targets)`` batches.
+
+    Every loss returns the *mean* over the batch.
     """
     if loss_fn is not None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
         return loss_fn
+    if callable(getattr(pl_module, "compute_loss", None)):
+        return ModuleLoss("compute_loss")
     own = getattr(pl_module, "loss_fn", None)
     return own if callable(own) else F.cross_entropy
 

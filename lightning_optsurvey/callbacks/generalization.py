@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -26,7 +27,7 @@ from lightning_optsurvey.callbacks._measure import (
     _first_dataloader,
     resolve_loss_fn,
 )
-from lightning_optsurvey.curvature.operator import batch_size, model_args
+from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
 
 __all__ = ["GeneralizationGap"]
 
@@ -36,13 +37,20 @@ class GeneralizationGap(MeasuringCallback):
 
     Both sides are evaluated in eval mode with the current weights: a fixed subset of the training set
     (``num_train_batches`` batches drawn once with ``seed``, or the whole training set) and every batch
-    of the trainer's validation loader. Loss is the sample-weighted mean of ``loss_fn``; accuracy is
-    torchmetrics' micro ``MulticlassAccuracy`` over the outputs' last dimension.
+    of the trainer's validation loader. Loss is the sample-weighted mean of the measured loss (the
+    module's ``compute_loss(batch)`` if it defines one, any batch structure; else ``loss_fn`` on
+    ``(inputs, targets)``). Accuracy is torchmetrics' micro ``MulticlassAccuracy`` whenever the batches are
+    ``(inputs, targets)`` pairs and ``model(inputs)`` gives class scores for integer targets: over the last
+    dimension (``(B, C)`` for ``(B,)``; token-level ``(B, T, V)`` for ``(B, T)``) or over dimension 1 as
+    ``F.cross_entropy`` takes them; targets equal to the loss's ``ignore_index`` (-100 by default, e.g.
+    padding) are left out. Otherwise (dict batches, regression targets) only the loss is logged and a
+    warning says once why there is no accuracy.
 
     Args:
         every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
         num_train_batches: Batches in the training subset (``None``: the whole training set).
-        loss_fn: ``loss_fn(outputs, targets)``; default the module's ``loss_fn`` or cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         seed: Seed of the training subset.
 
@@ -69,6 +77,7 @@ class GeneralizationGap(MeasuringCallback):
             raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
         self.num_train_batches = num_train_batches
         self.loss_fn = loss_fn
+        self._warned = False
 
     @override
     def state_key_config(self) -> dict[str, Any]:
@@ -84,21 +93,71 @@ class GeneralizationGap(MeasuringCallback):
         batch_size = loader.batch_size or 1
         return math.ceil(len(loader.dataset) / (batch_size * trainer.world_size))  # type: ignore[arg-type]
 
-    @staticmethod
-    def _evaluate(pl_module: LightningModule, loss_fn: Callable, batches: Any) -> tuple[float, float]:
-        loss_metric = MeanMetric().to(pl_module.device)
+    def _class_scores(self, out: Any, targets: Any) -> tuple[Tensor, Tensor] | str:
+        """``(scores (N, C), labels (N,))`` when ``out`` holds class scores for ``targets``, else why not.
+
+        Scores over the last dimension (``(B, C)`` for ``(B,)``, ``(B, T, V)`` for ``(B, T)`` tokens), or
+        over dimension 1 as ``F.cross_entropy`` takes them (``(B, C, T)`` for ``(B, T)``).
+        """
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            return f"the outputs are {type(out).__name__}, not a floating-point tensor of class scores"
+        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
+            kind = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+            return f"the targets are {kind}, not integer class labels"
+        if out.ndim == targets.ndim + 1 and out.shape[:-1] == targets.shape:
+            return out.reshape(-1, out.shape[-1]), targets.reshape(-1)
+        if out.ndim == targets.ndim + 1 and out.ndim >= 3 and out.shape[0] == targets.shape[0] \
+                and out.shape[2:] == targets.shape[1:]:
+            scores = out.movedim(1, -1)
+            return scores.reshape(-1, scores.shape[-1]), targets.reshape(-1)
+        return (f"outputs of shape {tuple(out.shape)} are not class scores for targets of shape "
+                f"{tuple(targets.shape)} (over the last dimension or dimension 1)")
+
+    def _evaluate(
+        self, pl_module: LightningModule, loss: Callable | BatchLoss, batches: Any
+    ) -> tuple[float, float | None]:
+        objective = as_batch_loss(loss)
+        device = pl_module.device
+        loss_metric = MeanMetric().to(device)
         acc_metric: MulticlassAccuracy | None = None
+        reason: str | None = None
+        ignore_index = getattr(getattr(objective, "loss_fn", None), "ignore_index", -100)
         with torch.no_grad():
             for batch in batches:
-                x, y = move_data_to_device(batch, pl_module.device)
-                out = pl_module(*model_args(x))  # several inputs as in the curvature engine
-                if acc_metric is None:
-                    acc_metric = MulticlassAccuracy(out.shape[-1], average="micro").to(pl_module.device)
-                loss_metric.update(loss_fn(out, y).detach(), weight=batch_size((x, y)))
-                acc_metric.update(out, y)
-        if acc_metric is None:
+                batch = move_data_to_device(batch, device)
+                out: Any = None
+                if isinstance(objective, PairLoss):
+                    x, y = batch
+                    out = pl_module(*model_args(x))  # several inputs as in the curvature engine
+                    loss = objective.loss_fn(out, y)
+                else:
+                    loss = objective(pl_module, {}, batch)
+                    if isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1], Tensor):
+                        x, y = batch
+                        out = pl_module(*model_args(x))
+                    else:
+                        reason = (f"its batches are {type(batch).__name__}s, not (inputs, targets) pairs, and "
+                                  f"{objective!r} gives only the loss")
+                loss_metric.update(loss.detach(), weight=objective.size(pl_module, batch))
+                if out is not None and reason is None:
+                    found = self._class_scores(out, y)
+                    if isinstance(found, str):
+                        reason = found
+                        continue
+                    scores, labels = found
+                    if acc_metric is None:
+                        acc_metric = MulticlassAccuracy(scores.shape[-1], average="micro",
+                                                        ignore_index=ignore_index).to(device)
+                    acc_metric.update(scores, labels)
+        if loss_metric.update_count == 0:
             raise RuntimeError("the loader yielded no batch")
-        return float(loss_metric.compute()), float(acc_metric.compute())
+        if reason is not None:
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(f"GeneralizationGap logs no accuracy for {type(pl_module).__name__}: {reason}. "
+                               "It logs train_eval/loss and gen_gap/loss.")
+            return float(loss_metric.compute()), None
+        return float(loss_metric.compute()), None if acc_metric is None else float(acc_metric.compute())
 
     @override
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
@@ -108,12 +167,10 @@ class GeneralizationGap(MeasuringCallback):
         if val_loader is None:
             raise RuntimeError("GeneralizationGap needs a validation DataLoader (trainer.fit(..., val_dataloaders))")
         pl_module.eval()
-        loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
-        train_loss, train_acc = self._evaluate(pl_module, loss_fn, batches)
-        val_loss, val_acc = self._evaluate(pl_module, loss_fn, val_loader)
-        return {
-            "train_eval/loss": train_loss,
-            "train_eval/acc": train_acc,
-            "gen_gap/loss": val_loss - train_loss,
-            "gen_gap/acc": train_acc - val_acc,
-        }
+        objective = as_batch_loss(resolve_loss_fn(pl_module, self.loss_fn))
+        train_loss, train_acc = self._evaluate(pl_module, objective, batches)
+        val_loss, val_acc = self._evaluate(pl_module, objective, val_loader)
+        out = {"train_eval/loss": train_loss, "gen_gap/loss": val_loss - train_loss}
+        if train_acc is not None and val_acc is not None:
+            out.update({"train_eval/acc": train_acc, "gen_gap/acc": train_acc - val_acc})
+        return out

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
@@ -43,11 +44,14 @@ class GeneralizationMeasures(MeasuringCallback):
     - ``fisher_rao``: :func:`~lightning_optsurvey.measures.fisher_rao_norm` on the fixed subset.
 
     The module is measured in eval mode. Its weight layers are those of the LightningModule itself.
+    ``path_norm`` and ``spectral_product`` run the model on an input: the inputs of ``(inputs, targets)``
+    batches, or, for a module with ``compute_loss`` (any batch structure), its ``example_input_array``
+    when set. ``fisher_rao`` uses the measured loss (``compute_loss`` when defined).
 
     Args:
         measures: A non-empty subset of :data:`MEASURES`.
-        loss_fn: ``loss_fn(outputs, targets)`` for the Fisher-Rao norm; default the module's or
-            cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         num_batches: Batches in the fixed subset.
@@ -98,7 +102,6 @@ class GeneralizationMeasures(MeasuringCallback):
     @override
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
         pl_module.eval()
-        example = batches[0][0]
         out: dict[str, float] = {}
         for name in self.measures:
             if name == "param_norm":
@@ -108,16 +111,37 @@ class GeneralizationMeasures(MeasuringCallback):
                     raise RuntimeError("no initial weights recorded: the callback missed on_fit_start")
                 value = distance_from_init(pl_module, self._initial)
             elif name == "spectral_product":
-                value = spectral_norm_product(pl_module, example, tol=1e-4,
+                value = spectral_norm_product(pl_module, self._example_input(pl_module, batches), tol=1e-4,
                                               generator=make_generator(pl_module.device, self.seed))
             elif name == "frobenius_product":
                 value = frobenius_norm_product(pl_module)
             elif name == "path_norm":
-                value = path_norm(pl_module, example)
+                value = path_norm(pl_module, self._example_input(pl_module, batches))
             else:
                 value = fisher_rao_norm(pl_module, resolve_loss_fn(pl_module, self.loss_fn), batches)
             out[f"measures/{name}"] = value
         return out
+
+    @staticmethod
+    def _example_input(pl_module: LightningModule, batches: list[Any]) -> Any:
+        """The model's input for the shape-finding passes.
+
+        The inputs of an ``(inputs, targets)`` batch, else the module's ``example_input_array`` (Lightning's
+        own attribute).
+        """
+        batch = batches[0]
+        own_loss = callable(getattr(pl_module, "compute_loss", None))
+        if isinstance(batch, tuple | list) and len(batch) == 2 and not own_loss:
+            return batch[0]
+        example = getattr(pl_module, "example_input_array", None)
+        if example is not None:
+            return move_data_to_device(example, pl_module.device)
+        if isinstance(batch, tuple | list) and len(batch) == 2:
+            return batch[0]
+        raise RuntimeError(
+            f"GeneralizationMeasures: path_norm and spectral_product run the model on an input, but the batches "
+            f"of {type(pl_module).__name__} are {type(batch).__name__}s, not (inputs, targets) pairs; set "
+            "self.example_input_array (an input forward takes) in its __init__, or leave these two measures out")
 
     @override
     def state_dict(self) -> dict[str, Any]:

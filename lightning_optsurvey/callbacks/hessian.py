@@ -93,8 +93,8 @@ class HessianSpectrum(MeasuringCallback):
         trace_matvecs: Hutch++ budget (>= 3).
         density_probes: SLQ probes.
         density_steps: Lanczos steps per SLQ probe.
-        loss_fn: ``loss_fn(outputs, targets)`` (batch mean); default ``pl_module.loss_fn`` if it exists,
-            else cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         seed: Seed of the callback's own generators (subset, Lanczos start, probes).
         max_iter: Most products per Lanczos call (default: Lanczos's own).
 

@@ -51,7 +51,8 @@ class LossLandscape(MeasuringCallback):
         at: ``"fit_end"`` (once) or ``"epoch_end"`` (every ``every_n_epochs``-th epoch).
         every_n_epochs: Cadence when ``at="epoch_end"``.
         num_batches: Batches in the fixed subset.
-        loss_fn: ``loss_fn(outputs, targets)``; default the module's ``loss_fn`` or cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         seed: Seed of the subset and of the directions.
 
     Raises:

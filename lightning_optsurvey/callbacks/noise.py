@@ -57,7 +57,8 @@ class GradientNoiseScale(MeasuringCallback):
     Args:
         every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
         num_batches: Batches in the fixed subset per rank; at least 2 on one process (the small batches).
-        loss_fn: ``loss_fn(outputs, targets)``; default the module's ``loss_fn`` or cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         seed: Seed of the subset.
 

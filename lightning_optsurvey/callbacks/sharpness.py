@@ -66,7 +66,8 @@ class Sharpness(MeasuringCallback):
         m: Group size of SAM's m-sharpness (``None``: one step on the whole subset).
         epsilon: Box size of Keskar's measure.
         max_deviation: Loss deviation bound of the PAC-Bayes sigma.
-        loss_fn: ``loss_fn(outputs, targets)``; default the module's ``loss_fn`` or cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         num_batches: Batches of the train loader's size in the fixed subset.

@@ -126,7 +126,8 @@ class EdgeOfStability(MeasuringCallback):
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         num_batches: Batches in the fixed subset.
         tol: Lanczos' relative residual tolerance.
-        loss_fn: ``loss_fn(outputs, targets)``; default the module's ``loss_fn`` or cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
+            if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         seed: Seed of the subset and of Lanczos' start vector.
 
     Raises:

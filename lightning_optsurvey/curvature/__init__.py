@@ -5,7 +5,9 @@ model: ``lanczos(HessianOperator(model, loss_fn, batches), k=5)``.
 """
 
 from lightning_optsurvey.curvature.density import SpectralDensity, spectral_density
+from lightning_optsurvey.curvature.kernels import MissingDerivativeError, derivative_kernels
 from lightning_optsurvey.curvature.lanczos import EigenResult, lanczos
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss
 from lightning_optsurvey.curvature.operator import HessianOperator
 from lightning_optsurvey.curvature.trace import (
     DiagonalResult,
@@ -16,11 +18,17 @@ from lightning_optsurvey.curvature.trace import (
 )
 
 __all__ = [
+    "BatchLoss",
     "DiagonalResult",
     "EigenResult",
     "HessianOperator",
+    "MissingDerivativeError",
+    "ModuleLoss",
+    "PairLoss",
     "SpectralDensity",
     "TraceResult",
+    "as_batch_loss",
+    "derivative_kernels",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",

@@ -52,19 +52,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
-__all__ = ["HessianOperator"]
+from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss, model_args
+from lightning_optsurvey.curvature.objective import batch_size as _batch_size
+
+__all__ = ["HessianOperator", "batch_size", "check_batches", "model_args"]
 
 BN_MODES = ("eval", "batch")
-
-
-def model_args(inputs: Any) -> tuple[Any, ...]:
-    """The model's positional arguments for a batch's inputs: a tuple or list is several, else one.
-
-    The one convention for every functional evaluation (the curvature engine and the measures).
-    """
-    return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
 
 
 def check_batches(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -75,46 +71,35 @@ def check_batches(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         ValueError: If it is empty, an element is not a pair, or any batch has no samples or inputs and
             targets of different lengths (sequence lengths may differ from batch to batch).
     """
-    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
-        raise TypeError("batches must be a sequence of (inputs, targets) pairs; wrap a single batch in a list")
-    out = list(batches)
-    if not out:
-        raise ValueError("batches is empty; pass at least one (inputs, targets) pair")
-    for i, b in enumerate(out):
-        if not isinstance(b, tuple | list) or len(b) != 2:
-            raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(b).__name__}")
-        # Every batch, not only the first: a later empty or mismatched batch would fail deep inside.
-        tensors = [t for t in (b[1], *model_args(b[0])) if isinstance(t, Tensor) and t.ndim > 0]
-        sizes = {int(t.shape[0]) for t in tensors}
-        if len(sizes) > 1:
-            raise ValueError(f"batch {i}: its inputs and targets disagree on the number of samples "
-                             f"(leading dimensions {[tuple(t.shape) for t in tensors]})")
-        if batch_size(b) == 0:
-            raise ValueError(f"batch {i} has no samples; every batch needs at least one")
-    return out
+    return PairLoss.check_pairs(batches)
 
 
-def batch_size(batch: tuple[Any, Any]) -> int:
-    """Number of samples in an ``(inputs, targets)`` batch (the weight of its mean loss)."""
-    inputs, targets = batch
-    for item in (targets, *model_args(inputs)):
-        if isinstance(item, Tensor) and item.ndim > 0:
-            return int(item.shape[0])
-    try:
-        return len(targets)
-    except TypeError as err:
-        kind = type(targets).__name__
-        raise ValueError(f"cannot tell the size of a batch with targets of type {kind}") from err
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch (the weight of its mean loss); see :mod:`~.objective`."""
+    return _batch_size(batch)
 
 
 class HessianOperator:
-    """Hessian-vector products of ``loss_fn(model(inputs), targets)`` averaged over ``batches``.
+    """Hessian-vector products of the mean loss over ``batches``.
+
+    The loss of one batch is ``loss_fn(model(*inputs), targets)`` for ``(inputs, targets)`` pairs, or any
+    :class:`~lightning_optsurvey.curvature.objective.BatchLoss`, e.g. ``ModuleLoss()`` for the model's own
+    ``compute_loss(batch)`` on batches of any structure (dicts, nested tuples). Products run with
+    attention on SDPA's math backend (:func:`~lightning_optsurvey.curvature.kernels.derivative_kernels`);
+    an op that still lacks the derivative raises a
+    :class:`~lightning_optsurvey.curvature.kernels.MissingDerivativeError` naming the op and its layer.
+
+    What is differentiated with Dropout: the loss of the model with Dropout off (its eval-mode, expected
+    network), so products are deterministic and the operator is symmetric; BatchNorm per ``bn_mode``.
 
     Args:
         model: The network. Read, never modified.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar mean loss of one batch.
-        batches: A non-empty sequence of ``(inputs, targets)`` pairs (inputs may be a tuple of arguments).
-            The loss is the mean over all samples, each batch weighted by its size.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar mean loss of one batch, or a
+            ``BatchLoss``.
+        batches: A non-empty sequence of batches: ``(inputs, targets)`` pairs (inputs may be a tuple of
+            arguments) for a ``loss_fn``, any structure for ``ModuleLoss``. The loss is the mean over all
+            samples, each batch weighted by its size (:func:`~lightning_optsurvey.curvature.objective.batch_size`,
+            or the model's ``compute_batch_size(batch)``).
         params: ``None`` for every parameter that requires grad, or a list of parameter names (as in
             ``model.named_parameters()``) selecting a diagonal block, e.g. one layer.
         bn_mode: ``"eval"``: BatchNorm uses its running statistics; ``"batch"``: it uses the statistics of
@@ -154,8 +139,8 @@ class HessianOperator:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
-        batches: Sequence[tuple[Any, Any]],
+        loss_fn: Callable[[Any, Any], Tensor] | BatchLoss,
+        batches: Sequence[Any],
         *,
         params: Sequence[str] | None = None,
         bn_mode: Literal["eval", "batch"] = "eval",
@@ -165,14 +150,13 @@ class HessianOperator:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        objective = as_batch_loss(loss_fn)
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        batches = check_batches(batches)
+        batches = objective.check_batches(batches)
         named = dict(model.named_parameters())
         if params is None:
             names = [n for n, p in named.items() if p.requires_grad]
@@ -198,6 +182,7 @@ class HessianOperator:
             )
         self.model = model
         self.loss_fn = loss_fn
+        self.objective = objective
         self.batches = batches
         self.bn_mode = bn_mode
         self.names = names
@@ -212,7 +197,7 @@ class HessianOperator:
         self._graph: tuple[list[Tensor], list[tuple[list[Tensor], list[int]]]] | None = None
         self._graph_versions: list[int] = []
         self._reduce = reduce
-        sizes = [batch_size(b) for b in batches]
+        sizes = [objective.size(model, b) for b in batches]
         local = float(sum(sizes))
         self._weights = [s / local for s in sizes]
         self._local_count = local
@@ -250,22 +235,37 @@ class HessianOperator:
         consts.update({n: b.detach() for n, b in self.model.named_buffers()})
         return consts
 
-    def _loss_fn_of(self, batch: tuple[Any, Any], constants: dict[str, Tensor]) -> Callable[[dict], Tensor]:
-        inputs, targets = batch
-        args = model_args(inputs)
-
+    def _loss_fn_of(self, batch: Any, constants: dict[str, Tensor]) -> Callable[[dict], Tensor]:
         def loss(p: dict[str, Tensor]) -> Tensor:
-            out = functional_call(self.model, {**constants, **p}, args)
-            return self.loss_fn(out, targets)
+            return self.objective(self.model, {**constants, **p}, batch)
 
         return loss
 
+    @contextmanager
+    def _explained(self) -> Iterator[None]:
+        """Attention on SDPA's math backend; autograd's "derivative not implemented" made readable."""
+        try:
+            with derivative_kernels(self.model):
+                yield
+        except (RuntimeError, NotImplementedError) as err:
+            leaves = {n: t.detach().requires_grad_(True) for n, t in self._primals().items()}
+
+            def forward() -> Any:
+                with torch.enable_grad(), self._product_mode(), derivative_kernels(self.model):
+                    return self._loss_fn_of(self.batches[0], self._constants())(leaves)
+
+            explained = explain_missing_derivative(err, self.model, forward)
+            if explained is None:
+                raise
+            raise explained from err
+
     def _check_scalar_loss(self) -> None:
-        with torch.no_grad(), self._product_mode():
+        with torch.no_grad(), self._product_mode(), derivative_kernels(self.model):
             value = self._loss_fn_of(self.batches[0], self._constants())(self._primals())
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn must return a scalar (a batch mean), got {shape}")
+            what = "compute_loss" if isinstance(self.objective, ModuleLoss) else "loss_fn"
+            raise ValueError(f"{what} must return a scalar (a batch mean), got {shape}")
 
     # -- flat vectors <-> parameter dicts -----------------------------------------------------------------
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
@@ -313,7 +313,7 @@ class HessianOperator:
         leaf_list = list(leaves.values())
         constants = self._constants()
         per_batch = []
-        with torch.enable_grad(), self._product_mode():
+        with torch.enable_grad(), self._product_mode(), derivative_kernels(self.model):
             for batch in self.batches:
                 loss = self._loss_fn_of(batch, constants)(leaves)
                 grads = torch.autograd.grad(loss, leaf_list, create_graph=True, allow_unused=True,
@@ -344,11 +344,12 @@ class HessianOperator:
         v = self._check_vector(v, 1)
         tangent = self._split(v)
         if self.linearize:
-            total = self._retained_product(tangent)
+            with self._explained():
+                total = self._retained_product(tangent)
         else:
             primals, constants = self._primals(), self._constants()
             total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-            with torch.enable_grad(), self._product_mode():
+            with torch.enable_grad(), self._product_mode(), self._explained():
                 for weight, batch in zip(self._weights, self.batches):
                     g = grad(self._loss_fn_of(batch, constants))
                     hv = jvp(g, (primals,), (tangent,))[1]
@@ -370,13 +371,14 @@ class HessianOperator:
         if self.linearize:
             # Rows of the transposed block are contiguous: one copy in, products written as rows.
             columns = matrix.T.contiguous()
-            total = torch.stack([self._retained_product(self._split(c)) for c in columns])
+            with self._explained():
+                total = torch.stack([self._retained_product(self._split(c)) for c in columns])
             self.num_matvecs += m
             return self._finish(total).T
         tangents = self._split(matrix.T.contiguous())
         primals, constants = self._primals(), self._constants()
         total = torch.zeros(m, self.numel, dtype=self.dtype, device=self.device)
-        with torch.enable_grad(), self._product_mode():
+        with torch.enable_grad(), self._product_mode(), self._explained():
             for weight, batch in zip(self._weights, self.batches):
                 g = grad(self._loss_fn_of(batch, constants))
 
@@ -398,7 +400,7 @@ class HessianOperator:
         primals, constants = self._primals(), self._constants()
         total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         loss_total = torch.zeros((), dtype=self.dtype, device=self.device)
-        with torch.enable_grad(), self._product_mode():
+        with torch.enable_grad(), self._product_mode(), self._explained():
             for weight, batch in zip(self._weights, self.batches):
                 g, loss = torch.func.grad_and_value(self._loss_fn_of(batch, constants))(primals)
                 total.add_(self._join(g, 0), alpha=weight)

@@ -10,17 +10,19 @@ the model's running statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_optsurvey.curvature.operator import batch_size, check_batches, model_args
+from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
+from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
 
-Batch = tuple[Any, Any]
-LossFn = Callable[[Any, Any], Tensor]
+Batch = Any  # an (inputs, targets) pair for a loss_fn; any structure for a ModuleLoss
+LossFn = Callable[[Any, Any], Tensor] | BatchLoss
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -46,12 +48,15 @@ class FlatObjective:
     """``L(v)``: the model's mean loss over ``batches`` with its trainable parameters set to the flat ``v``.
 
     The loss over several batches is the mean over all samples (each batch weighted by its size), with
-    ``loss_fn(outputs, targets)`` the mean over one batch. The model is run in its current train/eval mode.
+    ``loss_fn(outputs, targets)`` the mean over one batch, or any
+    :class:`~lightning_optsurvey.curvature.objective.BatchLoss` (``ModuleLoss()``: the model's own
+    ``compute_loss(batch)``, any batch structure). The model is run in its current train/eval mode, with
+    attention on SDPA's math backend.
 
     Args:
         model: The network; only read.
-        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
-        batches: Sequence of ``(inputs, targets)``.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch, or a ``BatchLoss``.
+        batches: Sequence of ``(inputs, targets)`` (of any batch for a ``ModuleLoss``).
         params: Names of the parameters to perturb (default: all that require grad).
     """
 
@@ -64,11 +69,10 @@ class FlatObjective:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        self.objective = as_batch_loss(loss_fn)
         self.model = model
         self.loss_fn = loss_fn
-        self.batches = check_batches(batches)
+        self.batches = self.objective.check_batches(batches)
         named = dict(model.named_parameters())
         if params is None:
             self.names = [n for n, p in named.items() if p.requires_grad]
@@ -84,7 +88,7 @@ class FlatObjective:
         self.numels = [t.numel() for t in tensors]
         self.w = torch.cat([t.reshape(-1) for t in tensors]).clone()
         self.numel = self.w.numel()
-        self.sizes = [batch_size(b) for b in self.batches]
+        self.sizes = [self.objective.size(model, b) for b in self.batches]
         self.total = sum(self.sizes)
         self._buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.num_evaluations = 0  # forward passes over all batches
@@ -114,11 +118,41 @@ class FlatObjective:
         """
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        return functional_call(self.model, state, model_args(inputs))
+        with self._kernels(lambda: functional_call(self.model, self._plain_state(), model_args(inputs))):
+            return functional_call(self.model, state, model_args(inputs))
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the loss is ``loss_fn(outputs, targets)`` on ``(inputs, targets)`` pairs."""
+        return isinstance(self.objective, PairLoss)
+
+    def batch_loss(self, flat: Tensor, batch: Any) -> Tensor:
+        """Mean loss of one ``batch`` with parameters ``flat`` (buffers passed as clones, never updated)."""
+        state = {n: b.clone() for n, b in self._buffers.items()}
+        state.update(self.unflatten(flat))
+        with self._kernels(lambda: self.objective(self.model, self._plain_state(), batch)):
+            return self.objective(self.model, state, batch)
+
+    def _plain_state(self) -> dict[str, Tensor]:
+        state: dict[str, Tensor] = {n: b.clone() for n, b in self._buffers.items()}
+        state.update({n: t.detach() for n, t in self.unflatten(self.w).items()})
+        return state
+
+    @contextmanager
+    def _kernels(self, forward: Callable[[], Any]) -> Iterator[None]:
+        """Kernels with derivatives; an op without the one needed (forward mode) named with its layer."""
+        try:
+            with derivative_kernels(self.model):
+                yield
+        except (RuntimeError, NotImplementedError) as err:
+            with torch.no_grad(), derivative_kernels(self.model):
+                explained = explain_missing_derivative(err, self.model, forward)
+            if explained is None:
+                raise
+            raise explained from err
 
     def _batch_loss(self, flat: Tensor, index: int) -> Tensor:
-        inputs, targets = self.batches[index]
-        return self.loss_fn(self.forward(flat, inputs), targets) * (self.sizes[index] / self.total)
+        return self.batch_loss(flat, self.batches[index]) * (self.sizes[index] / self.total)
 
     def loss(self, flat: Tensor | None = None, batches: Sequence[int] | None = None) -> Tensor:
         """Mean loss at ``flat`` (default: the model's weights) over all batches or the given indices."""

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, vjp, vmap
 
 from lightning_optsurvey.curvature.lanczos import lanczos
+from lightning_optsurvey.curvature.objective import split_samples
 from lightning_optsurvey.curvature.operator import model_args
 from lightning_optsurvey.measures._functional import (
     Batch,
@@ -335,6 +337,45 @@ def path_norm(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> flo
     return float(out.double().sum().clamp_min(0).sqrt())
 
 
+def _sample_slopes(objective: FlatObjective, batch: Any, size: int) -> Tensor:
+    """``<w, grad_w loss_i>`` for each one-sample batch ``i`` of ``batch`` (forward mode along ``w``).
+
+    Vectorized over samples with ``vmap`` (each call sees its sample as a batch of one); models that
+    ``vmap`` cannot batch (an LSTM, for one) take one forward-mode pass per sample.
+    """
+    w = objective.w
+
+    def slope(sample: Any) -> Tensor:
+        with torch.enable_grad():
+            return jvp(lambda flat: objective.batch_loss(flat, sample), (w,), (w,))[1]
+
+    def dims(item: Any) -> Any:
+        if isinstance(item, Tensor):
+            return 0 if item.ndim > 0 and item.shape[0] == size else None
+        if isinstance(item, Mapping):
+            return {k: dims(v) for k, v in item.items()}
+        if isinstance(item, tuple | list):
+            return type(item)(*[dims(v) for v in item]) if hasattr(item, "_fields") else type(item)(
+                dims(v) for v in item)
+        return None
+
+    def keep_batch_dim(item: Any, dim: Any) -> Any:
+        if isinstance(item, Tensor):
+            return item.unsqueeze(1) if dim == 0 else item
+        if isinstance(item, Mapping):
+            return {k: keep_batch_dim(v, dim[k]) for k, v in item.items()}
+        if isinstance(item, tuple | list):
+            parts = [keep_batch_dim(v, d) for v, d in zip(item, dim)]
+            return type(item)(*parts) if hasattr(item, "_fields") else type(item)(parts)
+        return item
+
+    in_dims = dims(batch)
+    try:
+        return vmap(slope, in_dims=(in_dims,))(keep_batch_dim(batch, in_dims))
+    except Exception:  # vmap lacks a batching rule for some layer: one pass per sample instead
+        return torch.stack([slope(sample) for sample in split_samples(batch, size)])
+
+
 def fisher_rao_norm(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]) -> float:
     r"""The empirical Fisher-Rao norm (Liang et al.): the RMS over samples of <w, grad_w loss_i>.
 
@@ -346,7 +387,9 @@ def fisher_rao_norm(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch])
     (L+1) \langle \partial \ell_i / \partial f, f_w(x_i) \rangle` (Liang et al., Lemma 2.1). All products
     come from one forward-mode pass (a JVP along ``w``) and the loss's gradient in the outputs, so
     ``loss_fn`` must be the mean of per-sample losses, and the model must treat samples independently
-    (call ``model.eval()`` first if it has BatchNorm).
+    (call ``model.eval()`` first if it has BatchNorm). With a ``ModuleLoss`` (the model's own
+    ``compute_loss(batch)``, any batch structure) each batch is split into one-sample batches (every tensor
+    leaf with the batch's leading size is sliced) and each sample's term is one forward-mode derivative.
 
     Args:
         model: The network (not modified).
@@ -364,6 +407,11 @@ def fisher_rao_norm(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch])
     objective = FlatObjective(model, loss_fn, batches)
     w = objective.w
     total = torch.zeros((), dtype=torch.float64, device=w.device)
+    if not objective.pairs:
+        # The loss is the model's own compute_loss(batch): one directional derivative per sample.
+        for batch, size in zip(objective.batches, objective.sizes):
+            total += _sample_slopes(objective, batch, size).double().pow(2).sum()
+        return float((total / objective.total).sqrt())
     for (inputs, targets), size in zip(objective.batches, objective.sizes):
         with torch.enable_grad():
             out, tangent = jvp(lambda flat, x=inputs: objective.forward(flat, x), (w,), (w,))

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_optsurvey.curvature.objective import batch_size, split_samples
 from lightning_optsurvey.measures._functional import (
     Batch,
     FlatObjective,
@@ -70,7 +71,9 @@ def sam_sharpness(
     the first-order solution of SAM's inner maximization. With ``m``, the samples of ``batches`` are split
     (in order) into disjoint groups of ``m`` (the last may be smaller), each group takes its own step, and
     the result is the size-weighted mean over groups of the groups' sharpness (m-sharpness). A group with
-    a zero gradient contributes 0.
+    a zero gradient contributes 0. With a ``ModuleLoss`` (any batch structure) or several inputs the groups
+    are formed within each batch (every tensor leaf with the batch's leading size sliced), so they match the
+    groups across batches when the batch sizes are multiples of ``m``.
 
     Args:
         model: The network (not modified).
@@ -93,6 +96,13 @@ def sam_sharpness(
     if m is not None:
         check_count("m", m)
         objective = FlatObjective(model, loss_fn, batches)
+        tensors = objective.pairs and all(isinstance(t, Tensor) for b in objective.batches for t in b)
+        if not tensors:
+            # Any batch structure (compute_loss, several inputs): groups of m consecutive samples of each batch.
+            parts = [g for b in objective.batches for g in split_samples(b, batch_size(b), m)]
+            weights = [objective.objective.size(model, g) for g in parts]
+            return sum(sam_sharpness(model, objective.objective, [g], rho) * (w / sum(weights))
+                       for g, w in zip(parts, weights))
         x, y = _concat_samples(objective.batches)
         groups = [(x[i : i + m], y[i : i + m]) for i in range(0, x.shape[0], m)]
         total = x.shape[0]
