@@ -695,6 +695,7 @@ class GossipConsensusDigits(Result):
         ks = list(range(self.rounds + 1))
         rows, columns = w.sum(1), w.sum(0)
         window = f"rounds {used[0]}-{used[-1]}" if used else "no round"
+        anchor = used[0] if used else 0  # the predicted line through the first round of the fitted window
         return CheckOutcome(
             predicted=predicted, measured=rate, holds=holds, name=self.name,
             quantity=f"per-round contraction of the squared consensus distance ({self.kind}, N={n})",
@@ -702,6 +703,8 @@ class GossipConsensusDigits(Result):
             f"in [{float(columns.min()):.3g}, {float(columns.max()):.3g}]), |lambda_2|^2 = {predicted:.4f}; "
             f"contraction {rate:.4f} over {len(used)} rounds (burn-in {burn_in}; {window}); bound violated at "
             f"{violations} of {self.rounds} rounds; consensus distance^2 {distances[0]:.3g} -> {distances[-1]:.3g}",
-            steps=ks, predicted_curve=[distances[0] * predicted**k for k in ks], measured_curve=distances,
+            steps=ks, predicted_curve=[distances[anchor] * predicted ** (k - anchor) for k in ks],
+            measured_curve=distances, extra_curves={"|lambda_2|^(2k) from round 0": [distances[0] * predicted**k
+                                                                                     for k in ks]},
             x_label="gossip round", y_label="||X_k - 1 xbar_k||_F^2",
         )
