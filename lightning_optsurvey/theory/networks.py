@@ -1,4 +1,4 @@
-"""Results checked on networks trained through Lightning's ``Trainer``: results 35-37.
+"""Results checked on networks trained through Lightning's ``Trainer``: results 28 and 35-38.
 
 Unlike the synthetic checks, these train a real (small) network on the digits task with a registered
 optimizer, through ``Trainer.fit`` with the package's ``DigitsDataModule`` and measuring callbacks, and
@@ -10,7 +10,15 @@ compare what is measured with the theorem's prediction:
   the held-out error of the stochastic network;
 - K-FAC's step equals the natural-gradient step where the Kronecker factorization is exact (one linear
   layer, Gaussian inputs, Gaussian likelihood), so its error contracts by ``1 - eta`` whatever the
-  conditioning, measured on the optimizer registered as ``"kfac"``.
+  conditioning, measured on the optimizer registered as ``"kfac"``;
+- SAM's sharpness at a trained minimum is ``rho^2 lambda_max / 2`` to second order, with ``lambda_max``
+  read from the :class:`~lightning_optsurvey.callbacks.HessianSpectrum` callback and the sharpness from
+  :func:`~lightning_optsurvey.measures.worst_case_sharpness`;
+- D-PSGD's consensus distance contracts by ``|lambda_2(W)|^2`` per gossip round on the ring, with the
+  mixing matrix of :class:`~lightning_optsurvey.strategies.Topology`. The ranks are simulated in one
+  process (each a real network with its own registered optimizer, mixed by ``X <- W X`` as
+  ``GossipStrategy`` does after its step): a multi-process gloo run costs seconds of start-up alone,
+  beyond this check's budget; the strategy's own tests check that its rounds are this arithmetic.
 
 The networks are initialized from a seeded generator and training runs inside ``torch.random.fork_rng``,
 so the checks leave the global RNG as they found it.
@@ -31,10 +39,13 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.func import functional_call
 
-from lightning_optsurvey.callbacks import EdgeOfStability
-from lightning_optsurvey.measures import pac_bayes_sigma
+from lightning_optsurvey.callbacks import EdgeOfStability, HessianSpectrum
+from lightning_optsurvey.measures import pac_bayes_sigma, worst_case_sharpness
+from lightning_optsurvey.measures._functional import FlatObjective
 from lightning_optsurvey.optim import create_optimizer
+from lightning_optsurvey.strategies.topology import Topology
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+from lightning_optsurvey.theory.decentralized import second_eigenvalue_modulus
 from lightning_optsurvey.theory.problems import generator
 from lightning_optsurvey.theory.result import (
     MC_Z,
@@ -42,10 +53,18 @@ from lightning_optsurvey.theory.result import (
     Result,
     _positive_float,
     _positive_int,
+    loglog_slope,
     register_result,
 )
 
-__all__ = ["EdgeOfStabilityDigits", "KFACNaturalGradient", "PACBayesDigits", "kl_inverse"]
+__all__ = [
+    "EdgeOfStabilityDigits",
+    "GossipConsensusDigits",
+    "KFACNaturalGradient",
+    "PACBayesDigits",
+    "SAMSharpnessDigits",
+    "kl_inverse",
+]
 
 #: Edge of stability on digits: eta lambda_max / 2 must dip below this fraction early (progressive
 #: sharpening has room to show) ...
@@ -434,4 +453,258 @@ class KFACNaturalGradient(Result):
             f"1 - eta lambda_min = {1 - self.lr * smallest:.4f}",
             steps=ks, predicted_curve=[errors[0] * predicted**k for k in ks], measured_curve=errors,
             extra_curves={"GD, same step (closed form)": tuple(gd)}, y_label="||W_k - W*||_F",
+        )
+
+
+#: SAM sharpness on digits: at each radius, |S(rho) - rho^2 lambda_max / 2| must be at most the measured
+#: gradient term rho ||grad L|| plus this fraction of rho^2 lambda_max / 2 (the Taylor remainder and the
+#: ascent's shortfall together; seen 0.1 % - 4 % on seeds 0-2) ...
+SAM_DIGITS_RTOL = 0.1
+#: ... and the exponent of S in rho (log-log slope over the radii) within this distance of 2, the order of
+#: the leading term (a point far from a minimum shows 1: the gradient term rho ||grad L|| dominates).
+SAM_DIGITS_EXPONENT_ATOL = 0.15
+
+
+@register_result
+@dataclass(frozen=True)
+class SAMSharpnessDigits(Result):
+    """At a minimum reached by training a digits network, SAM's sharpness is rho^2 lambda_max / 2."""
+
+    number = 37
+    name = "sam_sharpness_digits"
+    statement = (
+        "at a point w of a twice differentiable loss, L(w + e) - L(w) = grad L(w)^T e + e^T H e / 2 + O(||e||^3), "
+        "so at a minimum (grad L = 0) max_(||e|| <= rho) L(w + e) - L(w) = rho^2 lambda_max(H)/2 + O(rho^3); near "
+        "a minimum the gradient term adds at most rho ||grad L(w)||"
+    )
+    reference = (
+        "Foret, Kleiner, Mobahi & Neyshabur 2021, arXiv:2010.01412, Sec. 2 (SAM's sharpness and its second-order "
+        "reading); survey Sec. 4.1"
+    )
+    criterion = (
+        "the network trained through Trainer.fit (plain LightningModule, MSE on one-hot labels, DigitsDataModule "
+        "with 269 training images in one batch, the registry's 'sgd' with heavy-ball momentum 0.9); lambda_max "
+        "read from the HessianSpectrum callback at the last step (Lanczos on the same full batch); worst-case "
+        "sharpness S(rho) (measures.worst_case_sharpness, Auto-PGD) on that batch for each radius: "
+        f"|S(rho) - rho^2 lambda_max / 2| <= rho ||grad L(w)|| + {SAM_DIGITS_RTOL:g} rho^2 lambda_max / 2, and the "
+        f"log-log slope of S against rho within {SAM_DIGITS_EXPONENT_ATOL:g} of 2"
+    )
+
+    steps: int = 150
+    lr: float = 0.5
+    width: int = 32
+    radii: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+    ascent_steps: int = 100
+
+    def __post_init__(self) -> None:
+        _positive_int("steps", self.steps)
+        _positive_float("lr", self.lr)
+        _positive_int("width", self.width)
+        if len(self.radii) < 2:
+            raise ValueError(f"radii must hold at least two radii (the exponent is fitted), got {self.radii!r}")
+        for rho in self.radii:
+            _positive_float("radii[i]", rho)
+        _positive_int("ascent_steps", self.ascent_steps)
+
+    def problem(self, seed: int = 0) -> tuple[DigitsDataModule, nn.Module]:
+        # 15 % of the 1797 images for training: one full batch of 269.
+        data = DigitsDataModule(batch_size=1797, val_fraction=0.4, test_fraction=0.45, seed=seed)
+        return data, _network((64, self.width, 10), generator(seed))
+
+    def predict(self, problem: Any, k: int, lam: float | None = None) -> float:
+        """``rho^2 lambda_max / 2`` for the radius of index ``k`` (``lam`` measured on the trained network)."""
+        if lam is None:
+            raise ValueError("sam_sharpness_digits predicts from the trained network's lambda_max; pass lam")
+        return 0.5 * self.radii[k] ** 2 * lam
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        data, net = self.problem(seed)
+        spectrum = HessianSpectrum(top_k=2, every_n_epochs=None, every_n_steps=self.steps, num_batches=1, tol=1e-4,
+                                   seed=seed)
+        module = _MSEModule(net, "sgd", lr=self.lr, momentum=0.9)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            trainer = _quiet_trainer(max_steps=self.steps, callbacks=[spectrum], limit_val_batches=0)
+            _fit(trainer, module, data)
+        (last,) = [h for h in spectrum.history if "hessian/eig_1" in h][-1:]
+        lam, lam2 = last["hessian/eig_1"], last["hessian/eig_2"]
+        batches = [data.train_set.tensors]
+        objective = FlatObjective(net, _mse_one_hot, batches)
+        loss, grad = objective.loss_and_grad()
+        grad_norm = float(grad.norm())
+        measured = [
+            worst_case_sharpness(net, _mse_one_hot, batches, rho=rho, steps=self.ascent_steps,
+                                 generator=generator(seed + 1))
+            for rho in self.radii
+        ]
+        predicted = [self.predict(None, k, lam) for k in range(len(self.radii))]
+        within = [abs(s - q) <= rho * grad_norm + SAM_DIGITS_RTOL * q
+                  for s, q, rho in zip(measured, predicted, self.radii, strict=True)]
+        exponent = loglog_slope(self.radii, measured)
+        holds = all(within) and abs(exponent - 2.0) <= SAM_DIGITS_EXPONENT_ATOL
+        return CheckOutcome(
+            predicted=predicted[-1], measured=measured[-1], holds=holds, name=self.name,
+            quantity=f"worst-case sharpness at rho={self.radii[-1]:g} against rho^2 lambda_max / 2",
+            details=f"after {self.steps} steps: loss {float(loss):.3g}, ||grad L|| = {grad_norm:.2g}, lambda_max = "
+            f"{lam:.4g} (lambda_2 = {lam2:.4g}, HessianSpectrum); S / (rho^2 lambda_max/2): "
+            + ", ".join(f"rho={rho:g}: {s / q:.3f} (gradient term <= {rho * grad_norm / q:.2g})"
+                        for rho, s, q in zip(self.radii, measured, predicted, strict=True))
+            + f"; exponent of S in rho {exponent:.3f}",
+            steps=list(self.radii), predicted_curve=predicted, measured_curve=measured, x_label="rho",
+            y_label="max_(||e||<=rho) L(w+e) - L(w)", log_x=True,
+        )
+
+
+#: Gossip on digits: slack of the per-round bound ||(I - J) W Y|| <= |lambda_2| ||(I - J) Y|| (float32
+#: parameters mixed in float64: the rounding of the written-back parameters) ...
+GOSSIP_DIGITS_RTOL = 1e-5
+#: ... and two-sided relative band on the geometric mean of the per-round contraction of the squared
+#: consensus distance against |lambda_2|^2 (seen within 0.3 %), over the rounds after a burn-in in which
+#: the faster modes of W die out (until (|lambda'| / |lambda_2|)^(2k) <= GOSSIP_DIGITS_MODE_DECAY, lambda' the
+#: next smaller eigenvalue modulus: 4 rounds on the ring of 8, where it is 1/3 against 0.80) and in which
+#: the local steps' disagreement eta ||(I - J) G_k|| is at most GOSSIP_DIGITS_SMALL of ||(I - J) X_k|| (the
+#: theorem's contraction is that of the mixing; the steps add disagreement back, which takes over once
+#: the consensus distance is down to their level: a floor, seen from round ~20 at eta = 0.01).
+GOSSIP_DIGITS_RATE_RTOL = 0.03
+GOSSIP_DIGITS_MODE_DECAY = 1e-3
+GOSSIP_DIGITS_SMALL = 0.05
+#: Rounds the rate must be fitted on, at least.
+GOSSIP_DIGITS_MIN_ROUNDS = 3
+#: Mixing matrices the check can apply: Topology.mixing_matrix (doubly stochastic, the assumption) or
+#: Topology.push_sum_matrix (column-stochastic only, without push-sum's de-biasing weights).
+GOSSIP_DIGITS_MIXINGS = ("metropolis", "push_sum")
+
+
+@register_result
+@dataclass(frozen=True)
+class GossipConsensusDigits(Result):
+    """D-PSGD on digits networks: the consensus distance contracts by |lambda_2(W)|^2 per gossip round."""
+
+    number = 38
+    name = "gossip_consensus_digits"
+    statement = (
+        "D-PSGD (adapt then combine), X_(k+1) = W (X_k - eta G_k) with W symmetric doubly stochastic on a "
+        "connected graph: (I - J) W = W (I - J) and ||W - J|| = |lambda_2(W)| < 1 (J = 11^T/N), so the squared "
+        "consensus distance obeys ||(I - J) X_(k+1)||^2 <= |lambda_2|^2 ||(I - J)(X_k - eta G_k)||^2 <= "
+        "|lambda_2|^2 (||(I - J) X_k|| + eta ||(I - J) G_k||)^2, and contracts by |lambda_2|^2 per round while "
+        "the disagreement of the local steps is small"
+    )
+    reference = (
+        "Lian, Zhang, Zhang, Hsieh, Zhang & Liu 2017, arXiv:1705.09056, Sec. 4 (the consensus term of Thm. 1, "
+        "rho = |lambda_2(W)|^2 in their notation); Xiao & Boyd 2004, Sec. 2"
+    )
+    criterion = (
+        "N = 8 networks (tanh MLP 64-16-10, independently initialized) on disjoint shards of the digits, each "
+        "with its own optimizer from the registry ('sgd', eta = 0.01, batches of 16, cross-entropy), mixed after "
+        "each local step with row i of Topology('ring', 8).mixing_matrix() (GossipStrategy's arithmetic, the "
+        "ranks simulated in one process); at every round ||(I - J) W Y_k||^2 <= |lambda_2|^2 ||(I - J) Y_k||^2 "
+        f"(Y_k the parameters after the local steps; slack {GOSSIP_DIGITS_RTOL:g} relative), and the geometric "
+        "mean of ||(I - J) X_(k+1)||^2 / ||(I - J) X_k||^2 within "
+        f"{GOSSIP_DIGITS_RATE_RTOL:g} (relative) of |lambda_2|^2 (|lambda_2| from torch.linalg.eigvals(W)), over "
+        f"the rounds k after a burn-in (the smaller moduli decayed by {GOSSIP_DIGITS_MODE_DECAY:g} against "
+        f"|lambda_2|^(2k): k >= 4 on the ring of 8) where eta ||(I - J) G_k|| <= {GOSSIP_DIGITS_SMALL:g} "
+        f"||(I - J) X_k||, at least {GOSSIP_DIGITS_MIN_ROUNDS} of them"
+    )
+
+    world_size: int = 8
+    kind: str = "ring"
+    mixing: str = "metropolis"
+    rounds: int = 20
+    lr: float = 0.01
+    batch_size: int = 16
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        _positive_int("world_size", self.world_size, 3)
+        if self.mixing not in GOSSIP_DIGITS_MIXINGS:
+            raise ValueError(f"mixing must be one of {GOSSIP_DIGITS_MIXINGS}, got {self.mixing!r}")
+        _positive_int("rounds", self.rounds, 4)
+        _positive_float("lr", self.lr)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("width", self.width)
+        topology = Topology(self.kind, self.world_size)  # refuses unknown kinds and impossible sizes
+        if topology.is_time_varying:
+            raise ValueError(f"gossip_consensus_digits needs a static graph; {self.kind!r} is time-varying")
+        if second_eigenvalue_modulus(self.problem()[0]) <= 1e-12:
+            raise ValueError(f"{self.kind!r} on {self.world_size} ranks averages exactly in one round "
+                             "(|lambda_2| = 0): no contraction rate to compare")
+
+    def problem(self, seed: int = 0) -> tuple[torch.Tensor, list[nn.Module], torch.Tensor, torch.Tensor]:
+        """The mixing matrix, the N independently initialized networks and the digits training set."""
+        topology = Topology(self.kind, self.world_size)
+        w = topology.mixing_matrix(0) if self.mixing == "metropolis" else topology.push_sum_matrix(0)
+        gen = generator(seed)
+        nets = [_network((64, self.width, 10), gen) for _ in range(self.world_size)]
+        data = DigitsDataModule(batch_size=self.batch_size, val_fraction=0.1, test_fraction=0.1, seed=seed)
+        data.setup()
+        x, y = data.train_set.tensors
+        return w, nets, x, y
+
+    def predict(self, problem: Any, k: int) -> float:
+        """The pure-gossip factor ``|lambda_2(W)|^(2k)`` on the squared consensus distance."""
+        return second_eigenvalue_modulus(problem[0]) ** (2 * k)
+
+    @staticmethod
+    def burn_in(w: torch.Tensor) -> int:
+        """Rounds until the modes below ``|lambda_2|`` have decayed by ``GOSSIP_DIGITS_MODE_DECAY`` against it."""
+        moduli = torch.linalg.eigvals(w).abs().sort(descending=True).values.tolist()[1:]
+        lam2 = moduli[0]
+        below = [m for m in moduli if m < lam2 * (1.0 - 1e-9)]
+        if not below or below[0] <= 0.0:
+            return 1
+        return max(1, math.ceil(math.log(GOSSIP_DIGITS_MODE_DECAY) / (2.0 * math.log(below[0] / lam2))))
+
+    def check(self, seed: int = 0) -> CheckOutcome:
+        w, nets, x, y = self.problem(seed)
+        lam2 = second_eigenvalue_modulus(w)
+        burn_in = self.burn_in(w)
+        n = self.world_size
+        optimizers = [create_optimizer("sgd", net.parameters(), lr=self.lr) for net in nets]
+        gen = generator(seed + 1)
+        shards = torch.randperm(len(y), generator=gen).chunk(n)
+
+        def stacked() -> torch.Tensor:
+            return torch.stack([torch.cat([p.detach().reshape(-1) for p in net.parameters()]) for net in nets]).double()
+
+        def distance2(params: torch.Tensor) -> float:
+            return float((params - params.mean(0, keepdim=True)).square().sum())
+
+        distances, ratios, violations, used = [distance2(stacked())], [], 0, []
+        for k in range(self.rounds):
+            before_step = stacked()
+            for net, optimizer, shard in zip(nets, optimizers, shards, strict=True):
+                batch = shard[torch.randint(len(shard), (self.batch_size,), generator=gen)]
+                optimizer.zero_grad()
+                F.cross_entropy(net(x[batch]), y[batch]).backward()
+                optimizer.step()  # adapt ...
+            after_step = stacked()
+            mixed = w @ after_step  # ... then combine: x_i <- sum_j W_ij y_j
+            with torch.no_grad():
+                for net, row in zip(nets, mixed, strict=True):
+                    torch.nn.utils.vector_to_parameters(row.to(torch.float32), net.parameters())
+            now, before = distance2(stacked()), distance2(after_step)
+            violations += now > lam2**2 * before * (1.0 + GOSSIP_DIGITS_RTOL)
+            if k >= burn_in and distance2(after_step - before_step) <= GOSSIP_DIGITS_SMALL**2 * distances[-1]:
+                used.append(k)
+                ratios.append(now / distances[-1])
+            distances.append(now)
+        rate = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else math.nan
+        predicted = lam2**2
+        holds = (violations == 0 and len(used) >= GOSSIP_DIGITS_MIN_ROUNDS
+                 and abs(rate - predicted) <= GOSSIP_DIGITS_RATE_RTOL * predicted)
+        ks = list(range(self.rounds + 1))
+        rows, columns = w.sum(1), w.sum(0)
+        window = f"rounds {used[0]}-{used[-1]}" if used else "no round"
+        anchor = used[0] if used else 0  # the predicted line through the first round of the fitted window
+        return CheckOutcome(
+            predicted=predicted, measured=rate, holds=holds, name=self.name,
+            quantity=f"per-round contraction of the squared consensus distance ({self.kind}, N={n})",
+            details=f"{self.mixing} W (row sums in [{float(rows.min()):.3g}, {float(rows.max()):.3g}], column sums "
+            f"in [{float(columns.min()):.3g}, {float(columns.max()):.3g}]), |lambda_2|^2 = {predicted:.4f}; "
+            f"contraction {rate:.4f} over {len(used)} rounds (burn-in {burn_in}; {window}); bound violated at "
+            f"{violations} of {self.rounds} rounds; consensus distance^2 {distances[0]:.3g} -> {distances[-1]:.3g}",
+            steps=ks, predicted_curve=[distances[anchor] * predicted ** (k - anchor) for k in ks],
+            measured_curve=distances, extra_curves={"|lambda_2|^(2k) from round 0": [distances[0] * predicted**k
+                                                                                     for k in ks]},
+            x_label="gossip round", y_label="||X_k - 1 xbar_k||_F^2",
         )
