@@ -219,6 +219,7 @@ class RunConfig:
     partition: str = "iid"
     alpha: float = 0.5
     shards_per_rank: int = 2
+    timeout: float | None = None  # seconds a collective may wait for a peer (None: the strategy's default)
 
     @property
     def run_name(self) -> str:
@@ -227,19 +228,40 @@ class RunConfig:
         return f"{base}-swa" if self.swa else base
 
 
-def default_callbacks(world_size: int = 1) -> list[Any]:
+def default_callbacks(world_size: int = 1, strategy: str | None = None) -> list[Any]:
     """The measuring callbacks ``optsurvey compare`` attaches to every run.
 
     Top-2 Hessian eigenvalues and the trace (about 80 Hessian-vector products per epoch on one batch),
     the generalization gap on a fixed train subset, SAM sharpness at rho=0.05, and, with several
-    processes, the consensus distance between the ranks' models.
+    processes, the consensus distance between the ranks' models, except under the asynchronous
+    strategies: they log their own distance to the center under the same key, and a collective every
+    10 steps would put back the barrier they remove.
     """
+    from lightning.pytorch.strategies import StrategyRegistry
+
     from lightning_optsurvey.callbacks import ConsensusDistance, GeneralizationGap, HessianSpectrum, Sharpness
+    from lightning_optsurvey.strategies.easgd_async import AsyncCenterStrategy
 
     made: list[Any] = [HessianSpectrum(top_k=2, trace=True), GeneralizationGap(), Sharpness(kinds=("sam",), rho=0.05)]
-    if world_size > 1:
+    kind = dict.get(StrategyRegistry, strategy, {}).get("strategy") if strategy else None
+    asynchronous = isinstance(kind, type) and issubclass(kind, AsyncCenterStrategy)
+    if world_size > 1 and not asynchronous:
         made.append(ConsensusDistance(every_n_steps=10))
     return made
+
+
+def _strategy(config: RunConfig) -> Any:
+    """The run's strategy: its registered name, or the registered object with ``--timeout`` applied."""
+    if config.strategy is None:
+        return "auto"
+    if config.timeout is None:
+        return config.strategy
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    entry = StrategyRegistry[config.strategy]
+    return entry["strategy"](**{**entry["init_params"], "timeout": timedelta(seconds=config.timeout)})
 
 
 def train_one(config: RunConfig) -> dict[str, Any]:
@@ -270,10 +292,11 @@ def train_one(config: RunConfig) -> dict[str, Any]:
         accelerator=config.accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
-        strategy=config.strategy or "auto",
+        strategy=_strategy(config),
         logger=logger,
         callbacks=[DivergenceMonitor(stop=config.stop_on_divergence),
-                   *(default_callbacks(config.devices * config.num_nodes) if config.measure else []),
+                   *(default_callbacks(config.devices * config.num_nodes, config.strategy) if config.measure
+                     else []),
                    OptimizerLoopAdapter(),  # what registry optimizers need from the loop, for any module
                    *([SWA()] if config.swa else [])],
         enable_checkpointing=False,
@@ -399,11 +422,23 @@ def _validate_compare(args: argparse.Namespace) -> list[RunConfig]:
             stop_on_divergence=args.stop_on_divergence,
             module=args.module, datamodule=args.datamodule, swa=args.swa,
             partition=args.partition, alpha=args.alpha, shards_per_rank=args.shards_per_rank,
+            timeout=args.timeout,
         )
         for st in strategies
         for o in args.optimizers
         for s in args.seeds
     ]
+
+
+def _timeout_seconds(text: str) -> float:
+    """``--timeout``: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
+    return value
 
 
 def _preflight_compare(args: argparse.Namespace, strategies: Sequence[str | None]) -> None:
@@ -567,6 +602,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="stochastic weight averaging (Izmailov et al. 2018) over the last quarter of the epochs, "
                         "BatchNorm recomputed; validation and the swa/ measurements are of the averaged model")
     p.add_argument("--limit-train-batches", type=_limit_batches, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=_timeout_seconds, default=None,
+                   help="seconds a rank waits for its peers before the run stops with an error naming the "
+                        "rank that failed (default: the strategy's; 300 for ours on CPU)")
     p.add_argument("--stop-on-divergence", action="store_true",
                    help="end a run at the step its loss becomes non-finite (it is reported either way)")
     p.add_argument("--outbox", default="sqlite:///optsurvey-outbox.db",

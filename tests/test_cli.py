@@ -75,7 +75,8 @@ def test_bad_input_fails_before_any_run(tmp_path, capsys, argv, message):
 
 
 @pytest.mark.parametrize("argv", [["--max-epochs", "0"], ["--devices", "-2"], ["--seeds", "a,b"],
-                                  ["--hparam", "lr0.1"]])
+                                  ["--hparam", "lr0.1"], ["--timeout", "0"], ["--timeout", "nan"],
+                                  ["--timeout", "soon"]])
 def test_invalid_numbers_exit_non_zero(tmp_path, argv):
     with pytest.raises(SystemExit) as info:
         main(["compare", *argv, "--tracking-uri", f"sqlite:///{tmp_path / 'n.db'}"])
@@ -178,3 +179,25 @@ def test_theory_prints_the_table_and_logs_each_check(tmp_path, capsys):
 def test_theory_rejects_an_unknown_result(capsys):
     assert main(["theory", "--only", "nosuch"]) == 2
     assert "known results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ddp", "gossip_ring", "easgd", "easgd_async", "ddp_powersgd"])
+def test_timeout_reaches_the_strategy(name):
+    from datetime import timedelta
+
+    from lightning_optsurvey.cli import RunConfig, _strategy
+
+    strategy = _strategy(RunConfig(optimizer="sgd", seed=0, strategy=name, timeout=12.5))
+    assert strategy._timeout == timedelta(seconds=12.5)
+    assert _strategy(RunConfig(optimizer="sgd", seed=0, strategy=name)) == name
+
+
+def test_async_strategies_get_no_consensus_distance_callback():
+    from lightning_optsurvey.callbacks import ConsensusDistance
+    from lightning_optsurvey.cli import default_callbacks
+
+    def has_consensus(strategy):
+        return any(isinstance(c, ConsensusDistance) for c in default_callbacks(4, strategy))
+
+    assert has_consensus("gossip_ring") and has_consensus("easgd")
+    assert not any(has_consensus(name) for name in ("easgd_async", "eamsgd", "lsgd_async"))
