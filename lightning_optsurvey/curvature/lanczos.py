@@ -323,14 +323,14 @@ def _recurrence_step(basis: Tensor, m: int, known: Tensor, w: Tensor) -> tuple[T
     more than it left (Daniel, Gragg, Kaufman & Stewart 1976), so the basis stays orthonormal to working
     precision. One transfer of ``m + 2`` scalars per product goes to the host (two when a pass repeats).
     """
-    q = basis[m]
-    alpha = q @ w
-    w.addcmul_(q, alpha, value=-1.0)
+    alpha = basis[m] @ w
     support = torch.nonzero(known).flatten().tolist()
-    if support == [m - 1]:
-        w.add_(basis[m - 1], alpha=-float(known[m - 1]))
-    elif support:
-        w.addmv_(basis[:m].T, known.to(device=w.device, dtype=w.dtype), alpha=-1.0)
+    if support == [m - 1]:  # three-term recurrence: one pass over q_{m-1}, q_m and w
+        local = torch.stack([known[m - 1].to(device=w.device, dtype=w.dtype), alpha])
+        w.addmv_(basis[m - 1 : m + 1].T, local, alpha=-1.0)
+    else:
+        w.addmv_(basis[: m + 1].T, torch.cat([known.to(device=w.device, dtype=w.dtype), alpha.unsqueeze(0)]),
+                 alpha=-1.0)
     active = basis[: m + 1]
     column = known.new_zeros(m + 1)
     column[:m] = known
@@ -391,6 +391,7 @@ def _krylov(
     # `lanczos_vector`: the defect is one unit row orthogonal to the basis (plain Lanczos), so its Gram
     # matrix is 1 and every residual is parallel to it; nothing of length numel is touched to test.
     lanczos_vector = defect.shape[0] == 1 and m == 1
+    pending: float | None = None  # a single defect row not yet divided by its norm (kept in C already)
 
     while True:
         theta, s = torch.linalg.eigh(proj[:m, :m])
@@ -434,11 +435,16 @@ def _krylov(
             # Plain Lanczos: every residual is parallel to the single (unit, orthogonal) defect vector,
             # which is the next Lanczos vector; it leaves the defect once it joins the basis. Its
             # couplings to the basis are known: q_j^T H q_m = (H q_j)^T q_m = C[0, j].
-            basis[m] = defect[0]
+            if pending is None:
+                basis[m] = defect[0]
+            else:
+                torch.div(defect[0], pending, out=basis[m])  # normalized on the way in: one pass
             known = coeff[0]
             defect = defect[:0]
             coeff = torch.zeros(0, m + 1, dtype=torch.float64)
         else:
+            if pending is not None:
+                defect.div_(pending)
             q = _grow_direction(basis, m, defect, mapped, gram, idx, done, count == k, theta, floor, scale,
                                 generator)
             basis[m] = q
@@ -458,10 +464,13 @@ def _krylov(
         proj[m, : m + 1] = column
         m += 1
         # The new product's part outside the basis joins the defect (one Lanczos residual vector).
+        pending = None
         if beta > 0:
             was_empty = defect.shape[0] == 0
-            w = w.div_(beta).unsqueeze(0)
-            defect = w if was_empty else torch.cat([defect, w])
+            if was_empty:  # stays unnormalized until it joins the basis (divided on that copy)
+                defect, pending = w.unsqueeze(0), beta
+            else:
+                defect = torch.cat([defect, w.div_(beta).unsqueeze(0)])
             row = torch.zeros(1, m, dtype=torch.float64)
             row[0, m - 1] = beta
             coeff = torch.cat([coeff, row], dim=0)
