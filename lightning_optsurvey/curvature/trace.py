@@ -23,7 +23,10 @@ unbiased; ``stderr`` is the sample standard deviation of the random part divided
 its number of probes (for Hutch++ conditional on the sketch).
 
 Products go through ``op @ V`` with blocks of probes, so operators with a batched product (vmapped
-columns) use it.
+columns) use it. Probes are drawn as the rows of a block in the operator's dtype and handed over as a
+transposed view; each product is overwritten in place by its elementwise product with the probe before
+the float64 sums, and Hutch++ deflates its probes in place, so the probe block and its products are the
+only full-size buffers (no transposed, stacked or float64 copies).
 
 Why our own: PyHessian's ``trace()`` stops after two samples whenever the running mean turns negative
 and has no variance-reduced estimator or standard error.
