@@ -125,7 +125,9 @@ def _select(theta: Tensor, count: int, which: str) -> Tensor:
 def _random_unit(
     n: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype = torch.float64
 ) -> Tensor:
-    v = torch.randn(n, generator=generator, dtype=dtype).to(device)
+    # Drawn in float64 whatever the working dtype: the same generator gives the same start vector for
+    # every operator dtype (one conversion per call, not per product).
+    v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     return v.div_(v.norm())
 
 
