@@ -28,13 +28,15 @@ classical Gram-Schmidt pass against the whole basis, repeated when that pass rem
 transfer of ``m + 2`` scalars per product goes to the host for the residual test.
 
 Overhead (cProfile of ``lanczos(op, k=1, tol=1e-2)`` on ``mlp_wide``, 1.1M parameters, float32, one
-thread): everything but the products costs 9 % of a product per iteration (16 % of the call's product
-time including the start vector and the Ritz vectors), down from 66 % to 83 % with a float64 recurrence.
+thread, a loaded 2-core machine): everything but the products is 22 % to 25 % of the call's product
+time, start vector and Ritz vectors included (about 15 % per iteration, most of it first-touch page
+faults of new basis rows and the two passes over the basis), down from 81 % to 94 % with the former
+float64 recurrence (0.2 s of float32/float64 conversions per call).
 
 Measured by ``benchmarks/hessian_vs_pyhessian.py`` (digits, one batch of 256, one CPU thread), against
 PyHessian's power iteration at the loosest tolerance of each that reaches the target: top-1 to 1e-4
-with 1.9x to 5.9x fewer products (1.5x to 3.1x less time), top-5 to 1e-3 with 6.7x to 7.1x fewer
-products (3.2x to 5.8x less time).
+with 1.9x to 5.9x fewer products (1.4x to 4.9x less time), top-5 to 1e-3 with 7.1x to 7.8x fewer
+products (4.6x to 10.7x less time; single timings on a loaded machine vary by 2x).
 
 Why our own: PyHessian's power iteration with deflation needs 15 products for a top eigenvalue accurate
 to only 2e-3 and 206 for a wrong top-5; ``scipy.sparse.linalg.eigsh`` (ARPACK) round-trips every vector
