@@ -325,10 +325,13 @@ class HessianOperator:
         self._graph_versions = versions
         return self._graph
 
-    def _retained_product(self, tangent: dict[str, Tensor]) -> Tensor:
+    def _retained_product(self, tangent: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
         leaves, per_batch = self._retained_graph()
         pieces = [tangent[n] for n in self.names]
-        total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        if out is None:
+            total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        else:
+            total = out.zero_()
         with torch.enable_grad():
             for weight, (grads, live) in zip(self._weights, per_batch):
                 if not grads:
@@ -371,8 +374,10 @@ class HessianOperator:
         if self.linearize:
             # Rows of the transposed block are contiguous: one copy in, products written as rows.
             columns = matrix.T.contiguous()
+            total = torch.empty(m, self.numel, dtype=self.dtype, device=self.device)
             with self._explained():
-                total = torch.stack([self._retained_product(self._split(c)) for c in columns])
+                for c, row in zip(columns, total):
+                    self._retained_product(self._split(c), out=row)  # written in place: no stacked copy
             self.num_matvecs += m
             return self._finish(total).T
         tangents = self._split(matrix.T.contiguous())

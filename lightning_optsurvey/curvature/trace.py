@@ -23,7 +23,10 @@ unbiased; ``stderr`` is the sample standard deviation of the random part divided
 its number of probes (for Hutch++ conditional on the sketch).
 
 Products go through ``op @ V`` with blocks of probes, so operators with a batched product (vmapped
-columns) use it.
+columns) use it. Probes are drawn as the rows of a block in the operator's dtype and handed over as a
+transposed view; each product is overwritten in place by its elementwise product with the probe before
+the float64 sums, and Hutch++ deflates its probes in place, so the probe block and its products are the
+only full-size buffers (no transposed, stacked or float64 copies).
 
 Why our own: PyHessian's ``trace()`` stops after two samples whenever the running mean turns negative
 and has no variance-reduced estimator or standard error.
@@ -78,22 +81,17 @@ def _probes(
     n: int, count: int, distribution: str, generator: torch.Generator, device: torch.device,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
+    """``count`` probes as the rows of a ``(count, n)`` block, drawn in place in ``dtype``."""
     if distribution == "rademacher":  # +-1 is exact in every float dtype
-        z = torch.randint(0, 2, (n, count), generator=generator, dtype=dtype).mul_(2).sub_(1)
+        z = torch.randint(0, 2, (count, n), generator=generator, dtype=dtype).mul_(2).sub_(1)
     else:
-        z = torch.randn(n, count, generator=generator, dtype=dtype)
+        z = torch.randn(count, n, generator=generator, dtype=dtype)
     return z.to(device)
 
 
 def _op_dtype(op: LinearOperator) -> torch.dtype:
-    """Probes in the operator's dtype skip a conversion per product; sums are still taken in float64."""
+    """Vectors in the operator's dtype skip a conversion per product; sums are still taken in float64."""
     return getattr(op, "dtype", torch.float64)
-
-
-def _apply_block(op: LinearOperator, block: Tensor, block_size: int) -> Tensor:
-    """``op @ block`` in column blocks of at most ``block_size`` (float64 out)."""
-    outs = [_product(op, cols).to(torch.float64) for cols in block.split(block_size, dim=1)]
-    return torch.cat(outs, dim=1)
 
 
 def _blocks(total: int, block_size: int) -> list[int]:
@@ -101,16 +99,36 @@ def _blocks(total: int, block_size: int) -> list[int]:
     return [min(block_size, total - start) for start in range(0, total, block_size)]
 
 
-def _product(op: LinearOperator, z: Tensor) -> Tensor:
-    """``op @ z`` for a block, in the operator's dtype."""
-    out = op @ z if z.shape[1] > 1 else (op @ z[:, 0]).unsqueeze(1)
-    return out.to(device=z.device)
+def _product(op: LinearOperator, rows: Tensor) -> Tensor:
+    """``(op @ rows.T).T``: the products of a ``(count, n)`` block of row vectors, as rows.
+
+    The block goes to the operator as the transposed view ``rows.T`` (no copy; the operator sees columns),
+    and comes back as a view too, so no full-size copy is made on either side.
+    """
+    if rows.shape[0] == 1:
+        out = (op @ rows[0]).unsqueeze(0)
+    else:
+        out = (op @ rows.T).T
+    return out.to(device=rows.device)
+
+
+def _apply_block(op: LinearOperator, rows: Tensor, block_size: int) -> Tensor:
+    """The products of the rows of ``rows``, as rows, in ``block_size`` chunks (memory-bounded)."""
+    if rows.shape[0] <= block_size:
+        return _product(op, rows)
+    return torch.cat([_product(op, chunk) for chunk in rows.split(block_size)])
 
 
 def _quadratic_forms(op: LinearOperator, z: Tensor) -> Tensor:
-    """``z_i^T H z_i`` for the columns of ``z``, in one batched product, summed in float64."""
+    """``z_i^T H z_i`` for the rows of ``z``, in one batched product, summed in float64."""
     hz = _product(op, z)
-    return (z.to(hz.dtype) * hz).sum(dim=0, dtype=torch.float64)
+    return hz.mul_(z.to(hz.dtype)).sum(dim=1, dtype=torch.float64) if _owned(hz, z) else \
+        (z.to(hz.dtype) * hz).sum(dim=1, dtype=torch.float64)
+
+
+def _owned(out: Tensor, inp: Tensor) -> bool:
+    """Whether ``out`` is a fresh tensor (not sharing storage with ``inp``), so it may be overwritten."""
+    return out.untyped_storage().data_ptr() != inp.untyped_storage().data_ptr()
 
 
 def _validate(
@@ -198,13 +216,20 @@ def hutchpp_trace(
     n, device, generator = _validate(op, num_matvecs, distribution, block_size, 3, generator)
     sketch = min(num_matvecs // 3, n)
     rest = num_matvecs - 2 * sketch
-    s = _probes(n, sketch, distribution, generator, device)
-    q, _ = torch.linalg.qr(_apply_block(op, s, block_size))
-    exact = float(torch.einsum("ij,ij->", q, _apply_block(op, q, block_size)))
+    dtype = _op_dtype(op)
+    s = _probes(n, sketch, distribution, generator, device, dtype)
+    # Orthonormal rows spanning H S (QR of the n x sketch block, in the operator's dtype).
+    q = torch.linalg.qr(_apply_block(op, s, block_size).T)[0].T.contiguous()
+    del s
+    hq = _apply_block(op, q, block_size)
+    exact = float(hq.mul_(q.to(hq.dtype)).sum(dtype=torch.float64)) if _owned(hq, q) else \
+        float((q.to(hq.dtype) * hq).sum(dtype=torch.float64))
+    del hq
     pieces = []
     for count in _blocks(rest, block_size):
-        g = _probes(n, count, distribution, generator, device)
-        pieces.append(_quadratic_forms(op, g - q @ (q.T @ g)))
+        g = _probes(n, count, distribution, generator, device, dtype)
+        g.sub_((g @ q.T) @ q)  # deflate in place: (I - Q Q^T) g, as rows
+        pieces.append(_quadratic_forms(op, g))
     samples = torch.cat(pieces)
     mean, stderr = _mean_and_stderr(samples)
     return TraceResult(exact + mean, stderr, 2 * sketch + rest)
@@ -244,9 +269,9 @@ def hutchinson_diagonal(
     for count in _blocks(num_matvecs, block_size):
         z = _probes(n, count, distribution, generator, device, _op_dtype(op))
         hz = _product(op, z)
-        samples = z.to(hz.dtype) * hz
-        total += samples.sum(dim=1, dtype=torch.float64)
-        total_sq += (samples * samples).sum(dim=1, dtype=torch.float64)
+        samples = hz.mul_(z.to(hz.dtype)) if _owned(hz, z) else z.to(hz.dtype) * hz
+        total += samples.sum(dim=0, dtype=torch.float64)
+        total_sq += samples.square_().sum(dim=0, dtype=torch.float64)
     mean = total / num_matvecs
     if num_matvecs < 2:
         stderr = torch.full_like(mean, math.nan)
