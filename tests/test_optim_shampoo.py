@@ -174,3 +174,17 @@ def test_statistics_are_gathered_every_statistics_every_steps():
 def test_bad_options_are_refused(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         Shampoo([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_bfloat16_parameters_keep_float32_statistics():
+    gen = torch.Generator().manual_seed(8)
+    w0 = torch.randn(6, 5, generator=gen)
+    grads = [torch.randn(6, 5, generator=gen) for _ in range(3)]
+    low, ref = nn.Parameter(w0.to(torch.bfloat16)), nn.Parameter(w0.double())
+    opts = [Shampoo([q], lr=0.1, statistics_every=1, precondition_every=1) for q in (low, ref)]
+    for g in grads:
+        _step(low, opts[0], g.to(torch.bfloat16))
+        _step(ref, opts[1], g.to(torch.bfloat16).double())
+    assert opts[0].state[low]["H_0"].dtype == torch.float32 and low.dtype == torch.bfloat16
+    # a few bfloat16 ulps of weights of order 1 (one ulp at [1, 2) is 2**-7)
+    torch.testing.assert_close(low.detach().double(), ref.detach(), rtol=0, atol=0.02)

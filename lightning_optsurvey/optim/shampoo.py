@@ -209,7 +209,9 @@ class Shampoo(FullStateMixin, Optimizer):
                     state["step"] = 0
                     for i in blocking.preconditioned:
                         size = blocking.sizes[i]
-                        eye = torch.eye(size, dtype=grad.dtype, device=grad.device)
+                        # Statistics are sums over the whole run: at least float32 (bf16 would stall).
+                        eye = torch.eye(size, dtype=torch.promote_types(grad.dtype, torch.float32),
+                                        device=grad.device)
                         state[f"H_{i}"] = (eps * eye).expand(blocking.batch, size, size).clone()
                 step = state["step"]
                 grafted = grad
@@ -223,15 +225,18 @@ class Shampoo(FullStateMixin, Optimizer):
                 order = grad.ndim
                 if step % group["statistics_every"] == 0:
                     for i in blocking.preconditioned:
+                        stats = state[f"H_{i}"]
                         unfolded = blocks.movedim(1 + i, 1).reshape(blocking.batch, blocking.sizes[i], -1)
-                        state[f"H_{i}"].baddbmm_(unfolded, unfolded.transpose(1, 2))
+                        unfolded = unfolded.to(stats.dtype)
+                        stats.baddbmm_(unfolded, unfolded.transpose(1, 2))
                 if step < group["start_preconditioning_step"]:
                     update = grafted
                 else:
                     if step % group["precondition_every"] == 0 or any(
                             f"root_{i}" not in state for i in blocking.preconditioned):
                         for i in blocking.preconditioned:
-                            state[f"root_{i}"] = _inverse_root(state[f"H_{i}"], 2 * order, eps)
+                            root = _inverse_root(state[f"H_{i}"], 2 * order, eps)
+                            state[f"root_{i}"] = root.to(grad.dtype)
                     update = blocks
                     for i in blocking.preconditioned:
                         moved = update.movedim(1 + i, -1)
