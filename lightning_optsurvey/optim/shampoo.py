@@ -155,7 +155,7 @@ class Shampoo(FullStateMixin, Optimizer):
         lr: float = 0.05,
         momentum: float = 0.9,
         eps: float = 1e-4,
-        precondition_every: int = 50,
+        precondition_every: int = 100,
         max_preconditioner_dim: int = 2048,
         weight_decay: float = 0.0,
         graft: str | bool = "sgd",
@@ -259,7 +259,7 @@ def _register() -> None:
 
     register(OptimizerSpec(
         "shampoo", Shampoo, "second_order",
-        defaults={"lr": 0.05, "momentum": 0.9, "precondition_every": 50, "statistics_every": 10,
+        defaults={"lr": 0.05, "momentum": 0.9, "precondition_every": 100, "statistics_every": 10,
                   "block_size": 128},
         reference="Gupta, Koren & Singer 2018, arXiv:1802.09568; Anil et al. 2020, arXiv:2002.09018",
         summary="Kronecker-factored full-matrix AdaGrad (one preconditioner per dimension, blocked, grafted)",
