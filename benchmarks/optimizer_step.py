@@ -5,8 +5,10 @@ zeroes the gradients and runs forward + backward (with ``create_graph`` when the
 methods that evaluate the closure several times are charged for every evaluation. For the closure-free
 methods the optimizer's ``step`` alone (gradients already computed) is also timed, against
 ``torch.optim.Adam(foreach=True)``. K-FAC is timed over whole multiples of ``inv_every`` steps, so its
-inverse refreshes are amortized exactly. Where pytorch-optimizer has a class we replaced, it is timed
-side by side (its SAM needs the first gradient computed before ``step``: charged as one extra closure).
+inverse refreshes are amortized exactly; Shampoo's roots are amortized exactly when ``--steps`` is a
+multiple of its ``precondition_every`` (100; the summary line says when it is not). Where
+pytorch-optimizer has a class we replaced, it is timed side by side (its SAM needs the first gradient
+computed before ``step``: charged as one extra closure).
 
 Batches cycle through the digits training set (a fixed batch would be fitted to zero loss, and the
 subnormal gradients that follow slow CPU matrix products down by 10-100x); subnormals are flushed to
@@ -46,6 +48,10 @@ def _builders() -> dict[str, tuple[Builder, bool]]:
         out[name] = (lambda m, name=name: create_optimizer(name, m.parameters(), model=m), spec.create_graph)
     out["adam_foreach"] = (lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True), False)
     out["kfac_stat1"] = (lambda m: create_optimizer("kfac", m.parameters(), model=m, stat_every=1), False)
+    out["kfac_inv50"] = (lambda m: create_optimizer("kfac", m.parameters(), model=m, inv_every=50), False)
+    # Shampoo before issue 18's amortization (no blocks, roots every 10 steps, statistics every step).
+    out["shampoo_unblocked"] = (lambda m: create_optimizer("shampoo", m.parameters(), block_size=1 << 30,
+                                                           precondition_every=10, statistics_every=1), False)
     out["kfac_mc"] = (lambda m: create_optimizer("kfac", m.parameters(), model=m, fisher="mc"), False)
     out["po:sam"] = (lambda m: po.SAM(m.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9), False)
     out["po:shampoo"] = (lambda m: po.Shampoo(m.parameters(), lr=0.05, momentum=0.9,
@@ -168,6 +174,17 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
     if kfac:
         lines.append(f"\nK-FAC (registry defaults: inv_every=10, stat_every=10) amortized iteration / (SGD step "
                      f"+ forward + backward) = {kfac / sgd:.2f} (target <= 2)")
+    if med.get("kfac_inv50"):
+        lines.append(f"K-FAC with inverses every 50 steps (inv_every=50): {med['kfac_inv50'] / sgd:.2f}")
+    if med.get("shampoo"):
+        every = get_spec("shampoo").defaults["precondition_every"]
+        lines.append(f"Shampoo (registry defaults: block_size=128, precondition_every={every}, statistics_every=10) "
+                     f"iteration / SGD iteration = {med['shampoo'] / sgd:.2f} (target <= 3)"
+                     + ("" if steps % every == 0 else f"; NOT amortized: --steps {steps} is not a multiple of "
+                        f"{every}, so some blocks miss the root refresh"))
+    if med.get("shampoo_unblocked"):
+        lines.append(f"Shampoo unblocked, roots every 10 steps, statistics every step (the pre-issue-18 "
+                     f"default): {med['shampoo_unblocked'] / sgd:.2f}")
     if med.get("kfac_stat1"):
         lines.append(f"K-FAC with statistics every step (stat_every=1): {med['kfac_stat1'] / sgd:.2f}")
     return lines
@@ -176,7 +193,7 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
 def _source(name: str) -> str:
     if name == "adam_foreach":
         return "torch"
-    if name.startswith("kfac"):
+    if name.startswith(("kfac", "shampoo_")):
         return "ours"
     factory = get_spec(name).factory
     factory = getattr(factory, "func", factory)  # functools.partial
@@ -189,7 +206,7 @@ def _source(name: str) -> str:
 def _evals(name: str) -> str:
     if name.startswith("po:sam"):
         return "2"
-    if name.startswith(("po:", "adam_foreach", "kfac")):
+    if name.startswith(("po:", "adam_foreach", "kfac", "shampoo_")):
         return "1"
     spec = get_spec(name)
     if not spec.needs_closure:

@@ -428,16 +428,35 @@ class KFAC(FullStateMixin, Optimizer):
         raise KeyError("parameter not in this optimizer")
 
     @staticmethod
-    def _damped_inverse(matrix: Tensor, shift: float) -> Tensor:
-        # Cholesky and eigh have no half-precision kernels: factorize half factors in float32.
-        work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
-        eye = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
-        damped = work + shift * eye
-        chol, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            return torch.cholesky_inverse(chol).to(matrix.dtype)
-        values, vectors = torch.linalg.eigh(damped)  # round-off made it indefinite: clip the spectrum
-        return ((vectors / values.clamp_min(shift)) @ vectors.T).to(matrix.dtype)
+    def _damped_inverses(pairs: list[tuple[Tensor, Tensor | float]]) -> list[Tensor] | None:
+        """``(M + shift I)^-1`` for each pair by Cholesky, with one host sync for all of them.
+
+        Returns ``None`` if a factor is not finite. A factor that round-off made indefinite is inverted
+        through its eigendecomposition with the spectrum clipped at the shift.
+        """
+        chols, works = [], []
+        ok = None
+        for matrix, shift in pairs:
+            # Cholesky and eigh have no half-precision kernels: factorize half factors in float32.
+            work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+            damped = work + shift * torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+            chol, info = torch.linalg.cholesky_ex(damped)
+            good = torch.isfinite(matrix).all()
+            ok = good if ok is None else ok & good
+            chols.append((chol, info))
+            works.append(damped)
+        infos = torch.stack([info for _, info in chols]).cpu() if chols else None
+        if ok is not None and not bool(ok):
+            return None
+        out = []
+        for (matrix, shift), (chol, _), damped, info in zip(pairs, chols, works, infos, strict=True):
+            if int(info) == 0:
+                out.append(torch.cholesky_inverse(chol).to(matrix.dtype))
+                continue
+            values, vectors = torch.linalg.eigh(damped)  # round-off made it indefinite: clip the spectrum
+            floor = shift if isinstance(shift, float) else float(shift)
+            out.append(((vectors / values.clamp_min(floor)) @ vectors.T).to(matrix.dtype))
+        return out
 
     def _update_inverses(self, step: int) -> None:
         """Refresh a layer's inverses every ``inv_every`` steps of its group; invert new statistics at once."""
@@ -447,20 +466,22 @@ class KFAC(FullStateMixin, Optimizer):
             if "A" not in state or (step % group["inv_every"] != 0 and "A_inv" in state):
                 continue
             a_fac, g_fac = state["A"], state["G"]
-            if not (torch.isfinite(a_fac).all() and torch.isfinite(g_fac).all()):
+            root = group["damping"] ** 0.5
+            shift_a: Tensor | float = root
+            shift_g: Tensor | float = root
+            if group["pi_correction"]:
+                # On the device (no host sync); pi = 1 when a trace is zero.
+                ta = torch.trace(a_fac).double() / a_fac.shape[0]
+                tg = torch.trace(g_fac).double() / g_fac.shape[0]
+                pi = torch.where((ta > 0) & (tg > 0), (ta / tg.clamp_min(1e-300)).sqrt(), 1.0)
+                shift_a, shift_g = pi * root, root / pi
+            inverses = self._damped_inverses([(a_fac, shift_a), (g_fac, shift_g)])
+            if inverses is None:
                 raise FloatingPointError(
                     f"K-FAC factors of {module} are not finite: training diverged; lower lr, raise damping "
                     "or set kl_clip"
                 )
-            pi = 1.0
-            if group["pi_correction"]:
-                ta = float(torch.trace(a_fac)) / a_fac.shape[0]
-                tg = float(torch.trace(g_fac)) / g_fac.shape[0]
-                if ta > 0 and tg > 0:
-                    pi = (ta / tg) ** 0.5
-            root = group["damping"] ** 0.5
-            state["A_inv"] = self._damped_inverse(a_fac, pi * root)
-            state["G_inv"] = self._damped_inverse(g_fac, root / pi)
+            state["A_inv"], state["G_inv"] = inverses
 
     @staticmethod
     def _low_rank(weight_grad: Tensor, bias_grad: Tensor | None, rows: dict[str, Tensor], a_inv: Tensor,
@@ -477,15 +498,14 @@ class KFAC(FullStateMixin, Optimizer):
             gb = go.sum(0)
             num, den = num + torch.vdot(bias_grad, gb), den + torch.vdot(gb, gb)
             norm = norm + torch.vdot(bias_grad, bias_grad)
-        if float(den) == 0.0:
-            return None
+        # One host sync per layer: den == 0 makes scale non-finite, which fails the misfit test too.
         scale = num / den
         residual = gw.mul_(-scale).add_(weight_grad).flatten()  # gw is not needed any more
         misfit = torch.vdot(residual, residual)
         if gb is not None:
             rest = bias_grad - scale * gb
             misfit = misfit + torch.vdot(rest, rest)
-        if float(misfit) > _LOW_RANK_RTOL**2 * float(norm):
+        if not bool((den != 0) & torch.isfinite(scale) & (misfit <= _LOW_RANK_RTOL**2 * norm)):
             return None
         right = x @ a_inv[: x.shape[1]]
         if bias_grad is not None:
@@ -549,15 +569,14 @@ class KFAC(FullStateMixin, Optimizer):
         self._update_inverses(step)
 
         updates = self._precondition(captured)
-        nu = 1.0
+        nu: float | Tensor = 1.0
         if updates and self.defaults["kl_clip"] is not None:
+            # Kept on the device (no host sync): nu = min(1, sqrt(kl_clip / vg)) when vg > 0, else 1.
             vg = sum(
-                (float(self._group_of(p)["lr"]) ** 2) * torch.vdot(v.flatten(), p.grad.flatten())
+                (float(self._group_of(p)["lr"]) ** 2) * torch.vdot(v.flatten(), p.grad.flatten()).double()
                 for p, v in updates.items()
             )
-            vg = float(vg)
-            if vg > 0:
-                nu = min(1.0, (self.defaults["kl_clip"] / vg) ** 0.5)
+            nu = torch.where(vg > 0, (self.defaults["kl_clip"] / vg).sqrt().clamp(max=1.0), 1.0)
         for group in self.param_groups:
             lr, momentum, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
