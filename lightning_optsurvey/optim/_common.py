@@ -180,6 +180,39 @@ class FullStateMixin:
         """Rebuild what ``_TRANSIENT`` dropped (after unpickling and after ``load_state_dict``)."""
 
 
+class WrappedBaseMixin(FullStateMixin):
+    """A wrapper optimizer (SAM, Lookahead) that shares one set of ``param_groups`` and ``state`` with its base.
+
+    :meth:`_adopt_base` fills the wrapper's groups with the base's defaults and binds the base to them, so
+    checkpoints, schedulers and ``add_param_group`` see a single optimizer.
+    """
+
+    _base: torch.optim.Optimizer
+
+    def _adopt_base(self, engine: torch.optim.Optimizer) -> None:
+        # A base that copied the group dicts still gets its defaults into ours, the one set of groups.
+        for ours, theirs in zip(self.param_groups, engine.param_groups):  # type: ignore[attr-defined]
+            for key, value in theirs.items():
+                ours.setdefault(key, value)
+        self.defaults = {**engine.defaults, **self.defaults}  # type: ignore[has-type]
+        self._base = engine
+        self._bind_base()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={type(self._base).__name__}, groups={len(self.param_groups)})"  # type: ignore[attr-defined]
+
+    def _bind_base(self) -> None:
+        self._base.param_groups = self.param_groups  # type: ignore[attr-defined]
+        self._base.state = self.state  # type: ignore[attr-defined]
+
+    def _restore(self) -> None:
+        if "_base" in self.__dict__:
+            # The base's own __setstate__ applies its backward-compatibility fixes (flags missing from
+            # old groups, Python-number steps) to the one set of groups and state, and re-binds it.
+            self._base.__setstate__({"state": self.state, "param_groups": self.param_groups})  # type: ignore[attr-defined]
+            self._bind_base()
+
+
 def unhooked_step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
     """Call ``optimizer.step`` without its step hooks and without the global ones.
 

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import FullStateMixin, check_int, check_number, unhooked_step
+from lightning_optsurvey.optim._common import WrappedBaseMixin, check_int, check_number, unhooked_step
 
 _PULLBACK = ("none", "reset", "pullback")
 _STEP_KEY = "lookahead"
 
 
-class Lookahead(FullStateMixin, Optimizer):
+class Lookahead(WrappedBaseMixin, Optimizer):
     r"""Lookahead: ``k`` fast steps of a base optimizer, then the slow weights move part of the way.
 
     Slow weights :math:`\phi` start at the weights of the first step; after every ``k``-th base step,
@@ -71,26 +71,7 @@ class Lookahead(FullStateMixin, Optimizer):
         super().__init__(params, {"lookahead_k": k, "lookahead_alpha": alpha,
                                   "lookahead_pullback_momentum": pullback_momentum})
         engine = create_optimizer(base, self.param_groups, **base_kwargs)
-        for ours, theirs in zip(self.param_groups, engine.param_groups):
-            for key, value in theirs.items():
-                ours.setdefault(key, value)
-        self.defaults = {**engine.defaults, **self.defaults}
-        self._base = engine
-        self._bind_base()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(base={type(self._base).__name__}, groups={len(self.param_groups)})"
-
-    def _bind_base(self) -> None:
-        self._base.param_groups = self.param_groups
-        self._base.state = self.state
-
-    def _restore(self) -> None:
-        if "_base" in self.__dict__:
-            # The base's own __setstate__ applies its backward-compatibility fixes (flags missing from
-            # old groups, Python-number steps) to the one set of groups and state, and re-binds it.
-            self._base.__setstate__({"state": self.state, "param_groups": self.param_groups})
-            self._bind_base()
+        self._adopt_base(engine)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; one saved by pytorch-optimizer's ``Lookahead`` (earlier releases) is converted."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_optsurvey.optim._common import (
-    FullStateMixin,
+    WrappedBaseMixin,
     call_closure,
     check_bool,
     check_number,
@@ -54,7 +54,7 @@ def _build_base(base: BaseOptimizer, groups: list[dict[str, Any]], base_kwargs: 
     )
 
 
-class SAM(FullStateMixin, Optimizer):
+class SAM(WrappedBaseMixin, Optimizer):
     r"""Sharpness-aware minimization around any base optimizer.
 
     Each step solves the inner maximization of :math:`\min_w \max_{\|\epsilon\|\le\rho} L(w+\epsilon)` to first
@@ -126,27 +126,7 @@ class SAM(FullStateMixin, Optimizer):
         check_bool("adaptive", adaptive)
         super().__init__(params, {"rho": rho, "adaptive": adaptive, "eta": eta})
         engine = _build_base(base, self.param_groups, dict(base_kwargs))
-        # A base that copied the group dicts still gets its defaults into ours, the one set of groups.
-        for ours, theirs in zip(self.param_groups, engine.param_groups):
-            for key, value in theirs.items():
-                ours.setdefault(key, value)
-        self.defaults = {**engine.defaults, **self.defaults}
-        self._base = engine
-        self._bind_base()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(base={type(self._base).__name__}, groups={len(self.param_groups)})"
-
-    def _bind_base(self) -> None:
-        self._base.param_groups = self.param_groups
-        self._base.state = self.state
-
-    def _restore(self) -> None:
-        if "_base" in self.__dict__:
-            # The base's own __setstate__ applies its backward-compatibility fixes (flags missing from
-            # old groups, Python-number steps) to the one set of groups and state, and re-binds it.
-            self._base.__setstate__({"state": self.state, "param_groups": self.param_groups})
-            self._bind_base()
+        self._adopt_base(engine)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
