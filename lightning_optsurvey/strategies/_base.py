@@ -1054,6 +1054,20 @@ class PeriodicSyncStrategy(LocalModelStrategy):
         """Steps before the periodic schedule starts (post-local SGD's warm-up)."""
         return 0
 
+    def _flat_layout(self, flat: FlatBuffers) -> tuple[list[Tensor], list[str | None], list[dict[str, Any]]]:
+        """The flat buffers' tensors in order, each with its ``state_dict`` key and its optimizer param group.
+
+        Tensors outside every group (float buffers) get the first group, so per-group rates (EASGD's
+        alpha = lr * rho) have a learning rate for them.
+        """
+        module = self.lightning_module
+        assert module is not None
+        names = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
+        group_of = {id(p): g for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        first_group = self.optimizers[0].param_groups[0] if self.optimizers else {"lr": 0.0}
+        tensors = list(flat.ordered)
+        return tensors, [names.get(id(t)) for t in tensors], [group_of.get(id(t), first_group) for t in tensors]
+
     def _sync_due(self) -> bool:
         """Whether the optimizer step about to be taken (step ``self._steps + 1``) ends with a sync."""
         since = self._steps - self._schedule_offset()

@@ -395,14 +395,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
         if flat is None:
             self._center = None
             return
-        module = self.lightning_module
-        assert module is not None
-        names = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
-        group_of = {id(p): g for o in self.optimizers for g in o.param_groups for p in g["params"]}
-        first_group = self.optimizers[0].param_groups[0] if self.optimizers else {"lr": 0.0}
-        self._tensors = flat.ordered
-        self._keys = [names.get(id(t)) for t in self._tensors]
-        self._groups = [group_of.get(id(t), first_group) for t in self._tensors]
+        self._tensors, self._keys, self._groups = self._flat_layout(flat)
         self._center, self._diff, self._sum = flat.like(), flat.like(), flat.like()
         self._center_views = flat.all_views(self._center)
         self._diff_views, self._sum_views = flat.all_views(self._diff), flat.all_views(self._sum)
