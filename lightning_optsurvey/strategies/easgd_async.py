@@ -233,6 +233,14 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
             raise RuntimeError(f"{type(self).__name__}: the center's server on rank 0 failed: "
                                f"{self._server.error!r}") from self._server.error
 
+    def _count_reply_bytes(self) -> None:
+        """Add the replies rank 0's server sent since the last count to ``comm/bytes_sent``."""
+        if self._state is not None and self._server is not None:
+            sent = self._state.reply_bytes - self._reply_bytes_seen
+            if sent:
+                self._reply_bytes_seen += sent
+                self.comm.add_send(sent)
+
     def _stop_async(self) -> None:
         """End the exchanges: workers tell the server they are done; rank 0 waits for all of them."""
         try:
@@ -244,6 +252,8 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
                 while not self._server.join(timeout=0.2):
                     self._check_alive()
                 self._check_alive()
+                # Replies sent after rank 0's own last step (to slower workers) count too.
+                self._count_reply_bytes()
         finally:
             if self._liveness is not None:
                 self._liveness.finish()
@@ -293,11 +303,7 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
     @override
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:
         self._check_alive()
-        if self._state is not None and self._server is not None:
-            sent = self._state.reply_bytes - self._reply_bytes_seen
-            if sent:
-                self._reply_bytes_seen += sent
-                self.comm.add_send(sent)
+        self._count_reply_bytes()
         if not self._sync_due() or self._flat is None:
             return
         with torch.no_grad():
