@@ -194,9 +194,38 @@ def easgd_spectral_radius(eta_h: float, alpha: float, workers: int) -> float:
     return max(pair, abs(a)) if workers > 1 else pair
 
 
+class ElasticGrid:
+    """A sweep of EASGD on ``f = h x^2 / 2`` over a grid of ``eta h`` and moving rates ``alphas``.
+
+    Shared by the synchronous and asynchronous stability checks: the fields ``workers``, ``alphas``,
+    ``eta_h_max`` and ``grid`` are declared by the dataclass that uses it.
+    """
+
+    workers: int
+    alphas: tuple[float, ...]
+    eta_h_max: float
+    grid: int
+
+    def _check_grid(self) -> None:
+        _positive_int("workers", self.workers, 1)
+        if not self.alphas:
+            raise ValueError("alphas must hold at least one moving rate")
+        for alpha in self.alphas:
+            _positive_float("alphas[i]", alpha)
+        _positive_float("eta_h_max", self.eta_h_max)
+        _positive_int("grid", self.grid, 2)
+
+    def _eta_h(self) -> torch.Tensor:
+        return torch.linspace(self.eta_h_max / self.grid, self.eta_h_max, self.grid, dtype=DTYPE)
+
+    def problem(self, seed: int = 0) -> torch.Tensor:
+        """Random starting states ``(workers + 1, grid)``: the workers then the center, per grid point."""
+        return torch.randn(self.workers + 1, self.grid, generator=generator(seed), dtype=DTYPE)
+
+
 @register_result
 @dataclass(frozen=True)
-class EASGDStability(Result):
+class EASGDStability(ElasticGrid, Result):
     """The stability region of synchronous EASGD on a quadratic."""
 
     number = 18
@@ -224,21 +253,9 @@ class EASGDStability(Result):
     steps: int = 120
 
     def __post_init__(self) -> None:
-        _positive_int("workers", self.workers, 1)
-        if not self.alphas:
-            raise ValueError("alphas must hold at least one moving rate")
-        for alpha in self.alphas:
-            _positive_float("alphas[i]", alpha)
-        _positive_float("eta_h_max", self.eta_h_max)
-        _positive_int("grid", self.grid, 2)
+        self._check_grid()
         _positive_int("steps", self.steps, 10)
 
-    def _eta_h(self) -> torch.Tensor:
-        return torch.linspace(self.eta_h_max / self.grid, self.eta_h_max, self.grid, dtype=DTYPE)
-
-    def problem(self, seed: int = 0) -> torch.Tensor:
-        """Random starting states ``(workers + 1, grid)``: the workers then the center, per grid point."""
-        return torch.randn(self.workers + 1, self.grid, generator=generator(seed), dtype=DTYPE)
 
     def predict(self, problem: torch.Tensor, k: int, alpha: float | None = None) -> float:
         """Spectral radius at grid point ``k`` for ``alpha`` (default: the first)."""

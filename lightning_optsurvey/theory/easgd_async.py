@@ -26,11 +26,11 @@ import torch
 
 from lightning_optsurvey.strategies._center_server import CenterState
 from lightning_optsurvey.strategies.easgd import easgd_is_stable
-from lightning_optsurvey.theory.problems import DTYPE, generator
+from lightning_optsurvey.theory.centralized import ElasticGrid
+from lightning_optsurvey.theory.problems import DTYPE
 from lightning_optsurvey.theory.result import (
     CheckOutcome,
     Result,
-    _positive_float,
     _positive_int,
     register_result,
     tail_rate,
@@ -74,7 +74,7 @@ def round_robin_spectral_radius(eta_h: float, alpha: float, workers: int) -> flo
 
 @register_result
 @dataclass(frozen=True)
-class AsyncEASGDStability(Result):
+class AsyncEASGDStability(ElasticGrid, Result):
     """Round-robin asynchronous EASGD is stable for 0 < eta h < 2 and 0 < alpha < 1, unlike synchronous EASGD."""
 
     number = 18
@@ -103,21 +103,9 @@ class AsyncEASGDStability(Result):
     rounds: int = 60
 
     def __post_init__(self) -> None:
-        _positive_int("workers", self.workers, 1)
-        if not self.alphas:
-            raise ValueError("alphas must hold at least one moving rate")
-        for alpha in self.alphas:
-            _positive_float("alphas[i]", alpha)
-        _positive_float("eta_h_max", self.eta_h_max)
-        _positive_int("grid", self.grid, 2)
+        self._check_grid()
         _positive_int("rounds", self.rounds, 10)
 
-    def _eta_h(self) -> torch.Tensor:
-        return torch.linspace(self.eta_h_max / self.grid, self.eta_h_max, self.grid, dtype=DTYPE)
-
-    def problem(self, seed: int = 0) -> torch.Tensor:
-        """Random starting states ``(workers + 1, grid)``: the workers then the center, per grid point."""
-        return torch.randn(self.workers + 1, self.grid, generator=generator(seed), dtype=DTYPE)
 
     def predict(self, problem: torch.Tensor, k: int, alpha: float | None = None) -> float:
         """Per-step spectral radius at grid point ``k`` for ``alpha`` (default: the first)."""
