@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _launch import wait_for_ranks
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -224,20 +225,7 @@ def _launch(script: str, out: Path, epochs: int, batch_size: int, repeats: int, 
                "--batch-size", str(batch_size), "--repeats", str(repeats)]
         log = open(out / f"rank{rank}.log", "w")  # closed below
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    if any(proc.returncode for proc, _ in procs):
-        raise RuntimeError("a rank failed:\n" + "\n".join((out / f"rank{r}.log").read_text()[-3000:]
-                                                           for r in range(WORLD)))
-    return json.loads((out / "results.json").read_text())
+    return wait_for_ranks(procs, out, WORLD, timeout)
 
 
 def _measured_table(results: list[dict[str, Any]]) -> str:

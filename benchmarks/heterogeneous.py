@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _launch import wait_for_ranks
 from lightning.pytorch import Callback, Trainer
 
 import lightning_optsurvey  # noqa: F401  (registers the strategy names)
@@ -138,20 +139,7 @@ def _launch(out: Path, argv: list[str], world: int, timeout: float) -> list[dict
         log = open(out / f"rank{rank}.log", "w")  # closed below
         cmd = [sys.executable, __file__, *argv, "--worker", str(out)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    if any(proc.returncode for proc, _ in procs):
-        raise RuntimeError("a rank failed:\n" + "\n".join((out / f"rank{r}.log").read_text()[-3000:]
-                                                           for r in range(world)))
-    return json.loads((out / "results.json").read_text())
+    return wait_for_ranks(procs, out, world, timeout)
 
 
 def table(results: list[dict[str, Any]]) -> str:

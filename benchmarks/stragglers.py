@@ -35,6 +35,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from _launch import wait_for_ranks
+
 WORLD = 4
 SLOW_RANK = 3
 SLOWDOWN = 3.0
@@ -172,20 +174,7 @@ def _launch(out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
                "--methods", ",".join(args.methods)]
         log = open(out / f"rank{rank}.log", "w")  # closed below
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + args.timeout
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    if any(proc.returncode for proc, _ in procs):
-        raise RuntimeError("a rank failed:\n" + "\n".join((out / f"rank{r}.log").read_text()[-3000:]
-                                                           for r in range(WORLD)))
-    return json.loads((out / "results.json").read_text())
+    return wait_for_ranks(procs, out, WORLD, args.timeout)
 
 
 def time_to(curve: list[list[float]], target: float) -> float:
