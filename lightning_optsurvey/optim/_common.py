@@ -6,8 +6,6 @@ passes that leave BatchNorm's running statistics alone.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,118 +13,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_optsurvey.validation import (  # noqa: F401  (re-exported: the optimizers import them here)
+    check_bool,
+    check_float_hparam,
+    check_int,
+    check_lr,
+    check_number,
+    describe,
+    is_real,
+)
+
 _RNG_KEY = "generator"
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def is_real(value: Any) -> bool:
-    """Whether ``value`` is a real Python/NumPy number (``bool`` excluded: ``True`` is not a learning rate)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False) -> float:
-    """Return ``value`` as a float after checking that it is a finite real number in the given interval.
-
-    The one rule of the package for float hyperparameters: a value of the wrong type is a ``TypeError``
-    naming the parameter; a non-finite value or one outside the interval is a ``ValueError`` naming the
-    parameter, the value and the allowed interval.
-
-    Raises:
-        TypeError: If ``value`` is not a real number (a string, a bool, ``None``, ...).
-        ValueError: If it is NaN, infinite, outside the interval, or a tensor (a tensor learning rate goes
-            through :func:`check_lr`).
-    """
-    if isinstance(value, Tensor):
-        raise ValueError(f"{name} as a Tensor is not supported by this optimizer; pass a float, got {value!r}")
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return float(value)
-
-
-def check_lr(value: Any, name: str = "lr") -> Any:
-    """Return a learning rate ``> 0`` after checking it.
-
-    A real number or, as torch's optimizers take, a one-element real tensor (steps read it with
-    ``float``); the value itself is returned (a scheduler may update a tensor in place).
-
-    Raises:
-        TypeError: If it is neither.
-        ValueError: If it is NaN, infinite, not positive, or a tensor of more than one element.
-    """
-    if isinstance(value, Tensor):
-        check_float_hparam(name, value)
-        check_number(name, float(value), low_open=True)
-        return value
-    return check_number(name, value, low_open=True)
-
-
-def check_int(name: str, value: Any, *, low: int = 1) -> int:
-    """Return ``value`` after checking that it is an integer ``>= low``.
-
-    Raises:
-        TypeError: If it is not an integer (a float, even integral, a bool, a string, ...).
-        ValueError: If it is below ``low``.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {low}, got {_describe(value)}")
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """Return ``value`` after checking that it is a ``bool``.
-
-    Raises:
-        TypeError: If it is not.
-    """
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {_describe(value)}")
-    return value
-
-
-def check_float_hparam(name: str, value: Any) -> None:
-    """The registry-wide check of a float hyperparameter whose range the optimizer itself validates.
-
-    Applied by :func:`~lightning_optsurvey.optim.registry.create_optimizer` to every hyperparameter whose
-    default in the factory's signature is a float (or a tuple of floats, such as Adam's ``betas``), for
-    torch's, pytorch-optimizer's and our optimizers alike; range checks stay with each optimizer. ``None``
-    passes (an optional value: the optimizer decides); a one-element tensor must be finite (torch accepts
-    tensor learning rates; an optimizer that does not rejects them itself).
-
-    Raises:
-        TypeError: For a value that is not a real number (``lr="0.1"``), or a tuple with such an element.
-        ValueError: For a NaN or infinite value (or element), or a tensor of more than one element.
-    """
-    if value is None:
-        return
-    if isinstance(value, torch.Tensor):
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real number or a one-element real tensor, got {value!r}")
-        if value.numel() != 1:
-            raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
-        if not bool(torch.isfinite(value.detach()).all()):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-        return
-    if isinstance(value, (tuple, list)):
-        for i, item in enumerate(value):
-            check_float_hparam(f"{name}[{i}]", item)
-        return
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def reject_complex(owner: str, param_groups: list[dict[str, Any]]) -> None:
