@@ -42,7 +42,7 @@ from lightning_optsurvey.theory.problems import (
 )
 from lightning_optsurvey.theory.result import _RESULTS, loglog_slope, register_result, tail_rate
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "theory.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "theory.md"
 #: float64 agreement between closed forms and automatic differentiation.
 CLOSED_FORM_RTOL = 1e-10
 
