@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -104,7 +105,7 @@ FAILING = [
     # even at eta = 10 > 2/beta = 8), so this configuration is refused by the step-size assumption the
     # check states, not by the measurement.
     generalization.UniformStabilitySGD(lr=10.0, runs=100),
-    landscape.EdgeOfStability(lr=0.02, steps=150),
+    landscape.GDEdgeOfStability(lr=0.02, steps=150),
     # Part two: each new result outside its assumptions.
     first_order.GDPolyakLojasiewicz(lr_scale=2.5),  # step beyond 2/L: the minimum is unstable
     stochastic.SGDPolyakLojasiewicz(lr_scale=2.2),  # step beyond 2/L: a period-2 cycle far above the floor
@@ -156,6 +157,39 @@ def test_a_check_can_fail(result: Result):
 def test_bad_configuration_is_rejected(cls, kwargs):
     with pytest.raises(ValueError):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("gd_convex", {"steps": 10.0}),  # an integral float is not an integer
+        ("gd_convex", {"lr_scale": "1"}),
+        ("heavy_ball", {"kappa": True}),  # a bool is not a number
+        ("d2_exact_convergence", {"lazy": 1}),
+        ("sgd_nonconvex", {"horizons": 100}),  # a number where a tuple is asked
+        ("kfac_natural_gradient", {"fisher": 3}),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_a_type_error_naming_it(name, kwargs):
+    field = next(iter(kwargs))
+    with pytest.raises(TypeError, match=field):
+        type(get_result(name))(**kwargs)
+
+
+def test_every_configuration_field_declares_its_constraint_or_is_checked_in_validate():
+    # One generic validation (Result.__post_init__) applies each field's constraint; a field without one is a
+    # name the check's validate() resolves (a topology kind, a compressor).
+    unconstrained = {
+        (type(r).__name__, f.name) for r in RESULTS for f in dataclasses.fields(r) if "check" not in f.metadata
+    }
+    assert {field for _, field in unconstrained} <= {"kind", "kinds", "compressor", "ratio"}, unconstrained
+    assert not any("__post_init__" in vars(type(r)) for r in RESULTS)
+    with pytest.raises(ValueError, match="dim"):
+        first_order.GDConvex(dim=1)
+    with pytest.raises(ValueError, match="smallest_eigenvalue"):
+        first_order.GDConvex(smallest_eigenvalue=math.inf)
+    with pytest.raises(ValueError, match="lr_scale"):
+        first_order.GDConvex(lr_scale=math.nan)
 
 
 def test_unknown_names_are_rejected_with_the_known_ones():

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.fields import flag, integer, positive
 from lightning_optsurvey.theory.problems import DTYPE, SeparableLogistic, generator
 from lightning_optsurvey.theory.result import (
     MC_Z,
     CheckOutcome,
     Result,
-    _positive_float,
-    _positive_int,
     loglog_slope,
     mc_bound_violations,
     mean_and_stderr,
@@ -59,12 +58,8 @@ class ImplicitBiasMaxMargin(Result):
         "whole effect on the direction; data built so that w^ = e_1 and the duals are known in closed form"
     )
 
-    steps: int = 5000
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("steps", self.steps, 100)
-        _positive_float("lr_scale", self.lr_scale)
+    steps: int = integer(5000, low=100)
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> SeparableLogistic:
         return SeparableLogistic.build(generator(seed))
@@ -157,20 +152,12 @@ class UniformStabilitySGD(Result):
         "G = 1, beta = 1/4"
     )
 
-    samples: int = 50
-    dim: int = 5
-    runs: int = 500
-    epochs: int = 2
-    lr: float = 0.5
-    test_size: int = 4000
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("epochs", self.epochs)
-        _positive_float("lr", self.lr)
-        _positive_int("test_size", self.test_size, 10)
+    samples: int = integer(50, low=2)
+    dim: int = integer(5)
+    runs: int = integer(500, low=10)
+    epochs: int = integer(2)
+    lr: float = positive(0.5)
+    test_size: int = integer(4000, low=10)
 
     def problem(self, seed: int = 0) -> _LogisticDistribution:
         gen = generator(seed)
@@ -246,21 +233,13 @@ class UniformStabilityNonConvex(Result):
         "||x|| <= 1: L = 1/4, beta = 1/(6 sqrt 3); the registry's 'sgd' with its lr set to c/t before step t"
     )
 
-    samples: int = 50
-    dim: int = 5
-    runs: int = 500
-    epochs: int = 4
-    c: float = 2.0
-    decaying: bool = True
-    test_size: int = 4000
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("epochs", self.epochs)
-        _positive_float("c", self.c)
-        _positive_int("test_size", self.test_size, 10)
+    samples: int = integer(50, low=2)
+    dim: int = integer(5)
+    runs: int = integer(500, low=10)
+    epochs: int = integer(4)
+    c: float = positive(2.0)
+    decaying: bool = flag(True)
+    test_size: int = integer(4000, low=10)
 
     def problem(self, seed: int = 0) -> _LogisticDistribution:
         gen = generator(seed)

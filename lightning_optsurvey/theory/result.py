@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from lightning_optsurvey.theory.fields import validate_fields
+
 __all__ = ["CheckOutcome", "Result", "all_results", "get_result", "register_result"]
 
 
@@ -87,8 +89,10 @@ class Result(abc.ABC):
     """One convergence or generalization result of the survey, checkable on a synthetic problem.
 
     Subclasses are frozen dataclasses whose fields are the check's configuration (problem size, steps,
-    step size scale, ...), validated in ``__post_init__``; the class attributes below describe the
-    theorem. The default configuration satisfies the theorem's assumptions; a test changes one field
+    step size scale, ...), each declared with its constraint (:mod:`~lightning_optsurvey.theory.fields`:
+    ``dim: int = integer(10, low=2)``) and validated by this class's one ``__post_init__``; what relates
+    several fields goes in :meth:`validate`. The class attributes below describe the theorem. The
+    default configuration satisfies the theorem's assumptions; a test changes one field
     (a step size beyond the allowed range) to show that the check can fail.
 
     Attributes:
@@ -104,6 +108,18 @@ class Result(abc.ABC):
     statement: ClassVar[str]
     reference: ClassVar[str]
     criterion: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that relate several fields, run after each field's own constraint (none by default).
+
+        Raises:
+            ValueError: For a configuration outside the check's assumptions.
+        """
+        return None
 
     @abc.abstractmethod
     def problem(self, seed: int = 0) -> Any:
@@ -169,21 +185,11 @@ def get_result(name: str) -> Result:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Helpers shared by the group modules: configuration checks and decisions
+# Helpers shared by the group modules: decisions
 # ------------------------------------------------------------------------------------------------------
 #: Standard errors allowed between a Monte-Carlo estimate (a mean over independent runs) and the bound or
 #: exact value it is compared with.
 MC_Z = 4.0
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _positive_float(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
