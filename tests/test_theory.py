@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -492,3 +495,29 @@ def test_sam_sharpness_fails_when_the_ascent_misses_the_maximum():
     # One ascent step is SAM's first-order step: at a minimum it starts from a random direction and finds
     # far less than rho^2 lambda_max / 2 - M rho^3 / 6 at the smallest radius.
     assert not landscape.SAMSharpness(ascent_steps=1).check(seed=0).holds
+
+
+_WITHOUT_LIGHTNING = """
+import importlib.abc, sys
+
+class BlockLightning(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, BlockLightning())
+from lightning_optsurvey.averaging import Topology, easgd_step
+from lightning_optsurvey.theory import get_result, run_checks
+
+assert not [m for m in sys.modules if m.partition(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning")]
+runs = run_checks("gd_convex,easgd_stability,gossip_consensus")
+print(*(f"{run.name}={run.holds}" for run in runs))
+"""
+
+
+def test_theory_imports_and_runs_its_checks_without_lightning():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_LIGHTNING], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["gd_convex=True", "easgd_stability=True", "gossip_consensus=True"]

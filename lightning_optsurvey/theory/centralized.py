@@ -17,7 +17,7 @@ from itertools import pairwise
 
 import torch
 
-from lightning_optsurvey.strategies.easgd import easgd_is_stable, easgd_step
+from lightning_optsurvey.averaging.elastic import easgd_is_stable, easgd_step
 from lightning_optsurvey.theory._run import run_optimizer
 from lightning_optsurvey.theory.fields import integer, integers, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE, NoisyQuadratic, Quadratic, generator

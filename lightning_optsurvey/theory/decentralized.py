@@ -16,7 +16,7 @@ from itertools import pairwise
 
 import torch
 
-from lightning_optsurvey.strategies.topology import Topology
+from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.theory._run import run_optimizer
 from lightning_optsurvey.theory.fields import flag, integer, integers, positive, real
 from lightning_optsurvey.theory.problems import DTYPE, WavyFunction, generator

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_optsurvey.averaging.elastic import easgd_is_stable
 from lightning_optsurvey.strategies._center_server import CenterState
-from lightning_optsurvey.strategies.easgd import easgd_is_stable
 from lightning_optsurvey.theory.centralized import ElasticGrid
 from lightning_optsurvey.theory.fields import integer, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE

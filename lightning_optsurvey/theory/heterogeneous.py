@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.strategies.compression import make_compressor
-from lightning_optsurvey.strategies.topology import Topology
 from lightning_optsurvey.theory.fields import flag, integer, positive
 from lightning_optsurvey.theory.problems import DTYPE, generator
 from lightning_optsurvey.theory.result import CheckOutcome, Result, bound_violations, register_result, tail_rate

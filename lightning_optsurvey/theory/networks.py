@@ -39,11 +39,11 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.func import functional_call
 
+from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.callbacks import EdgeOfStability, HessianSpectrum
 from lightning_optsurvey.measures import pac_bayes_sigma, worst_case_sharpness
 from lightning_optsurvey.measures._functional import FlatObjective
 from lightning_optsurvey.optim import create_optimizer
-from lightning_optsurvey.strategies.topology import Topology
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 from lightning_optsurvey.theory.decentralized import second_eigenvalue_modulus
 from lightning_optsurvey.theory.fields import choice, flag, integer, positive, positives, real
