@@ -33,6 +33,7 @@ from lightning_optsurvey.theory import (
     second_order,
     stochastic,
 )
+from lightning_optsurvey.theory.decisions import loglog_slope, tail_rate
 from lightning_optsurvey.theory.problems import (
     DTYPE,
     LeastSquaresSum,
@@ -44,7 +45,7 @@ from lightning_optsurvey.theory.problems import (
     WavyFunction,
     generator,
 )
-from lightning_optsurvey.theory.result import _RESULTS, loglog_slope, register_result, tail_rate
+from lightning_optsurvey.theory.result import _RESULTS, register_result
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "theory.md"
 #: float64 agreement between closed forms and automatic differentiation.

@@ -14,18 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.fields import flag, integer, integers, positive, real
-from lightning_optsurvey.theory.problems import DTYPE, BoundedGradientFunction, ReddiOnline, generator
-from lightning_optsurvey.theory.result import (
+from lightning_optsurvey.theory.decisions import (
     MC_Z,
-    CheckOutcome,
-    Result,
     bound_violations,
     loglog_slope,
     mc_bound_violations,
     mean_and_stderr,
-    register_result,
 )
+from lightning_optsurvey.theory.fields import flag, integer, integers, positive, real
+from lightning_optsurvey.theory.problems import DTYPE, BoundedGradientFunction, ReddiOnline, generator
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["AdaGradRegret", "AdamFailsAMSGradConverges", "AdamNonConvex"]
 

@@ -19,16 +19,10 @@ import torch
 
 from lightning_optsurvey.averaging.elastic import easgd_is_stable, easgd_step
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, mean_and_stderr, tail_rate
 from lightning_optsurvey.theory.fields import integer, integers, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE, NoisyQuadratic, Quadratic, generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    mean_and_stderr,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "EASGDStability",

@@ -18,18 +18,10 @@ import torch
 
 from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, bound_violations, loglog_slope, mean_and_stderr, tail_rate
 from lightning_optsurvey.theory.fields import flag, integer, integers, positive, real
 from lightning_optsurvey.theory.problems import DTYPE, WavyFunction, generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    bound_violations,
-    loglog_slope,
-    mean_and_stderr,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "DPSGDConsensus",

@@ -27,14 +27,10 @@ import torch
 from lightning_optsurvey.averaging.elastic import easgd_is_stable
 from lightning_optsurvey.strategies._center_server import CenterState
 from lightning_optsurvey.theory.centralized import ElasticGrid
+from lightning_optsurvey.theory.decisions import tail_rate
 from lightning_optsurvey.theory.fields import integer, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE
-from lightning_optsurvey.theory.result import (
-    CheckOutcome,
-    Result,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["AsyncEASGDStability", "round_robin_easgd_matrix", "round_robin_spectral_radius"]
 

@@ -22,9 +22,10 @@ from itertools import pairwise
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import bound_violations, tail_rate
 from lightning_optsurvey.theory.fields import integer, positive, real
 from lightning_optsurvey.theory.problems import DTYPE, PLFunction, Quadratic, generator
-from lightning_optsurvey.theory.result import CheckOutcome, Result, bound_violations, register_result, tail_rate
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "GDConvex",

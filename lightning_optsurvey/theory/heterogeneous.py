@@ -32,9 +32,10 @@ import torch
 
 from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.strategies.compression import make_compressor
+from lightning_optsurvey.theory.decisions import bound_violations, tail_rate
 from lightning_optsurvey.theory.fields import flag, integer, positive
 from lightning_optsurvey.theory.problems import DTYPE, generator
-from lightning_optsurvey.theory.result import CheckOutcome, Result, bound_violations, register_result, tail_rate
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "ChocoGossipConsensus",

@@ -18,15 +18,10 @@ from torch import nn
 from lightning_optsurvey.curvature import HessianOperator, lanczos
 from lightning_optsurvey.measures import worst_case_sharpness
 from lightning_optsurvey.optim import create_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, mean_and_stderr
 from lightning_optsurvey.theory.fields import flag, integer, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, WavyFunction, generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    mean_and_stderr,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["GDEdgeOfStability", "LPFSmoothingBound", "SAMNonConvex", "SAMSharpness", "SmoothingFlattens"]
 

@@ -46,15 +46,10 @@ from lightning_optsurvey.measures._functional import FlatObjective
 from lightning_optsurvey.optim import create_optimizer
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 from lightning_optsurvey.theory.decentralized import second_eigenvalue_modulus
+from lightning_optsurvey.theory.decisions import MC_Z, loglog_slope
 from lightning_optsurvey.theory.fields import choice, flag, integer, positive, positives, real
 from lightning_optsurvey.theory.problems import generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    loglog_slope,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "EdgeOfStabilityDigits",

@@ -17,14 +17,10 @@ import torch
 
 from lightning_optsurvey.curvature import HessianOperator
 from lightning_optsurvey.optim import create_optimizer
+from lightning_optsurvey.theory.decisions import bound_violations
 from lightning_optsurvey.theory.fields import integer, positive, real
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, generator
-from lightning_optsurvey.theory.result import (
-    CheckOutcome,
-    Result,
-    bound_violations,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["LBFGSSuperlinear", "NewtonQuadratic"]
 

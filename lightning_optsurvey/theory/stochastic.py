@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, loglog_slope, mc_bound_violations, mean_and_stderr
 from lightning_optsurvey.theory.fields import integer, integers, positive, positives, real
 from lightning_optsurvey.theory.problems import (
     DTYPE,
@@ -27,15 +28,7 @@ from lightning_optsurvey.theory.problems import (
     centred_shifts,
     generator,
 )
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    loglog_slope,
-    mc_bound_violations,
-    mean_and_stderr,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "MomentumNoiseFloor",
