@@ -11,7 +11,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MC_Z", "bound_violations", "loglog_slope", "mc_bound_violations", "mean_and_stderr", "tail_rate"]
+__all__ = [
+    "MC_Z",
+    "bound_violations",
+    "loglog_slope",
+    "mc_bound_violations",
+    "mean_and_stderr",
+    "tail_rate",
+]
 
 #: Standard errors allowed between a Monte-Carlo estimate (a mean over independent runs) and the bound or
 #: exact value it is compared with.
@@ -68,3 +75,4 @@ def _slope(points: Sequence[tuple[float, float]]) -> float:
     sxx = sum((p[0] - mean_x) ** 2 for p in points)
     sxy = sum((p[0] - mean_x) * (p[1] - mean_y) for p in points)
     return sxy / sxx if sxx > 0 else math.nan
+

@@ -23,7 +23,14 @@ from lightning_optsurvey.theory.fields import flag, integer, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, WavyFunction, generator
 from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
-__all__ = ["GDEdgeOfStability", "LPFSmoothingBound", "SAMNonConvex", "SAMSharpness", "SmoothingFlattens"]
+__all__ = [
+    "GDEdgeOfStability",
+    "LPFSmoothingBound",
+    "SAMNonConvex",
+    "SAMSharpness",
+    "SmoothingFlattens",
+    "edge_of_stability_outcome",
+]
 
 #: Round-off allowed on top of the exact Taylor remainder M rho^3 / 6 in the SAM check.
 SAM_ATOL = 1e-14
@@ -38,6 +45,8 @@ EOS_RANGE_BAND = (0.4, 2.0)
 EOS_START_FRACTION = 0.5
 #: ... and reaches at least this fraction of 2/eta.
 EOS_REACH_FRACTION = 0.95
+#: The four numbers above, as :func:`edge_of_stability_outcome` takes them.
+EOS_BANDS = (EOS_START_FRACTION, EOS_REACH_FRACTION, EOS_MEDIAN_BAND, EOS_RANGE_BAND)
 #: Agreement of the Hessian of the local entropy read off Entropy-SGD with gamma A (A + gamma I)^(-1)
 #: (the inner Langevin loop, run without noise, converges to ~1e-12).
 ENTROPY_RTOL = 1e-6
@@ -263,6 +272,37 @@ class _RegressionTask:
     model: nn.Module
 
 
+def edge_of_stability_outcome(
+    name: str, threshold: float, ratios: list[float], early_label: str, early: float,
+    bands: tuple[float, float, tuple[float, float], tuple[float, float]], *, steps: list[int],
+    measured_curve: list[float], quantity: str, details: tuple[str, str], y_label: str,
+) -> CheckOutcome:
+    """The verdict of an edge-of-stability run, from its sharpness over the threshold at each measurement.
+
+    It holds when training starts away from the edge (``early`` below ``bands[0]``), the ratio reaches
+    ``bands[1]``, and over the second half of the measurements the median lies in ``bands[2]`` and every
+    value in ``bands[3]`` (it hovers at the edge, it does not diverge). ``details`` is the text before and
+    after the measured figures.
+    """
+    start, reach, median_band, range_band = bands
+    tail = ratios[len(ratios) // 2 :]
+    median = sorted(tail)[len(tail) // 2]
+    holds = (
+        early < start
+        and max(ratios) >= reach
+        and median_band[0] <= median <= median_band[1]
+        and all(range_band[0] <= r <= range_band[1] for r in tail)
+    )
+    before, after = details
+    return CheckOutcome(
+        predicted=threshold, measured=median * threshold, holds=holds, name=name, quantity=quantity,
+        details=f"{before}{early_label} {early:.2f}, peak {max(ratios):.2f}, second half in [{min(tail):.2f}, "
+        f"{max(tail):.2f}] (median {median:.2f}); {after}",
+        steps=steps, predicted_curve=[threshold] * len(steps), measured_curve=measured_curve, x_label="GD step",
+        y_label=y_label, log_y=False,
+    )
+
+
 @register_result
 @dataclass(frozen=True)
 class GDEdgeOfStability(Result):
@@ -317,22 +357,12 @@ class GDEdgeOfStability(Result):
             losses.append(float(loss.detach()))
             optimizer.step()
         ratios = [s / threshold for s in sharpness]
-        tail = ratios[len(ratios) // 2 :]
-        median = sorted(tail)[len(tail) // 2]
-        holds = (
-            ratios[0] < EOS_START_FRACTION
-            and max(ratios) >= EOS_REACH_FRACTION
-            and EOS_MEDIAN_BAND[0] <= median <= EOS_MEDIAN_BAND[1]
-            and all(EOS_RANGE_BAND[0] <= r <= EOS_RANGE_BAND[1] for r in tail)
-        )
-        return CheckOutcome(
-            predicted=threshold, measured=median * threshold, holds=holds, name=self.name,
+        return edge_of_stability_outcome(
+            self.name, threshold, ratios, "start", ratios[0], EOS_BANDS, steps=ks, measured_curve=sharpness,
             quantity="median lambda_max over the second half of training",
-            details=f"eta={self.lr:g}, 2/eta={threshold:g}; lambda_max/(2/eta): start {ratios[0]:.2f}, peak "
-            f"{max(ratios):.2f}, second half in [{min(tail):.2f}, {max(tail):.2f}] (median {median:.2f}); loss "
-            f"{losses[0]:.3g} -> {losses[-1]:.3g}",
-            steps=ks, predicted_curve=[threshold] * len(ks), measured_curve=sharpness, x_label="GD step",
-            y_label="lambda_max of the training loss", log_y=False,
+            details=(f"eta={self.lr:g}, 2/eta={threshold:g}; lambda_max/(2/eta): ", f"loss {losses[0]:.3g} -> "
+                     f"{losses[-1]:.3g}"),
+            y_label="lambda_max of the training loss",
         )
 
 

@@ -48,6 +48,7 @@ from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 from lightning_optsurvey.theory.decentralized import second_eigenvalue_modulus
 from lightning_optsurvey.theory.decisions import MC_Z, loglog_slope
 from lightning_optsurvey.theory.fields import choice, flag, integer, positive, positives, real
+from lightning_optsurvey.theory.landscape import edge_of_stability_outcome
 from lightning_optsurvey.theory.problems import generator
 from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
@@ -182,23 +183,14 @@ class EdgeOfStabilityDigits(Result):
         values = [h["stability/sharpness_x_lr"] for h in history]
         threshold = history[-1]["stability/threshold"]
         ratios = [v / threshold for v in values]
-        half = ratios[len(ratios) // 2 :]
-        median = sorted(half)[len(half) // 2]
         early = min(ratios[: max(len(ratios) // 4, 1)])
-        holds = (
-            early < EOS_DIGITS_START
-            and max(ratios) >= EOS_DIGITS_REACH
-            and EOS_DIGITS_MEDIAN_BAND[0] <= median <= EOS_DIGITS_MEDIAN_BAND[1]
-            and all(EOS_DIGITS_RANGE_BAND[0] <= r <= EOS_DIGITS_RANGE_BAND[1] for r in half)
-        )
-        return CheckOutcome(
-            predicted=threshold, measured=median * threshold, holds=holds, name=self.name,
+        bands = (EOS_DIGITS_START, EOS_DIGITS_REACH, EOS_DIGITS_MEDIAN_BAND, EOS_DIGITS_RANGE_BAND)
+        return edge_of_stability_outcome(
+            self.name, threshold, ratios, "lowest early", early, bands, steps=steps, measured_curve=values,
             quantity="median eta lambda_max over the second half of training",
-            details=f"eta={self.lr:g}, threshold {threshold:g} (rule of stability_scaling); eta lambda_max/2: lowest "
-            f"early {early:.2f}, peak {max(ratios):.2f}, second half in [{min(half):.2f}, {max(half):.2f}] (median "
-            f"{median:.2f}); {len(values)} measurements",
-            steps=steps, predicted_curve=[threshold] * len(steps), measured_curve=values, x_label="GD step",
-            y_label="eta lambda_max (EdgeOfStability callback)", log_y=False,
+            details=(f"eta={self.lr:g}, threshold {threshold:g} (rule of stability_scaling); eta lambda_max/2: ",
+                     f"{len(values)} measurements"),
+            y_label="eta lambda_max (EdgeOfStability callback)",
         )
 
 
