@@ -96,6 +96,17 @@ def _torus_shape(world_size: int) -> tuple[int, int] | None:
     return None if rows is None else (rows, world_size // rows)
 
 
+def _kind_constructor(kind: str, doc: str) -> classmethod:
+    """``Topology.<kind>(world_size)``: a built-in kind as a constructor."""
+
+    def build(cls: type[Topology], world_size: int) -> Topology:
+        return cls(kind, world_size)
+
+    build.__name__ = build.__qualname__ = kind
+    build.__doc__ = doc
+    return classmethod(build)
+
+
 class Topology:
     """A (possibly time-varying) communication graph over ``world_size`` ranks, and its gossip weights.
 
@@ -164,30 +175,13 @@ class Topology:
     # ----------------------------------------------------------------------------------------------
     # The built-in kinds as constructors, and your own graph or weights
     # ----------------------------------------------------------------------------------------------
-    @classmethod
-    def ring(cls, world_size: int) -> Topology:
-        """The undirected cycle ``i - 1, i, i + 1``."""
-        return cls("ring", world_size)
-
-    @classmethod
-    def torus(cls, world_size: int) -> Topology:
-        """The undirected 2-D torus on the most square ``rows x cols = world_size``, both ``>= 2``."""
-        return cls("torus", world_size)
-
-    @classmethod
-    def exponential(cls, world_size: int) -> Topology:
-        """The static directed exponential graph: ``i`` sends to ``i + 2^k``."""
-        return cls("exponential", world_size)
-
-    @classmethod
-    def one_peer_exponential(cls, world_size: int) -> Topology:
-        """The time-varying one-peer exponential graph: ``i`` sends to ``i + 2^(t mod ceil(log2 N))``."""
-        return cls("one_peer_exponential", world_size)
-
-    @classmethod
-    def complete(cls, world_size: int) -> Topology:
-        """Every rank talks to every other: ``W = 11^T / N``."""
-        return cls("complete", world_size)
+    ring = _kind_constructor("ring", "The undirected cycle ``i - 1, i, i + 1``.")
+    torus = _kind_constructor("torus", "The undirected 2-D torus on the most square ``rows x cols``, both ``>= 2``.")
+    exponential = _kind_constructor("exponential", "The static directed exponential graph: ``i`` sends to ``i + 2^k``.")
+    one_peer_exponential = _kind_constructor(
+        "one_peer_exponential", "The time-varying one-peer graph: ``i`` sends to ``i + 2^(t mod ceil(log2 N))``."
+    )
+    complete = _kind_constructor("complete", "Every rank talks to every other: ``W = 11^T / N``.")
 
     @classmethod
     def erdos_renyi(cls, world_size: int, *, p: float | None = None, seed: int = 0) -> Topology:
