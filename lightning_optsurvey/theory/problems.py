@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_optsurvey.validation import check_int
+
 __all__ = [
     "DTYPE",
     "BoundedGradientFunction",
@@ -39,8 +41,7 @@ DTYPE = torch.float64
 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (checks never touch the global RNG)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    check_int("seed", seed, low=None)
     return torch.Generator().manual_seed(seed)
 
 
