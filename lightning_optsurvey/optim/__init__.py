@@ -9,7 +9,7 @@ from lightning_optsurvey.optim import (
 )
 from lightning_optsurvey.optim.entropy_sgd import EntropySGD
 from lightning_optsurvey.optim.gsam import GSAM
-from lightning_optsurvey.optim.kfac import KFAC
+from lightning_optsurvey.optim.kfac import KFAC, KFACConfig
 from lightning_optsurvey.optim.lookahead import Lookahead
 from lightning_optsurvey.optim.lpf_sgd import LPFSGD
 from lightning_optsurvey.optim.registry import (
@@ -35,6 +35,7 @@ __all__ = [
     "SAM",
     "SVRG",
     "EntropySGD",
+    "KFACConfig",
     "Lookahead",
     "OptimizerSpec",
     "Shampoo",
