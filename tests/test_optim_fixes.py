@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_optsurvey.optim import KFAC, SAM, available_optimizers, create_optimizer, get_spec
-from lightning_optsurvey.optim._common import check_bool, check_float_hparam, check_int, check_number
+from lightning_optsurvey.validation import check_bool, check_float_hparam, check_int, check_number
 
 
 def test_check_number_one_rule():

@@ -46,12 +46,3 @@ __all__ = [
     "register",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # SVRGSnapshot is a Lightning callback and lives in callbacks/ (optim does not import Lightning); the old
-    # import path keeps working.
-    if name == "SVRGSnapshot":
-        from lightning_optsurvey.callbacks.optimizer_loop import SVRGSnapshot
-
-        return SVRGSnapshot
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
