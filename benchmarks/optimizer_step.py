@@ -19,6 +19,9 @@ steps, with all optimizers interleaved within each repeat so that load changes h
 Usage::
 
     python benchmarks/optimizer_step.py [--models cnn,mlp_wide] [--steps 20] [--repeats 5] [--batch 64]
+        [--only sgd,kfac,shampoo] [--write-readme]
+
+``--write-readme`` puts the tables into README.md's ``bench:optimizer-step`` block (``_readme.write_block``).
 """
 
 from __future__ import annotations
@@ -175,24 +178,24 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
     kfac = med.get("kfac")
     if kfac:
         cadence = KFACConfig()
-        lines.append(f"\nK-FAC (defaults: inv_every={cadence.inv_every}, stat_every={cadence.stat_every}) "
+        lines.append(f"\n- K-FAC (defaults: inv_every={cadence.inv_every}, stat_every={cadence.stat_every}) "
                      f"amortized iteration / (SGD step + forward + backward) = {kfac / sgd:.2f} (target <= 2)"
                      + ("" if steps % cadence.inv_every == 0 else f"; NOT amortized: --steps {steps} is not a "
                         f"multiple of {cadence.inv_every}"))
     if med.get("kfac_inv10"):
-        lines.append(f"K-FAC with inverses every 10 steps (inv_every=10, the previous default): "
+        lines.append(f"- K-FAC with inverses every 10 steps (inv_every=10, the previous default): "
                      f"{med['kfac_inv10'] / sgd:.2f}")
     if med.get("shampoo"):
         every = get_spec("shampoo").defaults["precondition_every"]
-        lines.append(f"Shampoo (registry defaults: block_size=128, precondition_every={every}, statistics_every=10) "
+        lines.append(f"- Shampoo (registry defaults: block_size=128, precondition_every={every}, statistics_every=10) "
                      f"iteration / SGD iteration = {med['shampoo'] / sgd:.2f} (target <= 3)"
                      + ("" if steps % every == 0 else f"; NOT amortized: --steps {steps} is not a multiple of "
                         f"{every}, so some blocks miss the root refresh"))
     if med.get("shampoo_unblocked"):
-        lines.append(f"Shampoo unblocked, roots every 10 steps, statistics every step (the pre-issue-18 "
+        lines.append(f"- Shampoo unblocked, roots every 10 steps, statistics every step (the pre-issue-18 "
                      f"default): {med['shampoo_unblocked'] / sgd:.2f}")
     if med.get("kfac_stat1"):
-        lines.append(f"K-FAC with statistics every step and inverses every 10 (kfac-pytorch's CIFAR cadence): "
+        lines.append(f"- K-FAC with statistics every step and inverses every 10 (kfac-pytorch's CIFAR cadence): "
                      f"{med['kfac_stat1'] / sgd:.2f}")
     return lines
 
@@ -231,13 +234,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated optimizer names (sgd and Adam always)")
+    parser.add_argument("--write-readme", action="store_true", help="write the tables into README.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     names = [n for n in args.only.split(",") if n] or None
+    tables = []
     for model_name in args.models.split(","):
         for line in run(model_name, args.steps, args.repeats, args.batch, names):
             print(line, flush=True)
+            tables.append(line)
+    if args.write_readme:
+        from _readme import write_block  # benchmarks/ is the script's directory
+
+        write_block("optimizer-step", "\n".join(tables).strip())
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ class KFACConfig:
     The default cadence is the one of the K-FAC literature at scale: statistics every ``stat_every=10``
     steps and inverses every ``inv_every=100`` steps, as alecwangcq's KFAC-Pytorch (``TCov=10, TInv=100``)
     and kfac-pytorch's ImageNet setting (factor/inverse updates every 10/100 steps). Martens & Grosse
-    (2015) recompute the inverses every :math:`T_3 = 20` iterations from statistics gathered on a fraction
-    of each batch, and KFAC-JAX every 5 with statistics every step; those are per-step-statistics
-    settings for models whose forward is expensive relative to one layer's inversion. With
+    (2015) recompute the inverses every :math:`T_3 = 20` iterations, KFAC-JAX every 5 and kfac-pytorch's
+    CIFAR example every 10, all with statistics every step; those settings suit models whose forward and
+    backward are expensive relative to a layer's inversion (convolutions), not wide MLP layers. With
     ``stat_decay=0.95`` and statistics every 10 steps the factors average over the last ~200 steps, so an
     inverse refreshed every 100 steps lags them by at most half their window; the refreshes then cost
     under a tenth of a step, and the step's price is the per-step preconditioning (issue 18: within 2x of
@@ -293,7 +293,8 @@ class KFAC(FullStateMixin, Optimizer):
     cadence is statistics every 10 and inverses every 100 steps); pass a config, a mapping (a YAML section)
     or keywords. ``lr``, ``momentum``, ``damping``, ``stat_decay``, ``inv_every``, ``weight_decay``,
     ``pi_correction`` and ``low_rank`` may differ per parameter group (a layer follows its weight's group)
-    and are read from the groups at every step, so editing a group's value takes effect; ``stat_every``,
+    and are read from the groups at every step, so editing a group's value takes effect (``self.config``
+    records the options the optimizer was built with; the groups hold the live values); ``stat_every``,
     ``fisher`` and ``kl_clip`` act on the whole step and are optimizer-wide: a group that sets them to
     another value is refused with a ``ValueError``. Layers whose parameters arrive later through
     ``add_param_group`` (as Lightning's ``BaseFinetuning`` does when it unfreezes a block) are
