@@ -192,14 +192,17 @@ def test_low_rank_path_equals_the_dense_path(edit, monkeypatch):
 def test_hooks_are_inactive_outside_the_step_closure():
     net = _net()
     x, y = _batch()
-    opt = KFAC(net)
-    F.cross_entropy(net(x), y).backward()  # a plain training forward/backward
+    opt = KFAC(net, stat_every=1)
+    opt.step(_closure(opt, net, x, y))  # attaches the hooks
+    before = {f"{i}{k}": opt.state[m.weight][k].clone() for i, m in enumerate((net[0], net[3])) for k in "AG"}
+    F.cross_entropy(net(2 * x), y).backward()  # a plain training forward/backward
     net.eval()
     with torch.no_grad():
         net(x)  # validation
     net.train()
     assert opt._pending == {}
-    assert all("A" not in opt.state[m.weight] for m in (net[0], net[3]))
+    after = {f"{i}{k}": opt.state[m.weight][k] for i, m in enumerate((net[0], net[3])) for k in "AG"}
+    assert all(torch.equal(before[key], after[key]) for key in before)
 
 
 def test_conv_with_unsupported_options_gets_a_plain_step():

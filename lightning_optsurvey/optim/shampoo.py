@@ -240,7 +240,7 @@ class Shampoo(FullStateMixin, Optimizer):
                     if graft != "none":
                         norm = torch.linalg.vector_norm(update)
                         target = torch.linalg.vector_norm(grafted)
-                        update = update * torch.where(norm > 0, target / norm, 0.0)
+                        update.mul_(torch.where(norm > 0, target / norm, 0.0))  # a fresh tensor here
                 update = update.reshape(p.shape)
                 p.add_(heavy_ball(self.state, p, update, m), alpha=-lr)
                 state["step"] = step + 1
