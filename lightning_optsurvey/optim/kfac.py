@@ -106,7 +106,8 @@ class KFACConfig:
             batch: :math:`(G^{-1}\Delta^	op)([X, 1] A^{-1})` costs :math:`O(B d^2)` instead of
             :math:`O(d^3)` (per group). Used only when ``.grad`` equals that product up to a scale (norm
             clipping) within relative error 1e-5 on random probes; otherwise (accumulation, a penalty on the
-            weight in the loss, other edits) the dense path runs.
+            weight in the loss, other edits) the dense path runs. CPU only (the check's outcome is read on
+            the host; on an accelerator that would be a sync per step, so the dense path runs there).
 
     Raises:
         TypeError: For an option of the wrong type.
@@ -308,9 +309,10 @@ class KFAC(FullStateMixin, Optimizer):
     needs). In a hand-written loop, wrap the forward and backward in ``with optimizer.capture():`` and call
     ``step()`` afterwards.
 
-    Host synchronisation: the step reads no device value except one boolean vector per step (the low-rank
-    checks of all layers together, when some layer takes that path) and one per inverse refresh (Cholesky
-    status and finiteness of the factors); ``low_rank=False`` leaves only the latter.
+    Host reads: on an accelerator the step reads no device value except one vector per inverse refresh
+    (Cholesky status and finiteness of the factors, every ``inv_every`` steps); the low-rank path, whose
+    check is one boolean vector read per step, runs on the CPU only, where reading a value waits for
+    nothing.
 
     Args:
         model: The network whose ``Linear``/``Conv2d`` layers are preconditioned.
@@ -354,7 +356,8 @@ class KFAC(FullStateMixin, Optimizer):
         self._init_transient()
         self._adopt_layers()
 
-    _TRANSIENT = ("_handles", "_pending", "_seen_forward", "_seen_backward", "_attached", "_probes", "_groups")
+    _TRANSIENT = ("_handles", "_pending", "_seen_forward", "_seen_backward", "_attached", "_probes", "_groups",
+                  "_checked")
 
     def _init_transient(self) -> None:
         self._seen_forward: set[nn.Module] = set()
@@ -364,6 +367,7 @@ class KFAC(FullStateMixin, Optimizer):
         self._attached = False
         self._probes: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
         self._groups: dict[Tensor, dict[str, Any]] = {}
+        self._checked: list[tuple[Any, ...]] = []
 
     def _restore(self) -> None:
         if "_handles" in self.__dict__ or "_layers" not in self.__dict__:
@@ -410,9 +414,15 @@ class KFAC(FullStateMixin, Optimizer):
             self._adopt_layers()
 
     def _check_groups(self) -> None:
-        """Every group as :meth:`add_param_group` checks it (a group's value may have been edited since)."""
-        for group in self.param_groups:
-            _check_group(group, self.defaults)
+        """Every group whose options were replaced since the last step, as :meth:`add_param_group` checks it.
+
+        Values are compared by identity, so an unchanged group costs no check (and a tensor ``lr`` no read).
+        """
+        seen = [tuple(group.get(key) for key in _WIDE + _PER_GROUP) for group in self.param_groups]
+        for group, values, old in zip(self.param_groups, seen, self._checked + [None] * len(seen), strict=False):
+            if old is None or any(a is not b for a, b in zip(values, old, strict=True)):
+                _check_group(group, self.defaults)
+        self._checked = seen
 
     def remove_hooks(self) -> None:
         """Detach the statistics hooks from the model (the optimizer then steps with its last factors)."""
@@ -491,6 +501,7 @@ class KFAC(FullStateMixin, Optimizer):
         group = self._groups.get(module.weight)
         return (
             group is not None and group["low_rank"] and self.defaults["fisher"] == "empirical"
+            and x.device.type == "cpu"  # its check is read on the host: free on the CPU, a sync elsewhere
             and isinstance(module, nn.Linear) and x.ndim == 2
             and 2 * x.shape[0] < min(module.in_features, module.out_features)
         )
