@@ -388,8 +388,8 @@ class KFACNaturalGradient(Result):
         optimum = torch.linalg.lstsq(x64, y64).solution.T  # W* (outputs, inputs)
         second_moment = x64.T @ x64 / self.samples
         module = _GaussianRegression(
-            layer, "kfac", lr=self.lr, momentum=0.0, damping=1e-10, stat_decay=0.0, inv_every=1, kl_clip=None,
-            pi_correction=False, fisher=self.fisher, seed=seed,
+            layer, "kfac", lr=self.lr, momentum=0.0, damping=1e-10, stat_decay=0.0, inv_every=1, stat_every=1,
+            kl_clip=None, pi_correction=False, fisher=self.fisher, seed=seed,
         )
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=self.samples)
         with torch.random.fork_rng():

@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optsurvey.callbacks import OptimizerLoopAdapter
 from lightning_optsurvey.optim import available_optimizers, create_optimizer, get_spec
-from lightning_optsurvey.optim._common import frozen_batchnorm_stats
-from lightning_optsurvey.optim._loop import loop_needs
+from lightning_optsurvey.optim.loop import frozen_batchnorm_stats, loop_needs
 from lightning_optsurvey.tasks import ClassifierModule
 
 BATCH, STEPS = 12, 4
