@@ -24,7 +24,7 @@ from lightning_optsurvey import callbacks as cbs
 from lightning_optsurvey.callbacks import MeasuringCallback
 
 FAST_CONFIGS = {
-    "HessianSpectrum": lambda: cbs.HessianSpectrum(top_k=1, bottom_k=1, trace=True, trace_matvecs=6, tol=1e-2,
+    "HessianSpectrum": lambda: cbs.HessianSpectrum(top_k=1, bottom_k=1, trace=cbs.TraceConfig(matvecs=6), tol=1e-2,
                                                    max_iter=12),
     "Sharpness": lambda: cbs.Sharpness(kinds=("sam", "adaptive_worst_case", "average", "keskar",
                                               "pac_bayes_sigma"), steps=2, num_samples=2, num_batches=1),

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_optsurvey.callbacks import HessianSpectrum
+from lightning_optsurvey.callbacks import DensityConfig, HessianSpectrum, TraceConfig
 from lightning_optsurvey.callbacks._measure import draw_batches
 from lightning_optsurvey.curvature import HessianOperator, lanczos
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
@@ -39,8 +39,8 @@ def _fit(callbacks, model, optimizer, tmp_path, max_epochs=2, ckpt_path=None, lo
 def test_training_is_bitwise_identical_with_the_callback(model, optimizer, tmp_path):
     # Step cadence on the cheap model covers both triggers; the CNN is measured at epoch ends only.
     every_n_steps = 2 if model == "mlp_dropout" else None
-    cb = HessianSpectrum(top_k=3, trace=True, density=True, every_n_steps=every_n_steps, density_probes=2,
-                         density_steps=10, trace_matvecs=12)
+    cb = HessianSpectrum(top_k=3, trace=TraceConfig(matvecs=12), density=DensityConfig(probes=2, steps=10),
+                         every_n_steps=every_n_steps)
     logger = CSVLogger(tmp_path, name="with")
     measured, _ = _fit([cb], model, optimizer, tmp_path, logger=logger)
     plain, _ = _fit([], model, optimizer, tmp_path)
@@ -91,8 +91,8 @@ def _dense_eigenvalues(module: nn.Module, batches, bn_mode: str) -> torch.Tensor
 
 @pytest.mark.parametrize(("batch_norm", "bn_mode"), [(False, "eval"), (True, "batch")])
 def test_logged_values_match_a_dense_hessian_of_the_same_subset(batch_norm, bn_mode, tmp_path):
-    cb = HessianSpectrum(top_k=2, bottom_k=1, trace=True, per_layer=True, num_batches=2, bn_mode=bn_mode,
-                         tol=1e-6, trace_matvecs=600)
+    cb = HessianSpectrum(top_k=2, bottom_k=1, trace=TraceConfig(matvecs=600), per_layer=True, num_batches=2,
+                         bn_mode=bn_mode, tol=1e-6)
     module, trainer = _fit([cb], None, None, tmp_path, max_epochs=1, module=_Tiny(batch_norm))
     dm = DigitsDataModule(batch_size=BATCH)
     dm.setup()
@@ -147,7 +147,7 @@ def test_density_goes_to_mlflow_through_the_logger(tmp_path, monkeypatch):
     # The file store skips the SQL schema migrations (seconds); the artifact API is the same.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     logger = MLFlowLogger(experiment_name="hessian", tracking_uri=f"file:{tmp_path / 'mlruns'}")
-    cb = HessianSpectrum(top_k=1, density=True, density_probes=1, density_steps=5)
+    cb = HessianSpectrum(top_k=1, density=DensityConfig(probes=1, steps=5))
     _fit([cb], "mlp", "sgd", tmp_path, max_epochs=1, logger=logger)
     files = {f.path for f in logger.experiment.list_artifacts(logger.run_id, "hessian")}
     assert files == {"hessian/density_epoch_0.png", "hessian/density_epoch_0.json"}
@@ -166,12 +166,31 @@ def test_density_goes_to_mlflow_through_the_logger(tmp_path, monkeypatch):
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"every_n_epochs": None, "every_n_steps": None}, "both None"),
         ({"num_batches": 0}, "num_batches"),
-        ({"trace_matvecs": 2}, "trace_matvecs"),
+        ({"trace": TraceConfig(matvecs=60, rtol=0.1), "tol": 1.0}, "tol"),
     ],
 )
 def test_bad_arguments_raise_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HessianSpectrum(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: TraceConfig(matvecs=2), ValueError, "matvecs"),
+        (lambda: TraceConfig(rtol=0.0), ValueError, "rtol"),
+        (lambda: TraceConfig(block=1), ValueError, "block"),
+        (lambda: DensityConfig(probes=0), ValueError, "probes"),
+        (lambda: DensityConfig(steps=2.5), TypeError, "steps"),
+        (lambda: HessianSpectrum(trace="yes"), TypeError, "trace"),
+        (lambda: HessianSpectrum(density=3), TypeError, "density"),
+        (lambda: HessianSpectrum(loss_fn=3), TypeError, "loss_fn"),
+        (lambda: HessianSpectrum(1, 0), TypeError, "positional"),  # options after top_k are keyword-only
+    ],
+)
+def test_bad_configs_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
 
 
 def test_k_larger_than_the_parameter_count_raises_at_setup(tmp_path):

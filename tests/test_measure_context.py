@@ -162,13 +162,26 @@ def test_cadence():
     assert [e for e in range(6) if c.due_at_epoch_end(e)] == [1, 3, 5]
     assert [s for s in range(10) if c.due_at_step(s)] == [3, 6, 9]
     assert not Cadence(every_n_epochs=None, every_n_steps=1).due_at_epoch_end(0)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="every_n_epochs"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="every_n_epochs"):
             Cadence(every_n_epochs=bad)
-        with pytest.raises(ValueError, match="every_n_steps"):
+        with pytest.raises(error, match="every_n_steps"):
             Cadence(every_n_steps=bad)
     with pytest.raises(ValueError, match="both None"):
         Cadence(every_n_epochs=None, every_n_steps=None)
+    with pytest.raises(TypeError, match="at_fit_end"):
+        Cadence(at_fit_end=1)
+    assert Cadence(every_n_epochs=None, at_fit_end=True).at_fit_end  # the end alone is a cadence
+
+
+def test_at_fit_end_measures_once_after_the_last_step(quiet_trainer_kwargs):
+    """at_fit_end alone: one measurement, after the last step; with every_n_epochs=1 it adds none (already
+    measured at that step)."""
+    alone = _Disturber.make(every_n_epochs=None, at_fit_end=True)
+    both = _Disturber.make(every_n_epochs=1, at_fit_end=True)
+    _fit([alone, both], "cnn", "sgd", quiet_trainer_kwargs)
+    assert [int(h["step"]) for h in alone.history] == [8]
+    assert [int(h["step"]) for h in both.history] == [4, 8]
 
 
 class _Disturber:

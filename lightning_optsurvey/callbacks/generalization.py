@@ -25,15 +25,17 @@ from typing_extensions import override
 from lightning_optsurvey.callbacks._measure import (
     MeasuringCallback,
     _first_dataloader,
+    check_loss_fn,
     resolve_loss_fn,
 )
-from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss, model_args
+from lightning_optsurvey.validation import check_float, check_int, check_optional
 
 __all__ = ["GeneralizationGap"]
 
 
 class GeneralizationGap(MeasuringCallback):
-    """Log ``train_eval/loss``, ``train_eval/acc``, ``gen_gap/loss`` (val - train), ``gen_gap/acc`` (train - val).
+    r"""Log ``train_eval/loss``, ``train_eval/acc``, ``gen_gap/loss`` (val - train), ``gen_gap/acc`` (train - val).
 
     Both sides are evaluated in eval mode with the current weights: a fixed subset of the training set
     (``num_train_batches`` batches drawn once with ``seed``, or the whole training set) and every batch
@@ -46,16 +48,28 @@ class GeneralizationGap(MeasuringCallback):
     padding) are left out. Otherwise (dict batches, regression targets) only the loss is logged and a
     warning says once why there is no accuracy.
 
+    The training side need not be the whole training set: ``train_stderr`` sizes a random subset so that
+    the standard error of its accuracy is at most that bound whatever the accuracy
+    (:math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`, so :math:`n = \lceil 1/(4\,\mathrm{se}^2) \rceil` samples over
+    all ranks, rounded up to whole batches; 625 samples for 0.02), the same sampling precision as a
+    validation set of that size.
+
     Args:
         every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
-        num_train_batches: Batches in the training subset (``None``: the whole training set).
+        num_train_batches: Batches in the training subset (``None``: the whole training set, or as
+            ``train_stderr`` says).
         loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
             if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         seed: Seed of the training subset.
+        train_stderr: Size the training subset for this standard error of the training accuracy (in
+            (0, 0.5]); ``None``: as ``num_train_batches`` says. Not both.
+        at_fit_end: Also measure once when training ends.
 
     Raises:
-        ValueError: For a cadence or ``num_train_batches`` that is not a positive integer (or ``None``).
+        TypeError: For an argument of the wrong type.
+        ValueError: For a cadence or ``num_train_batches`` that is not a positive integer (or ``None``), a
+            ``train_stderr`` out of range, or both ``num_train_batches`` and ``train_stderr``.
         RuntimeError: At measurement time, if the trainer has no validation loader.
     """
 
@@ -66,22 +80,28 @@ class GeneralizationGap(MeasuringCallback):
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         every_n_steps: int | None = None,
         seed: int = 0,
+        *,
+        train_stderr: float | None = None,
+        at_fit_end: bool = False,
     ) -> None:
-        if num_train_batches is not None and (
-            isinstance(num_train_batches, bool) or not isinstance(num_train_batches, int) or num_train_batches < 1
-        ):
-            raise ValueError(f"num_train_batches must be a positive integer or None, got {num_train_batches!r}")
+        check_optional(check_int, "num_train_batches", num_train_batches)
+        check_optional(check_float, "train_stderr", train_stderr, low=0.0, high=0.5, low_open=True)
+        if num_train_batches is not None and train_stderr is not None:
+            raise ValueError(f"give num_train_batches or train_stderr, not both (got {num_train_batches!r} and "
+                             f"{train_stderr!r})")
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
-                         num_batches=num_train_batches or 1, seed=seed)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+                         num_batches=num_train_batches or 1, seed=seed, at_fit_end=at_fit_end)
         self.num_train_batches = num_train_batches
-        self.loss_fn = loss_fn
+        self.train_stderr = train_stderr
+        self.loss_fn = check_loss_fn(loss_fn)
         self._warned = False
 
     @override
     def state_key_config(self) -> dict[str, Any]:
-        return {**super().state_key_config(), "num_train_batches": self.num_train_batches}
+        config = {**super().state_key_config(), "num_train_batches": self.num_train_batches}
+        if self.train_stderr is not None:
+            config["train_stderr"] = self.train_stderr
+        return config
 
     @override
     def batches_to_draw(self, trainer: Trainer) -> int:
@@ -91,7 +111,11 @@ class GeneralizationGap(MeasuringCallback):
         if loader is None:
             return 1
         batch_size = loader.batch_size or 1
-        return math.ceil(len(loader.dataset) / (batch_size * trainer.world_size))  # type: ignore[arg-type]
+        whole = math.ceil(len(loader.dataset) / (batch_size * trainer.world_size))  # type: ignore[arg-type]
+        if self.train_stderr is None:
+            return whole
+        samples = math.ceil(1.0 / (4.0 * self.train_stderr**2))
+        return min(whole, math.ceil(samples / (batch_size * trainer.world_size)))
 
     def _class_scores(self, out: Any, targets: Any) -> tuple[Tensor, Tensor] | str:
         """``(scores (N, C), labels (N,))`` when ``out`` holds class scores for ``targets``, else why not.
@@ -131,10 +155,12 @@ class GeneralizationGap(MeasuringCallback):
                     out = pl_module(*model_args(x))  # several inputs as in the curvature engine
                     loss = objective.loss_fn(out, y)
                 else:
-                    loss = objective(pl_module, {}, batch)
-                    if isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1], Tensor):
+                    pair = isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1], Tensor)
+                    loss, out = self._loss_and_outputs(pl_module, objective, batch, pair)
+                    if pair:
                         x, y = batch
-                        out = pl_module(*model_args(x))
+                        if out is None:
+                            out = pl_module(*model_args(x))
                     else:
                         reason = (f"its batches are {type(batch).__name__}s, not (inputs, targets) pairs, and "
                                   f"{objective!r} gives only the loss")
@@ -146,8 +172,8 @@ class GeneralizationGap(MeasuringCallback):
                         continue
                     scores, labels = found
                     if acc_metric is None:
-                        acc_metric = MulticlassAccuracy(scores.shape[-1], average="micro",
-                                                        ignore_index=ignore_index).to(device)
+                        acc_metric = MulticlassAccuracy(scores.shape[-1], average="micro", ignore_index=ignore_index,
+                                                        validate_args=False).to(device)
                     acc_metric.update(scores, labels)
         if loss_metric.update_count == 0:
             raise RuntimeError("the loader yielded no batch")
@@ -158,6 +184,27 @@ class GeneralizationGap(MeasuringCallback):
                                "It logs train_eval/loss and gen_gap/loss.")
             return float(loss_metric.compute()), None
         return float(loss_metric.compute()), None if acc_metric is None else float(acc_metric.compute())
+
+    @staticmethod
+    def _loss_and_outputs(pl_module: LightningModule, objective: BatchLoss, batch: Any,
+                          pair: bool) -> tuple[Tensor, Any]:
+        """The batch's loss, and the module's outputs on its inputs when ``compute_loss`` computed them.
+
+        ``compute_loss`` runs the forward itself; when it calls ``self(inputs)`` exactly once on the batch's
+        inputs, a forward hook keeps those outputs, so accuracy needs no second forward pass.
+        """
+        if not (pair and isinstance(objective, ModuleLoss)):
+            return objective(pl_module, {}, batch), None
+        inputs = model_args(batch[0])
+        seen: list[Any] = []
+        handle = pl_module.register_forward_hook(
+            lambda _m, args, out: seen.append(out if len(args) == len(inputs)
+                                              and all(a is b for a, b in zip(args, inputs)) else None))
+        try:
+            loss = getattr(pl_module, objective.method)(batch)
+        finally:
+            handle.remove()
+        return loss, seen[0] if len(seen) == 1 else None
 
     @override
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
