@@ -230,40 +230,6 @@ def test_measuring_callback_does_not_perturb_training(quiet_trainer_kwargs):
     assert all(np.isfinite(h["disturb/loss"]) for h in cb.history)
 
 
-def _every_measuring_callback() -> list:
-    from lightning_optsurvey import callbacks as cbs
-
-    return [cbs.HessianSpectrum(top_k=2, trace=True), cbs.Sharpness(), cbs.GeneralizationGap(),
-            cbs.GradientNoiseScale(), cbs.EdgeOfStability(), cbs.LossLandscape(), cbs.GeneralizationMeasures()]
-
-
-@pytest.mark.parametrize("index", range(7))
-def test_every_measuring_callback_survives_ddp_spawn_pickling(index):
-    """ddp_spawn pickles the callbacks with torch.multiprocessing's pickler: each must come back equal, and
-    any generator it keeps must continue the very same stream of draws (not restart, not be shared)."""
-    import io
-    import pickle
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # registers torch's tensor reductions on ForkingPickler)
-
-    callback = _every_measuring_callback()[index]
-    generators = {k: v for k, v in vars(callback).items() if isinstance(v, torch.Generator)}
-    for g in generators.values():
-        torch.rand(5, generator=g)  # mid-stream, not at the seed
-    buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(callback)
-    copy = pickle.loads(buffer.getvalue())
-    assert type(copy) is type(callback)
-    assert copy.state_key == callback.state_key
-    torch.testing.assert_close(copy.state_dict(), callback.state_dict(), rtol=0, atol=0)
-    assert set(vars(copy)) == set(vars(callback))
-    for name, g in generators.items():
-        twin = getattr(copy, name)
-        assert isinstance(twin, torch.Generator) and twin is not g
-        assert torch.equal(torch.rand(7, generator=twin), torch.rand(7, generator=g))
-
-
 def test_draw_batches_names_the_dataset_size_when_a_rank_gets_nothing():
     """Two samples over three ranks: rank 2 gets none, and the error says the dataset has 2 (not 0)."""
     with pytest.raises(ValueError, match=r"rank 2 got no samples from a dataset of 2 .*world_size=3"):

@@ -141,21 +141,22 @@ def measuring(module: nn.Module) -> Iterator[nn.Module]:
         (True, True, True)
     """
     module = unwrap_module(module)
+    subs = list(module.modules())  # once: it hashes every submodule (a torchmetrics Metric hashes its state)
     with torch.inference_mode(False), torch.no_grad():
         params = [
             (sub, name, p, p.detach().clone(), p.requires_grad,
              p.grad, None if p.grad is None else p.grad.detach().clone())
-            for sub in module.modules()
+            for sub in subs
             for name, p in sub._parameters.items()
             if p is not None
         ]
         buffers = [
             (sub, name, b, b.detach().clone())
-            for sub in module.modules()
+            for sub in subs
             for name, b in sub._buffers.items()
             if b is not None
         ]
-    modes = [(sub, sub.training) for sub in module.modules()]
+    modes = [(sub, sub.training) for sub in subs]
     rng = _rng_states()
     try:
         with ExitStack() as stack:

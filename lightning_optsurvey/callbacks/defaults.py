@@ -3,9 +3,9 @@ r"""The measuring callbacks ``optsurvey compare`` attaches to every run, sized t
 Measured on the digits CNN (``benchmarks/measure_overhead.py``, README "Measurement cost"), the set adds
 at most half of training's time to a run while logging what the comparison table shows:
 
-- ``GeneralizationGap``: every epoch, the training side on a subset sized for a standard error of at most
-  ``GAP_STDERR`` on the training accuracy (the bound :math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`), not the
-  whole training set;
+- ``GeneralizationGap``: every ``GAP_EVERY_N_EPOCHS`` epochs and when training ends, the training side on
+  a subset sized for a standard error of at most ``GAP_STDERR`` on the training accuracy (the bound
+  :math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`: 400 samples), not the whole training set;
 - ``Sharpness(kinds=("sam",))``: every epoch, SAM's one-step sharpness at rho=0.05 on one batch;
 - ``HessianSpectrum``: top-2 eigenvalues (Lanczos to a relative residual of 1e-3) and the trace (to a
   relative standard error of ``TRACE_RTOL``, deflated by those eigenpairs) once, when training ends, and
@@ -24,9 +24,10 @@ from lightning_optsurvey.callbacks.generalization import GeneralizationGap
 from lightning_optsurvey.callbacks.hessian import HessianSpectrum, TraceConfig
 from lightning_optsurvey.callbacks.sharpness import Sharpness
 
-__all__ = ["GAP_STDERR", "HESSIAN_EVERY_N_EPOCHS", "TRACE_RTOL", "default_callbacks"]
+__all__ = ["GAP_EVERY_N_EPOCHS", "GAP_STDERR", "HESSIAN_EVERY_N_EPOCHS", "TRACE_RTOL", "default_callbacks"]
 
-GAP_STDERR = 0.02
+GAP_STDERR = 0.025
+GAP_EVERY_N_EPOCHS = 2
 TRACE_RTOL = 0.1
 HESSIAN_EVERY_N_EPOCHS = 10
 
@@ -45,7 +46,7 @@ def default_callbacks(world_size: int = 1, strategy: str | None = None) -> list[
     made: list[Any] = [
         HessianSpectrum(top_k=2, trace=TraceConfig(rtol=TRACE_RTOL), every_n_epochs=HESSIAN_EVERY_N_EPOCHS,
                         at_fit_end=True),
-        GeneralizationGap(train_stderr=GAP_STDERR),
+        GeneralizationGap(every_n_epochs=GAP_EVERY_N_EPOCHS, train_stderr=GAP_STDERR, at_fit_end=True),
         Sharpness(kinds=("sam",), rho=0.05, num_batches=1),
     ]
     kind = dict.get(StrategyRegistry, strategy, {}).get("strategy") if strategy else None

@@ -348,13 +348,14 @@ class HessianSpectrum(MeasuringCallback):
         gram = basis.T.double() @ basis.double()
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         # The Ritz vectors are orthonormal and V^T H V = diag(Ritz values); if rounding broke that, no deflation.
-        if not bool(torch.isfinite(gram).all()) or float((gram - eye).abs().max()) > 1e-4:
+        if gram.numel() and (not bool(torch.isfinite(gram).all()) or float((gram - eye).abs().max()) > 1e-4):
             basis, known = basis[:, :0], 0.0
         deflated = _Deflated(op, basis)
         parts: list[TraceResult] = []
         while True:
             block = min(config.block, config.matvecs - sum(p.num_matvecs for p in parts))
-            parts.append(hutchinson_trace(deflated, block, generator=self._generator, block_size=block))
+            # one product at a time: on CPU a batched product costs more per vector than single ones
+            parts.append(hutchinson_trace(deflated, block, generator=self._generator, block_size=1))
             mean, stderr, used = _pooled(parts)
             if config.matvecs - used < 2 or stderr <= config.rtol * abs(known + mean):
                 return known + mean, stderr, used
