@@ -30,7 +30,7 @@ from lightning_optsurvey.measures._functional import (
     LossFn,
     randn,
 )
-from lightning_optsurvey.validation import check_float, check_int
+from lightning_optsurvey.validation import check_choice, check_float, check_int
 
 __all__ = [
     "distance_from_init",
@@ -188,8 +188,7 @@ def operator_spectral_norm(
         Sedghi, Gupta, Long. The Singular Values of Convolutional Layers. ICLR 2019.
         https://arxiv.org/abs/1805.10408
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    check_choice("method", method, _METHODS)
     tol = check_float("tol", tol, low=0.0, low_open=True)
     check_int("max_iter", max_iter)
     weight = layer.weight.detach() if isinstance(layer, (nn.Linear, *_CONV)) else None
