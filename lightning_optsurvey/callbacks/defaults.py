@@ -6,7 +6,8 @@ at most half of training's time to a run while logging what the comparison table
 - ``GeneralizationGap``: every ``GAP_EVERY_N_EPOCHS`` epochs and when training ends, the training side on
   a subset sized for a standard error of at most ``GAP_STDERR`` on the training accuracy (the bound
   :math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`: 400 samples), not the whole training set;
-- ``Sharpness(kinds=("sam",))``: every epoch, SAM's one-step sharpness at rho=0.05 on one batch;
+- ``Sharpness(kinds=("sam",))``: every ``GAP_EVERY_N_EPOCHS`` epochs and when training ends, SAM's one-step
+  sharpness at rho=0.05 on one batch;
 - ``HessianSpectrum``: top-2 eigenvalues (Lanczos to a relative residual of 1e-3) and the trace (to a
   relative standard error of ``TRACE_RTOL``, deflated by those eigenpairs) once, when training ends, and
   every ``HESSIAN_EVERY_N_EPOCHS`` epochs of a longer run (warm-started from the previous eigenvectors);
@@ -47,7 +48,7 @@ def default_callbacks(world_size: int = 1, strategy: str | None = None) -> list[
         HessianSpectrum(top_k=2, trace=TraceConfig(rtol=TRACE_RTOL), every_n_epochs=HESSIAN_EVERY_N_EPOCHS,
                         at_fit_end=True),
         GeneralizationGap(every_n_epochs=GAP_EVERY_N_EPOCHS, train_stderr=GAP_STDERR, at_fit_end=True),
-        Sharpness(kinds=("sam",), rho=0.05, num_batches=1),
+        Sharpness(kinds=("sam",), rho=0.05, num_batches=1, every_n_epochs=GAP_EVERY_N_EPOCHS, at_fit_end=True),
     ]
     kind = dict.get(StrategyRegistry, strategy, {}).get("strategy") if strategy else None
     asynchronous = isinstance(kind, type) and issubclass(kind, AsyncCenterStrategy)
