@@ -59,7 +59,7 @@ def single_callbacks() -> dict[str, Callable[[], MeasuringCallback]]:
     """Each callback alone, named as the table shows it."""
     return {
         "default: HessianSpectrum(top_k=2, trace=TraceConfig(rtol=0.1))": lambda: default_callbacks()[0],
-        "default: GeneralizationGap(every_n_epochs=2, train_stderr=0.025)": lambda: default_callbacks()[1],
+        "default: GeneralizationGap(every_n_epochs=2, stderr=0.025)": lambda: default_callbacks()[1],
         "default: Sharpness(kinds=('sam',), num_batches=1, every_n_epochs=2)": lambda: default_callbacks()[2],
         "previous: HessianSpectrum(top_k=2, trace=True) (Hutch++, 60 products)": lambda: previous_default_set()[0],
         "previous: GeneralizationGap() (whole training set)": lambda: previous_default_set()[1],

@@ -108,3 +108,25 @@ def test_a_yaml_config_builds_hessian_spectrum_with_typed_sub_configs(tmp_path):
     assert second.trace == cbs.TraceConfig() and second.density is None
     (sharpness,) = (c for c in cli.trainer.callbacks if isinstance(c, cbs.Sharpness))
     assert sharpness.kinds == ("sam", "keskar")
+
+
+def test_the_default_set_logs_what_compare_summarizes_at_the_last_step(tmp_path):
+    """`optsurvey compare`'s summary reads the last value of each measured metric: the default set must log
+    all of them after the final step (at_fit_end), the trace to its stated relative standard error."""
+    from lightning.pytorch import Trainer
+
+    from lightning_optsurvey.callbacks.defaults import TRACE_RTOL
+    from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+
+    made = cbs.default_callbacks()
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=2, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=list(made), default_root_dir=tmp_path)  # a copy: Lightning appends to it
+    trainer.fit(ClassifierModule(model="cnn", optimizer="sgd"), datamodule=DigitsDataModule(batch_size=32))
+    last = {k: v for cb in made for k, v in cb.history[-1].items()}
+    assert all(cb.history[-1]["step"] == 3 for cb in made)
+    for key in ("hessian/eig_1", "hessian/eig_2", "hessian/trace", "sharpness/sam", "gen_gap/loss", "gen_gap/acc"):
+        assert key in last and key in trainer.callback_metrics, key
+    assert last["hessian/eig_1"] >= last["hessian/eig_2"]
+    stated = last["hessian/trace_stderr"] <= TRACE_RTOL * abs(last["hessian/trace"])
+    assert stated or last["hessian/trace_matvecs"] >= 59

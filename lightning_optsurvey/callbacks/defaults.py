@@ -3,9 +3,9 @@ r"""The measuring callbacks ``optsurvey compare`` attaches to every run, sized t
 Measured on the digits CNN (``benchmarks/measure_overhead.py``, README "Measurement cost"), the set adds
 at most half of training's time to a run while logging what the comparison table shows:
 
-- ``GeneralizationGap``: every ``GAP_EVERY_N_EPOCHS`` epochs and when training ends, the training side on
-  a subset sized for a standard error of at most ``GAP_STDERR`` on the training accuracy (the bound
-  :math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`: 400 samples), not the whole training set;
+- ``GeneralizationGap``: every ``GAP_EVERY_N_EPOCHS`` epochs and when training ends, each side on a fixed
+  subset sized for a standard error of at most ``GAP_STDERR`` on its accuracy (the bound
+  :math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`: 400 samples), not the whole training and validation sets;
 - ``Sharpness(kinds=("sam",))``: every ``GAP_EVERY_N_EPOCHS`` epochs and when training ends, SAM's one-step
   sharpness at rho=0.05 on one batch;
 - ``HessianSpectrum``: top-2 eigenvalues (Lanczos to a relative residual of 1e-3) and the trace (to a
@@ -47,7 +47,7 @@ def default_callbacks(world_size: int = 1, strategy: str | None = None) -> list[
     made: list[Any] = [
         HessianSpectrum(top_k=2, trace=TraceConfig(rtol=TRACE_RTOL), every_n_epochs=HESSIAN_EVERY_N_EPOCHS,
                         at_fit_end=True),
-        GeneralizationGap(every_n_epochs=GAP_EVERY_N_EPOCHS, train_stderr=GAP_STDERR, at_fit_end=True),
+        GeneralizationGap(every_n_epochs=GAP_EVERY_N_EPOCHS, stderr=GAP_STDERR, at_fit_end=True),
         Sharpness(kinds=("sam",), rho=0.05, num_batches=1, every_n_epochs=GAP_EVERY_N_EPOCHS, at_fit_end=True),
     ]
     kind = dict.get(StrategyRegistry, strategy, {}).get("strategy") if strategy else None

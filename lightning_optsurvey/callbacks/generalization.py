@@ -18,6 +18,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -26,6 +27,7 @@ from lightning_optsurvey.callbacks._measure import (
     MeasuringCallback,
     _first_dataloader,
     check_loss_fn,
+    draw_batches,
     resolve_loss_fn,
 )
 from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss, model_args
@@ -48,28 +50,30 @@ class GeneralizationGap(MeasuringCallback):
     padding) are left out. Otherwise (dict batches, regression targets) only the loss is logged and a
     warning says once why there is no accuracy.
 
-    The training side need not be the whole training set: ``train_stderr`` sizes a random subset so that
-    the standard error of its accuracy is at most that bound whatever the accuracy
-    (:math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`, so :math:`n = \lceil 1/(4\,\mathrm{se}^2) \rceil` samples over
-    all ranks, rounded up to whole batches; 400 samples for 0.025), the same sampling precision as a
-    validation set of that size.
+    Neither side need be a whole set: ``stderr`` sizes a random subset of each (drawn once with ``seed``,
+    kept on the module's device) so that the standard error of its accuracy is at most that bound whatever
+    the accuracy (:math:`\sqrt{p(1-p)/n} \le 1/(2\sqrt n)`, so :math:`n = \lceil 1/(4\,\mathrm{se}^2) \rceil`
+    samples over all ranks, rounded up to whole batches, at most the whole set; 400 samples for 0.025).
+    The validation subset is drawn from the validation loader's dataset with its batch size and collate
+    function (its loader is not iterated then), so its samples are fixed across measurements.
 
     Args:
         every_n_epochs: Measure after every n-th epoch (``None``: never at epoch ends).
         num_train_batches: Batches in the training subset (``None``: the whole training set, or as
-            ``train_stderr`` says).
+            ``stderr`` says).
         loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
             if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         seed: Seed of the training subset.
-        train_stderr: Size the training subset for this standard error of the training accuracy (in
-            (0, 0.5]); ``None``: as ``num_train_batches`` says. Not both.
+        stderr: Size the training and validation subsets for this standard error of their accuracies (in
+            (0, 0.5]); ``None``: the whole validation set, and the training side as ``num_train_batches``
+            says. Not both.
         at_fit_end: Also measure once when training ends.
 
     Raises:
         TypeError: For an argument of the wrong type.
         ValueError: For a cadence or ``num_train_batches`` that is not a positive integer (or ``None``), a
-            ``train_stderr`` out of range, or both ``num_train_batches`` and ``train_stderr``.
+            ``stderr`` out of range, or both ``num_train_batches`` and ``stderr``.
         RuntimeError: At measurement time, if the trainer has no validation loader.
     """
 
@@ -81,26 +85,27 @@ class GeneralizationGap(MeasuringCallback):
         every_n_steps: int | None = None,
         seed: int = 0,
         *,
-        train_stderr: float | None = None,
+        stderr: float | None = None,
         at_fit_end: bool = False,
     ) -> None:
         check_optional(check_int, "num_train_batches", num_train_batches)
-        check_optional(check_float, "train_stderr", train_stderr, low=0.0, high=0.5, low_open=True)
-        if num_train_batches is not None and train_stderr is not None:
-            raise ValueError(f"give num_train_batches or train_stderr, not both (got {num_train_batches!r} and "
-                             f"{train_stderr!r})")
+        check_optional(check_float, "stderr", stderr, low=0.0, high=0.5, low_open=True)
+        if num_train_batches is not None and stderr is not None:
+            raise ValueError(f"give num_train_batches or stderr, not both (got {num_train_batches!r} and "
+                             f"{stderr!r})")
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
                          num_batches=num_train_batches or 1, seed=seed, at_fit_end=at_fit_end)
         self.num_train_batches = num_train_batches
-        self.train_stderr = train_stderr
+        self.stderr = stderr
+        self._val_batches: list[Any] | None = None
         self.loss_fn = check_loss_fn(loss_fn)
         self._warned = False
 
     @override
     def state_key_config(self) -> dict[str, Any]:
         config = {**super().state_key_config(), "num_train_batches": self.num_train_batches}
-        if self.train_stderr is not None:
-            config["train_stderr"] = self.train_stderr
+        if self.stderr is not None:
+            config["stderr"] = self.stderr
         return config
 
     @override
@@ -110,12 +115,28 @@ class GeneralizationGap(MeasuringCallback):
         loader = _first_dataloader(trainer.train_dataloader)  # None: train_measurement_batches explains
         if loader is None:
             return 1
+        return self._subset_batches(loader, trainer.world_size)
+
+    def _subset_batches(self, loader: DataLoader, world_size: int) -> int:
+        """Batches per rank of ``loader``'s dataset: all of them, or as many as ``stderr`` asks."""
         batch_size = loader.batch_size or 1
-        whole = math.ceil(len(loader.dataset) / (batch_size * trainer.world_size))  # type: ignore[arg-type]
-        if self.train_stderr is None:
+        whole = math.ceil(len(loader.dataset) / (batch_size * world_size))  # type: ignore[arg-type]
+        if self.stderr is None:
             return whole
-        samples = math.ceil(1.0 / (4.0 * self.train_stderr**2))
-        return min(whole, math.ceil(samples / (batch_size * trainer.world_size)))
+        samples = math.ceil(1.0 / (4.0 * self.stderr**2))
+        return min(whole, math.ceil(samples / (batch_size * world_size)))
+
+    def _validation_batches(self, trainer: Trainer, loader: DataLoader, device: torch.device) -> Any:
+        """The validation side: ``loader`` itself, or with ``stderr`` a fixed subset of its dataset."""
+        if self.stderr is None:
+            return loader
+        if self._val_batches is None:
+            count = self._subset_batches(loader, trainer.world_size) if hasattr(loader.dataset, "__len__") else \
+                math.ceil(math.ceil(1.0 / (4.0 * self.stderr**2)) / ((loader.batch_size or 1) * trainer.world_size))
+            self._val_batches = draw_batches(
+                loader.dataset, count, loader.batch_size or 1, generator=torch.Generator().manual_seed(self.seed + 1),
+                collate_fn=loader.collate_fn, rank=trainer.global_rank, world_size=trainer.world_size, device=device)
+        return self._val_batches
 
     def _class_scores(self, out: Any, targets: Any) -> tuple[Tensor, Tensor] | str:
         """``(scores (N, C), labels (N,))`` when ``out`` holds class scores for ``targets``, else why not.
@@ -229,7 +250,8 @@ class GeneralizationGap(MeasuringCallback):
         pl_module.eval()
         objective = as_batch_loss(resolve_loss_fn(pl_module, self.loss_fn))
         train_loss, train_acc = self._evaluate(pl_module, objective, batches)
-        val_loss, val_acc = self._evaluate(pl_module, objective, val_loader)
+        val_loss, val_acc = self._evaluate(pl_module, objective,
+                                           self._validation_batches(trainer, val_loader, pl_module.device))
         out = {"train_eval/loss": train_loss, "gen_gap/loss": val_loss - train_loss}
         if train_acc is not None and val_acc is not None:
             out.update({"train_eval/acc": train_acc, "gen_gap/acc": train_acc - val_acc})
