@@ -144,7 +144,7 @@ def non_perturbation(device: torch.device, steps: int) -> bool:
     """Train with and without HessianSpectrum; True when every tensor and the RNG states are bitwise equal."""
     import lightning.pytorch as pl
 
-    from lightning_optsurvey.callbacks import HessianSpectrum
+    from lightning_optsurvey.callbacks import HessianSpectrum, TraceConfig
     from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
     def fit(callbacks: list) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
@@ -160,7 +160,7 @@ def non_perturbation(device: torch.device, steps: int) -> bool:
         return ({k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, torch.get_rng_state(),
                 cuda_rng)
 
-    spectrum = HessianSpectrum(top_k=2, trace=True, every_n_steps=max(1, steps // 3), trace_matvecs=12)
+    spectrum = HessianSpectrum(top_k=2, trace=TraceConfig(matvecs=12), every_n_steps=max(1, steps // 3))
     with_cb = fit([spectrum])
     without = fit([])
     same_params = all(torch.equal(a, b) for a, b in zip(with_cb[0].values(), without[0].values(), strict=True))

@@ -228,28 +228,6 @@ class RunConfig:
         return f"{base}-swa" if self.swa else base
 
 
-def default_callbacks(world_size: int = 1, strategy: str | None = None) -> list[Any]:
-    """The measuring callbacks ``optsurvey compare`` attaches to every run.
-
-    Top-2 Hessian eigenvalues and the trace (about 80 Hessian-vector products per epoch on one batch),
-    the generalization gap on a fixed train subset, SAM sharpness at rho=0.05, and, with several
-    processes, the consensus distance between the ranks' models, except under the asynchronous
-    strategies: they log their own distance to the center under the same key, and a collective every
-    10 steps would put back the barrier they remove.
-    """
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    from lightning_optsurvey.callbacks import ConsensusDistance, GeneralizationGap, HessianSpectrum, Sharpness
-    from lightning_optsurvey.strategies.easgd_async import AsyncCenterStrategy
-
-    made: list[Any] = [HessianSpectrum(top_k=2, trace=True), GeneralizationGap(), Sharpness(kinds=("sam",), rho=0.05)]
-    kind = dict.get(StrategyRegistry, strategy, {}).get("strategy") if strategy else None
-    asynchronous = isinstance(kind, type) and issubclass(kind, AsyncCenterStrategy)
-    if world_size > 1 and not asynchronous:
-        made.append(ConsensusDistance(every_n_steps=10))
-    return made
-
-
 def _strategy(config: RunConfig) -> Any:
     """The run's strategy: its registered name, or the registered object with ``--timeout`` applied."""
     if config.strategy is None:
@@ -273,7 +251,7 @@ def train_one(config: RunConfig) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from lightning_optsurvey.callbacks import SWA, DivergenceMonitor, OptimizerLoopAdapter
+    from lightning_optsurvey.callbacks import SWA, DivergenceMonitor, OptimizerLoopAdapter, default_callbacks
     from lightning_optsurvey.optim import get_spec
 
     L.seed_everything(config.seed, workers=True, verbose=False)

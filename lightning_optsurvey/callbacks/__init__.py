@@ -6,10 +6,11 @@ training with the callback is bitwise identical to training without it.
 
 from lightning_optsurvey.callbacks._measure import Cadence, MeasuringCallback, measuring
 from lightning_optsurvey.callbacks.consensus import ConsensusDistance
+from lightning_optsurvey.callbacks.defaults import default_callbacks
 from lightning_optsurvey.callbacks.divergence import DivergenceMonitor
 from lightning_optsurvey.callbacks.generalization import GeneralizationGap
 from lightning_optsurvey.callbacks.generalization_measures import GeneralizationMeasures
-from lightning_optsurvey.callbacks.hessian import HessianSpectrum
+from lightning_optsurvey.callbacks.hessian import DensityConfig, HessianSpectrum, TraceConfig
 from lightning_optsurvey.callbacks.landscape import LossLandscape
 from lightning_optsurvey.callbacks.noise import GradientNoiseScale
 from lightning_optsurvey.callbacks.optimizer_loop import OptimizerLoopAdapter, SVRGSnapshot
@@ -22,6 +23,7 @@ __all__ = [
     "SWA",
     "Cadence",
     "ConsensusDistance",
+    "DensityConfig",
     "DivergenceMonitor",
     "EdgeOfStability",
     "GeneralizationGap",
@@ -34,5 +36,7 @@ __all__ = [
     "SVRGSnapshot",
     "Sharpness",
     "Straggler",
+    "TraceConfig",
+    "default_callbacks",
     "measuring",
 ]

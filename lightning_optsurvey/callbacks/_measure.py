@@ -71,10 +71,12 @@ from typing_extensions import override
 
 from lightning_optsurvey.curvature.kernels import derivative_kernels
 from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss
+from lightning_optsurvey.validation import check_bool, check_callable, check_int, check_optional
 
 __all__ = [
     "Cadence",
     "MeasuringCallback",
+    "check_loss_fn",
     "draw_batches",
     "measuring",
     "resolve_loss_fn",
@@ -139,21 +141,22 @@ def measuring(module: nn.Module) -> Iterator[nn.Module]:
         (True, True, True)
     """
     module = unwrap_module(module)
+    subs = list(module.modules())  # once: it hashes every submodule (a torchmetrics Metric hashes its state)
     with torch.inference_mode(False), torch.no_grad():
         params = [
             (sub, name, p, p.detach().clone(), p.requires_grad,
              p.grad, None if p.grad is None else p.grad.detach().clone())
-            for sub in module.modules()
+            for sub in subs
             for name, p in sub._parameters.items()
             if p is not None
         ]
         buffers = [
             (sub, name, b, b.detach().clone())
-            for sub in module.modules()
+            for sub in subs
             for name, b in sub._buffers.items()
             if b is not None
         ]
-    modes = [(sub, sub.training) for sub in module.modules()]
+    modes = [(sub, sub.training) for sub in subs]
     rng = _rng_states()
     try:
         with ExitStack() as stack:
@@ -213,13 +216,20 @@ def resolve_loss_fn(pl_module: nn.Module, loss_fn: LossFn | None) -> LossFn:
     Every loss returns the *mean* over the batch.
     """
     if loss_fn is not None:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
-        return loss_fn
+        return check_loss_fn(loss_fn)
     if callable(getattr(pl_module, "compute_loss", None)):
         return ModuleLoss("compute_loss")
     own = getattr(pl_module, "loss_fn", None)
     return own if callable(own) else F.cross_entropy
+
+
+def check_loss_fn(loss_fn: LossFn | None) -> LossFn | None:
+    """``None`` or a callable ``loss_fn(outputs, targets)`` / ``BatchLoss`` (the callbacks' one check).
+
+    Raises:
+        TypeError: If it is neither ``None`` nor callable.
+    """
+    return check_optional(check_callable, "loss_fn", loss_fn, signature="loss_fn(outputs, targets)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,8 +270,7 @@ def draw_batches(
         ValueError: If a count is not a positive integer, or the dataset is empty.
     """
     for name, value in (("num_batches", num_batches), ("batch_size", batch_size), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, value)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
     collate = collate_fn or torch.utils.data.default_collate
@@ -352,33 +361,33 @@ def train_measurement_batches(
 # ----------------------------------------------------------------------------------------------------------
 # Cadence and the base callback
 # ----------------------------------------------------------------------------------------------------------
-def _check_optional_positive(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-
-
 @dataclass(frozen=True)
 class Cadence:
-    """When to measure: after every ``every_n_epochs``-th epoch and/or every ``every_n_steps``-th step.
+    """When to measure: after every ``every_n_epochs``-th epoch, every ``every_n_steps``-th step, at fit end.
 
     Args:
         every_n_epochs: Measure at the end of epochs ``n-1, 2n-1, ...`` (0-based), or never if ``None``.
         every_n_steps: Measure after optimizer steps ``n, 2n, ...`` (``trainer.global_step``), or never.
+        at_fit_end: Also measure once when training ends (``on_train_end``: the last epoch, ``max_steps``
+            or an early stop), unless a measurement already ran after that step. With only this set, a
+            run pays for one measurement whatever its length (the cheap default of ``optsurvey compare``).
 
     Raises:
-        ValueError: If a value is not a positive integer or ``None``, or both are ``None``.
+        TypeError: If a value has the wrong type.
+        ValueError: If a count is not positive, or nothing is set (both counts ``None``, no ``at_fit_end``).
     """
 
     every_n_epochs: int | None = 1
     every_n_steps: int | None = None
+    at_fit_end: bool = False
 
     def __post_init__(self) -> None:
-        _check_optional_positive("every_n_epochs", self.every_n_epochs)
-        _check_optional_positive("every_n_steps", self.every_n_steps)
-        if self.every_n_epochs is None and self.every_n_steps is None:
-            raise ValueError("at least one of every_n_epochs and every_n_steps must be set, got both None")
+        check_optional(check_int, "every_n_epochs", self.every_n_epochs)
+        check_optional(check_int, "every_n_steps", self.every_n_steps)
+        check_bool("at_fit_end", self.at_fit_end)
+        if self.every_n_epochs is None and self.every_n_steps is None and not self.at_fit_end:
+            raise ValueError("at least one of every_n_epochs and every_n_steps must be set (or at_fit_end=True), "
+                             "got both None")
 
     def due_at_epoch_end(self, epoch: int) -> bool:
         """Whether to measure at the end of (0-based) ``epoch``."""
@@ -414,9 +423,11 @@ class MeasuringCallback(Callback):
         num_batches: Size of the fixed measurement subset, in batches of the train loader's batch size,
             per rank.
         seed: Seed of the callback's own generator (draws the subset; subclasses may use it further).
+        at_fit_end: Also measure once when training ends (see :class:`Cadence`).
 
     Raises:
-        ValueError: For a cadence that is not a positive integer or ``None`` (or both ``None``), or a
+        TypeError: For a count, seed or flag of the wrong type.
+        ValueError: For a cadence that is not a positive integer or ``None`` (or nothing set), or a
             ``num_batches`` that is not a positive integer.
     """
 
@@ -427,19 +438,18 @@ class MeasuringCallback(Callback):
         every_n_steps: int | None = None,
         num_batches: int = 1,
         seed: int = 0,
+        at_fit_end: bool = False,
     ) -> None:
         super().__init__()
-        self.cadence = Cadence(every_n_epochs, every_n_steps)
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
+        self.cadence = Cadence(every_n_epochs, every_n_steps, at_fit_end)
+        check_int("num_batches", num_batches)
+        check_int("seed", seed, low=None)
         self.num_batches = num_batches
         self.seed = seed
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
         self._last_step_measured = -1
-        self.trigger = "epoch"  # what started the current/last measurement: "step" or "epoch"
+        self.trigger = "epoch"  # what started the current/last measurement: "step", "epoch" or "end"
 
     # -- pickling (ddp_spawn sends the callbacks to the worker processes) ---------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -459,12 +469,15 @@ class MeasuringCallback(Callback):
     # -- configuration -----------------------------------------------------------------------------------
     def state_key_config(self) -> dict[str, Any]:
         """The configuration that identifies this instance (extend in subclasses)."""
-        return {
+        config = {
             "every_n_epochs": self.cadence.every_n_epochs,
             "every_n_steps": self.cadence.every_n_steps,
             "num_batches": self.num_batches,
             "seed": self.seed,
         }
+        if self.cadence.at_fit_end:  # only when set, so existing state keys (and checkpoints) stay valid
+            config["at_fit_end"] = True
+        return config
 
     @property
     @override
@@ -553,6 +566,13 @@ class MeasuringCallback(Callback):
         if self.cadence.due_at_epoch_end(trainer.current_epoch) and trainer.global_step != self._last_step_measured:
             self._last_step_measured = trainer.global_step
             self.trigger = "epoch"
+            self.run_measurement(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.cadence.at_fit_end and trainer.global_step != self._last_step_measured:
+            self._last_step_measured = trainer.global_step
+            self.trigger = "end"
             self.run_measurement(trainer, pl_module)
 
     @override

@@ -2,6 +2,8 @@
 
 A thin wrapper over :mod:`lightning_optsurvey.measures.norms`. It keeps the initial weights (taken at the
 start of the first fit) in its checkpoint state, so the distance from initialization survives a resume.
+Each measure is one row of :data:`MEASURES`, ``name -> fn(callback, module, batches) -> float``; adding a
+measure is adding a row.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_optsurvey.callbacks._measure import MeasuringCallback, resolve_loss_fn, unwrap_module
-from lightning_optsurvey.measures._functional import make_generator
-from lightning_optsurvey.measures.norms import (
+from lightning_optsurvey.callbacks._measure import MeasuringCallback, check_loss_fn, resolve_loss_fn, unwrap_module
+from lightning_optsurvey.measures import (
     distance_from_init,
     fisher_rao_norm,
     frobenius_norm_product,
+    make_generator,
     parameter_norm,
     path_norm,
     spectral_norm_product,
@@ -28,7 +30,24 @@ from lightning_optsurvey.measures.norms import (
 
 __all__ = ["MEASURES", "GeneralizationMeasures"]
 
-MEASURES = ("param_norm", "distance_from_init", "spectral_product", "frobenius_product", "path_norm", "fisher_rao")
+Measure = Callable[["GeneralizationMeasures", LightningModule, list[Any]], float]
+
+
+def _distance_from_init(cb: GeneralizationMeasures, module: LightningModule, batches: list[Any]) -> float:
+    if cb._initial is None:
+        raise RuntimeError("no initial weights recorded: the callback missed on_fit_start")
+    return distance_from_init(module, cb._initial)
+
+
+MEASURES: dict[str, Measure] = {
+    "param_norm": lambda cb, module, batches: parameter_norm(module),
+    "distance_from_init": _distance_from_init,
+    "spectral_product": lambda cb, module, batches: spectral_norm_product(
+        module, cb.example_input(module, batches), tol=1e-4, generator=make_generator(module.device, cb.seed)),
+    "frobenius_product": lambda cb, module, batches: frobenius_norm_product(module),
+    "path_norm": lambda cb, module, batches: path_norm(module, cb.example_input(module, batches)),
+    "fisher_rao": lambda cb, module, batches: fisher_rao_norm(module, resolve_loss_fn(module, cb.loss_fn), batches),
+}
 
 
 class GeneralizationMeasures(MeasuringCallback):
@@ -56,8 +75,10 @@ class GeneralizationMeasures(MeasuringCallback):
         every_n_steps: Measure after every n-th optimizer step (``None``: never).
         num_batches: Batches in the fixed subset.
         seed: Seed of the subset and of the spectral norms' start vectors.
+        at_fit_end: Also measure once when training ends.
 
     Raises:
+        TypeError: For an argument of the wrong type.
         ValueError: For an unknown or repeated measure, or a bad cadence.
 
     References:
@@ -67,24 +88,24 @@ class GeneralizationMeasures(MeasuringCallback):
 
     def __init__(
         self,
-        measures: Sequence[str] = MEASURES,
+        measures: Sequence[str] = tuple(MEASURES),
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         num_batches: int = 2,
         seed: int = 0,
+        *,
+        at_fit_end: bool = False,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, num_batches=num_batches,
-                         seed=seed)
+                         seed=seed, at_fit_end=at_fit_end)
         if isinstance(measures, str):
             raise ValueError(f"measures must be a sequence of names, got the string {measures!r}")
         measures = tuple(measures)
         if not measures or any(m not in MEASURES for m in measures) or len(set(measures)) != len(measures):
-            raise ValueError(f"measures must be distinct names among {MEASURES}, got {measures!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+            raise ValueError(f"measures must be distinct names among {tuple(MEASURES)}, got {measures!r}")
         self.measures = measures
-        self.loss_fn = loss_fn
+        self.loss_fn = check_loss_fn(loss_fn)
         self._initial: dict[str, Tensor] | None = None
 
     @override
@@ -102,28 +123,10 @@ class GeneralizationMeasures(MeasuringCallback):
     @override
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
         pl_module.eval()
-        out: dict[str, float] = {}
-        for name in self.measures:
-            if name == "param_norm":
-                value = parameter_norm(pl_module)
-            elif name == "distance_from_init":
-                if self._initial is None:
-                    raise RuntimeError("no initial weights recorded: the callback missed on_fit_start")
-                value = distance_from_init(pl_module, self._initial)
-            elif name == "spectral_product":
-                value = spectral_norm_product(pl_module, self._example_input(pl_module, batches), tol=1e-4,
-                                              generator=make_generator(pl_module.device, self.seed))
-            elif name == "frobenius_product":
-                value = frobenius_norm_product(pl_module)
-            elif name == "path_norm":
-                value = path_norm(pl_module, self._example_input(pl_module, batches))
-            else:
-                value = fisher_rao_norm(pl_module, resolve_loss_fn(pl_module, self.loss_fn), batches)
-            out[f"measures/{name}"] = value
-        return out
+        return {f"measures/{name}": MEASURES[name](self, pl_module, batches) for name in self.measures}
 
     @staticmethod
-    def _example_input(pl_module: LightningModule, batches: list[Any]) -> Any:
+    def example_input(pl_module: LightningModule, batches: list[Any]) -> Any:
         """The model's input for the shape-finding passes.
 
         The inputs of an ``(inputs, targets)`` batch, else the module's ``example_input_array`` (Lightning's

@@ -16,9 +16,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_optsurvey.callbacks._artifacts import save_figure, save_json
-from lightning_optsurvey.callbacks._measure import MeasuringCallback, resolve_loss_fn, unwrap_module
-from lightning_optsurvey.measures._functional import check_positive, make_generator
+from lightning_optsurvey.callbacks._measure import MeasuringCallback, check_loss_fn, resolve_loss_fn, unwrap_module
+from lightning_optsurvey.measures import make_generator
 from lightning_optsurvey.measures.landscape import loss_surface, normalize_to_filters
+from lightning_optsurvey.validation import check_choice, check_float, check_int
 
 __all__ = ["LossLandscape"]
 
@@ -78,22 +79,12 @@ class LossLandscape(MeasuringCallback):
         seed: int = 0,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, num_batches=num_batches, seed=seed)
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if directions not in _DIRECTIONS:
-            raise ValueError(f"directions must be one of {_DIRECTIONS}, got {directions!r}")
-        if at not in _AT:
-            raise ValueError(f"at must be one of {_AT}, got {at!r}")
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 3:
-            raise ValueError(f"resolution must be an integer >= 3, got {resolution!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
-        self.kind = kind
-        self.directions = directions
-        self.resolution = resolution
-        self.span = check_positive("span", span)
-        self.at = at
-        self.loss_fn = loss_fn
+        self.kind = check_choice("kind", kind, _KINDS)
+        self.directions = check_choice("directions", directions, _DIRECTIONS)
+        self.at = check_choice("at", at, _AT)
+        self.resolution = check_int("resolution", resolution, low=3)
+        self.span = check_float("span", span, low=0.0, low_open=True)
+        self.loss_fn = check_loss_fn(loss_fn)
         self._initial: dict[str, Tensor] | None = None
         self._random: list[dict[str, Tensor]] | None = None
         self.last_grid: dict[str, Any] | None = None

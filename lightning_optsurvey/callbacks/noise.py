@@ -16,8 +16,9 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_optsurvey.callbacks._measure import MeasuringCallback, resolve_loss_fn
+from lightning_optsurvey.callbacks._measure import MeasuringCallback, check_loss_fn, resolve_loss_fn
 from lightning_optsurvey.measures.noise import NoiseScale, batch_gradients, gradient_noise_scale
+from lightning_optsurvey.validation import check_int
 
 __all__ = ["GradientNoiseScale", "noise_scale_across_ranks"]
 
@@ -78,14 +79,10 @@ class GradientNoiseScale(MeasuringCallback):
         every_n_steps: int | None = None,
         seed: int = 0,
     ) -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 2:
-            raise ValueError(f"num_batches must be an integer >= 2 (small batches and their union), "
-                             f"got {num_batches!r}")
+        check_int("num_batches", num_batches, low=2)  # small batches and their union
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, num_batches=num_batches,
                          seed=seed)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
-        self.loss_fn = loss_fn
+        self.loss_fn = check_loss_fn(loss_fn)
 
     @override
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:

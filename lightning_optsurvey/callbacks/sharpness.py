@@ -2,39 +2,70 @@
 
 A thin wrapper over :mod:`lightning_optsurvey.measures.sharpness`; the measurement runs inside the
 side-effect-free context of :mod:`lightning_optsurvey.callbacks._measure`, with the module in eval mode.
+
+Each kind is one row of :data:`KINDS`: the function, the callback options it takes and its fixed
+arguments. Adding a measure is adding a row::
+
+    KINDS["my_kind"] = SharpnessKind(my_sharpness, options=("rho",), fixed={"p": 3})
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_optsurvey.callbacks._measure import MeasuringCallback, resolve_loss_fn
-from lightning_optsurvey.measures._functional import check_count, check_positive, make_generator
-from lightning_optsurvey.measures.sharpness import (
+from lightning_optsurvey.callbacks._measure import MeasuringCallback, check_loss_fn, resolve_loss_fn
+from lightning_optsurvey.measures import (
     average_sharpness,
     keskar_sharpness,
+    make_generator,
     pac_bayes_sigma,
     sam_sharpness,
     worst_case_sharpness,
 )
+from lightning_optsurvey.validation import check_float, check_int, check_optional
 
-__all__ = ["Sharpness"]
+__all__ = ["KINDS", "Sharpness", "SharpnessKind"]
 
-KINDS = (
-    "sam",
-    "worst_case",
-    "adaptive_worst_case",
-    "linf_worst_case",
-    "average",
-    "adaptive_average",
-    "keskar",
-    "pac_bayes_sigma",
-)
+
+@dataclass(frozen=True)
+class SharpnessKind:
+    """One sharpness measure of :class:`Sharpness`.
+
+    Attributes:
+        fn: ``fn(model, loss_fn, batches, **kwargs) -> float``.
+        options: Names of the :class:`Sharpness` options passed to ``fn`` under the same names.
+        fixed: Further keyword arguments, always the same for this kind.
+        random: Whether ``fn`` takes a ``generator`` (seeded with the callback's seed at every measurement).
+    """
+
+    fn: Callable[..., float]
+    options: tuple[str, ...]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    random: bool = True
+
+    def __call__(self, callback: Sharpness, model: Any, loss_fn: Any, batches: list[Any]) -> float:
+        kwargs = {name: getattr(callback, name) for name in self.options}
+        if self.random:
+            kwargs["generator"] = make_generator(next(model.parameters()).device, callback.seed)
+        return self.fn(model, loss_fn, batches, **kwargs, **self.fixed)
+
+
+KINDS: dict[str, SharpnessKind] = {
+    "sam": SharpnessKind(sam_sharpness, ("rho", "m"), random=False),
+    "worst_case": SharpnessKind(worst_case_sharpness, ("rho", "steps"), {"norm": "l2", "adaptive": False}),
+    "adaptive_worst_case": SharpnessKind(worst_case_sharpness, ("rho", "steps"), {"norm": "l2", "adaptive": True}),
+    "linf_worst_case": SharpnessKind(worst_case_sharpness, ("rho", "steps"), {"norm": "linf", "adaptive": False}),
+    "average": SharpnessKind(average_sharpness, ("sigma", "num_samples"), {"adaptive": False}),
+    "adaptive_average": SharpnessKind(average_sharpness, ("sigma", "num_samples"), {"adaptive": True}),
+    "keskar": SharpnessKind(keskar_sharpness, ("epsilon", "steps")),
+    "pac_bayes_sigma": SharpnessKind(pac_bayes_sigma, ("max_deviation", "num_samples")),
+}
 
 
 class Sharpness(MeasuringCallback):
@@ -73,7 +104,10 @@ class Sharpness(MeasuringCallback):
         num_batches: Batches of the train loader's size in the fixed subset.
         seed: Seed of the subset and of the random kinds.
 
+        at_fit_end: Also measure once when training ends.
+
     Raises:
+        TypeError: For an argument of the wrong type.
         ValueError: For an unknown or repeated kind, or an out-of-range number.
 
     Example:
@@ -103,27 +137,27 @@ class Sharpness(MeasuringCallback):
         every_n_steps: int | None = None,
         num_batches: int = 4,
         seed: int = 0,
+        *,
+        at_fit_end: bool = False,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, num_batches=num_batches,
-                         seed=seed)
+                         seed=seed, at_fit_end=at_fit_end)
         if isinstance(kinds, str):
             raise ValueError(f"kinds must be a sequence of kind names, got the string {kinds!r}; "
                              f"wrap it: kinds=({kinds!r},)")
         kinds = tuple(kinds)
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds or len(set(kinds)) != len(kinds):
-            raise ValueError(f"kinds must be distinct names among {KINDS}, got {kinds!r}")
+            raise ValueError(f"kinds must be distinct names among {tuple(KINDS)}, got {kinds!r}")
         self.kinds = kinds
-        self.rho = check_positive("rho", rho)
-        self.sigma = check_positive("sigma", sigma)
-        self.steps = check_count("steps", steps)
-        self.num_samples = check_count("num_samples", num_samples)
-        self.m = None if m is None else check_count("m", m)
-        self.epsilon = check_positive("epsilon", epsilon)
-        self.max_deviation = check_positive("max_deviation", max_deviation)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
-        self.loss_fn = loss_fn
+        self.rho = check_float("rho", rho, low=0.0, low_open=True)
+        self.sigma = check_float("sigma", sigma, low=0.0, low_open=True)
+        self.steps = check_int("steps", steps)
+        self.num_samples = check_int("num_samples", num_samples)
+        self.m = check_optional(check_int, "m", m)
+        self.epsilon = check_float("epsilon", epsilon, low=0.0, low_open=True)
+        self.max_deviation = check_float("max_deviation", max_deviation, low=0.0, low_open=True)
+        self.loss_fn = check_loss_fn(loss_fn)
 
     @override
     def state_key_config(self) -> dict[str, Any]:
@@ -143,24 +177,4 @@ class Sharpness(MeasuringCallback):
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
         pl_module.eval()
         loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
-        device = next(pl_module.parameters()).device
-        args = (pl_module, loss_fn, batches)
-        out: dict[str, float] = {}
-        for kind in self.kinds:
-            generator = make_generator(device, self.seed)
-            if kind == "sam":
-                value = sam_sharpness(*args, rho=self.rho, m=self.m)
-            elif kind.endswith("worst_case"):
-                value = worst_case_sharpness(*args, rho=self.rho, norm="linf" if kind.startswith("linf") else "l2",
-                                             adaptive=kind.startswith("adaptive"), steps=self.steps,
-                                             generator=generator)
-            elif kind.endswith("average"):
-                value = average_sharpness(*args, sigma=self.sigma, adaptive=kind.startswith("adaptive"),
-                                          num_samples=self.num_samples, generator=generator)
-            elif kind == "keskar":
-                value = keskar_sharpness(*args, epsilon=self.epsilon, steps=self.steps, generator=generator)
-            else:
-                value = pac_bayes_sigma(*args, max_deviation=self.max_deviation, num_samples=self.num_samples,
-                                        generator=generator)
-            out[f"sharpness/{kind}"] = value
-        return out
+        return {f"sharpness/{kind}": KINDS[kind](self, pl_module, loss_fn, batches) for kind in self.kinds}

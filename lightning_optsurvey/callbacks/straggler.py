@@ -24,7 +24,6 @@ Why our own: neither Lightning nor ``torch.distributed`` can slow a rank down on
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Mapping
@@ -33,23 +32,19 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from lightning_optsurvey.validation import check_bool, check_float, check_int, check_type
+
 __all__ = ["Straggler"]
 
 
 def _rank_map(name: str, value: Mapping[int, float] | None, minimum: float) -> dict[int, float]:
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a mapping rank -> number, got {value!r}")
+    check_type(name, value, Mapping, "a mapping rank -> number")
     out: dict[int, float] = {}
     for rank, amount in value.items():
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"{name}: ranks must be non-negative integers, got {rank!r}")
-        if isinstance(amount, bool) or not isinstance(amount, int | float):
-            raise TypeError(f"{name}[{rank}] must be a number, got {amount!r}")
-        if not (math.isfinite(amount) and amount >= minimum):
-            raise ValueError(f"{name}[{rank}] must be a finite number >= {minimum}, got {amount}")
-        out[rank] = float(amount)
+        check_int(f"{name}: rank", rank, low=0)
+        out[rank] = check_float(f"{name}[{rank}]", amount, low=minimum)
     return out
 
 
@@ -84,10 +79,8 @@ class Straggler(Callback):
         self.delays = _rank_map("delays", delays, 0.0)
         self.slowdown = _rank_map("slowdown", slowdown, 1.0)
         self.random_delays = _rank_map("random_delays", random_delays, 0.0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        if not isinstance(log, bool):
-            raise TypeError(f"log must be a bool, got {log!r}")
+        check_int("seed", seed, low=None)
+        check_bool("log", log)
         self.seed, self.log = seed, log
         self.total_delay = 0.0
         self._start: float | None = None

@@ -18,7 +18,6 @@ validation of the iterate before averaging starts) is added here.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from typing_extensions import override
 
 from lightning_optsurvey.callbacks._measure import MeasuringCallback, measuring
 from lightning_optsurvey.callbacks.optimizer_loop import _default_loss
+from lightning_optsurvey.validation import check_bool, check_float, check_int, check_optional, check_type
 
 #: The paper, as the registry cites methods.
 REFERENCE = "Izmailov, Podoprikhin, Garipov, Vetrov & Wilson 2018, arXiv:1803.05407"
@@ -101,17 +101,13 @@ class SWA(WeightAveraging):
         measure_average: bool = True,
         device: torch.device | str | int | None = None,
     ) -> None:
-        if isinstance(swa_epoch_start, bool) or not isinstance(swa_epoch_start, (int, float)):
-            raise ValueError(f"swa_epoch_start must be an int >= 0 or a float in (0, 1], got {swa_epoch_start!r}")
-        if isinstance(swa_epoch_start, int) and swa_epoch_start < 0:
-            raise ValueError(f"swa_epoch_start must be an int >= 0 or a float in (0, 1], got {swa_epoch_start!r}")
-        if isinstance(swa_epoch_start, float) and not 0.0 < swa_epoch_start <= 1.0:
-            raise ValueError(f"swa_epoch_start must be an int >= 0 or a float in (0, 1], got {swa_epoch_start!r}")
-        if swa_lr is not None and (isinstance(swa_lr, bool) or not isinstance(swa_lr, (int, float))
-                                   or not math.isfinite(swa_lr) or swa_lr <= 0):
-            raise ValueError(f"swa_lr must be None or a finite number > 0, got {swa_lr!r}")
-        if not isinstance(measure_average, bool):
-            raise ValueError(f"measure_average must be a bool, got {measure_average!r}")
+        check_type("swa_epoch_start", swa_epoch_start, (int, float), "an int >= 0 or a float in (0, 1]")
+        if isinstance(swa_epoch_start, bool) or isinstance(swa_epoch_start, int):
+            check_int("swa_epoch_start", swa_epoch_start, low=0)
+        else:
+            check_float("swa_epoch_start", swa_epoch_start, low=0.0, high=1.0, low_open=True)
+        check_optional(check_float, "swa_lr", swa_lr, low=0.0, low_open=True)
+        check_bool("measure_average", measure_average)
         super().__init__(device=device, use_buffers=False)
         self.swa_epoch_start = swa_epoch_start
         self.swa_lr = None if swa_lr is None else float(swa_lr)

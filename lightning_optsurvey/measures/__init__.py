@@ -5,6 +5,7 @@ Sharpness (SAM one-step, worst-case, average-case, Keskar, PAC-Bayes sigma), nor
 scale and loss-landscape slices. None of them changes the model they measure.
 """
 
+from lightning_optsurvey.measures._functional import FlatObjective, make_generator
 from lightning_optsurvey.measures.landscape import (
     filter_normalized_direction,
     loss_surface,
@@ -30,6 +31,7 @@ from lightning_optsurvey.measures.sharpness import (
 )
 
 __all__ = [
+    "FlatObjective",
     "NoiseScale",
     "average_sharpness",
     "batch_gradients",
@@ -40,6 +42,7 @@ __all__ = [
     "gradient_noise_scale",
     "keskar_sharpness",
     "loss_surface",
+    "make_generator",
     "normalize_to_filters",
     "operator_spectral_norm",
     "pac_bayes_sigma",

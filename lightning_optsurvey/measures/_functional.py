@@ -20,28 +20,18 @@ from torch.func import functional_call
 
 from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
 from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
+from lightning_optsurvey.validation import check_float
 
 Batch = Any  # an (inputs, targets) pair for a loss_fn; any structure for a ModuleLoss
 LossFn = Callable[[Any, Any], Tensor] | BatchLoss
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """Return ``float(value)`` if it is a (non-negative when ``allow_zero``) finite number, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = value >= 0.0 if allow_zero else value > 0.0
-    if not ok or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, "
-                         f"got {value!r}")
-    return value
+    """:func:`~lightning_optsurvey.validation.check_float` on ``(0, inf)`` (``[0, inf)`` with ``allow_zero``).
 
-
-def check_count(name: str, value: int, minimum: int = 1) -> int:
-    """Return ``value`` if it is an integer ``>= minimum``, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    Kept for ``callbacks/stability.py`` until it calls the validation module itself.
+    """
+    return check_float(name, value, low=0.0, low_open=not allow_zero)
 
 
 class FlatObjective:

@@ -28,10 +28,9 @@ from lightning_optsurvey.measures._functional import (
     Batch,
     FlatObjective,
     LossFn,
-    check_count,
-    check_positive,
     randn,
 )
+from lightning_optsurvey.validation import check_choice, check_float, check_int
 
 __all__ = [
     "distance_from_init",
@@ -189,10 +188,9 @@ def operator_spectral_norm(
         Sedghi, Gupta, Long. The Singular Values of Convolutional Layers. ICLR 2019.
         https://arxiv.org/abs/1805.10408
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    tol = check_positive("tol", tol)
-    check_count("max_iter", max_iter)
+    check_choice("method", method, _METHODS)
+    tol = check_float("tol", tol, low=0.0, low_open=True)
+    check_int("max_iter", max_iter)
     weight = layer.weight.detach() if isinstance(layer, (nn.Linear, *_CONV)) else None
     if weight is None:
         raise ValueError(f"layer must be nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}")

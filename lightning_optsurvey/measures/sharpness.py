@@ -30,10 +30,9 @@ from lightning_optsurvey.measures._functional import (
     Batch,
     FlatObjective,
     LossFn,
-    check_count,
-    check_positive,
     randn,
 )
+from lightning_optsurvey.validation import check_float, check_int
 
 __all__ = [
     "average_sharpness",
@@ -92,9 +91,9 @@ def sam_sharpness(
         Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for Efficiently Improving
         Generalization. ICLR 2021. https://arxiv.org/abs/2010.01412
     """
-    rho = check_positive("rho", rho)
+    rho = check_float("rho", rho, low=0.0, low_open=True)
     if m is not None:
-        check_count("m", m)
+        check_int("m", m)
         objective = FlatObjective(model, loss_fn, batches)
         tensors = objective.pairs and all(isinstance(t, Tensor) for b in objective.batches for t in b)
         if not tensors:
@@ -232,10 +231,10 @@ def worst_case_sharpness(
         Kwon, Kim, Park, Choi. ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning
         of Deep Neural Networks. ICML 2021. https://arxiv.org/abs/2102.11600
     """
-    rho = check_positive("rho", rho)
+    rho = check_float("rho", rho, low=0.0, low_open=True)
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-    check_count("steps", steps)
+    check_int("steps", steps)
     objective = FlatObjective(model, loss_fn, batches)
     scale = objective.w.abs() if adaptive else torch.ones_like(objective.w)
     return float(_maximize(objective, scale, rho, norm, steps, generator))
@@ -280,8 +279,8 @@ def average_sharpness(
         Jiang, Neyshabur, Mobahi, Krishnan, Bengio. Fantastic Generalization Measures and Where to Find
         Them. ICLR 2020. https://arxiv.org/abs/1912.02178
     """
-    sigma = check_positive("sigma", sigma)
-    check_count("num_samples", num_samples)
+    sigma = check_float("sigma", sigma, low=0.0, low_open=True)
+    check_int("num_samples", num_samples)
     objective = FlatObjective(model, loss_fn, batches)
     scale = sigma * (objective.w.abs() if adaptive else torch.ones_like(objective.w))
     base = objective.loss()
@@ -327,8 +326,8 @@ def keskar_sharpness(
         Keskar, Mudigere, Nocedal, Smelyanskiy, Tang. On Large-Batch Training for Deep Learning:
         Generalization Gap and Sharp Minima. ICLR 2017. https://arxiv.org/abs/1609.04836
     """
-    epsilon = check_positive("epsilon", epsilon)
-    check_count("steps", steps)
+    epsilon = check_float("epsilon", epsilon, low=0.0, low_open=True)
+    check_int("steps", steps)
     objective = FlatObjective(model, loss_fn, batches)
     base = objective.loss()
     increase = _maximize(objective, objective.w.abs() + 1.0, epsilon, "linf", steps, generator)
@@ -385,13 +384,11 @@ def pac_bayes_sigma(
         Dziugaite, Roy. Computing Nonvacuous Generalization Bounds for Deep (Stochastic) Neural Networks
         with Many More Parameters than Training Data. UAI 2017. https://arxiv.org/abs/1703.11008
     """
-    max_deviation = check_positive("max_deviation", max_deviation)
-    check_count("num_samples", num_samples)
-    sigma_max = check_positive("sigma_max", sigma_max)
-    rtol = check_positive("rtol", rtol)
-    if rtol >= 1.0:
-        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
-    check_count("max_iter", max_iter)
+    max_deviation = check_float("max_deviation", max_deviation, low=0.0, low_open=True)
+    check_int("num_samples", num_samples)
+    sigma_max = check_float("sigma_max", sigma_max, low=0.0, low_open=True)
+    rtol = check_float("rtol", rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_int("max_iter", max_iter)
     objective = FlatObjective(model, loss_fn, batches)
     scale = objective.w.abs() if adaptive else torch.ones_like(objective.w)
     noise = [scale * randn(objective.numel, objective.w, generator) for _ in range(num_samples)]

@@ -173,7 +173,7 @@ class ClassifierModule(LightningModule):
     def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Mean cross-entropy of a batch, without logging (used by full-gradient passes such as SVRG's)."""
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        return F.cross_entropy(self(x), y)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_optsurvey.callbacks import HessianSpectrum
+from lightning_optsurvey.callbacks import DensityConfig, HessianSpectrum, TraceConfig
 from lightning_optsurvey.callbacks._measure import draw_batches
 from lightning_optsurvey.curvature import HessianOperator, lanczos
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
@@ -39,8 +39,8 @@ def _fit(callbacks, model, optimizer, tmp_path, max_epochs=2, ckpt_path=None, lo
 def test_training_is_bitwise_identical_with_the_callback(model, optimizer, tmp_path):
     # Step cadence on the cheap model covers both triggers; the CNN is measured at epoch ends only.
     every_n_steps = 2 if model == "mlp_dropout" else None
-    cb = HessianSpectrum(top_k=3, trace=True, density=True, every_n_steps=every_n_steps, density_probes=2,
-                         density_steps=10, trace_matvecs=12)
+    cb = HessianSpectrum(top_k=3, trace=TraceConfig(matvecs=12), density=DensityConfig(probes=2, steps=10),
+                         every_n_steps=every_n_steps)
     logger = CSVLogger(tmp_path, name="with")
     measured, _ = _fit([cb], model, optimizer, tmp_path, logger=logger)
     plain, _ = _fit([], model, optimizer, tmp_path)
@@ -91,9 +91,12 @@ def _dense_eigenvalues(module: nn.Module, batches, bn_mode: str) -> torch.Tensor
 
 @pytest.mark.parametrize(("batch_norm", "bn_mode"), [(False, "eval"), (True, "batch")])
 def test_logged_values_match_a_dense_hessian_of_the_same_subset(batch_norm, bn_mode, tmp_path):
-    cb = HessianSpectrum(top_k=2, bottom_k=1, trace=True, per_layer=True, num_batches=2, bn_mode=bn_mode,
-                         tol=1e-6, trace_matvecs=600)
-    module, trainer = _fit([cb], None, None, tmp_path, max_epochs=1, module=_Tiny(batch_norm))
+    cb = HessianSpectrum(top_k=2, bottom_k=1, trace=TraceConfig(matvecs=600), per_layer=True, num_batches=2,
+                         bn_mode=bn_mode, tol=1e-6)
+    # the trace to a stated relative standard error, deflated by the top-2 pairs of the same measurement
+    stated = HessianSpectrum(top_k=2, trace=TraceConfig(matvecs=400, rtol=0.05), num_batches=2, bn_mode=bn_mode,
+                             tol=1e-6)
+    module, trainer = _fit([cb, stated], None, None, tmp_path, max_epochs=1, module=_Tiny(batch_norm))
     dm = DigitsDataModule(batch_size=BATCH)
     dm.setup()
     batches = draw_batches(dm.train_set, 2, BATCH, generator=torch.Generator().manual_seed(0))
@@ -105,6 +108,9 @@ def test_logged_values_match_a_dense_hessian_of_the_same_subset(batch_norm, bn_m
     assert last["hessian/eig_min_1"] == pytest.approx(float(eigs[0]), abs=FLOAT32_EIG_RTOL * scale)
     # Hutch++ with a sketch of 200 of 650 dimensions: within 4 standard errors of the exact trace
     assert abs(last["hessian/trace"] - float(eigs.sum())) <= 4 * last["hessian/trace_stderr"] + 1e-4 * scale
+    quick = stated.history[-1]
+    assert abs(quick["hessian/trace"] - float(eigs.sum())) <= 4 * quick["hessian/trace_stderr"] + 1e-4 * scale
+    assert quick["hessian/trace_stderr"] <= 0.05 * abs(quick["hessian/trace"]) or quick["hessian/trace_matvecs"] >= 399
     # per-layer: the last layer's block is the trailing diagonal block of the full Hessian
     op = HessianOperator(module, F.cross_entropy, batches, params=[f"net.{len(module.net) - 1}.weight",
                                                                    f"net.{len(module.net) - 1}.bias"],
@@ -147,7 +153,7 @@ def test_density_goes_to_mlflow_through_the_logger(tmp_path, monkeypatch):
     # The file store skips the SQL schema migrations (seconds); the artifact API is the same.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     logger = MLFlowLogger(experiment_name="hessian", tracking_uri=f"file:{tmp_path / 'mlruns'}")
-    cb = HessianSpectrum(top_k=1, density=True, density_probes=1, density_steps=5)
+    cb = HessianSpectrum(top_k=1, density=DensityConfig(probes=1, steps=5))
     _fit([cb], "mlp", "sgd", tmp_path, max_epochs=1, logger=logger)
     files = {f.path for f in logger.experiment.list_artifacts(logger.run_id, "hessian")}
     assert files == {"hessian/density_epoch_0.png", "hessian/density_epoch_0.json"}
@@ -166,12 +172,79 @@ def test_density_goes_to_mlflow_through_the_logger(tmp_path, monkeypatch):
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"every_n_epochs": None, "every_n_steps": None}, "both None"),
         ({"num_batches": 0}, "num_batches"),
-        ({"trace_matvecs": 2}, "trace_matvecs"),
+        ({"trace": TraceConfig(matvecs=60, rtol=0.1), "tol": 1.0}, "tol"),
     ],
 )
 def test_bad_arguments_raise_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HessianSpectrum(**kwargs)
+
+
+class _Matrix:
+    """A symmetric float64 matrix as an operator (what HessianSpectrum._trace needs of one)."""
+
+    def __init__(self, matrix):
+        self.matrix, self.numel, self.num_matvecs = matrix, matrix.shape[0], 0
+        self.dtype, self.device = matrix.dtype, matrix.device
+
+    def __matmul__(self, v):
+        self.num_matvecs += 1 if v.ndim == 1 else v.shape[1]
+        return self.matrix @ v
+
+
+def test_deflated_trace_takes_the_top_pairs_exactly_and_stops_at_the_stated_error():
+    """Two outliers (1000, 500) over a bulk of small entries: the Ritz values carry them exactly, so the
+    probes only see the bulk; the estimate is within 4 standard errors of the exact trace, and the
+    stopping rule holds. Without deflation the same probes have a far larger standard error."""
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    bulk = torch.rand(n, generator=g, dtype=torch.float64) * 0.1
+    bulk[:2] = torch.tensor([1000.0, 500.0], dtype=torch.float64)
+    matrix = (q * bulk) @ q.T
+    op = _Matrix(matrix)
+    top = lanczos(op, k=2, tol=1e-8)
+    cb = HessianSpectrum(top_k=2, trace=TraceConfig(matvecs=200, rtol=1e-3))
+    estimate, stderr, used = cb._trace(op, cb.trace, top)
+    exact = float(matrix.trace())
+    assert abs(estimate - exact) <= 4 * stderr + 1e-9 * exact
+    assert stderr <= 1e-3 * abs(estimate) and used < 200
+    cold = HessianSpectrum(top_k=2, trace=TraceConfig(matvecs=used + 1, rtol=1e-3))
+    no_deflation = top._replace(eigenvectors=top.eigenvectors[:, :0], eigenvalues=top.eigenvalues[:0])
+    assert cold._trace(op, cold.trace, no_deflation)[1] > 100 * stderr
+
+
+def test_pooled_rounds_equal_one_sample():
+    from lightning_optsurvey.callbacks.hessian import _pooled
+    from lightning_optsurvey.curvature import TraceResult
+
+    x = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0], dtype=torch.float64)
+
+    def summary(part):
+        return TraceResult(float(part.mean()), float(part.std() / len(part) ** 0.5), len(part))
+
+    mean, stderr, count = _pooled([summary(x[:3]), summary(x[3:5]), summary(x[5:])])
+    assert count == 7 and mean == pytest.approx(float(x.mean()))
+    assert stderr == pytest.approx(float(x.std() / 7 ** 0.5))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: TraceConfig(matvecs=2), ValueError, "matvecs"),
+        (lambda: TraceConfig(rtol=0.0), ValueError, "rtol"),
+        (lambda: TraceConfig(block=1), ValueError, "block"),
+        (lambda: DensityConfig(probes=0), ValueError, "probes"),
+        (lambda: DensityConfig(steps=2.5), TypeError, "steps"),
+        (lambda: HessianSpectrum(trace="yes"), TypeError, "trace"),
+        (lambda: HessianSpectrum(density=3), TypeError, "density"),
+        (lambda: HessianSpectrum(loss_fn=3), TypeError, "loss_fn"),
+        (lambda: HessianSpectrum(1, 0), TypeError, "positional"),  # options after top_k are keyword-only
+    ],
+)
+def test_bad_configs_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
 
 
 def test_k_larger_than_the_parameter_count_raises_at_setup(tmp_path):

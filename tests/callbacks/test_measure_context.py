@@ -162,13 +162,26 @@ def test_cadence():
     assert [e for e in range(6) if c.due_at_epoch_end(e)] == [1, 3, 5]
     assert [s for s in range(10) if c.due_at_step(s)] == [3, 6, 9]
     assert not Cadence(every_n_epochs=None, every_n_steps=1).due_at_epoch_end(0)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="every_n_epochs"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="every_n_epochs"):
             Cadence(every_n_epochs=bad)
-        with pytest.raises(ValueError, match="every_n_steps"):
+        with pytest.raises(error, match="every_n_steps"):
             Cadence(every_n_steps=bad)
     with pytest.raises(ValueError, match="both None"):
         Cadence(every_n_epochs=None, every_n_steps=None)
+    with pytest.raises(TypeError, match="at_fit_end"):
+        Cadence(at_fit_end=1)
+    assert Cadence(every_n_epochs=None, at_fit_end=True).at_fit_end  # the end alone is a cadence
+
+
+def test_at_fit_end_measures_once_after_the_last_step(quiet_trainer_kwargs):
+    """at_fit_end alone: one measurement, after the last step; with every_n_epochs=1 it adds none (already
+    measured at that step)."""
+    alone = _Disturber.make(every_n_epochs=None, at_fit_end=True)
+    both = _Disturber.make(every_n_epochs=1, at_fit_end=True)
+    _fit([alone, both], "cnn", "sgd", quiet_trainer_kwargs)
+    assert [int(h["step"]) for h in alone.history] == [8]
+    assert [int(h["step"]) for h in both.history] == [4, 8]
 
 
 class _Disturber:
@@ -215,40 +228,6 @@ def test_measuring_callback_does_not_perturb_training(quiet_trainer_kwargs):
     # steps 3 and 6, plus the ends of epochs 0 and 1 (steps 4 and 8)
     assert [int(h["step"]) for h in cb.history] == [3, 4, 6, 8]
     assert all(np.isfinite(h["disturb/loss"]) for h in cb.history)
-
-
-def _every_measuring_callback() -> list:
-    from lightning_optsurvey import callbacks as cbs
-
-    return [cbs.HessianSpectrum(top_k=2, trace=True), cbs.Sharpness(), cbs.GeneralizationGap(),
-            cbs.GradientNoiseScale(), cbs.EdgeOfStability(), cbs.LossLandscape(), cbs.GeneralizationMeasures()]
-
-
-@pytest.mark.parametrize("index", range(7))
-def test_every_measuring_callback_survives_ddp_spawn_pickling(index):
-    """ddp_spawn pickles the callbacks with torch.multiprocessing's pickler: each must come back equal, and
-    any generator it keeps must continue the very same stream of draws (not restart, not be shared)."""
-    import io
-    import pickle
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # registers torch's tensor reductions on ForkingPickler)
-
-    callback = _every_measuring_callback()[index]
-    generators = {k: v for k, v in vars(callback).items() if isinstance(v, torch.Generator)}
-    for g in generators.values():
-        torch.rand(5, generator=g)  # mid-stream, not at the seed
-    buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(callback)
-    copy = pickle.loads(buffer.getvalue())
-    assert type(copy) is type(callback)
-    assert copy.state_key == callback.state_key
-    torch.testing.assert_close(copy.state_dict(), callback.state_dict(), rtol=0, atol=0)
-    assert set(vars(copy)) == set(vars(callback))
-    for name, g in generators.items():
-        twin = getattr(copy, name)
-        assert isinstance(twin, torch.Generator) and twin is not g
-        assert torch.equal(torch.rand(7, generator=twin), torch.rand(7, generator=g))
 
 
 def test_draw_batches_names_the_dataset_size_when_a_rank_gets_nothing():

@@ -118,6 +118,32 @@ class Memorizer(nn.Module):
         return self.scale * seen * F.one_hot(self.labels[idx], 10).float()
 
 
+def test_generalization_gap_subsets_sized_by_their_stated_standard_error(tmp_path):
+    """stderr=0.1 asks for ceil(1/(4 * 0.01)) = 25 samples a side: one batch of 32 of the training set (the subset
+    num_train_batches=1 draws with the same seed) and one of the validation set, fixed across measurements. The
+    module's compute_loss path (one forward per batch, outputs caught by a hook) logs exactly what the loss_fn
+    path logs."""
+    sized = GeneralizationGap(stderr=0.1, every_n_steps=1)
+    counted = GeneralizationGap(num_train_batches=1)
+    # every_n_steps=100 never comes in this run; it only tells the two state keys apart
+    pair = GeneralizationGap(num_train_batches=1, loss_fn=F.cross_entropy, every_n_steps=100)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=2, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[sized, counted, pair], default_root_dir=tmp_path)
+    trainer.fit(ClassifierModule(model="mlp", optimizer="sgd"), datamodule=DigitsDataModule(batch_size=32))
+    assert len(sized._batches) == 1 and len(sized._val_batches) == 1 and len(sized._val_batches[0][1]) == 32
+    assert counted.history == pair.history and len(counted.history) == 1
+    train_side = ("train_eval/loss", "train_eval/acc")
+    assert {k: sized.history[-1][k] for k in train_side} == {k: counted.history[-1][k] for k in train_side}
+    val_ids = [id(b) for b in sized._val_batches]
+    sized.run_measurement(trainer, trainer.lightning_module)
+    assert [id(b) for b in sized._val_batches] == val_ids  # drawn once
+    with pytest.raises(ValueError, match="not both"):
+        GeneralizationGap(num_train_batches=2, stderr=0.1)
+    with pytest.raises(ValueError, match="stderr"):
+        GeneralizationGap(stderr=0.6)
+
+
 def test_generalization_gap_of_a_memorizing_model(tmp_path):
     dm = DigitsDataModule(batch_size=32)
     dm.setup()

@@ -122,13 +122,14 @@ def test_validation_sees_the_iterate_before_averaging_and_the_average_after():
     torch.testing.assert_close(seen[2], torch.stack([it[-2] for it in iterates.iterates[START:2]]).mean(0))
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"swa_epoch_start": -1}, "swa_epoch_start"), ({"swa_epoch_start": 1.5}, "swa_epoch_start"),
-    ({"swa_epoch_start": True}, "swa_epoch_start"), ({"swa_lr": 0.0}, "swa_lr"),
-    ({"swa_lr": float("nan")}, "swa_lr"), ({"measure_average": 1}, "measure_average"),
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"swa_epoch_start": -1}, ValueError, "swa_epoch_start"), ({"swa_epoch_start": 1.5}, ValueError, "swa_epoch_start"),
+    ({"swa_epoch_start": True}, TypeError, "swa_epoch_start"), ({"swa_epoch_start": "1"}, TypeError, "swa_epoch_start"),
+    ({"swa_lr": 0.0}, ValueError, "swa_lr"), ({"swa_lr": float("nan")}, ValueError, "swa_lr"),
+    ({"measure_average": 1}, TypeError, "measure_average"),
 ])
-def test_bad_arguments_are_named(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
         SWA(**kwargs)
 
 

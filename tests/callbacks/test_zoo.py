@@ -7,8 +7,8 @@ finite, training is bitwise identical to training without them, and a run stoppe
 resumed from its checkpoint by fresh callbacks ends with the same weights and the same measurements. The
 cross product (each callback alone on each model) is marked slow.
 
-A callback added to ``callbacks.__all__`` without an entry in ``FAST_CONFIGS`` fails
-``test_every_measuring_callback_has_a_fast_config``.
+The callbacks and their fast configurations come from ``tests/_callback_configs.py`` (driven by
+``callbacks.__all__``).
 """
 
 from __future__ import annotations
@@ -17,36 +17,13 @@ import math
 
 import pytest
 import torch
+from _callback_configs import FAST_CONFIGS
 from _zoo import ZOO, make
 from lightning.pytorch import Trainer
 
-from lightning_optsurvey import callbacks as cbs
 from lightning_optsurvey.callbacks import MeasuringCallback
 
-FAST_CONFIGS = {
-    "HessianSpectrum": lambda: cbs.HessianSpectrum(top_k=1, bottom_k=1, trace=True, trace_matvecs=6, tol=1e-2,
-                                                   max_iter=12),
-    "Sharpness": lambda: cbs.Sharpness(kinds=("sam", "adaptive_worst_case", "average", "keskar",
-                                              "pac_bayes_sigma"), steps=2, num_samples=2, num_batches=1),
-    "GeneralizationGap": lambda: cbs.GeneralizationGap(num_train_batches=2),
-    "GradientNoiseScale": lambda: cbs.GradientNoiseScale(num_batches=2),
-    "EdgeOfStability": lambda: cbs.EdgeOfStability(num_batches=1, tol=1e-2),
-    "LossLandscape": lambda: cbs.LossLandscape(kind="1d", directions="init_to_final", resolution=3,
-                                               num_batches=1, at="epoch_end"),
-    "GeneralizationMeasures": lambda: cbs.GeneralizationMeasures(num_batches=1),
-    "ConsensusDistance": lambda: cbs.ConsensusDistance(every_n_steps=None, every_n_epochs=1),
-}
-
 EPOCHS = 2
-
-
-def _measuring_callback_names() -> set[str]:
-    out = set()
-    for name in cbs.__all__:
-        obj = getattr(cbs, name)
-        if isinstance(obj, type) and issubclass(obj, MeasuringCallback) and obj is not MeasuringCallback:
-            out.add(name)
-    return out
 
 
 def all_callbacks() -> list[MeasuringCallback]:
@@ -71,10 +48,6 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def test_every_measuring_callback_has_a_fast_config():
-    assert _measuring_callback_names() == set(FAST_CONFIGS)
 
 
 def _check_conformance(name: str, callbacks: list, tmp_path) -> None:

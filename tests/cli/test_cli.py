@@ -193,8 +193,7 @@ def test_timeout_reaches_the_strategy(name):
 
 
 def test_async_strategies_get_no_consensus_distance_callback():
-    from lightning_optsurvey.callbacks import ConsensusDistance
-    from lightning_optsurvey.cli import default_callbacks
+    from lightning_optsurvey.callbacks import ConsensusDistance, default_callbacks
 
     def has_consensus(strategy):
         return any(isinstance(c, ConsensusDistance) for c in default_callbacks(4, strategy))
