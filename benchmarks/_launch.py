@@ -27,3 +27,19 @@ def wait_for_ranks(procs: list[tuple[subprocess.Popen, IO[str]]], out: Path, wor
         raise RuntimeError("a rank failed:\n" + "\n".join((out / f"rank{r}.log").read_text()[-3000:]
                                                            for r in range(world)))
     return json.loads((out / "results.json").read_text())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for ``MASTER_PORT``)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: one header row, a rule, then ``rows`` (cells already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

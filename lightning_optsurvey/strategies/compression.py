@@ -47,6 +47,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_optsurvey.validation import check_bool, check_choice, check_float, check_int, check_type
+
 __all__ = ["COMPRESSORS", "QSGD", "Compressor", "RandomK", "Sign", "TopK", "make_compressor"]
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -54,14 +56,6 @@ _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
-
-
-def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise TypeError(f"ratio must be a number, got {ratio!r}")
-    if not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
-        raise ValueError(f"ratio (the fraction of coordinates kept) must be in (0, 1], got {ratio!r}")
-    return float(ratio)
 
 
 class Compressor(abc.ABC):
@@ -112,7 +106,7 @@ class TopK(Compressor):
     name = "topk"
 
     def __init__(self, ratio: float = 0.01) -> None:
-        self.ratio = _check_ratio(ratio)
+        self.ratio = check_float("ratio", ratio, low=0.0, high=1.0, low_open=True)
 
     def k(self, numel: int) -> int:
         """Coordinates kept out of ``numel``."""
@@ -147,9 +141,7 @@ class RandomK(TopK):
 
     def __init__(self, ratio: float = 0.01, unbiased: bool = False) -> None:
         super().__init__(ratio)
-        if not isinstance(unbiased, bool):
-            raise TypeError(f"unbiased must be a bool, got {unbiased!r}")
-        self.unbiased = unbiased
+        self.unbiased = check_bool("unbiased", unbiased)
 
     def _indices(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return torch.randperm(x.numel(), generator=generator, device=x.device)[: self.k(x.numel())]
@@ -173,14 +165,8 @@ class QSGD(Compressor):
     name = "qsgd"
 
     def __init__(self, levels: int = 16, unbiased: bool = False) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int):
-            raise TypeError(f"levels must be an integer, got {levels!r}")
-        if not 1 <= levels <= 127:
-            raise ValueError(f"levels must be in [1, 127] (sent as int8), got {levels}")
-        if not isinstance(unbiased, bool):
-            raise TypeError(f"unbiased must be a bool, got {unbiased!r}")
-        self.levels = levels
-        self.unbiased = unbiased
+        self.levels = check_int("levels", levels, low=1, high=127)  # sent as int8
+        self.unbiased = check_bool("unbiased", unbiased)
 
     def omega(self, numel: int) -> float:
         r"""The variance factor :math:`\omega = \min(n/s^2, \sqrt n / s)` of the raw quantizer."""
@@ -254,9 +240,7 @@ def make_compressor(spec: str | Compressor, ratio: float = 0.01) -> Compressor:
     """
     if isinstance(spec, Compressor):
         return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"compressor must be a name or a Compressor, got {type(spec).__name__}")
-    if spec not in COMPRESSORS:
-        raise ValueError(f"unknown compressor {spec!r}; known: {', '.join(COMPRESSORS)}")
-    _check_ratio(ratio)
+    check_type("compressor", spec, str, "a name or a Compressor")
+    check_choice("compressor", spec, COMPRESSORS)
+    check_float("ratio", ratio, low=0.0, high=1.0, low_open=True)
     return COMPRESSORS[spec](ratio) if spec in ("topk", "randomk") else COMPRESSORS[spec]()

@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_optsurvey import validation
 from lightning_optsurvey.strategies._base import PeriodicSyncStrategy, check_int
 from lightning_optsurvey.strategies._comm import Exchange, neighbour_exchange
 from lightning_optsurvey.strategies.compression import Compressor, make_compressor
@@ -437,12 +438,8 @@ def _check_algorithm_args(
             f"algorithm={algorithm!r} gossips after every step without overlap; got gossip_every={gossip_every}, "
             f"overlap={overlap}"
         )
-    if isinstance(consensus_lr, bool) or not isinstance(consensus_lr, (int, float)):
-        raise TypeError(f"consensus_lr must be a number, got {consensus_lr!r}")
-    if not 0.0 < consensus_lr <= 1.0:
-        raise ValueError(f"consensus_lr must be in (0, 1], got {consensus_lr!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"compression_seed must be an integer, got {seed!r}")
+    validation.check_float("consensus_lr", consensus_lr, low=0.0, high=1.0, low_open=True)
+    validation.check_int("compression_seed", seed, low=None)
     if algorithm != "choco":
         if compressor is not None:
             raise ValueError(f"compressor is CHOCO's; algorithm={algorithm!r} sends uncompressed models")

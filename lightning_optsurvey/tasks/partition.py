@@ -31,13 +31,14 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
+
+from lightning_optsurvey.validation import check_choice, check_float, check_int
 
 __all__ = ["PARTITIONS", "PartitionSampler", "check_partition_args", "partition_indices"]
 
@@ -47,16 +48,9 @@ _MAX_DRAWS = 1000
 
 def check_partition_args(partition: str, alpha: float, shards_per_rank: int) -> None:
     """Raise ``ValueError``/``TypeError`` naming a bad ``partition``, ``alpha`` or ``shards_per_rank``."""
-    if not isinstance(partition, str) or partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a number, got {alpha!r}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha (the Dirichlet concentration) must be a positive finite number, got {alpha!r}")
-    if isinstance(shards_per_rank, bool) or not isinstance(shards_per_rank, int):
-        raise TypeError(f"shards_per_rank must be an integer, got {shards_per_rank!r}")
-    if shards_per_rank < 1:
-        raise ValueError(f"shards_per_rank must be at least 1, got {shards_per_rank}")
+    check_choice("partition", partition, PARTITIONS)
+    check_float("alpha (the Dirichlet concentration)", alpha, low=0.0, low_open=True)
+    check_int("shards_per_rank", shards_per_rank, low=1)
 
 
 def _dirichlet_split(labels: Tensor, num_parts: int, alpha: float, min_size: int, seed: int) -> list[Tensor]:
@@ -120,13 +114,9 @@ def partition_indices(
         [0, 1, 2, 3, 4, 5, 6, 7]
     """
     check_partition_args(partition, alpha, shards_per_rank)
-    for name, value, minimum in (("num_parts", num_parts, 1), ("min_size", min_size, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    check_int("num_parts", num_parts, low=1)
+    check_int("min_size", min_size, low=0)
+    check_int("seed", seed, low=None)
     labels = torch.as_tensor(labels)
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be a 1-D sequence of integer class labels, got shape {tuple(labels.shape)} "

@@ -125,7 +125,19 @@ def compressed_ddp() -> None:
     save("compressed_ddp", results)
 
 
-SCENARIOS = {f.__name__: f for f in (algorithm_reference, algorithm_resume, partition_ddp, compressed_ddp)}
+def powersgd_resume() -> None:
+    """PowerSGD-DDP (error feedback and warm-started Q carried across the checkpoint): resume == straight."""
+    data = regression_data(6 * BATCH * WORLD, seed=1)
+    make = lambda: CompressedDDPStrategy("powersgd", matrix_approximation_rank=1, start_powersgd_iter=2)  # noqa: E731
+    runs, first, resumed = straight_and_resumed("powersgd", make, data)
+    runs["iter_at_checkpoint"] = first.powersgd_state.iter
+    runs["iter_at_end"] = resumed.powersgd_state.iter
+    runs["plain"], _, _ = straight_and_resumed("plain_ddp", lambda: CompressedDDPStrategy("none"), data)
+    save("powersgd_resume", runs)
+
+
+SCENARIOS = {f.__name__: f for f in (algorithm_reference, algorithm_resume, partition_ddp, compressed_ddp,
+                                     powersgd_resume)}
 
 if __name__ == "__main__":
     run_scenarios(SCENARIOS)

@@ -15,9 +15,9 @@ FAST = ["--max-epochs", "1", "--limit-train-batches", "4", "--no-measure"]
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--partition", "label_skew"], "unknown partition 'label_skew'; known: iid, dirichlet, shards"),
-        (["--partition", "dirichlet", "--alpha", "0"], "alpha .* must be a positive finite number, got 0.0"),
-        (["--partition", "shards", "--shards-per-rank", "0"], "shards_per_rank must be at least 1, got 0"),
+        (["--partition", "label_skew"], "partition must be one of 'iid', 'dirichlet', 'shards', got 'label_skew'"),
+        (["--partition", "dirichlet", "--alpha", "0"], "alpha .* must be in \\(0.*, got 0.0"),
+        (["--partition", "shards", "--shards-per-rank", "0"], "shards_per_rank must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_partition_fails_before_any_run(tmp_path, capsys, argv, message) -> None:

@@ -88,7 +88,7 @@ def test_sign_packs_bits_and_its_error_is_the_closed_form(n: int) -> None:
 @pytest.mark.parametrize(
     ("args", "error", "match"),
     [
-        (("lowrank",), ValueError, "unknown compressor 'lowrank'"),
+        (("lowrank",), ValueError, "compressor must be one of .*, got 'lowrank'"),
         ((3,), TypeError, "compressor must be a name"),
         (("topk", 0.0), ValueError, "ratio"),
         (("topk", 1.5), ValueError, "ratio"),
@@ -97,7 +97,7 @@ def test_sign_packs_bits_and_its_error_is_the_closed_form(n: int) -> None:
 def test_make_compressor_rejects_bad_input(args, error, match) -> None:
     with pytest.raises(error, match=match):
         make_compressor(*args)
-    with pytest.raises(ValueError, match="levels must be in"):
+    with pytest.raises(ValueError, match=r"levels must be an integer in \[1, 127\]"):
         QSGD(levels=200)
 
 
@@ -117,10 +117,10 @@ def test_d2_stability_condition() -> None:
         ({"algorithm": "dpsgd", "compressor": "topk"}, ValueError, "compressor is CHOCO's"),
         ({"algorithm": "d2", "ratio": 0.1}, ValueError, "ratio configures CHOCO-SGD"),
         ({"algorithm": "dpsgd", "consensus_lr": 0.5}, ValueError, "consensus_lr configures CHOCO-SGD"),
-        ({"algorithm": "choco", "compressor": "lowrank"}, ValueError, "unknown compressor"),
+        ({"algorithm": "choco", "compressor": "lowrank"}, ValueError, "compressor must be one of"),
         ({"algorithm": "choco", "ratio": 2.0}, ValueError, "ratio"),
         ({"algorithm": "choco", "consensus_lr": 0.0}, ValueError, "consensus_lr must be in"),
-        ({"algorithm": "choco", "consensus_lr": "1"}, TypeError, "consensus_lr must be a number"),
+        ({"algorithm": "choco", "consensus_lr": "1"}, TypeError, "consensus_lr must be a real number"),
         ({"algorithm": "choco", "compression_seed": 1.0}, TypeError, "compression_seed"),
     ],
 )
@@ -149,10 +149,10 @@ def test_registered_names_and_static_topology_requirement() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"compression": "int8"}, ValueError, "unknown compression 'int8'"),
+        ({"compression": "int8"}, ValueError, "compression must be one of .*, got 'int8'"),
         ({"ddp_comm_hook": print}, TypeError, "sets the DDP communication hook itself"),
-        ({"matrix_approximation_rank": 0}, ValueError, "matrix_approximation_rank must be at least 1"),
-        ({"start_powersgd_iter": 1}, ValueError, "start_powersgd_iter must be at least 2"),
+        ({"matrix_approximation_rank": 0}, ValueError, "matrix_approximation_rank must be an integer >= 1"),
+        ({"start_powersgd_iter": 1}, ValueError, "start_powersgd_iter must be an integer >= 2"),
         ({"min_compression_rate": 0.5}, ValueError, "min_compression_rate"),
     ],
 )

@@ -153,6 +153,28 @@ def test_checkpoint_resume_is_exact_for_every_new_algorithm(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_powersgd_resume_is_exact_on_2_processes(tmp_path: Path) -> None:
+    """The checkpoint carries every rank's PowerSGD state; without it the resumed run restarts the
+    error feedback and the warm start from zero (and from plain all-reduce), and drifts."""
+    launch("heterogeneous_scenarios.py", tmp_path, "powersgd_resume", nodes=1, procs_per_node=2, timeout=300)
+    results = [torch.load(tmp_path / f"powersgd_resume_rank{r}.pt", weights_only=False) for r in range(2)]
+    checkpoint = torch.load(tmp_path / "powersgd.ckpt", weights_only=True)  # plain values only
+    saved = checkpoint["compressed_ddp_states"]["ranks"]
+    assert [s["powersgd"]["iter"] for s in saved] == [results[0]["iter_at_checkpoint"]] * 2
+    assert results[0]["iter_at_checkpoint"] > 2  # the checkpoint falls after PowerSGD started
+    errors = [torch.cat([e.flatten() for _, e in sorted(s["powersgd"]["error"].items())]) for s in saved]
+    assert errors[0].abs().sum() > 0 and not torch.equal(errors[0], errors[1])  # error feedback is per rank
+    assert sorted(saved[0]["powersgd"]["q"]) == [0, 4]  # the two Linear weights; biases, BatchNorm not
+    for runs in results:
+        for key, tensor in runs["plain"]["straight"].items():  # the control: plain DDP resumes exactly
+            assert torch.equal(runs["plain"]["resumed"][key], tensor), ("plain", key)
+        assert runs["iter_at_end"] == 2 * runs["iter_at_checkpoint"]
+        assert any(not torch.equal(runs["first"][k], runs["straight"][k]) for k in runs["first"])
+        for key, tensor in runs["straight"].items():
+            assert torch.equal(runs["resumed"][key], tensor), key
+
+
+@pytest.mark.slow
 def test_dirichlet_partition_under_ddp_trains_each_rank_on_its_part(tmp_path: Path) -> None:
     launch("heterogeneous_scenarios.py", tmp_path, "partition_ddp", nodes=2, procs_per_node=2, timeout=500)
     results = load(tmp_path, "partition_ddp")
