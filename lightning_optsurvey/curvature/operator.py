@@ -54,29 +54,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
+# batch_size, check_batches and model_args are re-exported for their old import path (curvature.batches now).
+from lightning_optsurvey.curvature.batches import batch_size, check_batches, model_args
 from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
-from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss, model_args
-from lightning_optsurvey.curvature.objective import batch_size as _batch_size
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, as_batch_loss
+from lightning_optsurvey.validation import check_bool, check_choice, check_int, check_optional, check_type
 
 __all__ = ["HessianOperator", "batch_size", "check_batches", "model_args"]
 
 BN_MODES = ("eval", "batch")
-
-
-def check_batches(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-    """Validate ``batches`` (a non-empty sequence of ``(inputs, targets)`` pairs) and return it as a list.
-
-    Raises:
-        TypeError: If ``batches`` is a single ``(inputs, targets)`` pair rather than a sequence of them.
-        ValueError: If it is empty, an element is not a pair, or any batch has no samples or inputs and
-            targets of different lengths (sequence lengths may differ from batch to batch).
-    """
-    return PairLoss.check_pairs(batches)
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch (the weight of its mean loss); see :mod:`~.objective`."""
-    return _batch_size(batch)
 
 
 class HessianOperator:
@@ -123,8 +109,10 @@ class HessianOperator:
         dtype, device: Those of the parameters; products are computed in this dtype.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
-        ValueError: For no batches, a batch that is not a pair, an unknown ``bn_mode``, unknown parameter
+        TypeError: If ``model`` is not an ``nn.Module``, ``loss_fn`` is not callable, ``linearize`` not a
+            bool or ``chunk_size`` not an integer.
+        ValueError: For no batches, a batch that is not a pair, an unknown ``bn_mode``, a ``chunk_size``
+            below 1, unknown parameter
             names, no parameter requiring grad, parameters of mixed dtype/device, or a loss that is not a
             scalar.
 
@@ -148,14 +136,10 @@ class HessianOperator:
         linearize: bool = True,
         chunk_size: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_type("model", model, nn.Module, "an nn.Module")
         objective = as_batch_loss(loss_fn)
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        check_choice("bn_mode", bn_mode, BN_MODES)
+        check_optional(check_int, "chunk_size", chunk_size)
         batches = objective.check_batches(batches)
         named = dict(model.named_parameters())
         if params is None:
@@ -193,7 +177,7 @@ class HessianOperator:
         self.device = selected[0].device
         self.num_matvecs = 0
         self.chunk_size = chunk_size
-        self.linearize = bool(linearize)
+        self.linearize = check_bool("linearize", linearize)
         self._graph: tuple[list[Tensor], list[tuple[list[Tensor], list[int]]]] | None = None
         self._graph_versions: list[int] = []
         self._reduce = reduce
