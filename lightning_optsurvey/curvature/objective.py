@@ -66,6 +66,9 @@ class BatchLoss:
         """
         return check_nonempty(batches)
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise early if ``model`` cannot be evaluated by this loss (nothing to check by default)."""
+
     def size(self, model: nn.Module, batch: Any) -> int:
         """The batch's weight: ``model.compute_batch_size(batch)`` if defined, else :func:`batch_size`."""
         hook = getattr(model, "compute_batch_size", None)
@@ -145,9 +148,13 @@ class ModuleLoss(BatchLoss):
             raise TypeError(f"method must be a method name, got {method!r}")
         self.method = method
 
-    def __call__(self, model: nn.Module, state: Mapping[str, Tensor], batch: Any) -> Tensor:
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a ``TypeError`` if the model has no such method."""
         if not callable(getattr(model, self.method, None)):
             raise TypeError(f"{type(model).__name__} has no method {self.method}(batch) to compute its loss")
+
+    def __call__(self, model: nn.Module, state: Mapping[str, Tensor], batch: Any) -> Tensor:
+        self.check_model(model)
         bound = _Bound(model, self.method)
         return functional_call(bound, {f"module.{k}": v for k, v in state.items()}, (batch,))
 

@@ -112,9 +112,8 @@ class HessianOperator:
         TypeError: If ``model`` is not an ``nn.Module``, ``loss_fn`` is not callable, ``linearize`` not a
             bool or ``chunk_size`` not an integer.
         ValueError: For no batches, a batch that is not a pair, an unknown ``bn_mode``, a ``chunk_size``
-            below 1, unknown parameter
-            names, no parameter requiring grad, parameters of mixed dtype/device, or a loss that is not a
-            scalar.
+            below 1, unknown parameter names, no parameter requiring grad, or parameters of mixed
+            dtype/device; at the first product or gradient, for a loss that is not a scalar.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
@@ -140,6 +139,7 @@ class HessianOperator:
         objective = as_batch_loss(loss_fn)
         check_choice("bn_mode", bn_mode, BN_MODES)
         check_optional(check_int, "chunk_size", chunk_size)
+        objective.check_model(model)
         batches = objective.check_batches(batches)
         named = dict(model.named_parameters())
         if params is None:
@@ -189,7 +189,9 @@ class HessianOperator:
             self._global_count = float(reduce(torch.tensor(local, dtype=torch.float64, device=self.device)))
         else:
             self._global_count = local
-        self._check_scalar_loss()
+        # Whether the loss is a scalar is checked on the first evaluation (a product, a gradient), which
+        # every use starts with: a forward pass here only for the check cost a third of a gradient.
+        self._scalar_checked = False
 
     # -- model evaluation --------------------------------------------------------------------------------
     @contextmanager
@@ -221,7 +223,10 @@ class HessianOperator:
 
     def _loss_fn_of(self, batch: Any, constants: dict[str, Tensor]) -> Callable[[dict], Tensor]:
         def loss(p: dict[str, Tensor]) -> Tensor:
-            return self.objective(self.model, {**constants, **p}, batch)
+            value = self.objective(self.model, {**constants, **p}, batch)
+            if not self._scalar_checked:
+                self._check_scalar(value)
+            return value
 
         return loss
 
@@ -243,13 +248,12 @@ class HessianOperator:
                 raise
             raise explained from err
 
-    def _check_scalar_loss(self) -> None:
-        with torch.no_grad(), self._product_mode(), derivative_kernels(self.model):
-            value = self._loss_fn_of(self.batches[0], self._constants())(self._primals())
+    def _check_scalar(self, value: Any) -> None:
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             what = "compute_loss" if isinstance(self.objective, ModuleLoss) else "loss_fn"
             raise ValueError(f"{what} must return a scalar (a batch mean), got {shape}")
+        self._scalar_checked = True
 
     # -- flat vectors <-> parameter dicts -----------------------------------------------------------------
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
@@ -316,6 +320,21 @@ class HessianOperator:
             total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         else:
             total = out.zero_()
+        if len(per_batch) == 1 and self._weights[0] == 1.0:
+            # One batch: autograd accumulates each block of H v straight into its slice of `total` (the
+            # leaves' .grad are views of it), block by block as the backward pass frees them, so the
+            # blocks never exist all at once beside `total` (a vector of numel less at the peak).
+            grads, live = per_batch[0]
+            if grads:
+                for leaf, block, shape in zip(leaves, total.split(self.numels), self.shapes):
+                    leaf.grad = block.view(shape)
+                try:
+                    with torch.enable_grad():
+                        torch.autograd.backward(grads, [pieces[i] for i in live], retain_graph=True, inputs=leaves)
+                finally:
+                    for leaf in leaves:
+                        leaf.grad = None
+            return total
         with torch.enable_grad():
             for weight, (grads, live) in zip(self._weights, per_batch):
                 if not grads:
