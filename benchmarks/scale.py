@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import paired_ratio
 
 warnings.filterwarnings("ignore")
 
@@ -169,22 +173,14 @@ def timings(batch: int, rounds: int) -> dict[str, float]:
         fn = make()
         fn()  # the first product: builds the retained graph (ours) / after the constructor's (PyHessian)
         first = time.process_time() - start
-        ratios, firsts = [], []
-        for _ in range(rounds):
-            start = time.process_time()
-            grad()
-            g = time.process_time() - start
-            start = time.process_time()
-            fn()
-            ratios.append((time.process_time() - start) / g)
-            grad_times.append(g)
-            firsts.append(first / g)
-        out[name] = sorted(ratios)[len(ratios) // 2]
-        out[name + "_first"] = sorted(firsts)[len(firsts) // 2]
+        ratio, anchors = paired_ratio(fn, grad, rounds)
+        grad_times += anchors
+        out[name] = ratio
+        out[name + "_first"] = first / statistics.median(anchors)
         del fn
         for p in model.parameters():
             p.grad = None
-    out["gradient_ms"] = sorted(grad_times)[len(grad_times) // 2] * 1e3
+    out["gradient_ms"] = statistics.median(grad_times) * 1e3
     return out
 
 
@@ -240,7 +236,6 @@ def main() -> None:
     text = table(args)
     print(text)
     if args.write_readme:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _readme import write_block
 
         write_block("scale", text)
