@@ -33,10 +33,11 @@ time, start vector and Ritz vectors included (about 15 % per iteration, most of 
 faults of new basis rows and the two passes over the basis), down from 81 % to 94 % with the former
 float64 recurrence (0.2 s of float32/float64 conversions per call).
 
-Measured by ``benchmarks/hessian_vs_pyhessian.py`` (digits, one batch of 256, one CPU thread), against
-PyHessian's power iteration at the loosest tolerance of each that reaches the target: top-1 to 1e-4
-with 1.9x to 5.9x fewer products (1.4x to 4.9x less time), top-5 to 1e-3 with 7.1x to 7.8x fewer
-products (4.6x to 10.7x less time; single timings on a loaded machine vary by 2x).
+Measured by ``benchmarks/hessian_vs_pyhessian.py`` (issue 18's protocol: the digits CNN after 300
+full-batch SGD steps, one batch of 256, one CPU thread, process CPU time, median of 3 seeds), against
+PyHessian's power iteration at the loosest tolerance of each that reaches the target: top-1 to 1e-4 with
+6.4x fewer products (6.0x less time), top-5 to 1e-3 with 6.7x fewer products (5.6x less time); the
+work between products is 7 % of a product per iteration there (top-5, tol 1e-3).
 
 Why our own: PyHessian's power iteration with deflation needs 15 products for a top eigenvalue accurate
 to only 2e-3 and 206 for a wrong top-5; ``scipy.sparse.linalg.eigsh`` (ARPACK) round-trips every vector
