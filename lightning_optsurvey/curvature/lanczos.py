@@ -37,7 +37,9 @@ Measured by ``benchmarks/hessian_vs_pyhessian.py`` (issue 18's protocol: the dig
 full-batch SGD steps, one batch of 256, one CPU thread, process CPU time, median of 3 seeds), against
 PyHessian's power iteration at the loosest tolerance of each that reaches the target: top-1 to 1e-4 with
 6.4x fewer products (6.0x less time), top-5 to 1e-3 with 6.7x fewer products (5.6x less time); the
-work between products is 7 % of a product per iteration there (top-5, tol 1e-3).
+work between products is 7 % of a product per iteration there (top-5, tol 1e-3), but 34 % on
+``mlp_wide`` (1.1M parameters, 17 products): full reorthogonalization reads the whole basis twice per
+product, so its cost grows with the basis while a product's does not.
 
 Why our own: PyHessian's power iteration with deflation needs 15 products for a top eigenvalue accurate
 to only 2e-3 and 206 for a wrong top-5; ``scipy.sparse.linalg.eigsh`` (ARPACK) round-trips every vector
