@@ -11,11 +11,17 @@ Cases (issue 3):
 
 For the iterative cases each method gets, in hindsight, the loosest of its tolerances that reaches the
 target (PyHessian: its relative-change ``tol``; ours: the residual ``tol``), so neither pays for an
-over-tight setting. Times include building the operator (PyHessian's constructor runs the
-double-backward pass; ours builds its graph on the first product).
+over-tight setting; times and products are medians over ``--repeats`` seeds of the random start (issue
+18's protocol: the digits CNN after 300 full-batch SGD steps, ``cnn@fb300``, median of 3 seeds). Times
+include building the operator (PyHessian's constructor runs the double-backward pass; ours builds its
+graph on the first product). hessian-eigenthings is measured too when it is installed.
+
+Model specs: ``NAME@E`` is NAME after E epochs of minibatch SGD (batch 64), ``NAME@fbS`` after S steps of
+full-batch SGD on the training set.
 
 Usage:
-    .venv/bin/python benchmarks/hessian_vs_pyhessian.py [--threads 1] [--models cnn mlp_wide] [--seeds 10]
+    python benchmarks/hessian_vs_pyhessian.py [--threads 1] [--models cnn@fb300 mlp_wide@1] [--seeds 10]
+        [--repeats 3] [--write-readme]
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +49,9 @@ from lightning_optsurvey.curvature import (
 )
 from lightning_optsurvey.tasks import DigitsDataModule, build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import paired_ratio
+
 # pyhessian/__init__ rebinds the name `pyhessian.hessian` to the class; get the module itself.
 pyh = importlib.import_module("pyhessian.hessian")
 
@@ -51,6 +63,19 @@ TRACE_BUDGET = 60
 TOLS = tuple(m * 10.0**-e for e in range(1, 8) for m in (1.0, 0.5, 0.2))
 
 warnings.filterwarnings("ignore")
+
+
+def clock() -> float:
+    """The benchmark's clock: process CPU time by default (``--clock wall`` for wall time).
+
+    On a shared machine the wall time of a single-threaded run is mostly time spent waiting for a core
+    (measured: 10x the CPU time of the same Lanczos call at load 11 on 2 cores), and that wait changes
+    between one method's run and the next; the process' CPU time is what the computation costs.
+    """
+    return _CLOCK()
+
+
+_CLOCK = time.process_time
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,14 +100,14 @@ def _clear_grads(model: nn.Module) -> None:
         p.grad = None  # PyHessian leaves graph-carrying gradients behind
 
 
-def pyhessian_run(model: nn.Module, batch, fn: Callable) -> tuple[object, float, int]:
+def pyhessian_run(model: nn.Module, batch, fn: Callable, seed: int = 0) -> tuple[object, float, int]:
     _clear_grads(model)
     COUNTER.count = 0
-    torch.manual_seed(0)  # PyHessian draws its start vectors from the global RNG
-    start = time.perf_counter()
+    torch.manual_seed(seed)  # PyHessian draws its start vectors from the global RNG
+    start = clock()
     h = pyh.hessian(model, F.cross_entropy, data=batch, cuda=False)
     out = fn(h)
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     count = COUNTER.count
     del h
     _clear_grads(model)
@@ -90,31 +115,42 @@ def pyhessian_run(model: nn.Module, batch, fn: Callable) -> tuple[object, float,
 
 
 def ours_run(model: nn.Module, batch, fn: Callable, **op_kwargs) -> tuple[object, float, int]:
-    start = time.perf_counter()
+    start = clock()
     op = HessianOperator(model, F.cross_entropy, [batch], **op_kwargs)
     out = fn(op)
-    return out, time.perf_counter() - start, op.num_matvecs
+    return out, clock() - start, op.num_matvecs
 
 
 # ----------------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------------
-def trained_model(name: str, epochs: int = 1) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """A model after a short SGD run on digits (a realistic spectrum), and a fixed batch of 256."""
+def trained_model(name: str, spec: str = "1") -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A model after a short SGD run on digits (a realistic spectrum), and a fixed batch of 256.
+
+    ``spec``: ``"E"`` epochs of minibatch SGD (batch 64, lr 0.05, momentum 0.9), or ``"fbS"`` steps of
+    full-batch gradient descent (lr 0.1) on the whole training set.
+    """
     torch.manual_seed(0)
     model = build_model(name)
     dm = DigitsDataModule(batch_size=64)
     dm.setup()
     x_all, y_all = dm.train_set.tensors
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_all), generator=g)
-        for i in range(0, len(x_all), 64):
-            idx = perm[i : i + 64]
+    if spec.startswith("fb"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(int(spec[2:])):
             opt.zero_grad()
-            F.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+            F.cross_entropy(model(x_all), y_all).backward()
             opt.step()
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(int(spec)):
+            perm = torch.randperm(len(x_all), generator=g)
+            for i in range(0, len(x_all), 64):
+                idx = perm[i : i + 64]
+                opt.zero_grad()
+                F.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+                opt.step()
     _clear_grads(model)
     return model.eval(), (x_all[:BATCH], y_all[:BATCH])
 
@@ -134,9 +170,9 @@ def gradient_seconds(model: nn.Module, batch, reps: int = 10) -> float:
     x, y = batch
     times = []
     for _ in range(reps + 1):
-        start = time.perf_counter()
+        start = clock()
         torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times[1:])
 
 
@@ -144,9 +180,9 @@ def _min_time(fn: Callable, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -173,9 +209,9 @@ def hvp_costs(model, batch, rounds: int = 15) -> list[tuple[str, float]]:
     vs = [torch.randn_like(p) for p in hess.params]
     # torch.func.linearize: trace the JVP of the gradient once, then reuse it (the alternative we rejected).
     primals, constants = op._primals(), op._constants()
-    start = time.perf_counter()
+    start = clock()
     _, linear = torch.func.linearize(torch.func.grad(op._loss_fn_of(batch, constants)), primals)
-    build = time.perf_counter() - start
+    build = clock() - start
     tangent = op._split(v)
     methods = [
         ("torch.func.linearize, per product (after tracing)", lambda: linear(tangent), 1),
@@ -188,20 +224,35 @@ def hvp_costs(model, batch, rounds: int = 15) -> list[tuple[str, float]]:
     grad_times = []
     for name, fn, columns in methods:
         fn()
-        ratios = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            grad()
-            g = time.perf_counter() - start
-            start = time.perf_counter()
-            fn()
-            ratios.append((time.perf_counter() - start) / columns / g)
-            grad_times.append(g)
-        rows.append((name, sorted(ratios)[len(ratios) // 2]))
+        ratio, anchors = paired_ratio(fn, grad, rounds, clock)
+        grad_times += anchors
+        rows.append((name, ratio / columns))
     _clear_grads(model)
     grad_ms = sorted(grad_times)[len(grad_times) // 2] * 1e3
     return [*rows, ("torch.func.linearize, tracing once", build * 1e3 / grad_ms),
             ("(one loss gradient, median ms)", grad_ms)]
+
+
+def lanczos_overhead(model, batch, k: int = 5, tol: float = 1e-3, reps: int = 3) -> tuple[float, int]:
+    """Lanczos' own cost per iteration as a fraction of its product: (call - its products) / its products.
+
+    The operator's graph is built before timing, so the call and the same number of bare products
+    (``op @ v``) differ only by what Lanczos does between products (median over ``reps``).
+    """
+    op = HessianOperator(model, F.cross_entropy, [batch])
+    v = torch.randn(op.numel, generator=torch.Generator().manual_seed(0))
+    op @ v
+    fractions, count = [], 0
+    for _ in range(reps):
+        start = clock()
+        count = lanczos(op, k=k, tol=tol).num_matvecs
+        call = clock() - start
+        start = clock()
+        for _ in range(count):
+            op @ v
+        products = clock() - start
+        fractions.append((call - products) / products)
+    return sorted(fractions)[len(fractions) // 2], count
 
 
 def _first_reaching(runs: list[tuple[float, object, float, int, float]], target: float):
@@ -212,25 +263,41 @@ def _first_reaching(runs: list[tuple[float, object, float, int, float]], target:
     return tol, seconds, count, err, False
 
 
-def top_k_case(model, batch, ref: torch.Tensor, k: int, target: float) -> dict[str, tuple]:
+def top_k_case(model, batch, ref: torch.Tensor, k: int, target: float, seed: int = 0) -> dict[str, tuple]:
     def err_of(values) -> float:
         got = torch.tensor(sorted(values, reverse=True)[:k], dtype=torch.float64)
         return float(((got - ref[:k]).abs() / ref[:k].abs()).max())
 
     pyh_runs = []
     for tol in TOLS[3:]:  # PyHessian's relative change: from 1e-2
-        out, s, c = pyhessian_run(model, batch, lambda h, tol=tol: h.eigenvalues(maxIter=1000, tol=tol, top_n=k)[0])
+        out, s, c = pyhessian_run(model, batch, lambda h, tol=tol: h.eigenvalues(maxIter=1000, tol=tol, top_n=k)[0],
+                                  seed)
         pyh_runs.append((tol, out, s, c, err_of(out)))
         if pyh_runs[-1][4] <= target:
             break
     our_runs = []
     for tol in TOLS:
-        out, s, c = ours_run(model, batch, lambda op, tol=tol: lanczos(op, k=k, tol=tol).eigenvalues.tolist())
+        gen = torch.Generator().manual_seed(seed)
+        out, s, c = ours_run(model, batch,
+                             lambda op, tol=tol, gen=gen: lanczos(op, k=k, tol=tol, generator=gen).eigenvalues.tolist())
         our_runs.append((tol, out, s, c, err_of(out)))
         if our_runs[-1][4] <= target:
             break
-    return {"PyHessian (power iteration)": _first_reaching(pyh_runs, target),
-            "ours (Lanczos)": _first_reaching(our_runs, target)}
+    res = {"PyHessian (power iteration)": _first_reaching(pyh_runs, target)}
+    res["ours (Lanczos)"] = _first_reaching(our_runs, target)
+    return res
+
+
+def top_k_median(model, batch, ref: torch.Tensor, k: int, target: float, repeats: int) -> dict[str, tuple]:
+    """Median over ``repeats`` seeds of each method's time and products (tolerance of the median-time run)."""
+    per_seed = [top_k_case(model, batch, ref, k, target, seed) for seed in range(repeats)]
+    out = {}
+    for method in per_seed[0]:
+        runs = sorted((r[method] for r in per_seed), key=lambda r: r[1])
+        tol, seconds, _, err, met = runs[len(runs) // 2]
+        count = statistics.median(r[2] for r in runs)
+        out[method] = (tol, seconds, count, err, met and all(r[4] for r in runs))
+    return out
 
 
 def trace_case(model, batch, truth: float, seeds: int) -> dict[str, tuple[float, float, int]]:
@@ -245,9 +312,9 @@ def trace_case(model, batch, truth: float, seeds: int) -> dict[str, tuple[float,
         seconds["PyHessian trace()"] += s
         counts["PyHessian trace()"] += c
         for name, fn in (("ours hutchinson_trace", hutchinson_trace), ("ours hutchpp_trace", hutchpp_trace)):
-            start = time.perf_counter()
+            start = clock()
             res = fn(op, TRACE_BUDGET, generator=torch.Generator().manual_seed(seed))
-            seconds[name] += time.perf_counter() - start
+            seconds[name] += clock() - start
             counts[name] += res.num_matvecs
             results[name].append(res.estimate)
     return {
@@ -263,7 +330,8 @@ def density_case(model, batch, truth: float, probes: int, steps: int) -> dict[st
         _, s, c = pyhessian_run(model, batch, lambda h: h.density(iter=steps, n_v=probes))
         out["PyHessian density()"] = f"ran: {s:.2f} s, {c} products"
     except Exception as err:  # the point of the case: it fails on current torch
-        out["PyHessian density()"] = f"fails: {type(err).__name__}: {str(err).splitlines()[0][:70]}"
+        first_line = str(err).splitlines()[0][:70].replace("`", "")  # a cut code span would break the markdown
+        out["PyHessian density()"] = f"fails: {type(err).__name__}: {first_line}"
     sd, s, c = ours_run(model, batch, lambda op: spectral_density(op, num_probes=probes, num_steps=steps))
     n = sum(p.numel() for p in model.parameters())
     per_probe = (sd.weights * sd.nodes).sum(dim=1) * n
@@ -308,56 +376,89 @@ def warm_start_case(name: str, k: int, tol: float, every: int, steps: int) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--models", nargs="+", default=["cnn@1", "cnn@5", "mlp_wide@1"],
-                        help="model names from build_model, optionally @<epochs of SGD before measuring>")
+    parser.add_argument("--models", nargs="+", default=["cnn@fb300", "mlp_wide@1"],
+                        help="model names from build_model, @<epochs of SGD> or @fb<full-batch steps>")
     parser.add_argument("--seeds", type=int, default=10, help="seeds of the trace case")
+    parser.add_argument("--repeats", type=int, default=3, help="seeds of the eigenvalue cases (median)")
+    parser.add_argument("--skip-hvp", action="store_true")
+    parser.add_argument("--skip-eig", action="store_true", help="skip the top-1 and top-5 cases")
+    parser.add_argument("--skip-trace", action="store_true")
+    parser.add_argument("--skip-density", action="store_true")
     parser.add_argument("--skip-warm", action="store_true")
+    parser.add_argument("--clock", choices=("process", "wall"), default="process",
+                        help="process CPU time (robust on a shared machine) or wall time")
+    parser.add_argument("--write-readme", action="store_true", help="write the tables into README.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {BATCH} digits\n")
+    global _CLOCK
+    _CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    lines: list[str] = []
 
+    def emit(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    emit(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {BATCH} digits; "
+         f"eigenvalue cases: median of {args.repeats} seeds; times are {args.clock} "
+         f"{'CPU time' if args.clock == 'process' else 'time'}\n")
     for spec in args.models:
-        name, _, epochs = spec.partition("@")
-        model, batch = trained_model(name, int(epochs or 1))
+        name, _, training = spec.partition("@")
+        training = training or "1"
+        model, batch = trained_model(name, training)
         n = sum(p.numel() for p in model.parameters())
-        print(f"## {name} after {int(epochs or 1)} epoch(s) of SGD: {n:,} parameters\n")
+        how = f"{training[2:]} full-batch SGD steps" if training.startswith("fb") else f"{training} epoch(s) of SGD"
+        emit(f"**{name} after {how}: {n:,} parameters**\n")
         ref = reference_eigenvalues(model, batch)
         print("reference top-5 (float64, residual 1e-10): " + ", ".join(f"{v:.6f}" for v in ref.tolist()) + "\n")
 
-        print("| HVP | gradient-equivalents |\n|---|---|")
-        for row, value in hvp_costs(model, batch):
-            print(f"| {row} | {value:.2f} |")
-        print()
+        if not args.skip_hvp:
+            emit("| HVP | gradient-equivalents |\n|---|---|")
+            for row, value in hvp_costs(model, batch):
+                emit(f"| {row} | {value:.2f} |")
+            fraction, count = lanczos_overhead(model, batch)
+            emit(f"| Lanczos (top-5, tol 1e-3, {count} products): its own work per iteration, as a fraction of "
+                 f"its product | {fraction:.0%} |")
+            emit()
 
-        print("| case | method | setting | time (s) | HVPs | rel. error | target met | speed-up (time) "
-              "| speed-up (HVPs) |\n|---|---|---|---|---|---|---|---|---|")
-        for label, k, target in (("top-1 to 1e-4", 1, TOP1_TARGET), ("top-5 to 1e-3", 5, TOP5_TARGET)):
-            res = top_k_case(model, batch, ref, k, target)
+        emit("| case | method | setting | time (s) | HVPs | rel. error | target met | speed-up (time) "
+             "| speed-up (HVPs) |\n|---|---|---|---|---|---|---|---|---|")
+        for label, k, target in (("top-1 to 1e-4", 1, TOP1_TARGET), ("top-5 to 1e-3", 5, TOP5_TARGET))[
+                : 0 if args.skip_eig else 2]:
+            res = top_k_median(model, batch, ref, k, target, args.repeats)
             pyh_s, pyh_c = res["PyHessian (power iteration)"][1:3]
-            for method, (tol, s, c, err, met) in res.items():
-                speed = f"{pyh_s / s:.1f}x" if method.startswith("ours") else "1.0x"
+            for method, (tol, sec, c, err, met) in res.items():
+                speed = f"**{pyh_s / sec:.1f}x**" if method.startswith("ours") else "1.0x"
                 speed_c = f"{pyh_c / c:.1f}x" if method.startswith("ours") else "1.0x"
-                print(f"| {label} | {method} | tol={tol:g} | {s:.2f} | {c} | {err:.1e} | {'yes' if met else 'NO'} "
-                      f"| {speed} | {speed_c} |")
-
-        truth_res = hutchpp_trace(HessianOperator(model, F.cross_entropy, [batch]), 1200,
-                                  generator=torch.Generator().manual_seed(12345))
-        truth = truth_res.estimate
-        for method, (rms, s, c) in trace_case(model, batch, truth, args.seeds).items():
-            print(f"| trace, {TRACE_BUDGET} HVPs, {args.seeds} seeds | {method} | - | {s:.2f} | {c} | {rms:.1e} (RMS) "
-                  f"| - | - | - |")
-        print(f"\ntrace reference: Hutch++ with 1200 HVPs = {truth:.5g} +- {truth_res.stderr:.2g}\n")
-        for method, text in density_case(model, batch, truth, probes=3, steps=60).items():
-            print(f"- density, {method}: {text}")
-        print()
+                emit(f"| {label} | {method} | tol={tol:g} | {sec:.2f} | {c:g} | {err:.1e} | {'yes' if met else 'NO'} "
+                     f"| {speed} | {speed_c} |")
+        if not args.skip_trace:
+            truth_res = hutchpp_trace(HessianOperator(model, F.cross_entropy, [batch]), 1200,
+                                      generator=torch.Generator().manual_seed(12345))
+            truth = truth_res.estimate
+            trace = trace_case(model, batch, truth, args.seeds)
+            pyh_ms = trace["PyHessian trace()"][1] / trace["PyHessian trace()"][2] * 1e3
+            for method, (rms, sec, c) in trace.items():
+                ms = sec / c * 1e3
+                emit(f"| trace, {TRACE_BUDGET} HVPs, {args.seeds} seeds | {method} | {ms:.1f} ms per HVP | {sec:.2f} | "
+                     f"{c} | {rms:.1e} (RMS) | - | {pyh_ms / ms:.2f}x | - |")
+            emit(f"\ntrace reference: Hutch++ with 1200 HVPs = {truth:.5g} +- {truth_res.stderr:.2g}; speed-up column "
+                 "of the trace rows: PyHessian's time per HVP / this method's\n")
+            if not args.skip_density:
+                for method, text in density_case(model, batch, truth, probes=3, steps=60).items():
+                    emit(f"- density, {method}: {text}")
+        emit()
 
     if not args.skip_warm:
-        print("## warm start (cnn, top-2, tol 1e-3, as HessianSpectrum's defaults)\n")
-        print("| cadence | measurements | cold HVPs (mean) | warm HVPs (mean) | warm / cold |\n|---|---|---|---|---|")
+        emit("**warm start (cnn, top-2, tol 1e-3, as HessianSpectrum's defaults)**\n")
+        emit("| cadence | measurements | cold HVPs (mean) | warm HVPs (mean) | warm / cold |\n|---|---|---|---|---|")
         for every, steps in ((17, 102), (5, 60), (1, 20)):
             cold, warm = warm_start_case("cnn", 2, 1e-3, every, steps)
             mc, mw = sum(cold) / len(cold), sum(warm) / len(warm)
-            print(f"| every {every} SGD steps | {len(cold)} | {mc:.1f} | {mw:.1f} | {mw / mc:.2f} |")
+            emit(f"| every {every} SGD steps | {len(cold)} | {mc:.1f} | {mw:.1f} | {mw / mc:.2f} |")
+    if args.write_readme:
+        from _readme import write_block
+
+        write_block("curvature", "\n".join(lines))
 
 
 if __name__ == "__main__":

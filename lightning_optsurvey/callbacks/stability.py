@@ -19,93 +19,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_optsurvey.callbacks._measure import MeasuringCallback, resolve_loss_fn
-from lightning_optsurvey.curvature import HessianOperator
-from lightning_optsurvey.curvature.lanczos import lanczos
-from lightning_optsurvey.measures._functional import check_positive, make_generator
+from lightning_optsurvey.curvature import HessianOperator, ScaledOperator, lanczos
+from lightning_optsurvey.curvature.linear import stability_scaling
+from lightning_optsurvey.validation import check_callable, check_float, check_optional
 
-__all__ = ["EdgeOfStability", "stability_scaling"]
-
-
-class _Scaled:
-    """The symmetric operator ``D^{1/2} H D^{1/2}`` for a diagonal ``D`` (per-parameter step sizes)."""
-
-    def __init__(self, op: HessianOperator, d_sqrt: Tensor) -> None:
-        self.op, self.d_sqrt = op, d_sqrt
-        self.numel, self.device, self.dtype = op.numel, op.device, op.dtype
-
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    def __matmul__(self, v: Tensor) -> Tensor:
-        d = self.d_sqrt.to(v.dtype)
-        return d * (self.op @ (d * v).to(self.dtype)).to(v.dtype)
-
-
-def stability_scaling(
-    optimizer: torch.optim.Optimizer, params: list[Tensor]
-) -> tuple[Tensor, float | None, str]:
-    r"""Per-parameter effective step sizes ``D`` and the threshold for :math:`\lambda_{\max}(D^{1/2} H D^{1/2})`.
-
-    - SGD (``torch.optim.SGD``): :math:`D = \eta (1 - \tau)` (``tau`` the dampening); threshold 2, or
-      :math:`2 + 2\beta` with momentum :math:`\beta`, :math:`(2 + 2\beta)/(1 + 2\beta)` with Nesterov.
-    - Adam / AdamW (any optimizer with ``exp_avg_sq`` state and ``betas``):
-      :math:`D = \eta / P`, :math:`P = (1 - \beta_1^t)(\sqrt{v_t / (1 - \beta_2^t)} + \epsilon)`;
-      threshold :math:`(2 + 2\beta_1)/(1 - \beta_1)` (38 for :math:`\beta_1 = 0.9`).
-    - Others: :math:`D = \eta` and no known threshold (``None``).
-
-    Weight decay is not part of the model (it adds ``eta * wd`` to every eigenvalue of the update's
-    linearization and is left out, as in the papers' experiments). Parameters the optimizer does not
-    hold get ``D = 0``.
-
-    Args:
-        optimizer: The training optimizer.
-        params: The parameters in the Hessian operator's order.
-
-    Returns:
-        ``(D, threshold, rule)`` with ``D`` flat over ``params`` and ``rule`` one of ``"gd"``,
-        ``"heavy_ball"``, ``"nesterov"``, ``"adam"``, ``"unknown"``.
-
-    References:
-        Cohen, Kaur, Li, Kolter, Talwalkar. Gradient Descent on Neural Networks Typically Occurs at the Edge
-        of Stability. ICLR 2021. https://arxiv.org/abs/2103.00065
-        Cohen, Ghorbani, Krishnan, Agarwal, Medapati, Badura, Suo, Cardoze, Nado, Dahl, Gilmer. Adaptive
-        Gradient Methods at the Edge of Stability. 2022. https://arxiv.org/abs/2207.14484
-    """
-    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    pieces: list[Tensor] = []
-    thresholds: set[tuple[float | None, str]] = set()
-    for p in params:
-        group = where.get(id(p))
-        if group is None:
-            pieces.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
-            continue
-        lr = float(group.get("lr", 0.0))
-        state = optimizer.state.get(p, {})
-        if "exp_avg_sq" in state and "betas" in group:
-            beta1, beta2 = group["betas"]
-            step = float(state["step"])
-            v = state["max_exp_avg_sq"] if group.get("amsgrad") and "max_exp_avg_sq" in state else state["exp_avg_sq"]
-            precond = (1 - beta1**step) * ((v / (1 - beta2**step)).sqrt() + group["eps"])
-            pieces.append((lr / precond).reshape(-1).to(p.dtype))
-            thresholds.add(((2 + 2 * beta1) / (1 - beta1), "adam"))
-        elif isinstance(optimizer, torch.optim.SGD):
-            beta, tau = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
-            pieces.append(torch.full((p.numel(),), lr * (1 - tau if beta > 0 else 1.0), dtype=p.dtype,
-                                     device=p.device))
-            if beta == 0:
-                thresholds.add((2.0, "gd"))
-            elif group.get("nesterov"):
-                thresholds.add(((2 + 2 * beta) / (1 + 2 * beta), "nesterov"))
-            else:
-                thresholds.add((2 + 2 * beta, "heavy_ball"))
-        else:
-            pieces.append(torch.full((p.numel(),), lr, dtype=p.dtype, device=p.device))
-            thresholds.add((None, "unknown"))
-    if len(thresholds) != 1:
-        return torch.cat(pieces), None, "unknown"
-    threshold, rule = thresholds.pop()
-    return torch.cat(pieces), threshold, rule
+__all__ = ["EdgeOfStability", "stability_scaling"]  # stability_scaling: pure maths, in curvature.linear
 
 
 class EdgeOfStability(MeasuringCallback):
@@ -149,11 +67,8 @@ class EdgeOfStability(MeasuringCallback):
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, num_batches=num_batches,
                          seed=seed)
-        self.tol = check_positive("tol", tol)
-        if self.tol >= 1:
-            raise ValueError(f"tol must be in (0, 1), got {tol!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        self.tol = check_float("tol", tol, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_optional(check_callable, "loss_fn", loss_fn, signature="loss_fn(outputs, targets)")
         self.loss_fn = loss_fn
         self._warned = False
         self.reused_spectrum = 0  # how many measurements reused HessianSpectrum's value
@@ -206,8 +121,8 @@ class EdgeOfStability(MeasuringCallback):
             self.reused_spectrum += 1
             out["stability/sharpness_x_lr"] = float(d[0]) * eig
         else:
-            generator = make_generator(torch.device("cpu"), self.seed)
-            target = op if uniform else _Scaled(op, d.clamp_min(0).sqrt())
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            target = op if uniform else ScaledOperator(op, d.clamp_min(0).sqrt())
             eig = float(lanczos(target, k=1, which="LA", tol=self.tol, generator=generator).eigenvalues[0])
             out["stability/sharpness_x_lr"] = float(d[0]) * eig if uniform else eig
         if uniform:

@@ -1,12 +1,17 @@
 """The curvature engine: Hessian-vector products, Lanczos, trace and spectral density (no Lightning here).
 
-Everything is a plain function of a :class:`HessianOperator`, so any of it can be called directly on a
-model: ``lanczos(HessianOperator(model, loss_fn, batches), k=5)``.
+Everything is a plain function of a :class:`LinearOperator` such as a :class:`HessianOperator`, so any of
+it can be called directly on a model: ``lanczos(HessianOperator(model, loss_fn, batches), k=5)``.
+
+Modules, from the bottom up: ``batches`` (what a batch is: sizes, pieces, checks), ``linear`` (the
+operator protocol and operators built from one), ``objective`` (the loss of one batch), ``operator``
+(the Hessian), ``lanczos`` (eigenpairs, and the three-term step), ``trace`` and ``density``.
 """
 
 from lightning_optsurvey.curvature.density import SpectralDensity, spectral_density
 from lightning_optsurvey.curvature.kernels import MissingDerivativeError, derivative_kernels
 from lightning_optsurvey.curvature.lanczos import EigenResult, lanczos
+from lightning_optsurvey.curvature.linear import LinearOperator, ScaledOperator, ShiftedOperator, stability_scaling
 from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss
 from lightning_optsurvey.curvature.operator import HessianOperator
 from lightning_optsurvey.curvature.trace import (
@@ -22,9 +27,12 @@ __all__ = [
     "DiagonalResult",
     "EigenResult",
     "HessianOperator",
+    "LinearOperator",
     "MissingDerivativeError",
     "ModuleLoss",
     "PairLoss",
+    "ScaledOperator",
+    "ShiftedOperator",
     "SpectralDensity",
     "TraceResult",
     "as_batch_loss",
@@ -34,4 +42,5 @@ __all__ = [
     "hutchpp_trace",
     "lanczos",
     "spectral_density",
+    "stability_scaling",
 ]

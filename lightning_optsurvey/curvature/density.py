@@ -15,11 +15,14 @@ with a Gaussian kernel :math:`g_\sigma`. In particular :math:`\sum_i \tau_i \the
 (exactly, for ``k < 2 num_steps``), so the density's moments estimate :math:`\operatorname{tr}(H^k)/n`
 without bias.
 
-The tridiagonal is diagonalized with ``torch.linalg.eigh`` (PyHessian's ``density()`` calls
-``torch.eig``, removed from torch, and fails). The recurrence runs in float64 and every Lanczos vector is
-reorthogonalized against all previous ones, stored in float64 for float64 operators (twice, to working
-precision) and in float32 for float32 operators (once: products carry float32 roundoff anyway, and the
-basis traffic dominates the cost on models with millions of parameters).
+The steps are :func:`~lightning_optsurvey.curvature.lanczos.lanczos_step`, the three-term step of
+:func:`~lightning_optsurvey.curvature.lanczos` itself: vectors in the operator's working dtype (float32
+for float32 operators, float64 for float64 ones), updated in place, each reorthogonalized against all
+previous ones to working precision, with only the small projected matrix :math:`T = Q^\top H Q` in
+float64 on the host. A float64 recurrence on float32 products buys no accuracy: the nodes and weights are
+limited by the products' roundoff (about 1e-7 relatively), far below what a density smoothed over 1 % of
+the spectrum resolves. :math:`T` is diagonalized with ``torch.linalg.eigh`` (PyHessian's ``density()``
+calls ``torch.eig``, removed from torch, and fails).
 
 Why our own: PyHessian's implementation no longer runs on current torch and keeps no record of nodes
 and weights that could be saved and re-plotted.
@@ -40,12 +43,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_optsurvey.curvature.lanczos import LinearOperator, _apply, _operator_info, _positive_int
+from lightning_optsurvey.curvature.lanczos import lanczos_step
+from lightning_optsurvey.curvature.linear import LinearOperator, apply, operator_info, working_dtype
+from lightning_optsurvey.validation import check_float, check_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["SpectralDensity", "lanczos_tridiagonal", "spectral_density"]
+__all__ = ["SpectralDensity", "lanczos_projection", "spectral_density"]
 
 _EPS = torch.finfo(torch.float64).eps
 
@@ -85,11 +90,10 @@ class SpectralDensity:
             sigma: Width of the Gaussian kernel (default :meth:`default_sigma`).
 
         Raises:
-            ValueError: If ``sigma`` is not positive.
+            TypeError: If ``sigma`` is not a real number.
+            ValueError: If it is not positive and finite.
         """
-        sigma = self.default_sigma() if sigma is None else sigma
-        if not isinstance(sigma, int | float) or not sigma > 0:
-            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        sigma = self.default_sigma() if sigma is None else check_float("sigma", sigma, low=0.0, low_open=True)
         t = torch.as_tensor(grid, dtype=torch.float64)
         diff = t.reshape(-1, 1) - self.nodes.reshape(1, -1)
         kernel = torch.exp(-0.5 * (diff / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
@@ -140,48 +144,34 @@ class SpectralDensity:
         )
 
 
-def lanczos_tridiagonal(
-    op: LinearOperator, v: Tensor, num_steps: int, basis_dtype: torch.dtype = torch.float64
-) -> tuple[Tensor, Tensor, int]:
-    """Run ``num_steps`` Lanczos steps from ``v`` with full reorthogonalization.
-
-    The recurrence is float64; the stored basis is ``basis_dtype`` (float32 halves the memory traffic of
-    reorthogonalizing against it, which dominates on models with millions of parameters, and keeps
-    orthogonality at float32 roundoff, enough for quadrature nodes and weights).
+def lanczos_projection(op: LinearOperator, v: Tensor, num_steps: int) -> tuple[Tensor, int]:
+    r"""Run up to ``num_steps`` Lanczos steps from ``v`` (full reorthogonalization, :func:`lanczos_step`).
 
     Returns:
-        ``(alpha, beta, steps)``: the diagonal (``steps``) and off-diagonal (``steps - 1``) of the
-        tridiagonal on the host, and the number of steps (and products) actually taken; fewer than
+        ``(T, steps)``: the projected matrix :math:`T = Q^\top H Q` (``steps x steps``, float64, on the host;
+        tridiagonal up to roundoff) and the number of steps (and products) actually taken, fewer than
         ``num_steps`` when the Krylov space is invariant.
     """
     n = v.shape[0]
     steps = min(num_steps, n)
-    basis = torch.empty(steps, n, dtype=basis_dtype, device=v.device)
-    q = v / v.norm()
-    basis[0] = q
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    taken = 0
+    basis = torch.empty(steps, n, dtype=v.dtype, device=v.device)
+    torch.div(v, v.norm(), out=basis[0])
+    proj = torch.zeros(steps, steps, dtype=torch.float64)
+    known = torch.zeros(0, dtype=torch.float64)
     for j in range(steps):
-        w = _apply(op, q)
-        taken += 1
-        alpha = q @ w
-        alphas.append(alpha)
-        w = w - alpha * q - (betas[-1] * basis[j - 1].to(torch.float64) if betas else 0.0)
-        active = basis[: j + 1]
-        for _ in range(2 if basis_dtype == torch.float64 else 1):
-            w = w - (active.T @ (active @ w.to(basis_dtype))).to(torch.float64)
+        w = apply(op, basis[j])
+        column, beta = lanczos_step(basis, j, known, w)
+        proj[: j + 1, j] = column
+        proj[j, : j + 1] = column
         if j + 1 == steps:
             break
-        beta = w.norm()
-        scale = max(float(torch.stack(alphas).abs().max()), float(betas[-1]) if betas else 0.0, _EPS)
-        if float(beta) <= 8 * _EPS * scale * math.sqrt(j + 1):
-            break  # invariant subspace: the quadrature is exact with the nodes so far
-        betas.append(beta)
-        q = w / beta
-        basis[j + 1] = q
-    off_diagonal = torch.stack(betas).cpu() if betas else torch.zeros(0, dtype=torch.float64)
-    return torch.stack(alphas).cpu(), off_diagonal, taken
+        scale = max(float(proj[: j + 1, : j + 1].abs().max()), _EPS)
+        if beta <= 8 * _EPS * scale * math.sqrt(j + 1):
+            return proj[: j + 1, : j + 1], j + 1  # invariant subspace: the quadrature is exact already
+        torch.div(w, beta, out=basis[j + 1])
+        known = torch.zeros(j + 1, dtype=torch.float64)
+        known[j] = beta
+    return proj, steps
 
 
 def spectral_density(
@@ -203,23 +193,22 @@ def spectral_density(
         A :class:`SpectralDensity` with ``num_probes * num_steps`` products (fewer on breakdown).
 
     Raises:
-        ValueError: If ``num_probes`` or ``num_steps`` is not a positive integer.
+        TypeError: If ``num_probes`` or ``num_steps`` is not an integer.
+        ValueError: If either is not positive.
     """
-    n, device = _operator_info(op)
-    _positive_int("num_probes", num_probes)
-    _positive_int("num_steps", num_steps)
+    n, device = operator_info(op)
+    check_int("num_probes", num_probes)
+    check_int("num_steps", num_steps)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     width = min(num_steps, n)
-    op_dtype = getattr(op, "dtype", torch.float64)
-    basis_dtype = torch.float32 if op_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
+    dtype = working_dtype(op)
     nodes = torch.zeros(num_probes, width, dtype=torch.float64)
     weights = torch.zeros(num_probes, width, dtype=torch.float64)
     total = 0
     for p in range(num_probes):
-        v = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
-        alpha, beta, steps = lanczos_tridiagonal(op, v.to(device) / math.sqrt(n), width, basis_dtype)
+        v = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8).to(dtype).mul_(2).sub_(1)
+        tri, steps = lanczos_projection(op, v.to(device), width)
         total += steps
-        tri = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
         theta, s = torch.linalg.eigh(tri)
         nodes[p, :steps] = theta
         weights[p, :steps] = s[0] ** 2

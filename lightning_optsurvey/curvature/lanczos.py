@@ -33,10 +33,13 @@ time, start vector and Ritz vectors included (about 15 % per iteration, most of 
 faults of new basis rows and the two passes over the basis), down from 81 % to 94 % with the former
 float64 recurrence (0.2 s of float32/float64 conversions per call).
 
-Measured by ``benchmarks/hessian_vs_pyhessian.py`` (digits, one batch of 256, one CPU thread), against
-PyHessian's power iteration at the loosest tolerance of each that reaches the target: top-1 to 1e-4
-with 1.9x to 5.9x fewer products (1.4x to 4.9x less time), top-5 to 1e-3 with 7.1x to 7.8x fewer
-products (4.6x to 10.7x less time; single timings on a loaded machine vary by 2x).
+Measured by ``benchmarks/hessian_vs_pyhessian.py`` (issue 18's protocol: the digits CNN after 300
+full-batch SGD steps, one batch of 256, one CPU thread, process CPU time, median of 3 seeds), against
+PyHessian's power iteration at the loosest tolerance of each that reaches the target: top-1 to 1e-4 with
+6.4x fewer products (6.0x less time), top-5 to 1e-3 with 6.7x fewer products (5.6x less time); the
+work between products is 7 % of a product per iteration there (top-5, tol 1e-3), but 34 % on
+``mlp_wide`` (1.1M parameters, 17 products): full reorthogonalization reads the whole basis twice per
+product, so its cost grows with the basis while a product's does not.
 
 Why our own: PyHessian's power iteration with deflation needs 15 products for a top eigenvalue accurate
 to only 2e-3 and 206 for a wrong top-5; ``scipy.sparse.linalg.eigsh`` (ARPACK) round-trips every vector
@@ -54,25 +57,19 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["EigenResult", "LinearOperator", "lanczos"]
+from lightning_optsurvey.curvature.linear import LinearOperator, apply, operator_info, working_dtype
+from lightning_optsurvey.validation import check_choice, check_float, check_int
+
+__all__ = ["EigenResult", "LinearOperator", "lanczos", "lanczos_step"]
 
 WHICH = ("LA", "SA", "LM")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 basis vectors before a restart
 _EPS = torch.finfo(torch.float64).eps
-
-
-class LinearOperator(Protocol):
-    """What the estimators need: a symmetric ``numel x numel`` operator applied with ``@``."""
-
-    numel: int
-    num_matvecs: int
-
-    def __matmul__(self, v: Tensor) -> Tensor: ...
 
 
 class EigenResult(NamedTuple):
@@ -92,25 +89,6 @@ class EigenResult(NamedTuple):
     residuals: Tensor
     num_matvecs: int
     converged: Tensor
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _operator_info(op: LinearOperator) -> tuple[int, torch.device]:
-    numel = getattr(op, "numel", None)
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-        raise TypeError(f"op must have a positive integer `numel` and support `op @ v`, got {op!r}")
-    device = getattr(op, "device", None)
-    return numel, torch.device(device) if device is not None else torch.device("cpu")
-
-
-def _apply(op: LinearOperator, v: Tensor) -> Tensor:
-    out = op @ v
-    return out.to(dtype=torch.float64, device=v.device)
 
 
 def _select(theta: Tensor, count: int, which: str) -> Tensor:
@@ -133,11 +111,9 @@ def _random_unit(
     return v.div_(v.norm())
 
 
-def _orthonormal_columns(block: Tensor, against: Tensor | None = None) -> Tensor:
-    """Orthonormalize the columns of ``block`` (and against the rows of ``against``); drop dependent ones."""
+def _orthonormal_columns(block: Tensor) -> Tensor:
+    """Orthonormalize the columns of ``block`` (QR, twice); drop dependent ones."""
     for _ in range(2):
-        if against is not None and against.shape[0]:
-            block = block - against.T @ (against @ block)
         q, r = torch.linalg.qr(block)
         keep = r.diagonal().abs() > 1e-10 * max(float(r.diagonal().abs().max()), _EPS) if r.numel() else r
         block = q[:, keep] if r.numel() else q
@@ -161,33 +137,6 @@ def _start_block(
     if block.shape[1] == 0:
         raise ValueError("v0 must be non-zero")
     return block
-
-
-def _grow_direction(
-    basis: Tensor, m: int, defect: Tensor, mapped: Tensor, gram: Tensor, idx: Tensor, done: Tensor,
-    all_counted: bool, theta: Tensor, floor: float, scale: float, generator: torch.Generator,
-) -> Tensor:
-    """Principal direction of the unconverged wanted residuals (relative to their eigenvalues), unit norm.
-
-    With a single defect vector every residual is parallel to it and this is the Lanczos direction; with
-    a block start it is the direction that carries most of the remaining residual. ``defect`` holds the
-    defect vectors as rows, in the basis' dtype.
-    """
-    pending = idx[~done] if all_counted else idx
-    weights = mapped[:, pending] / torch.clamp(theta[pending].abs(), min=floor)
-    device = basis.device
-    direction = None
-    if defect.shape[0]:
-        small = weights.T @ gram @ weights
-        _, vecs = torch.linalg.eigh((small + small.T) / 2)
-        direction = (weights @ vecs[:, -1]).to(device=device, dtype=basis.dtype) @ defect
-    passes = 1  # the defect is kept orthogonal to the basis; one pass guards against roundoff
-    if direction is None or float(direction.norm()) <= 8 * _EPS * scale:
-        direction = _random_unit(basis.shape[1], generator, device, basis.dtype)  # invariant subspace
-        passes = 2
-    for _ in range(passes):
-        direction = direction - _project(basis[:m], direction)
-    return direction / direction.norm()
 
 
 def _project(rows: Tensor, v: Tensor) -> Tensor:
@@ -239,8 +188,10 @@ def lanczos(
         An :class:`EigenResult`.
 
     Raises:
-        ValueError: If ``k`` is not in ``[1, numel]``, ``which`` is unknown, ``tol`` is not positive,
-            ``max_iter`` is not a positive integer, ``v0`` has the wrong shape, or the budget cannot hold
+        TypeError: If ``k``, ``max_iter``, ``max_basis`` or ``memory_budget`` is not an integer, ``tol``
+            not a real number, or ``v0`` not a tensor.
+        ValueError: If ``k`` is not in ``[1, numel]``, ``which`` is unknown, ``tol`` is not positive and
+            finite, ``max_iter`` is not positive, ``v0`` has the wrong shape, or the budget cannot hold
             ``k + 1`` vectors.
 
     Example:
@@ -253,17 +204,15 @@ def lanczos(
         >>> [round(float(x), 6) for x in res.eigenvalues], bool(res.converged.all())
         ([50.0, 49.0], True)
     """
-    n, device = _operator_info(op)
-    k = _positive_int("k", k)
+    n, device = operator_info(op)
+    k = check_int("k", k)
     if k > n:
         raise ValueError(f"k={k} exceeds the operator's dimension numel={n}")
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0 or not math.isfinite(tol):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    max_iter = max(500, 30 * k) if max_iter is None else _positive_int("max_iter", max_iter)
+    check_choice("which", which, WHICH)
+    tol = check_float("tol", tol, low=0.0, low_open=True)
+    max_iter = max(500, 30 * k) if max_iter is None else check_int("max_iter", max_iter)
     if max_basis is None:
-        fit = _positive_int("memory_budget", memory_budget) // (8 * n) - 1
+        fit = check_int("memory_budget", memory_budget) // (8 * n) - 1
         if fit < k + 1 and fit < n:
             raise ValueError(
                 f"memory_budget={memory_budget} bytes holds {max(fit, 0)} float64 vectors of length {n}; "
@@ -271,46 +220,25 @@ def lanczos(
             )
         max_basis = min(n, max(k + 30, 2 * k + 10), fit)
     else:
-        max_basis = min(_positive_int("max_basis", max_basis), n)
+        max_basis = min(check_int("max_basis", max_basis), n)
         if max_basis < min(k + 1, n):
             raise ValueError(f"max_basis={max_basis} must be at least k + 1 = {k + 1}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    target = _Target(k, which, tol, max_basis)
 
-    block = _start_block(v0, n, generator, device, _basis_dtype(op))
+    block = _start_block(v0, n, generator, device, working_dtype(op))
     if v0 is not None and v0.ndim == 2 and k <= block.shape[1] < max_basis:
         # Warm start: Rayleigh-Ritz on the previous eigenvectors (one batched product). Enough when the
         # Hessian moved less than the tolerance; otherwise Lanczos from the sum of the Ritz vectors.
-        first = _krylov(op, block, k, which, tol, block.shape[1], max_basis, generator)
+        first = _krylov(op, block, target, block.shape[1], generator)
         if bool(first.converged.all()) or first.num_matvecs >= max_iter:
             return first
-        rest = _krylov(op, first.eigenvectors.sum(dim=1, keepdim=True), k, which, tol,
-                       max_iter - first.num_matvecs, max_basis, generator)
+        rest = _krylov(op, first.eigenvectors.sum(dim=1, keepdim=True), target, max_iter - first.num_matvecs,
+                       generator)
         return rest._replace(num_matvecs=first.num_matvecs + rest.num_matvecs)
     if block.shape[1] > 1:
         block = block.sum(dim=1, keepdim=True)  # fewer vectors than k: one Krylov sequence from their sum
-    return _krylov(op, block, k, which, tol, max_iter, max_basis, generator)
-
-
-def _basis_dtype(op: LinearOperator) -> torch.dtype:
-    """Working dtype of the recurrence and the basis: the operator's, float32 for half-precision operators.
-
-    Products arrive in the operator's dtype and carry its roundoff, so a float64 recurrence on float32
-    products buys no accuracy (the Ritz values are limited by the products) but costs a conversion of
-    every vector and twice the memory traffic of the reorthogonalization, which dominate the overhead
-    on models with millions of parameters. Operators without a ``dtype`` are treated as float64.
-    """
-    dtype = getattr(op, "dtype", torch.float64)
-    if dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.float32
-    return torch.float64
-
-
-def _apply_work(op: LinearOperator, v: Tensor) -> Tensor:
-    """``op @ v`` in ``v``'s dtype and device, safe to update in place (no copy unless it aliases ``v``)."""
-    out = (op @ v).to(dtype=v.dtype, device=v.device)
-    if out.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
-        out = out.clone()  # e.g. an identity operator returning its argument
-    return out
+    return _krylov(op, block, target, max_iter, generator)
 
 
 def _reorthogonalize(active: Tensor, w: Tensor) -> Tensor:
@@ -326,14 +254,21 @@ def _reorthogonalize(active: Tensor, w: Tensor) -> Tensor:
     return h.add_(h2)
 
 
-def _recurrence_step(basis: Tensor, m: int, known: Tensor, w: Tensor) -> tuple[Tensor, float]:
-    """Orthogonalize ``w = H q_m`` in place against ``basis[: m + 1]``; column ``m`` of ``T`` and ``beta``.
+def lanczos_step(basis: Tensor, m: int, known: Tensor, w: Tensor) -> tuple[Tensor, float]:
+    """One Lanczos step: orthogonalize ``w = H q_m`` in place against ``basis[: m + 1]``.
 
-    The couplings ``known`` of ``q_m`` to the earlier vectors are removed first (the three-term recurrence,
-    or the arrow of a thick restart), then one classical Gram-Schmidt pass against the whole basis
-    removes what roundoff and lost orthogonality left; a further pass runs only when that one removed
-    more than it left (Daniel, Gragg, Kaufman & Stewart 1976), so the basis stays orthonormal to working
-    precision. One transfer of ``m + 2`` scalars per product goes to the host (two when a pass repeats).
+    The three-term step shared by :func:`lanczos` and stochastic Lanczos quadrature
+    (:func:`~lightning_optsurvey.curvature.spectral_density`). The couplings ``known`` (float64, host,
+    length ``m``) of ``q_m`` to the earlier vectors are removed first (the three-term recurrence when only
+    ``known[m - 1] = beta`` is non-zero, or the arrow of a thick restart), then one classical Gram-Schmidt
+    pass against the whole basis removes what roundoff and lost orthogonality left; a further pass runs
+    only when that one removed more than it left (Daniel, Gragg, Kaufman & Stewart 1976), so the basis
+    stays orthonormal to working precision. ``w`` stays in the basis' dtype and device; one transfer of
+    ``m + 2`` scalars per product goes to the host (two when a pass repeats).
+
+    Returns:
+        ``(column, beta)``: column ``m`` of the projected matrix ``T = Q^T H Q`` (float64, host, length
+        ``m + 1``) and the norm of what is left of ``w`` (the next off-diagonal entry).
     """
     alpha = basis[m] @ w
     support = torch.nonzero(known).flatten().tolist()
@@ -363,129 +298,189 @@ def _recurrence_step(basis: Tensor, m: int, known: Tensor, w: Tensor) -> tuple[T
     return column, beta
 
 
-def _krylov(
-    op: LinearOperator,
-    start: Tensor,
-    k: int,
-    which: str,
-    tol: float,
-    max_iter: int,
-    max_basis: int,
-    generator: torch.Generator,
-) -> EigenResult:
-    """Rayleigh-Ritz on ``start`` (orthonormal columns), grown along residuals until converged.
+class _Target(NamedTuple):
+    """What a call asks for: ``k`` pairs of kind ``which`` to relative residual ``tol``, in ``max_basis`` vectors."""
 
-    Vectors of length ``numel`` live in the working dtype (:func:`_basis_dtype`) on the operator's
-    device and are updated in place; only the small projected matrix, the defect coefficients and the
-    residual test are float64 on the host (``m + 1`` scalars come back per product).
+    k: int
+    which: str
+    tol: float
+    max_basis: int
+
+
+class _Ritz(NamedTuple):
+    """Ritz values ``theta``/vectors ``s`` (basis coordinates) of the current basis and their residuals."""
+
+    theta: Tensor
+    s: Tensor
+    scale: float
+    gram: Tensor  # Gram matrix of the defect rows
+    mapped: Tensor  # e x m: defect coordinates of every Ritz vector's residual
+    residuals: Tensor
+
+
+class _Krylov:
+    r"""The state of one thick-restart Lanczos run, and the steps that change it.
+
+    On the operator's device, in the working dtype (:func:`~.linear.working_dtype`), updated in place:
+
+    - ``basis``: ``max_basis`` rows, of which the first ``m`` are the orthonormal basis :math:`Q`;
+    - ``defect``: the rows :math:`E` (``e x numel``) of the part of :math:`HQ` outside the basis.
+
+    On the host, float64, small:
+
+    - ``proj``: :math:`T = Q^\top H Q`;
+    - ``coeff``: :math:`C` (``e x m``) with :math:`HQ^\top - Q^\top T = E^\top C`, so residuals are known
+      without a product;
+    - ``pending``: the norm of a single defect row not yet divided by it (the scale is in ``C`` already;
+      the row is normalized on its way into the basis, one pass);
+    - ``plain``: the defect is one unit row orthogonal to the basis (plain Lanczos): its Gram matrix is 1
+      and every residual is parallel to it, so nothing of length ``numel`` is touched to test.
     """
-    n, device = start.shape[0], start.device
-    wd = _basis_dtype(op)
-    start = start / start.norm(dim=0, keepdim=True) if start.shape[1] == 1 else start
-    m = start.shape[1]
-    # empty, not zeros: only the rows in use are ever touched (zeroing 31 x 1.1M float64 costs 0.3 s)
-    basis = torch.empty(max_basis, n, dtype=wd, device=device)
-    basis[:m] = start.T
-    rows = basis[:m]  # the vectors actually stored (and multiplied)
-    image = _apply_work(op, rows[0]).unsqueeze(0) if m == 1 else _apply_work(op, rows.T).T
-    matvecs = m
-    proj = torch.zeros(max_basis, max_basis, dtype=torch.float64)  # T = Q^T H Q, on the host
-    t0 = (rows @ image.T).to(device="cpu", dtype=torch.float64)
-    proj[:m, :m] = (t0 + t0.T) / 2
-    # The defect H Q - Q T = E C, kept as E (e x numel, rows) and C (e x m); a Lanczos start keeps e <= 1.
-    defect = image.sub_(proj[:m, :m].to(device=device, dtype=wd) @ rows)
-    defect.sub_((defect @ rows.T) @ rows)
-    # Unit defect rows (scale in C), so a single one is the next Lanczos vector as it stands.
-    norms = defect.norm(dim=1).to(device="cpu", dtype=torch.float64)
-    live = norms > 0
-    defect = defect[live.to(device)] / norms[live].to(device=device, dtype=wd).unsqueeze(1)
-    coeff = torch.diag(norms)[live]
-    # `lanczos_vector`: the defect is one unit row orthogonal to the basis (plain Lanczos), so its Gram
-    # matrix is 1 and every residual is parallel to it; nothing of length numel is touched to test.
-    lanczos_vector = defect.shape[0] == 1 and m == 1
-    pending: float | None = None  # a single defect row not yet divided by its norm (kept in C already)
 
-    while True:
-        theta, s = torch.linalg.eigh(proj[:m, :m])
+    def __init__(self, op: LinearOperator, start: Tensor, max_basis: int) -> None:
+        self.op, self.n, self.device = op, start.shape[0], start.device
+        self.dtype = working_dtype(op)
+        start = start / start.norm(dim=0, keepdim=True) if start.shape[1] == 1 else start
+        m = self.m = start.shape[1]
+        # empty, not zeros: only the rows in use are ever touched (zeroing 31 x 1.1M float64 costs 0.3 s)
+        self.basis = torch.empty(max_basis, self.n, dtype=self.dtype, device=self.device)
+        self.basis[:m] = start.T
+        rows = self.basis[:m]
+        image = apply(op, rows[0]).unsqueeze(0) if m == 1 else apply(op, rows.T).T
+        self.matvecs = m
+        self.proj = torch.zeros(max_basis, max_basis, dtype=torch.float64)
+        t0 = (rows @ image.T).to(device="cpu", dtype=torch.float64)
+        self.proj[:m, :m] = (t0 + t0.T) / 2
+        # The defect H Q - Q T, orthogonalized against the basis, as unit rows (scales in C).
+        defect = image.sub_(self.proj[:m, :m].to(device=self.device, dtype=self.dtype) @ rows)
+        defect.sub_((defect @ rows.T) @ rows)
+        norms = defect.norm(dim=1).to(device="cpu", dtype=torch.float64)
+        live = norms > 0
+        self.defect = defect[live.to(self.device)] / norms[live].to(device=self.device, dtype=self.dtype).unsqueeze(1)
+        self.coeff = torch.diag(norms)[live]
+        self.plain = self.defect.shape[0] == 1 and m == 1
+        self.pending: float | None = None
+
+    def ritz(self) -> _Ritz:
+        """Ritz pairs of the basis and their residual norms; drops defect rows the basis has captured."""
+        theta, s = torch.linalg.eigh(self.proj[: self.m, : self.m])
         scale = max(float(theta.abs().max()), _EPS)
-        if lanczos_vector:
-            if float(coeff.abs().max()) <= 8 * _EPS * scale:
-                defect, coeff, lanczos_vector = defect[:0], coeff[:0], False  # captured by the basis
-            gram = torch.ones(defect.shape[0], defect.shape[0], dtype=torch.float64)
+        if self.plain:
+            if float(self.coeff.abs().max()) <= 8 * _EPS * scale:
+                self.defect, self.coeff, self.plain = self.defect[:0], self.coeff[:0], False
+            gram = torch.ones(self.defect.shape[0], self.defect.shape[0], dtype=torch.float64)
         else:
-            if defect.shape[0]:
+            if self.defect.shape[0]:
                 # Drop defect rows that are zero to working precision (captured by the basis).
-                norms = defect.norm(dim=1).to(device="cpu", dtype=torch.float64) * coeff.abs().amax(dim=1)
+                norms = self.defect.norm(dim=1).to(device="cpu", dtype=torch.float64) * self.coeff.abs().amax(dim=1)
                 live = norms > 8 * _EPS * scale
                 if not bool(live.all()):
-                    defect, coeff = defect[live.to(device)], coeff[live]
-            gram = (defect @ defect.T).to(device="cpu", dtype=torch.float64)
-        mapped = coeff @ s  # e x m: defect coordinates of every Ritz vector's residual
+                    self.defect, self.coeff = self.defect[live.to(self.device)], self.coeff[live]
+            gram = (self.defect @ self.defect.T).to(device="cpu", dtype=torch.float64)
+        mapped = self.coeff @ s
         residuals = torch.einsum("im,ij,jm->m", mapped, gram, mapped).clamp_min(0).sqrt()
-        count = min(k, m)
-        idx = _select(theta, count, which)
-        floor = math.sqrt(_EPS) * scale
-        relative = residuals[idx] / torch.clamp(theta[idx].abs(), min=floor)
-        done = relative <= tol
-        if (count == k and bool(done.all())) or matvecs >= max_iter or m == n:
-            vectors = (basis[:m].T @ s[:, idx].to(device=device, dtype=wd)).to(torch.float64)
-            converged = done if count == k else torch.zeros(count, dtype=torch.bool)
-            return EigenResult(theta[idx].clone(), vectors, residuals[idx].clone(), matvecs, converged)
-        if m == max_basis:
-            # Thick restart: keep the best Ritz vectors; the defect is carried along through C.
-            keep_count = min(max(k + (max_basis - k) // 2, k), max_basis - 1)
-            keep = _select(theta, keep_count, which)
-            kept = s[:, keep]
-            basis[:keep_count] = kept.T.to(device=device, dtype=wd) @ basis[:m]
-            proj.zero_()
-            proj[:keep_count, :keep_count] = torch.diag(theta[keep])
-            coeff = coeff @ kept
-            m = keep_count
-            continue
-        known = None
-        if defect.shape[0] == 1 and (lanczos_vector or abs(float(gram[0, 0]) - 1.0) < 1e-8):
+        return _Ritz(theta, s, scale, gram, mapped, residuals)
+
+    def result(self, ritz: _Ritz, idx: Tensor, converged: Tensor) -> EigenResult:
+        vectors = (self.basis[: self.m].T @ ritz.s[:, idx].to(device=self.device, dtype=self.dtype)).to(torch.float64)
+        return EigenResult(ritz.theta[idx].clone(), vectors, ritz.residuals[idx].clone(), self.matvecs, converged)
+
+    def restart(self, ritz: _Ritz, keep: Tensor) -> None:
+        """Thick restart: keep the Ritz vectors ``keep``; the defect is carried along through ``C``."""
+        count = keep.shape[0]
+        kept = ritz.s[:, keep]
+        self.basis[:count] = kept.T.to(device=self.device, dtype=self.dtype) @ self.basis[: self.m]
+        self.proj.zero_()
+        self.proj[:count, :count] = torch.diag(ritz.theta[keep])
+        self.coeff = self.coeff @ kept
+        self.m = count
+
+    def grow(self, ritz: _Ritz, wanted: Tensor, floor: float, generator: torch.Generator) -> None:
+        """Add one basis vector (one product): the Lanczos vector, or the residual direction of ``wanted``."""
+        m, known = self.m, None
+        if self.defect.shape[0] == 1 and (self.plain or abs(float(ritz.gram[0, 0]) - 1.0) < 1e-8):
             # Plain Lanczos: every residual is parallel to the single (unit, orthogonal) defect vector,
             # which is the next Lanczos vector; it leaves the defect once it joins the basis. Its
             # couplings to the basis are known: q_j^T H q_m = (H q_j)^T q_m = C[0, j].
-            if pending is None:
-                basis[m] = defect[0]
+            if self.pending is None:
+                self.basis[m] = self.defect[0]
             else:
-                torch.div(defect[0], pending, out=basis[m])  # normalized on the way in: one pass
-            known = coeff[0]
-            defect = defect[:0]
-            coeff = torch.zeros(0, m + 1, dtype=torch.float64)
+                torch.div(self.defect[0], self.pending, out=self.basis[m])  # normalized on the way in
+            known = self.coeff[0]
+            self.defect = self.defect[:0]
+            self.coeff = torch.zeros(0, m + 1, dtype=torch.float64)
         else:
-            if pending is not None:
-                defect.div_(pending)
-            q = _grow_direction(basis, m, defect, mapped, gram, idx, done, count == k, theta, floor, scale,
-                                generator)
-            basis[m] = q
-            if defect.shape[0]:
-                defect = defect - (defect @ basis[m]).unsqueeze(1) * basis[m].unsqueeze(0)
-            coeff = torch.cat([coeff, torch.zeros(coeff.shape[0], 1, dtype=torch.float64)], dim=1)
-        w = _apply_work(op, basis[m])
-        matvecs += 1
+            if self.pending is not None:
+                self.defect.div_(self.pending)
+            self.basis[m] = self._residual_direction(ritz, wanted, floor, generator)
+            if self.defect.shape[0]:
+                q = self.basis[m]
+                self.defect = self.defect - (self.defect @ q).unsqueeze(1) * q.unsqueeze(0)
+            self.coeff = torch.cat([self.coeff, torch.zeros(self.coeff.shape[0], 1, dtype=torch.float64)], dim=1)
+        w = apply(self.op, self.basis[m])
+        self.matvecs += 1
         if known is None:
-            column = _reorthogonalize(basis[: m + 1], w)
-            beta = w.norm()
-            host = torch.cat([column, beta.unsqueeze(0)]).to(device="cpu", dtype=torch.float64)
+            column = _reorthogonalize(self.basis[: m + 1], w)
+            host = torch.cat([column, w.norm().unsqueeze(0)]).to(device="cpu", dtype=torch.float64)
             column, beta = host[:-1], float(host[-1])
         else:
-            column, beta = _recurrence_step(basis, m, known, w)
-        proj[: m + 1, m] = column
-        proj[m, : m + 1] = column
-        m += 1
+            column, beta = lanczos_step(self.basis, m, known, w)
+        self.proj[: m + 1, m] = column
+        self.proj[m, : m + 1] = column
+        self.m = m = m + 1
         # The new product's part outside the basis joins the defect (one Lanczos residual vector).
-        pending = None
+        self.pending = None
         if beta > 0:
-            was_empty = defect.shape[0] == 0
+            was_empty = self.defect.shape[0] == 0
             if was_empty:  # stays unnormalized until it joins the basis (divided on that copy)
-                defect, pending = w.unsqueeze(0), beta
+                self.defect, self.pending = w.unsqueeze(0), beta
             else:
-                defect = torch.cat([defect, w.div_(beta).unsqueeze(0)])
+                self.defect = torch.cat([self.defect, w.div_(beta).unsqueeze(0)])
             row = torch.zeros(1, m, dtype=torch.float64)
             row[0, m - 1] = beta
-            coeff = torch.cat([coeff, row], dim=0)
-            lanczos_vector = was_empty
+            self.coeff = torch.cat([self.coeff, row], dim=0)
+            self.plain = was_empty
         else:
-            lanczos_vector = False
+            self.plain = False
+
+    def _residual_direction(self, ritz: _Ritz, wanted: Tensor, floor: float, generator: torch.Generator) -> Tensor:
+        """Principal direction of the ``wanted`` pairs' residuals (relative to their eigenvalues), unit norm.
+
+        With a single defect vector every residual is parallel to it and this is the Lanczos direction; with
+        a block start it is the direction that carries most of the remaining residual. A random direction
+        when the basis spans an invariant subspace.
+        """
+        weights = ritz.mapped[:, wanted] / torch.clamp(ritz.theta[wanted].abs(), min=floor)
+        direction = None
+        if self.defect.shape[0]:
+            small = weights.T @ ritz.gram @ weights
+            _, vecs = torch.linalg.eigh((small + small.T) / 2)
+            direction = (weights @ vecs[:, -1]).to(device=self.device, dtype=self.dtype) @ self.defect
+        passes = 1  # the defect is kept orthogonal to the basis; one pass guards against roundoff
+        if direction is None or float(direction.norm()) <= 8 * _EPS * ritz.scale:
+            direction = _random_unit(self.n, generator, self.device, self.dtype)  # invariant subspace
+            passes = 2
+        for _ in range(passes):
+            direction = direction - _project(self.basis[: self.m], direction)
+        return direction / direction.norm()
+
+
+def _krylov(
+    op: LinearOperator, start: Tensor, target: _Target, max_iter: int, generator: torch.Generator
+) -> EigenResult:
+    """Rayleigh-Ritz on ``start`` (orthonormal columns), grown along residuals until converged."""
+    k, which, max_basis = target.k, target.which, target.max_basis
+    state = _Krylov(op, start, max_basis)
+    while True:
+        ritz = state.ritz()
+        count = min(k, state.m)
+        idx = _select(ritz.theta, count, which)
+        floor = math.sqrt(_EPS) * ritz.scale
+        done = ritz.residuals[idx] / torch.clamp(ritz.theta[idx].abs(), min=floor) <= target.tol
+        if (count == k and bool(done.all())) or state.matvecs >= max_iter or state.m == state.n:
+            return state.result(ritz, idx, done if count == k else torch.zeros(count, dtype=torch.bool))
+        if state.m == max_basis:
+            keep = min(max(k + (max_basis - k) // 2, k), max_basis - 1)
+            state.restart(ritz, _select(ritz.theta, keep, which))
+        else:
+            state.grow(ritz, idx[~done] if count == k else idx, floor, generator)

@@ -32,52 +32,19 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["BatchLoss", "ModuleLoss", "PairLoss", "as_batch_loss", "batch_size", "first_tensor_leaf"]
+# The batch utilities moved to their own module; imported here for the old import paths.
+from lightning_optsurvey.curvature.batches import (
+    batch_size,
+    check_batches,
+    check_nonempty,
+    first_tensor_leaf,
+    model_args,
+    split_samples,
+)
+from lightning_optsurvey.validation import check_callable
 
-
-def model_args(inputs: Any) -> tuple[Any, ...]:
-    """The model's positional arguments for a batch's inputs: a tuple or list is several, else one."""
-    return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-
-
-def first_tensor_leaf(batch: Any) -> Tensor | None:
-    """The first tensor with at least one dimension in ``batch`` (depth first, a dict in its key order)."""
-    if isinstance(batch, Tensor):
-        return batch if batch.ndim > 0 else None
-    if isinstance(batch, Mapping):
-        items: Any = batch.values()
-    elif isinstance(batch, tuple | list):
-        items = batch
-    else:
-        return None
-    for item in items:
-        found = first_tensor_leaf(item)
-        if found is not None:
-            return found
-    return None
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples of a batch (its weight in a mean over batches); see the module docstring.
-
-    Raises:
-        ValueError: If the batch holds no tensor with a leading dimension.
-    """
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        inputs, targets = batch
-        for item in (targets, *model_args(inputs)):
-            if isinstance(item, Tensor) and item.ndim > 0:
-                return int(item.shape[0])
-    leaf = first_tensor_leaf(batch)
-    if leaf is not None:
-        return int(leaf.shape[0])
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        try:
-            return len(batch[1])
-        except TypeError:
-            pass
-    raise ValueError(f"cannot tell the size of a batch of type {type(batch).__name__}: it holds no tensor with a "
-                     "leading (batch) dimension; define compute_batch_size(self, batch) on the module")
+__all__ = ["BatchLoss", "ModuleLoss", "PairLoss", "as_batch_loss", "batch_size", "first_tensor_leaf", "model_args",
+           "split_samples"]
 
 
 class BatchLoss:
@@ -97,18 +64,10 @@ class BatchLoss:
             TypeError: If ``batches`` is one dict batch, not a sequence of batches.
             ValueError: If it is empty.
         """
-        if isinstance(batches, Mapping | Tensor):
-            raise TypeError(f"batches must be a sequence of batches, got a single {type(batches).__name__}; "
-                            "wrap it in a list")
-        out = list(batches)
-        if not out:
-            raise ValueError("batches is empty; pass at least one batch")
-        for i, b in enumerate(out):
-            # Every batch, not only the first: a later empty batch would fail deep inside a product.
-            leaf = first_tensor_leaf(b)
-            if leaf is not None and leaf.ndim > 0 and leaf.shape[0] == 0:
-                raise ValueError(f"batch {i} has no samples; every batch needs at least one")
-        return out
+        return check_nonempty(batches)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise early if ``model`` cannot be evaluated by this loss (nothing to check by default)."""
 
     def size(self, model: nn.Module, batch: Any) -> int:
         """The batch's weight: ``model.compute_batch_size(batch)`` if defined, else :func:`batch_size`."""
@@ -132,9 +91,7 @@ class PairLoss(BatchLoss):
     """
 
     def __init__(self, loss_fn: Callable[[Any, Any], Tensor]) -> None:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
-        self.loss_fn = loss_fn
+        self.loss_fn = check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)")
 
     def __call__(self, model: nn.Module, state: Mapping[str, Tensor], batch: Any) -> Tensor:
         inputs, targets = batch
@@ -152,21 +109,7 @@ class PairLoss(BatchLoss):
             ValueError: If it is empty, an element is not a pair (the message says how to use any batch), a batch
                 has no samples, or its inputs and targets disagree on the number of samples.
         """
-        if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
-            raise TypeError("batches must be a sequence of (inputs, targets) pairs; wrap a single batch in a list")
-        out = BatchLoss().check_batches(batches)
-        for i, b in enumerate(out):
-            if not isinstance(b, tuple | list) or len(b) != 2:
-                raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(b).__name__}; for other "
-                                 "batch structures define compute_loss(self, batch) on the module (ModuleLoss)")
-            tensors = [t for t in (b[1], *model_args(b[0])) if isinstance(t, Tensor) and t.ndim > 0]
-            sizes = {int(t.shape[0]) for t in tensors}
-            if len(sizes) > 1:
-                raise ValueError(f"batch {i}: its inputs and targets disagree on the number of samples "
-                                 f"(leading dimensions {[tuple(t.shape) for t in tensors]})")
-            if batch_size(b) == 0:
-                raise ValueError(f"batch {i} has no samples; every batch needs at least one")
-        return out
+        return check_batches(batches)
 
     def size(self, model: nn.Module, batch: Any) -> int:
         return batch_size(batch)
@@ -205,9 +148,13 @@ class ModuleLoss(BatchLoss):
             raise TypeError(f"method must be a method name, got {method!r}")
         self.method = method
 
-    def __call__(self, model: nn.Module, state: Mapping[str, Tensor], batch: Any) -> Tensor:
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a ``TypeError`` if the model has no such method."""
         if not callable(getattr(model, self.method, None)):
             raise TypeError(f"{type(model).__name__} has no method {self.method}(batch) to compute its loss")
+
+    def __call__(self, model: nn.Module, state: Mapping[str, Tensor], batch: Any) -> Tensor:
+        self.check_model(model)
         bound = _Bound(model, self.method)
         return functional_call(bound, {f"module.{k}": v for k, v in state.items()}, (batch,))
 
@@ -226,23 +173,3 @@ def as_batch_loss(loss: Callable[[Any, Any], Tensor] | BatchLoss) -> BatchLoss:
     if callable(loss):
         return PairLoss(loss)
     raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets) or a BatchLoss, got {loss!r}")
-
-
-def split_samples(batch: Any, size: int, chunk: int = 1) -> list[Any]:
-    """Consecutive pieces of ``chunk`` samples (the last may be smaller), one sample each by default.
-
-    Every tensor leaf with leading dimension ``size`` is sliced; leaves of another leading size (or not
-    tensors) are kept whole in every piece.
-    """
-
-    def take(item: Any, i: int) -> Any:
-        if isinstance(item, Tensor):
-            return item[i : i + chunk] if item.ndim > 0 and item.shape[0] == size else item
-        if isinstance(item, Mapping):
-            return {k: take(v, i) for k, v in item.items()}
-        if isinstance(item, tuple | list):
-            parts = [take(v, i) for v in item]
-            return type(item)(*parts) if hasattr(item, "_fields") else type(item)(parts)
-        return item
-
-    return [take(batch, i) for i in range(0, size, chunk)]

@@ -54,29 +54,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
+# batch_size, check_batches and model_args are re-exported for their old import path (curvature.batches now).
+from lightning_optsurvey.curvature.batches import batch_size, check_batches, model_args
 from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
-from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss, model_args
-from lightning_optsurvey.curvature.objective import batch_size as _batch_size
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, as_batch_loss
+from lightning_optsurvey.validation import check_bool, check_choice, check_int, check_optional, check_type
 
 __all__ = ["HessianOperator", "batch_size", "check_batches", "model_args"]
 
 BN_MODES = ("eval", "batch")
-
-
-def check_batches(batches: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-    """Validate ``batches`` (a non-empty sequence of ``(inputs, targets)`` pairs) and return it as a list.
-
-    Raises:
-        TypeError: If ``batches`` is a single ``(inputs, targets)`` pair rather than a sequence of them.
-        ValueError: If it is empty, an element is not a pair, or any batch has no samples or inputs and
-            targets of different lengths (sequence lengths may differ from batch to batch).
-    """
-    return PairLoss.check_pairs(batches)
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch (the weight of its mean loss); see :mod:`~.objective`."""
-    return _batch_size(batch)
 
 
 class HessianOperator:
@@ -123,10 +109,11 @@ class HessianOperator:
         dtype, device: Those of the parameters; products are computed in this dtype.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
-        ValueError: For no batches, a batch that is not a pair, an unknown ``bn_mode``, unknown parameter
-            names, no parameter requiring grad, parameters of mixed dtype/device, or a loss that is not a
-            scalar.
+        TypeError: If ``model`` is not an ``nn.Module``, ``loss_fn`` is not callable, ``linearize`` not a
+            bool or ``chunk_size`` not an integer.
+        ValueError: For no batches, a batch that is not a pair, an unknown ``bn_mode``, a ``chunk_size``
+            below 1, unknown parameter names, no parameter requiring grad, or parameters of mixed
+            dtype/device; at the first product or gradient, for a loss that is not a scalar.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
@@ -148,14 +135,11 @@ class HessianOperator:
         linearize: bool = True,
         chunk_size: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_type("model", model, nn.Module, "an nn.Module")
         objective = as_batch_loss(loss_fn)
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        check_choice("bn_mode", bn_mode, BN_MODES)
+        check_optional(check_int, "chunk_size", chunk_size)
+        objective.check_model(model)
         batches = objective.check_batches(batches)
         named = dict(model.named_parameters())
         if params is None:
@@ -193,7 +177,7 @@ class HessianOperator:
         self.device = selected[0].device
         self.num_matvecs = 0
         self.chunk_size = chunk_size
-        self.linearize = bool(linearize)
+        self.linearize = check_bool("linearize", linearize)
         self._graph: tuple[list[Tensor], list[tuple[list[Tensor], list[int]]]] | None = None
         self._graph_versions: list[int] = []
         self._reduce = reduce
@@ -205,7 +189,9 @@ class HessianOperator:
             self._global_count = float(reduce(torch.tensor(local, dtype=torch.float64, device=self.device)))
         else:
             self._global_count = local
-        self._check_scalar_loss()
+        # Whether the loss is a scalar is checked on the first evaluation (a product, a gradient), which
+        # every use starts with: a forward pass here only for the check cost a third of a gradient.
+        self._scalar_checked = False
 
     # -- model evaluation --------------------------------------------------------------------------------
     @contextmanager
@@ -237,7 +223,10 @@ class HessianOperator:
 
     def _loss_fn_of(self, batch: Any, constants: dict[str, Tensor]) -> Callable[[dict], Tensor]:
         def loss(p: dict[str, Tensor]) -> Tensor:
-            return self.objective(self.model, {**constants, **p}, batch)
+            value = self.objective(self.model, {**constants, **p}, batch)
+            if not self._scalar_checked:
+                self._check_scalar(value)
+            return value
 
         return loss
 
@@ -259,13 +248,12 @@ class HessianOperator:
                 raise
             raise explained from err
 
-    def _check_scalar_loss(self) -> None:
-        with torch.no_grad(), self._product_mode(), derivative_kernels(self.model):
-            value = self._loss_fn_of(self.batches[0], self._constants())(self._primals())
+    def _check_scalar(self, value: Any) -> None:
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             what = "compute_loss" if isinstance(self.objective, ModuleLoss) else "loss_fn"
             raise ValueError(f"{what} must return a scalar (a batch mean), got {shape}")
+        self._scalar_checked = True
 
     # -- flat vectors <-> parameter dicts -----------------------------------------------------------------
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
@@ -332,6 +320,21 @@ class HessianOperator:
             total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         else:
             total = out.zero_()
+        if len(per_batch) == 1 and self._weights[0] == 1.0:
+            # One batch: autograd accumulates each block of H v straight into its slice of `total` (the
+            # leaves' .grad are views of it), block by block as the backward pass frees them, so the
+            # blocks never exist all at once beside `total` (a vector of numel less at the peak).
+            grads, live = per_batch[0]
+            if grads:
+                for leaf, block, shape in zip(leaves, total.split(self.numels), self.shapes):
+                    leaf.grad = block.view(shape)
+                try:
+                    with torch.enable_grad():
+                        torch.autograd.backward(grads, [pieces[i] for i in live], retain_graph=True, inputs=leaves)
+                finally:
+                    for leaf in leaves:
+                        leaf.grad = None
+            return total
         with torch.enable_grad():
             for weight, (grads, live) in zip(self._weights, per_batch):
                 if not grads:

@@ -42,12 +42,14 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_optsurvey.curvature.lanczos import LinearOperator, _operator_info, _positive_int
+from lightning_optsurvey.curvature.linear import LinearOperator, operator_info
+from lightning_optsurvey.validation import check_choice, check_int
 
 __all__ = ["DiagonalResult", "TraceResult", "hutchinson_diagonal", "hutchinson_trace", "hutchpp_trace"]
 
@@ -122,8 +124,8 @@ def _apply_block(op: LinearOperator, rows: Tensor, block_size: int) -> Tensor:
 def _quadratic_forms(op: LinearOperator, z: Tensor) -> Tensor:
     """``z_i^T H z_i`` for the rows of ``z``, in one batched product, summed in float64."""
     hz = _product(op, z)
-    return hz.mul_(z.to(hz.dtype)).sum(dim=1, dtype=torch.float64) if _owned(hz, z) else \
-        (z.to(hz.dtype) * hz).sum(dim=1, dtype=torch.float64)
+    samples = hz.mul_(z.to(hz.dtype)) if _owned(hz, z) else z.to(hz.dtype) * hz
+    return samples.sum(dim=1, dtype=torch.float64)
 
 
 def _owned(out: Tensor, inp: Tensor) -> bool:
@@ -136,14 +138,28 @@ def _validate(
     generator: torch.Generator | None,
 ) -> tuple[int, torch.device, torch.Generator]:
     """Check the common arguments; return ``numel``, device and the generator (default: seeded with 0)."""
-    n, device = _operator_info(op)
-    _positive_int("num_matvecs", num_matvecs)
-    if num_matvecs < minimum:
-        raise ValueError(f"num_matvecs must be at least {minimum}, got {num_matvecs}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    _positive_int("block_size", block_size)
+    n, device = operator_info(op)
+    check_int("num_matvecs", num_matvecs, low=minimum)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_int("block_size", block_size)
     return n, device, generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def _hutchinson_samples(
+    op: LinearOperator, num_matvecs: int, distribution: str, generator: torch.Generator | None, block_size: int,
+) -> Iterator[Tensor]:
+    """Blocks of ``z_i * (H z_i)`` (elementwise, one probe per row), ``block_size`` probes at a time.
+
+    Each block of products is overwritten in place by its product with the probes: the probe block and
+    its products are the only full-size buffers, and memory stays ``numel x block_size`` however many
+    probes are asked for.
+    """
+    n, device, generator = _validate(op, num_matvecs, distribution, block_size, 1, generator)
+    dtype = _op_dtype(op)
+    for count in _blocks(num_matvecs, block_size):
+        z = _probes(n, count, distribution, generator, device, dtype)
+        hz = _product(op, z)
+        yield hz.mul_(z.to(hz.dtype)) if _owned(hz, z) else z.to(hz.dtype) * hz
 
 
 def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
@@ -175,13 +191,11 @@ def hutchinson_trace(
         A :class:`TraceResult`.
 
     Raises:
-        ValueError: If ``num_matvecs`` or ``block_size`` is not a positive integer, or the distribution
-            is unknown.
+        TypeError: If ``num_matvecs`` or ``block_size`` is not an integer, or the distribution not a string.
+        ValueError: If ``num_matvecs`` or ``block_size`` is not positive, or the distribution is unknown.
     """
-    n, device, generator = _validate(op, num_matvecs, distribution, block_size, 1, generator)
-    dtype = _op_dtype(op)
-    samples = torch.cat([_quadratic_forms(op, _probes(n, count, distribution, generator, device, dtype))
-                         for count in _blocks(num_matvecs, block_size)])
+    samples = torch.cat([block.sum(dim=1, dtype=torch.float64)
+                         for block in _hutchinson_samples(op, num_matvecs, distribution, generator, block_size)])
     estimate, stderr = _mean_and_stderr(samples)
     return TraceResult(estimate, stderr, num_matvecs)
 
@@ -210,8 +224,9 @@ def hutchpp_trace(
         A :class:`TraceResult`; ``stderr`` is that of the Hutchinson part, given the sketch.
 
     Raises:
-        ValueError: If ``num_matvecs`` is below 3, ``block_size`` is not a positive integer, or the
-            distribution is unknown.
+        TypeError: If ``num_matvecs`` or ``block_size`` is not an integer, or the distribution not a string.
+        ValueError: If ``num_matvecs`` is below 3, ``block_size`` is not positive, or the distribution is
+            unknown.
     """
     n, device, generator = _validate(op, num_matvecs, distribution, block_size, 3, generator)
     sketch = min(num_matvecs // 3, n)
@@ -246,32 +261,16 @@ def hutchinson_diagonal(
     r"""Unbiased estimate of the diagonal, :math:`\frac1m\sum_i z_i \odot H z_i` (Bekas et al. 2007).
 
     With Rademacher probes the error of entry :math:`j` comes only from the off-diagonal entries of row
-    :math:`j`, so a diagonally dominant Hessian is estimated well from few probes.
-
-    Args:
-        op: A square operator with ``numel`` and ``op @ v`` / ``op @ V``.
-        num_matvecs: Number of probes (= products).
-        distribution: ``"rademacher"`` or ``"normal"``.
-        generator: Source of the probes (default: a fresh generator seeded with 0).
-        block_size: Probes per batched product.
-
-    Returns:
-        A :class:`DiagonalResult`.
-
-    Raises:
-        ValueError: If ``num_matvecs`` or ``block_size`` is not a positive integer, or the distribution
-            is unknown.
+    :math:`j`, so a diagonally dominant Hessian is estimated well from few probes. The arguments, their
+    checks and the probes are those of :func:`hutchinson_trace` (the same seed gives the same probes);
+    the result is a :class:`DiagonalResult`, ``stderr`` per entry.
     """
-    n, device, generator = _validate(op, num_matvecs, distribution, block_size, 1, generator)
-    total = torch.zeros(n, dtype=torch.float64, device=device)
-    total_sq = torch.zeros(n, dtype=torch.float64, device=device)
-    # Blocks keep memory at (numel x block_size) however many probes are asked for.
-    for count in _blocks(num_matvecs, block_size):
-        z = _probes(n, count, distribution, generator, device, _op_dtype(op))
-        hz = _product(op, z)
-        samples = hz.mul_(z.to(hz.dtype)) if _owned(hz, z) else z.to(hz.dtype) * hz
-        total += samples.sum(dim=0, dtype=torch.float64)
-        total_sq += samples.square_().sum(dim=0, dtype=torch.float64)
+    total = total_sq = None
+    for samples in _hutchinson_samples(op, num_matvecs, distribution, generator, block_size):
+        block_sum = samples.sum(dim=0, dtype=torch.float64)
+        block_sq = samples.square_().sum(dim=0, dtype=torch.float64)
+        total = block_sum if total is None else total.add_(block_sum)
+        total_sq = block_sq if total_sq is None else total_sq.add_(block_sq)
     mean = total / num_matvecs
     if num_matvecs < 2:
         stderr = torch.full_like(mean, math.nan)

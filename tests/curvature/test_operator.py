@@ -265,8 +265,15 @@ def test_bad_inputs_raise_early():
     batches = _batches((3,))
     with pytest.raises(ValueError, match="batches is empty"):
         HessianOperator(model, F.cross_entropy, [])
-    with pytest.raises(ValueError, match="scalar"):
-        HessianOperator(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), batches)
+    per_sample = HessianOperator(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), batches)
+    for use in (lambda op: op @ torch.ones(op.numel, dtype=torch.float64), lambda op: op.loss_and_gradient(),
+                lambda op: op.matmat(torch.ones(op.numel, 2, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="loss_fn must return a scalar"):  # at its first evaluation
+            use(per_sample)
+    fresh = HessianOperator(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), batches,
+                            linearize=False)
+    with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+        fresh @ torch.ones(fresh.numel, dtype=torch.float64)
     with pytest.raises(ValueError, match="bn_mode"):
         HessianOperator(model, F.cross_entropy, batches, bn_mode="train")
     with pytest.raises(ValueError, match="unknown parameter names"):
