@@ -151,8 +151,8 @@ def test_registered_names_and_static_topology_requirement() -> None:
     [
         ({"compression": "int8"}, ValueError, "unknown compression 'int8'"),
         ({"ddp_comm_hook": print}, TypeError, "sets the DDP communication hook itself"),
-        ({"matrix_approximation_rank": 0}, ValueError, "matrix_approximation_rank must be at least 1"),
-        ({"start_powersgd_iter": 1}, ValueError, "start_powersgd_iter must be at least 2"),
+        ({"matrix_approximation_rank": 0}, ValueError, "matrix_approximation_rank must be an integer >= 1"),
+        ({"start_powersgd_iter": 1}, ValueError, "start_powersgd_iter must be an integer >= 2"),
         ({"min_compression_rate": 0.5}, ValueError, "min_compression_rate"),
     ],
 )

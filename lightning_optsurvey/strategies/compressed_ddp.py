@@ -43,8 +43,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._base import check_int
 from lightning_optsurvey.strategies._comm import CommCounter
+from lightning_optsurvey.validation import check_int
 
 __all__ = ["COMPRESSED_DDP_STRATEGY_NAMES", "DDP_COMPRESSIONS", "CompressedDDPStrategy"]
 
@@ -101,8 +101,8 @@ class CompressedDDPStrategy(DDPStrategy):
             raise TypeError(
                 f"CompressedDDPStrategy sets the DDP communication hook itself; it does not take {hook_keys}"
             )
-        check_int("matrix_approximation_rank", matrix_approximation_rank, 1)
-        check_int("start_powersgd_iter", start_powersgd_iter, 2)
+        check_int("matrix_approximation_rank", matrix_approximation_rank, low=1)
+        check_int("start_powersgd_iter", start_powersgd_iter, low=2)
         if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)):
             raise TypeError(f"min_compression_rate must be a number, got {min_compression_rate!r}")
         if not 1.0 <= min_compression_rate < float("inf"):
