@@ -246,14 +246,9 @@ class LocalModelStrategy(DDPStrategy):
     ) -> None:
         self._timeout_given = check_timeout(timeout)
         super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=self._timeout_given or default_pg_timeout,
-            start_method=start_method,
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+            timeout=self._timeout_given or default_pg_timeout, start_method=start_method,
         )
         self._monitor: _PeerMonitor | None = None
         self._first_evaluation = False
@@ -397,13 +392,8 @@ class LocalModelStrategy(DDPStrategy):
             self._message(_OP_STEP, slot, refuse=self._join_refusals())
 
     @override
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: LightningModule | torch.nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
         inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         announce = self._live and self._round_due()
         self._pre_optimizer_step(inner)
@@ -897,36 +887,6 @@ class LocalModelStrategy(DDPStrategy):
         self._own_state = None
         self._eval_state = None
 
-    @override
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        self._swap_in_run_model()
-
-    @override
-    def on_validation_end(self) -> None:
-        self._restore_own_model()
-        super().on_validation_end()
-
-    @override
-    def on_test_start(self) -> None:
-        super().on_test_start()
-        self._swap_in_run_model()
-
-    @override
-    def on_test_end(self) -> None:
-        self._restore_own_model()
-        super().on_test_end()
-
-    @override
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        self._swap_in_run_model()
-
-    @override
-    def on_predict_end(self) -> None:
-        self._restore_own_model()
-        super().on_predict_end()
-
     def _rank_state(self) -> dict[str, Any]:
         """Extra per-rank state saved in checkpoints (tensors are moved to the CPU)."""
         return {"comm": self.comm.state_dict()}
@@ -1003,6 +963,28 @@ class LocalModelStrategy(DDPStrategy):
         for optimizer, state in zip(self.optimizers, own["optimizer_states"]):
             optimizer.load_state_dict(state)
             _compat.optimizer_to_device(optimizer, self.root_device)
+
+
+def _evaluation_hooks(stage: str) -> None:
+    """``LocalModelStrategy.on_<stage>_start``/``_end``: evaluate the run's model, then put each rank's own back."""
+    start_name, end_name = f"on_{stage}_start", f"on_{stage}_end"
+
+    def start(self: LocalModelStrategy) -> None:
+        getattr(super(LocalModelStrategy, self), start_name)()
+        self._swap_in_run_model()
+
+    def end(self: LocalModelStrategy) -> None:
+        self._restore_own_model()
+        getattr(super(LocalModelStrategy, self), end_name)()
+
+    for name, hook in ((start_name, start), (end_name, end)):
+        hook.__name__, hook.__qualname__ = name, f"LocalModelStrategy.{name}"
+        hook.__doc__ = getattr(DDPStrategy, name).__doc__
+        setattr(LocalModelStrategy, name, hook)
+
+
+for _stage in ("validation", "test", "predict"):
+    _evaluation_hooks(_stage)
 
 
 class PeriodicSyncStrategy(LocalModelStrategy):
