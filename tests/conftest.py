@@ -1,13 +1,24 @@
-"""Shared test fixtures: small thread counts and quiet Lightning output."""
+"""Shared test fixtures: small thread counts and quiet Lightning output.
+
+``tests/`` mirrors the package (``tests/optim`` tests ``lightning_optsurvey.optim``, ...); pytest imports the
+test files in ``importlib`` mode, and the shared helpers (``_support``, ``_zoo``, ``_measures_helpers``,
+``_dist``) are importable from every folder because this file puts ``tests/`` on ``sys.path``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(1)

@@ -1,7 +1,7 @@
 """What the registry's optimizers need from Lightning's training loop, for any ``LightningModule``.
 
 :class:`OptimizerLoopAdapter` serves every optimizer of the Trainer whose
-:func:`~lightning_optsurvey.optim._loop.loop_needs` are not empty (``create_optimizer`` or a registry
+:func:`~lightning_optsurvey.optim.loop.loop_needs` are not empty (``create_optimizer`` or a registry
 class built by hand); for all others it does nothing:
 
 - repeated closure evaluations (L-BFGS, SAM, ASAM, GSAM, Entropy-SGD, LPF-SGD, SVRG): after the first
@@ -47,8 +47,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_optsurvey.optim import SVRG, _loop
-from lightning_optsurvey.optim._common import check_int, frozen_batchnorm_stats
+from lightning_optsurvey.optim import SVRG, loop
+from lightning_optsurvey.optim.loop import frozen_batchnorm_stats
+from lightning_optsurvey.validation import check_callable, check_choice, check_int, check_optional
 
 _LIKELIHOODS = ("categorical", "gaussian")
 
@@ -94,6 +95,7 @@ class OptimizerLoopAdapter(Callback):
             (outputs are the predictions of a squared loss).
 
     Raises:
+        TypeError: For a ``fisher_likelihood`` that is not a string.
         ValueError: For an unknown ``fisher_likelihood``; at fit start, for gradient accumulation or
             ``precision="16-mixed"`` with an optimizer that evaluates its closure several times.
         RuntimeError: At the first step, when a ``create_graph`` optimizer gets a gradient without a
@@ -105,9 +107,7 @@ class OptimizerLoopAdapter(Callback):
     """
 
     def __init__(self, fisher_likelihood: str = "categorical") -> None:
-        if fisher_likelihood not in _LIKELIHOODS:
-            raise ValueError(f"fisher_likelihood must be one of {_LIKELIHOODS}, got {fisher_likelihood!r}")
-        self.fisher_likelihood = fisher_likelihood
+        self.fisher_likelihood = check_choice("fisher_likelihood", fisher_likelihood, _LIKELIHOODS)
         self._entries: list[_Entry] = []
         self._module: LightningModule | None = None
         self._current: _Entry | None = None
@@ -132,9 +132,9 @@ class OptimizerLoopAdapter(Callback):
             return
         entries = []
         for optimizer in trainer.optimizers:
-            needs = _loop.loop_needs(optimizer)
+            needs = loop.loop_needs(optimizer)
             if needs:
-                found = _loop.spec_of(optimizer)
+                found = loop.spec_of(optimizer)
                 name = found[0] if found is not None else type(optimizer).__name__
                 entries.append(_Entry(optimizer, name, needs))
         if not entries:
@@ -158,11 +158,11 @@ class OptimizerLoopAdapter(Callback):
         self._module = pl_module
         self._entries = entries
         for entry in entries:
-            _loop.adopt(entry.optimizer)
+            loop.adopt(entry.optimizer)
             entry.handles.append(entry.optimizer.register_step_pre_hook(self._step_pre_hook(entry)))
             entry.handles.append(entry.optimizer.register_step_post_hook(self._step_post_hook))
             if "fisher_sampling" in entry.needs:
-                entry.model = _loop.model_of(entry.optimizer) or pl_module
+                entry.model = loop.model_of(entry.optimizer) or pl_module
                 entry.handles.append(entry.model.register_forward_hook(self._output_hook(entry)))
         if any("create_graph" in e.needs for e in entries):
             original = pl_module.backward
@@ -181,7 +181,7 @@ class OptimizerLoopAdapter(Callback):
     def _release(self) -> None:
         self._unfreeze()
         for entry in self._entries:
-            _loop.release(entry.optimizer)
+            loop.release(entry.optimizer)
             for handle in entry.handles:
                 handle.remove()
         self._entries = []
@@ -326,7 +326,9 @@ class SVRGSnapshot(Callback):
         batch_size: Batch size of the full-gradient pass (default: the train loader's).
 
     Raises:
-        ValueError: For a bad ``every_n_epochs``/``batch_size``, or at fit start when no SVRG optimizer is
+        TypeError: For an ``every_n_epochs``/``batch_size`` that is not an integer or a ``loss_fn`` that is not
+            callable.
+        ValueError: For an ``every_n_epochs``/``batch_size`` below 1, or at fit start when no SVRG optimizer is
             configured or the train loader is not a single ``DataLoader``.
 
     References:
@@ -340,12 +342,8 @@ class SVRGSnapshot(Callback):
         batch_size: int | None = None,
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs)
-        if batch_size is not None:
-            check_int("batch_size", batch_size)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
-        self.loss_fn = loss_fn
-        self.batch_size = batch_size
+        self.batch_size = check_optional(check_int, "batch_size", batch_size)
+        self.loss_fn = check_optional(check_callable, "loss_fn", loss_fn, signature="loss_fn(pl_module, batch)")
 
     @property
     def state_key(self) -> str:

@@ -9,7 +9,7 @@ from lightning_optsurvey.optim import (
 )
 from lightning_optsurvey.optim.entropy_sgd import EntropySGD
 from lightning_optsurvey.optim.gsam import GSAM
-from lightning_optsurvey.optim.kfac import KFAC
+from lightning_optsurvey.optim.kfac import KFAC, KFACConfig
 from lightning_optsurvey.optim.lookahead import Lookahead
 from lightning_optsurvey.optim.lpf_sgd import LPFSGD
 from lightning_optsurvey.optim.registry import (
@@ -35,6 +35,7 @@ __all__ = [
     "SAM",
     "SVRG",
     "EntropySGD",
+    "KFACConfig",
     "Lookahead",
     "OptimizerSpec",
     "Shampoo",
@@ -45,12 +46,3 @@ __all__ = [
     "register",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # SVRGSnapshot is a Lightning callback and lives in callbacks/ (optim does not import Lightning); the old
-    # import path keeps working.
-    if name == "SVRGSnapshot":
-        from lightning_optsurvey.callbacks.optimizer_loop import SVRGSnapshot
-
-        return SVRGSnapshot
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,27 +1,19 @@
-"""Small helpers shared by our optimizers and the task module.
+"""Small helpers shared by our optimizers.
 
-Argument checks, closure calls, generator state in ``self.state``, the heavy-ball update, and forward
-passes that leave BatchNorm's running statistics alone.
+Closure calls, generator state in ``self.state``, the heavy-ball update, copy/pickle support. Argument
+checks are :mod:`lightning_optsurvey.validation`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch.optim import Optimizer
 
-from lightning_optsurvey.validation import (  # noqa: F401  (re-exported: the optimizers import them here)
-    check_bool,
-    check_float_hparam,
-    check_int,
-    check_lr,
-    check_number,
-    describe,
-    is_real,
-)
+from lightning_optsurvey.validation import check_int, check_lr, check_number
 
 _RNG_KEY = "generator"
 
@@ -160,29 +152,6 @@ def heavy_ball(state: dict[Any, Any], p: Tensor, d_p: Tensor, momentum: float) -
     return buf
 
 
-@contextmanager
-def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
-    """Run forward passes in train mode without changing any BatchNorm running statistic.
-
-    Batch statistics are still used for normalization, exactly as in a normal training forward. The
-    running statistics are not *restored* afterwards but never written: ``track_running_stats`` is switched
-    off for the duration, so the buffers are not even touched in place. (Copying saved values back after
-    the forward bumps the buffers' autograd version, and the backward of that forward then fails with
-    "modified by an inplace operation".)
-    """
-    switched = [
-        m for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-    ]
-    for m in switched:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.track_running_stats = True
-
-
 class StateGenerator:
     """A ``torch.Generator`` whose state lives in an optimizer's ``state`` (so checkpoints resume exactly).
 
@@ -212,3 +181,29 @@ class StateGenerator:
     def store(self, state: dict[Any, Any]) -> None:
         if self._generator is not None:
             state[_RNG_KEY] = {"state": self._generator.get_state()}
+
+
+def check_heavy_ball(lr: Any, momentum: Any) -> None:
+    """Check the learning rate (``> 0``) and the heavy-ball momentum (in ``[0, 1)``) of a momentum method."""
+    check_lr(lr)
+    check_number("momentum", momentum, high=1.0, high_open=True)
+
+
+class SeededClosureOptimizer(FullStateMixin, Optimizer):
+    """Base of the optimizers whose step evaluates the closure several times at randomly moved weights.
+
+    Entropy-SGD and LPF-SGD: a generator seeded with ``seed`` whose position lives in ``self.state`` (so a
+    checkpoint resumes the same noise), a step counter in ``self.state[_STEP_KEY]``, and a required closure.
+    """
+
+    _STEP_KEY = ""
+
+    def __init__(self, params: Any, defaults: dict[str, Any], seed: int) -> None:
+        check_int("seed", seed, low=0)
+        super().__init__(params, defaults)  # type: ignore[call-arg]
+        self._rng = StateGenerator(seed)
+
+    def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[Callable[[], Any], dict[str, int]]:
+        """The closure (``ValueError`` if missing) and the step counter."""
+        closure = require_closure(type(self).__name__, closure)
+        return closure, self.state.setdefault(self._STEP_KEY, {"step": 0})  # type: ignore[attr-defined]

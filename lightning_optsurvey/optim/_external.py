@@ -58,9 +58,10 @@ from pytorch_optimizer.base.exception import NegativeLRError, NegativeStepError
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import FullStateMixin, check_bool
+from lightning_optsurvey.optim._common import FullStateMixin
 from lightning_optsurvey.optim.lookahead import Lookahead
 from lightning_optsurvey.optim.registry import OptimizerSpec, register
+from lightning_optsurvey.validation import check_bool
 
 #: Library classes whose ``step`` takes Hutchinson products of the gradient (``create_graph`` backward).
 _HESSIAN = (po.AdaHessian, po.SophiaH)

@@ -13,24 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import (
-    FullStateMixin,
-    StateGenerator,
-    call_closure,
-    check_bool,
-    check_int,
-    check_lr,
-    check_number,
-    heavy_ball,
-    require_closure,
-)
-
-_STEP_KEY = "entropy_sgd"
+from lightning_optsurvey.optim._common import SeededClosureOptimizer, call_closure, check_heavy_ball, heavy_ball
+from lightning_optsurvey.validation import check_bool, check_int, check_number
 
 
-class EntropySGD(FullStateMixin, Optimizer):
+class EntropySGD(SeededClosureOptimizer):
     r"""Entropy-SGD (Algorithm 1 of Chaudhari et al. 2017).
 
     The local entropy :math:`F(x;\gamma) = \log \int \exp(-f(x') - \tfrac{\gamma}{2}\|x-x'\|^2)\,dx'` has gradient
@@ -72,6 +60,8 @@ class EntropySGD(FullStateMixin, Optimizer):
         Biasing Gradient Descent Into Wide Valleys", ICLR 2017, arXiv:1611.01838.
     """
 
+    _STEP_KEY = "entropy_sgd"
+
     def __init__(
         self,
         params: Any,
@@ -87,8 +77,7 @@ class EntropySGD(FullStateMixin, Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ) -> None:
-        check_lr(lr)
-        check_number("momentum", momentum, high=1.0, high_open=True)
+        check_heavy_ball(lr, momentum)
         check_number("gamma", gamma, low_open=True)
         check_number("gamma_scoping", gamma_scoping)
         check_int("inner_steps", inner_steps)
@@ -99,12 +88,10 @@ class EntropySGD(FullStateMixin, Optimizer):
         check_bool("nesterov", nesterov)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        check_int("seed", seed, low=0)
         defaults = {"lr": lr, "momentum": momentum, "gamma": gamma, "gamma_scoping": gamma_scoping,
                     "inner_steps": inner_steps, "inner_lr": inner_lr, "noise": noise, "alpha": alpha,
                     "nesterov": nesterov, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-        self._rng = StateGenerator(seed)
+        super().__init__(params, defaults, seed)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -119,8 +106,7 @@ class EntropySGD(FullStateMixin, Optimizer):
         Raises:
             ValueError: If no closure is given.
         """
-        closure = require_closure("EntropySGD", closure)
-        counter = self.state.setdefault(_STEP_KEY, {"step": 0})  # type: ignore[call-overload]
+        closure, counter = self._begin_step(closure)
         t = counter["step"]
         params = [p for group in self.param_groups for p in group["params"]]
         if not params:

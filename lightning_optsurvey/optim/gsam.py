@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optsurvey.optim._common import check_number
 from lightning_optsurvey.optim.sam import _DEVIATIONS, SAM, BaseOptimizer
+from lightning_optsurvey.validation import check_number
 
 
 class GSAM(SAM):

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import WrappedBaseMixin, check_int, check_number, unhooked_step
+from lightning_optsurvey.optim._common import WrappedBaseMixin, unhooked_step
+from lightning_optsurvey.validation import check_choice, check_int, check_number
 
 _PULLBACK = ("none", "reset", "pullback")
 _STEP_KEY = "lookahead"
@@ -62,8 +63,7 @@ class Lookahead(WrappedBaseMixin, Optimizer):
 
         check_int("k", k)
         check_number("alpha", alpha, high=1.0)
-        if pullback_momentum not in _PULLBACK:
-            raise ValueError(f"pullback_momentum must be one of {_PULLBACK}, got {pullback_momentum!r}")
+        check_choice("pullback_momentum", pullback_momentum, _PULLBACK)
         spec = get_spec(base)
         if spec.needs_closure or spec.create_graph or spec.needs_model:
             raise ValueError(f"lookahead's base must take plain gradient steps; {base!r} cannot")

@@ -13,20 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import (
-    FullStateMixin,
-    StateGenerator,
-    call_closure,
-    check_int,
-    check_lr,
-    check_number,
-    heavy_ball,
-    require_closure,
-)
-
-_STEP_KEY = "lpf_sgd"
+from lightning_optsurvey.optim._common import SeededClosureOptimizer, call_closure, check_heavy_ball, heavy_ball
+from lightning_optsurvey.validation import check_callable, check_int, check_number, check_optional
 
 
 def _filter_scale(p: Tensor) -> Tensor:
@@ -36,7 +25,7 @@ def _filter_scale(p: Tensor) -> Tensor:
     return torch.linalg.vector_norm(p) + 1e-16
 
 
-class LPFSGD(FullStateMixin, Optimizer):
+class LPFSGD(SeededClosureOptimizer):
     r"""Low-pass filtering SGD.
 
     Minimizes the smoothed loss :math:`(f \circledast \mathcal K)(w) = \mathbb E_{\epsilon}[f(w+\epsilon)]` with a
@@ -67,12 +56,15 @@ class LPFSGD(FullStateMixin, Optimizer):
         seed: Seed of the perturbation generator.
 
     Raises:
-        ValueError: For an out-of-range hyperparameter, a non-callable schedule, or a schedule value < 0.
+        TypeError: For a hyperparameter of the wrong type or a schedule that is not callable.
+        ValueError: For an out-of-range hyperparameter.
 
     References:
         Bisla, Wang & Choromanska, "Low-Pass Filtering SGD for Recovering Flat Optima in the Deep Learning
         Optimization Landscape", AISTATS 2022, arXiv:2201.08025.
     """
+
+    _STEP_KEY = "lpf_sgd"
 
     def __init__(
         self,
@@ -85,19 +77,15 @@ class LPFSGD(FullStateMixin, Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ) -> None:
-        check_lr(lr)
-        check_number("momentum", momentum, high=1.0, high_open=True)
+        check_heavy_ball(lr, momentum)
         check_number("sigma", sigma)
         check_int("num_samples", num_samples)
         check_number("weight_decay", weight_decay)
-        check_int("seed", seed, low=0)
-        if sigma_schedule is not None and not callable(sigma_schedule):
-            raise ValueError(f"sigma_schedule must be callable (step -> sigma) or None, got {sigma_schedule!r}")
+        check_optional(check_callable, "sigma_schedule", sigma_schedule, signature="sigma_schedule(step) -> sigma")
         defaults = {"lr": lr, "momentum": momentum, "sigma": sigma, "num_samples": num_samples,
                     "weight_decay": weight_decay}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, seed)
         self.sigma_schedule = sigma_schedule
-        self._rng = StateGenerator(seed)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -113,8 +101,7 @@ class LPFSGD(FullStateMixin, Optimizer):
         Raises:
             ValueError: If no closure is given or the schedule returns a negative radius.
         """
-        closure = require_closure("LPFSGD", closure)
-        counter = self.state.setdefault(_STEP_KEY, {"step": 0})  # type: ignore[call-overload]
+        closure, counter = self._begin_step(closure)
         t = counter["step"]
         if self.sigma_schedule is not None:
             radius = check_number("sigma_schedule(step)", self.sigma_schedule(t))

@@ -12,7 +12,7 @@ An :class:`OptimizerSpec` records what an optimizer needs from the training loop
 misspelt name is an error rather than silently ignored (several libraries swallow unknown keywords), and
 applies the package's one rule for float hyperparameters to every entry, torch's and pytorch-optimizer's
 included: a wrong type is a ``TypeError``, a NaN or infinite value a ``ValueError``, both naming the
-parameter (:func:`~lightning_optsurvey.optim._common.check_float_hparam`; ranges stay with each optimizer).
+parameter (:func:`~lightning_optsurvey.validation.check_float_hparam`; ranges stay with each optimizer).
 
 ``deviations`` declares where an entry knowingly differs from a ``torch.optim`` optimizer in the generic
 properties PyTorch tests all of its optimizers for (``tests/test_optim_torch_battery.py`` ports that
@@ -31,8 +31,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim import _loop
-from lightning_optsurvey.optim._common import check_float_hparam
+from lightning_optsurvey.optim import loop
+from lightning_optsurvey.validation import check_float_hparam
 
 FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
 
@@ -282,9 +282,9 @@ def create_optimizer(
     else:
         optimizer = spec.factory(params, **kwargs)
     # What the method needs from a training loop is served by callbacks.OptimizerLoopAdapter; the guard
-    # refuses a Lightning step without it (see optim/_loop.py).
-    _loop.tag(optimizer, name, spec, model)
-    _loop.install_guard(optimizer, name)
+    # refuses a Lightning step without it (see optim/loop.py).
+    loop.tag(optimizer, name, spec, model)
+    loop.install_guard(optimizer, name)
     return optimizer
 
 

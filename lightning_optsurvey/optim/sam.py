@@ -23,14 +23,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import (
-    WrappedBaseMixin,
-    call_closure,
-    check_bool,
-    check_number,
-    require_closure,
-    unhooked_step,
-)
+from lightning_optsurvey.optim._common import WrappedBaseMixin, call_closure, require_closure, unhooked_step
+from lightning_optsurvey.validation import check_bool, check_number
 
 BaseOptimizer = str | type[Optimizer] | Callable[..., Optimizer]
 

@@ -24,14 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optsurvey.optim._common import (
-    FullStateMixin,
-    call_closure,
-    check_int,
-    check_lr,
-    check_number,
-    heavy_ball,
-)
+from lightning_optsurvey.optim._common import FullStateMixin, call_closure, check_heavy_ball, heavy_ball
+from lightning_optsurvey.validation import check_choice, check_int, check_number
 
 _GRAFTS = ("sgd", "adagrad", "none")
 
@@ -53,11 +47,7 @@ def _check_graft(graft: Any) -> str:
     """``True``/``False`` (the former boolean) mean ``"sgd"``/``"none"``."""
     if isinstance(graft, bool):
         return "sgd" if graft else "none"
-    if not isinstance(graft, str):
-        raise TypeError(f"graft must be one of {_GRAFTS} (or a bool), got {type(graft).__name__}")
-    if graft not in _GRAFTS:
-        raise ValueError(f"graft must be one of {_GRAFTS}, got {graft!r}")
-    return graft
+    return check_choice("graft", graft, _GRAFTS)
 
 
 class _Blocking:
@@ -165,8 +155,7 @@ class Shampoo(FullStateMixin, Optimizer):
         start_preconditioning_step: int = 0,
         graft_eps: float = 1e-10,
     ) -> None:
-        check_lr(lr)
-        check_number("momentum", momentum, high=1.0, high_open=True)
+        check_heavy_ball(lr, momentum)
         check_number("eps", eps, low_open=True)
         check_int("precondition_every", precondition_every)
         check_int("max_preconditioner_dim", max_preconditioner_dim)
@@ -237,17 +226,21 @@ class Shampoo(FullStateMixin, Optimizer):
                         for i in blocking.preconditioned:
                             root = _inverse_root(state[f"H_{i}"], 2 * order, eps)
                             state[f"root_{i}"] = root.to(grad.dtype)
-                    update = blocks
-                    for i in blocking.preconditioned:
-                        moved = update.movedim(1 + i, -1)
-                        shape = moved.shape
-                        update = torch.bmm(moved.reshape(blocking.batch, -1, shape[-1]), state[f"root_{i}"])
-                        update = update.reshape(shape).movedim(-1, 1 + i)
+                    if blocking.preconditioned == [0, 1] and order == 2:
+                        # A matrix: L^T G R by two batched products on strided views (no unfolding copies).
+                        update = torch.bmm(torch.bmm(state["root_0"].transpose(1, 2), blocks), state["root_1"])
+                    else:
+                        update = blocks
+                        for i in blocking.preconditioned:
+                            moved = update.movedim(1 + i, -1)
+                            shape = moved.shape
+                            update = torch.bmm(moved.reshape(blocking.batch, -1, shape[-1]), state[f"root_{i}"])
+                            update = update.reshape(shape).movedim(-1, 1 + i)
                     update = blocking.merge(update)
                     if graft != "none":
                         norm = torch.linalg.vector_norm(update)
                         target = torch.linalg.vector_norm(grafted)
-                        update = update * torch.where(norm > 0, target / norm, 0.0)
+                        update.mul_(torch.where(norm > 0, target / norm, 0.0))  # a fresh tensor here
                 update = update.reshape(p.shape)
                 p.add_(heavy_ball(self.state, p, update, m), alpha=-lr)
                 state["step"] = step + 1

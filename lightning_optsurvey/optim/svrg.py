@@ -21,11 +21,11 @@ from torch.optim import Optimizer
 from lightning_optsurvey.optim._common import (
     FullStateMixin,
     call_closure,
-    check_lr,
-    check_number,
+    check_heavy_ball,
     heavy_ball,
     require_closure,
 )
+from lightning_optsurvey.validation import check_number
 
 _SNAPSHOT_KEY = "svrg"
 
@@ -80,8 +80,7 @@ class SVRG(FullStateMixin, Optimizer):
     requires_snapshot_callback = True
 
     def __init__(self, params: Any, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        check_lr(lr)
-        check_number("momentum", momentum, high=1.0, high_open=True)
+        check_heavy_ball(lr, momentum)
         check_number("weight_decay", weight_decay)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 

@@ -203,6 +203,8 @@ class GossipStrategy(PeriodicSyncStrategy):
             self.topology = Topology(spec, world_size, seed=self.topology_seed) if world_size > 1 else None
         if self.algorithm in _STEPWISE and self.topology is not None and self.topology.is_time_varying:
             raise ValueError(f"algorithm={self.algorithm!r} needs a static topology, got {self.topology!r}")
+        if self.topology is not None:  # weights the algorithm cannot use (a user's) are refused before training
+            self.topology.matrices(push_sum=self.algorithm == "push_sum")
 
     @override
     def _logged_params(self) -> dict[str, Any]:

@@ -14,19 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
-from lightning_optsurvey.theory.problems import DTYPE, BoundedGradientFunction, ReddiOnline, generator
-from lightning_optsurvey.theory.result import (
+from lightning_optsurvey.theory.decisions import (
     MC_Z,
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
     bound_violations,
     loglog_slope,
     mc_bound_violations,
     mean_and_stderr,
-    register_result,
 )
+from lightning_optsurvey.theory.fields import flag, integer, integers, positive, real
+from lightning_optsurvey.theory.problems import DTYPE, BoundedGradientFunction, ReddiOnline, generator
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["AdaGradRegret", "AdamFailsAMSGradConverges", "AdamNonConvex"]
 
@@ -76,17 +73,10 @@ class AdaGradRegret(Result):
         "|g_ti| = 1, so the bound is exactly (D^2/(2 eta) + eta) d sqrt(T)"
     )
 
-    dim: int = 5
-    rounds: int = 2000
-    box: float = 3.0
-    lr: float | None = None
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
-        _positive_int("rounds", self.rounds, 10)
-        _positive_float("box", self.box)
-        if self.lr is not None:
-            _positive_float("lr", self.lr)
+    dim: int = integer(5)
+    rounds: int = integer(2000, low=10)
+    box: float = positive(3.0)
+    lr: float | None = positive(None)
 
     def _lr(self, problem: _OnlineMedian) -> float:
         return problem.diameter / math.sqrt(2.0) if self.lr is None else float(self.lr)
@@ -149,17 +139,10 @@ class AdamFailsAMSGradConverges(Result):
         f"{AMSGRAD_REGRET_FRACTION:g} x 2(C-2)/3 (torch's bias correction and eps = 1e-8 included)"
     )
 
-    C: float = 3.0
-    rounds: int = 1500
-    alpha: float = 0.5
-    beta2: float | None = None
-
-    def __post_init__(self) -> None:
-        _positive_float("C", self.C)
-        _positive_int("rounds", self.rounds, 30)
-        _positive_float("alpha", self.alpha)
-        if self.beta2 is not None and not 0.0 <= self.beta2 < 1.0:
-            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2!r}")
+    C: float = positive(3.0)
+    rounds: int = integer(1500, low=30)
+    alpha: float = positive(0.5)
+    beta2: float | None = real(None, low=0.0, high=1.0, high_open=True)
 
     def problem(self, seed: int = 0) -> ReddiOnline:
         return ReddiOnline(self.C)
@@ -248,22 +231,12 @@ class AdamNonConvex(Result):
         f"eps = {ADAM_EPS:g}, below float64's resolution of every v_n (checked: v_1 > {ADAM_EPS / 2**-53:.0e})"
     )
 
-    dim: int = 2
-    runs: int = 100
-    horizons: tuple[int, ...] = (64, 256, 1024)
-    alpha0: float = 1.0
-    noise: float = 1.0
-    scaled: bool = True
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        if len(self.horizons) < 2:
-            raise ValueError(f"horizons needs at least two values, got {self.horizons!r}")
-        for n in self.horizons:
-            _positive_int("horizons[i]", n, 2)
-        _positive_float("alpha0", self.alpha0)
-        _positive_float("noise", self.noise)
+    dim: int = integer(2)
+    runs: int = integer(100, low=10)
+    horizons: tuple[int, ...] = integers((64, 256, 1024), low=2, min_length=2)
+    alpha0: float = positive(1.0)
+    noise: float = positive(1.0)
+    scaled: bool = flag(True)
 
     def problem(self, seed: int = 0) -> _AdamProblem:
         start = 3.0 * (2.0 * torch.rand(self.dim, generator=generator(seed), dtype=DTYPE) - 1.0)

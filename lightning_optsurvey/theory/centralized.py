@@ -17,19 +17,12 @@ from itertools import pairwise
 
 import torch
 
-from lightning_optsurvey.strategies.easgd import easgd_is_stable, easgd_step
+from lightning_optsurvey.averaging.elastic import easgd_is_stable, easgd_step
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, mean_and_stderr, tail_rate
+from lightning_optsurvey.theory.fields import integer, integers, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE, NoisyQuadratic, Quadratic, generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    mean_and_stderr,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "EASGDStability",
@@ -90,25 +83,13 @@ class LocalSGDvsMinibatch(Result):
         f"within {MC_Z:g} standard errors of its own closed form"
     )
 
-    dim: int = 5
-    workers: int = 4
-    rounds: int = 20
-    local_steps: tuple[int, ...] = (1, 4, 16)
-    lr: float = 0.1
-    runs: int = 200
-    sigma2: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
-        _positive_int("workers", self.workers, 2)
-        _positive_int("rounds", self.rounds)
-        if not self.local_steps:
-            raise ValueError("local_steps must hold at least one H")
-        for h in self.local_steps:
-            _positive_int("local_steps[i]", h)
-        _positive_float("lr", self.lr)
-        _positive_int("runs", self.runs, 10)
-        _positive_float("sigma2", self.sigma2)
+    dim: int = integer(5)
+    workers: int = integer(4, low=2)
+    rounds: int = integer(20)
+    local_steps: tuple[int, ...] = integers((1, 4, 16))
+    lr: float = positive(0.1)
+    runs: int = integer(200, low=10)
+    sigma2: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> NoisyQuadratic:
         gen = generator(seed)
@@ -206,15 +187,6 @@ class ElasticGrid:
     eta_h_max: float
     grid: int
 
-    def _check_grid(self) -> None:
-        _positive_int("workers", self.workers, 1)
-        if not self.alphas:
-            raise ValueError("alphas must hold at least one moving rate")
-        for alpha in self.alphas:
-            _positive_float("alphas[i]", alpha)
-        _positive_float("eta_h_max", self.eta_h_max)
-        _positive_int("grid", self.grid, 2)
-
     def _eta_h(self) -> torch.Tensor:
         return torch.linspace(self.eta_h_max / self.grid, self.eta_h_max, self.grid, dtype=DTYPE)
 
@@ -246,16 +218,11 @@ class EASGDStability(ElasticGrid, Result):
         "classified), and strategies.easgd.easgd_is_stable agreeing with the radius"
     )
 
-    workers: int = 4
-    alphas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
-    eta_h_max: float = 2.2
-    grid: int = 23
-    steps: int = 120
-
-    def __post_init__(self) -> None:
-        self._check_grid()
-        _positive_int("steps", self.steps, 10)
-
+    workers: int = integer(4)
+    alphas: tuple[float, ...] = positives((0.05, 0.1, 0.2, 0.3))
+    eta_h_max: float = positive(2.2)
+    grid: int = integer(23, low=2)
+    steps: int = integer(120, low=10)
 
     def predict(self, problem: torch.Tensor, k: int, alpha: float | None = None) -> float:
         """Spectral radius at grid point ``k`` for ``alpha`` (default: the first)."""
@@ -378,25 +345,17 @@ class LocalSGDClientDrift(Result):
         "the registry's 'sgd' on every worker (rows of one parameter) with the all-reduce average every H steps"
     )
 
-    workers: int = 4
-    dim: int = 2
-    local_steps: tuple[int, ...] = (1, 4, 16)
-    rounds: int = 12
-    lr: float = 0.1
-    runs: int = 200
-    sigma2: float = 0.1
+    workers: int = integer(4, low=2)
+    dim: int = integer(2)
+    local_steps: tuple[int, ...] = integers((1, 4, 16), min_length=2)
+    rounds: int = integer(12)
+    lr: float = positive(0.1)
+    runs: int = integer(200, low=10)
+    sigma2: float = positive(0.1)
 
-    def __post_init__(self) -> None:
-        _positive_int("workers", self.workers, 2)
-        _positive_int("dim", self.dim)
-        if len(self.local_steps) < 2 or 1 not in self.local_steps:
-            raise ValueError(f"local_steps must hold 1 and at least one other H, got {self.local_steps!r}")
-        for h in self.local_steps:
-            _positive_int("local_steps[i]", h)
-        _positive_int("rounds", self.rounds)
-        _positive_float("lr", self.lr)
-        _positive_int("runs", self.runs, 10)
-        _positive_float("sigma2", self.sigma2)
+    def validate(self) -> None:
+        if 1 not in self.local_steps:
+            raise ValueError(f"local_steps must hold 1 (the baseline) and another H, got {self.local_steps!r}")
 
     def problem(self, seed: int = 0) -> _Heterogeneous:
         gen = generator(seed)
@@ -512,22 +471,13 @@ class EASGDStronglyConvex(Result):
         "eta lambda_j"
     )
 
-    workers: int = 4
-    dim: int = 3
-    runs: int = 300
-    steps: int = 300
-    lr: float = 0.2
-    alpha: float = 0.1
-    sigma2: float = 0.5
-
-    def __post_init__(self) -> None:
-        _positive_int("workers", self.workers)
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("steps", self.steps, 10)
-        _positive_float("lr", self.lr)
-        _positive_float("alpha", self.alpha)
-        _positive_float("sigma2", self.sigma2)
+    workers: int = integer(4)
+    dim: int = integer(3)
+    runs: int = integer(300, low=10)
+    steps: int = integer(300, low=10)
+    lr: float = positive(0.2)
+    alpha: float = positive(0.1)
+    sigma2: float = positive(0.5)
 
     def problem(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Curvatures in [0.1, 1] and starting errors ``(workers + 1, dim)`` (workers, then the center)."""

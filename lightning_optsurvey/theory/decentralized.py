@@ -16,21 +16,12 @@ from itertools import pairwise
 
 import torch
 
-from lightning_optsurvey.strategies.topology import Topology
+from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, bound_violations, loglog_slope, mean_and_stderr, tail_rate
+from lightning_optsurvey.theory.fields import flag, integer, integers, positive, real
 from lightning_optsurvey.theory.problems import DTYPE, WavyFunction, generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    bound_violations,
-    loglog_slope,
-    mean_and_stderr,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "DPSGDConsensus",
@@ -108,15 +99,12 @@ class GossipConsensus(Result):
         f"1 - |lambda_2| within {GAP_ATOL:g}"
     )
 
-    world_size: int = 16
-    rounds: int = 150
-    dim: int = 3
+    world_size: int = integer(16, low=4)
+    rounds: int = integer(150, low=10)
+    dim: int = integer(3)
     kinds: tuple[str, ...] = ("ring", "torus", "exponential")
 
-    def __post_init__(self) -> None:
-        _positive_int("world_size", self.world_size, 4)
-        _positive_int("rounds", self.rounds, 10)
-        _positive_int("dim", self.dim)
+    def validate(self) -> None:
         for kind, topology in self.problem().items():
             if second_eigenvalue_modulus(topology.mixing_matrix(0)) <= CONTRACTION_FLOOR:
                 raise ValueError(
@@ -185,15 +173,8 @@ class OnePeerExactAveraging(Result):
         "earlier (not exact before); the static exponential graph is shown for contrast"
     )
 
-    sizes: tuple[int, ...] = (4, 8, 16, 32)
-    dim: int = 3
-
-    def __post_init__(self) -> None:
-        if not self.sizes:
-            raise ValueError("sizes must hold at least one world size")
-        for n in self.sizes:
-            _positive_int("sizes[i]", n, 2)
-        _positive_int("dim", self.dim)
+    sizes: tuple[int, ...] = integers((4, 8, 16, 32), low=2)
+    dim: int = integer(3)
 
     def problem(self, seed: int = 0) -> dict[int, Topology]:
         return {n: Topology("one_peer_exponential", n) for n in self.sizes}
@@ -258,25 +239,15 @@ class DPSGDConsensus(Result):
         "bound, and the distance decreasing as the gap grows"
     )
 
-    world_size: int = 16
-    dim: int = 2
-    runs: int = 100
-    steps: int = 200
-    lr: float = 0.1
-    sigma2: float = 1.0
+    world_size: int = integer(16, low=4)
+    dim: int = integer(2)
+    runs: int = integer(100, low=10)
+    steps: int = integer(200, low=20)
+    lr: float = real(0.1, low=0.0, high=1.0, low_open=True, high_open=True)  # 1 - lr: a contraction
+    sigma2: float = real(1.0, low=0.0)
     kinds: tuple[str, ...] = ("ring", "torus", "exponential", "complete")
 
-    def __post_init__(self) -> None:
-        _positive_int("world_size", self.world_size, 4)
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("steps", self.steps, 20)
-        _positive_float("lr", self.lr)
-        if self.lr >= 1.0:
-            raise ValueError(f"lr must be below 1 (the local contraction 1 - lr must be positive), got {self.lr!r}")
-        sigma2 = self.sigma2
-        if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)) or not 0 <= sigma2 < math.inf:
-            raise ValueError(f"sigma2 must be a finite number >= 0, got {self.sigma2!r}")
+    def validate(self) -> None:
         _static_topologies(self.kinds, self.world_size, self.name)
 
     def problem(self, seed: int = 0) -> tuple[dict[str, Topology], torch.Tensor]:
@@ -370,23 +341,13 @@ class DPSGDLinearSpeedup(Result):
         "registry's 'sgd', then mixed by W (adapt then combine, as GossipStrategy)"
     )
 
-    dim: int = 2
-    runs: int = 60
-    iterations: int = 600
-    sizes: tuple[int, ...] = (1, 2, 4, 8)
-    sigma: float = 5.0
-    gossip: bool = True
-    scaled: bool = True
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("iterations", self.iterations, 10)
-        if len(self.sizes) < 2:
-            raise ValueError(f"sizes needs at least two node counts, got {self.sizes!r}")
-        for n in self.sizes:
-            _positive_int("sizes[i]", n)
-        _positive_float("sigma", self.sigma)
+    dim: int = integer(2)
+    runs: int = integer(60, low=10)
+    iterations: int = integer(600, low=10)
+    sizes: tuple[int, ...] = integers((1, 2, 4, 8), min_length=2)
+    sigma: float = positive(5.0)
+    gossip: bool = flag(True)
+    scaled: bool = flag(True)
 
     def problem(self, seed: int = 0) -> tuple[WavyFunction, torch.Tensor]:
         return WavyFunction(self.dim, 1.0, 2.0), 3.0 * torch.randn(self.dim, generator=generator(seed), dtype=DTYPE)

@@ -24,17 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_optsurvey.averaging.elastic import easgd_is_stable
 from lightning_optsurvey.strategies._center_server import CenterState
-from lightning_optsurvey.strategies.easgd import easgd_is_stable
 from lightning_optsurvey.theory.centralized import ElasticGrid
+from lightning_optsurvey.theory.decisions import tail_rate
+from lightning_optsurvey.theory.fields import integer, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE
-from lightning_optsurvey.theory.result import (
-    CheckOutcome,
-    Result,
-    _positive_int,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["AsyncEASGDStability", "round_robin_easgd_matrix", "round_robin_spectral_radius"]
 
@@ -96,16 +92,11 @@ class AsyncEASGDStability(ElasticGrid, Result):
         f"{STABILITY_MARGIN:g} of 1 not classified), and every grid point converging"
     )
 
-    workers: int = 4
-    alphas: tuple[float, ...] = (0.1, 0.45, 0.9)
-    eta_h_max: float = 1.95
-    grid: int = 20
-    rounds: int = 60
-
-    def __post_init__(self) -> None:
-        self._check_grid()
-        _positive_int("rounds", self.rounds, 10)
-
+    workers: int = integer(4)
+    alphas: tuple[float, ...] = positives((0.1, 0.45, 0.9))
+    eta_h_max: float = positive(1.95)
+    grid: int = integer(20, low=2)
+    rounds: int = integer(60, low=10)
 
     def predict(self, problem: torch.Tensor, k: int, alpha: float | None = None) -> float:
         """Per-step spectral radius at grid point ``k`` for ``alpha`` (default: the first)."""

@@ -22,16 +22,10 @@ from itertools import pairwise
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import bound_violations, tail_rate
+from lightning_optsurvey.theory.fields import integer, positive, real
 from lightning_optsurvey.theory.problems import DTYPE, PLFunction, Quadratic, generator
-from lightning_optsurvey.theory.result import (
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    bound_violations,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "GDConvex",
@@ -78,16 +72,10 @@ def _bound_outcome(result: Result, q: Quadratic, gaps: list[float], point: str, 
 class _ConvexQuadraticCheck(Result):
     """Configuration shared by the convex (1/k, 1/k^2) checks: a log-spaced spectrum down to ~0."""
 
-    dim: int = 40
-    steps: int = 300
-    smallest_eigenvalue: float = 1e-5
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("steps", self.steps)
-        _positive_float("smallest_eigenvalue", self.smallest_eigenvalue)
-        _positive_float("lr_scale", self.lr_scale)
+    dim: int = integer(40, low=2)
+    steps: int = integer(300)
+    smallest_eigenvalue: float = positive(1e-5)
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> Quadratic:
         # Eigenvalues spread log-uniformly down to ~0: every k meets modes with lambda ~ L/k, the
@@ -99,17 +87,10 @@ class _ConvexQuadraticCheck(Result):
 class _AcceleratedQuadraticCheck(Result):
     """Configuration shared by the accelerated-rate checks: a linear spectrum in [1/kappa, 1]."""
 
-    dim: int = 30
-    steps: int = 400
-    kappa: float = 1000.0
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("steps", self.steps, 10)
-        _positive_float("lr_scale", self.lr_scale)
-        if not self.kappa > 1:
-            raise ValueError(f"kappa must be > 1, got {self.kappa!r}")
+    dim: int = integer(30, low=2)
+    steps: int = integer(400, low=10)
+    kappa: float = real(1000.0, low=1.0, low_open=True)
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> Quadratic:
         return Quadratic.with_spectrum(_lin_spectrum(self.dim, 1.0 / self.kappa, 1.0), generator(seed))
@@ -165,18 +146,10 @@ class GDStronglyConvex(Result):
         f"within {GD_RATE_RTOL:g} (relative) of 1 - mu/L"
     )
 
-    dim: int = 20
-    steps: int = 1000
-    mu: float = 0.01
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("steps", self.steps, 10)
-        _positive_float("mu", self.mu)
-        _positive_float("lr_scale", self.lr_scale)
-        if self.mu >= 1.0:
-            raise ValueError(f"mu must be below L = 1, got {self.mu!r}")
+    dim: int = integer(20, low=2)
+    steps: int = integer(1000, low=10)
+    mu: float = real(0.01, low=0.0, high=1.0, low_open=True, high_open=True)  # below L = 1
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> Quadratic:
         return Quadratic.with_spectrum(_lin_spectrum(self.dim, self.mu, 1.0), generator(seed))
@@ -313,7 +286,7 @@ class NesterovStronglyConvex(_AcceleratedQuadraticCheck):
         f"fitted on [K/2, K] within {ACCEL_RATE_RTOL:g} (relative) of 1 - sqrt(mu/L) (tight on quadratics)"
     )
 
-    steps: int = 600
+    steps: int = integer(600, low=10)
 
     def predict(self, problem: Quadratic, k: int) -> float:
         x0 = torch.zeros(problem.dim, dtype=DTYPE)
@@ -383,14 +356,9 @@ class GDPolyakLojasiewicz(Result):
         "inequality is tightest"
     )
 
-    dim: int = 10
-    steps: int = 60
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
-        _positive_int("steps", self.steps, 2)
-        _positive_float("lr_scale", self.lr_scale)
+    dim: int = integer(10)
+    steps: int = integer(60, low=2)
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> tuple[PLFunction, torch.Tensor]:
         f = PLFunction(self.dim, 3.0)

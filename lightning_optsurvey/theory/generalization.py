@@ -9,23 +9,17 @@ the coupling of Hardt, Recht & Singer's proof.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, loglog_slope, mc_bound_violations, mean_and_stderr
+from lightning_optsurvey.theory.fields import flag, integer, positive
 from lightning_optsurvey.theory.problems import DTYPE, SeparableLogistic, generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    loglog_slope,
-    mc_bound_violations,
-    mean_and_stderr,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["ImplicitBiasMaxMargin", "UniformStabilityNonConvex", "UniformStabilitySGD"]
 
@@ -59,12 +53,8 @@ class ImplicitBiasMaxMargin(Result):
         "whole effect on the direction; data built so that w^ = e_1 and the duals are known in closed form"
     )
 
-    steps: int = 5000
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("steps", self.steps, 100)
-        _positive_float("lr_scale", self.lr_scale)
+    steps: int = integer(5000, low=100)
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> SeparableLogistic:
         return SeparableLogistic.build(generator(seed))
@@ -137,9 +127,59 @@ def _logistic_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.nn.functional.softplus(-y * logits)
 
 
+@dataclass(frozen=True)
+class _CoupledSGDCheck(Result):
+    """SGD from 0 on ``runs`` pairs of samples S, S' that differ in their first example, in the same order."""
+
+    samples: int = integer(50, low=2)
+    dim: int = integer(5)
+    runs: int = integer(500, low=10)
+    epochs: int = integer(2)
+    test_size: int = integer(4000, low=10)
+
+    def problem(self, seed: int = 0) -> _LogisticDistribution:
+        gen = generator(seed)
+        direction = torch.randn(self.dim, generator=gen, dtype=DTYPE)
+        return _LogisticDistribution(direction / torch.linalg.vector_norm(direction), 0.2)
+
+    def coupled_runs(self, seed: int, loss_slope: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     **hparams: Any) -> tuple[_LogisticDistribution, torch.Generator, int, torch.Tensor, torch.Tensor,
+                                              torch.Tensor]:
+        """Run the registry's ``sgd`` on the coupled samples, each step on one example ``(x, y)`` of each.
+
+        Args:
+            seed: The problem's seed (the samples and the order are drawn from ``seed + 1``).
+            loss_slope: ``loss_slope(y, margin)``, the loss's derivative in ``w^T x`` (the gradient is
+                ``loss_slope * x``).
+            **hparams: Passed to :func:`run_optimizer` (``lr``, ``before_step``).
+
+        Returns:
+            The distribution, the generator (to draw test points from), the number of steps, the samples
+            ``S`` (``x``, ``y``) and the iterates ``(steps + 1, 2 runs, dim)``: the runs on S, then on S'.
+        """
+        dist = self.problem(seed)
+        gen = generator(seed + 1)
+        steps = self.epochs * self.samples
+        x, y = dist.sample((self.runs, self.samples), gen)
+        x2, y2 = x.clone(), y.clone()
+        x2[:, 0], y2[:, 0] = dist.sample((self.runs,), gen)
+        features, labels = torch.cat([x, x2]), torch.cat([y, y2])
+        order = torch.randint(self.samples, (steps, self.runs), generator=gen).repeat(1, 2)
+        rows = torch.arange(2 * self.runs)
+
+        def gradient(w: torch.Tensor, k: int) -> torch.Tensor:
+            xi, yi = features[rows, order[k]], labels[rows, order[k]]
+            return loss_slope(yi, (xi * w).sum(-1)).unsqueeze(-1) * xi
+
+        iterates, _ = run_optimizer(
+            "sgd", torch.zeros(2 * self.runs, self.dim, dtype=DTYPE), gradient, steps, **hparams
+        )
+        return dist, gen, steps, x, y, iterates
+
+
 @register_result
 @dataclass(frozen=True)
-class UniformStabilitySGD(Result):
+class UniformStabilitySGD(_CoupledSGDCheck):
     """SGD on a convex, smooth, Lipschitz loss is uniformly stable, which bounds its generalization gap."""
 
     number = 22
@@ -157,47 +197,15 @@ class UniformStabilitySGD(Result):
         "G = 1, beta = 1/4"
     )
 
-    samples: int = 50
-    dim: int = 5
-    runs: int = 500
-    epochs: int = 2
-    lr: float = 0.5
-    test_size: int = 4000
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("epochs", self.epochs)
-        _positive_float("lr", self.lr)
-        _positive_int("test_size", self.test_size, 10)
-
-    def problem(self, seed: int = 0) -> _LogisticDistribution:
-        gen = generator(seed)
-        direction = torch.randn(self.dim, generator=gen, dtype=DTYPE)
-        return _LogisticDistribution(direction / torch.linalg.vector_norm(direction), 0.2)
+    lr: float = positive(0.5)
 
     def predict(self, problem: _LogisticDistribution, k: int) -> float:
         """``2 G^2 eta k / n`` with ``G = 1``: the stability bound after ``k`` steps."""
         return 2.0 * self.lr * k / self.samples
 
     def check(self, seed: int = 0) -> CheckOutcome:
-        dist = self.problem(seed)
-        gen = generator(seed + 1)
-        steps = self.epochs * self.samples
-        x, y = dist.sample((self.runs, self.samples), gen)
-        x2, y2 = x.clone(), y.clone()
-        x2[:, 0], y2[:, 0] = dist.sample((self.runs,), gen)
-        features, labels = torch.cat([x, x2]), torch.cat([y, y2])
-        order = torch.randint(self.samples, (steps, self.runs), generator=gen).repeat(1, 2)
-        rows = torch.arange(2 * self.runs)
-
-        def gradient(w: torch.Tensor, k: int) -> torch.Tensor:
-            xi, yi = features[rows, order[k]], labels[rows, order[k]]
-            return (-yi * torch.sigmoid(-yi * (xi * w).sum(-1))).unsqueeze(-1) * xi
-
-        iterates, _ = run_optimizer(
-            "sgd", torch.zeros(2 * self.runs, self.dim, dtype=DTYPE), gradient, steps, lr=self.lr,
+        dist, gen, steps, x, y, iterates = self.coupled_runs(
+            seed, lambda y, margin: -y * torch.sigmoid(-y * margin), lr=self.lr
         )
         distances = torch.linalg.vector_norm(iterates[:, : self.runs] - iterates[:, self.runs :], dim=-1)
         w = iterates[-1, : self.runs]
@@ -228,7 +236,7 @@ def _sigmoid_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 @register_result
 @dataclass(frozen=True)
-class UniformStabilityNonConvex(Result):
+class UniformStabilityNonConvex(_CoupledSGDCheck):
     """SGD with steps c/t on a smooth, Lipschitz, bounded non-convex loss is uniformly stable."""
 
     number = 34
@@ -246,26 +254,9 @@ class UniformStabilityNonConvex(Result):
         "||x|| <= 1: L = 1/4, beta = 1/(6 sqrt 3); the registry's 'sgd' with its lr set to c/t before step t"
     )
 
-    samples: int = 50
-    dim: int = 5
-    runs: int = 500
-    epochs: int = 4
-    c: float = 2.0
-    decaying: bool = True
-    test_size: int = 4000
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("epochs", self.epochs)
-        _positive_float("c", self.c)
-        _positive_int("test_size", self.test_size, 10)
-
-    def problem(self, seed: int = 0) -> _LogisticDistribution:
-        gen = generator(seed)
-        direction = torch.randn(self.dim, generator=gen, dtype=DTYPE)
-        return _LogisticDistribution(direction / torch.linalg.vector_norm(direction), 0.2)
+    epochs: int = integer(4)
+    c: float = positive(2.0)
+    decaying: bool = flag(True)
 
     def predict(self, problem: _LogisticDistribution, k: int) -> float:
         """Hardt et al.'s epsilon after ``k`` steps with ``L = 1/4``, ``beta = 1/(6 sqrt 3)``."""
@@ -274,27 +265,14 @@ class UniformStabilityNonConvex(Result):
         return (1.0 + 1.0 / (beta * c)) / (self.samples - 1) * (2 * c * lip**2) ** (1 / (beta * c + 1)) * k**exponent
 
     def check(self, seed: int = 0) -> CheckOutcome:
-        dist = self.problem(seed)
-        gen = generator(seed + 1)
-        steps = self.epochs * self.samples
-        x, y = dist.sample((self.runs, self.samples), gen)
-        x2, y2 = x.clone(), y.clone()
-        x2[:, 0], y2[:, 0] = dist.sample((self.runs,), gen)
-        features, labels = torch.cat([x, x2]), torch.cat([y, y2])
-        order = torch.randint(self.samples, (steps, self.runs), generator=gen).repeat(1, 2)
-        rows = torch.arange(2 * self.runs)
-
-        def gradient(w: torch.Tensor, k: int) -> torch.Tensor:
-            xi, yi = features[rows, order[k]], labels[rows, order[k]]
-            s = torch.sigmoid(-yi * (xi * w).sum(-1))
-            return (-yi * s * (1.0 - s)).unsqueeze(-1) * xi
+        def sigmoid_slope(y: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+            s = torch.sigmoid(-y * margin)
+            return -y * s * (1.0 - s)
 
         def schedule(optimizer: torch.optim.Optimizer, k: int) -> None:
             optimizer.param_groups[0]["lr"] = self.c / (k + 1) if self.decaying else self.c
 
-        iterates, _ = run_optimizer(
-            "sgd", torch.zeros(2 * self.runs, self.dim, dtype=DTYPE), gradient, steps, before_step=schedule, lr=self.c,
-        )
+        dist, gen, steps, x, y, iterates = self.coupled_runs(seed, sigmoid_slope, before_step=schedule, lr=self.c)
         w, w2 = iterates[-1, : self.runs], iterates[-1, self.runs :]
         probes, probe_labels = dist.sample((200,), gen)
         differences = (_sigmoid_loss(w, probes, probe_labels) - _sigmoid_loss(w2, probes, probe_labels)).abs()

@@ -30,18 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.strategies.compression import make_compressor
-from lightning_optsurvey.strategies.topology import Topology
+from lightning_optsurvey.theory.decisions import bound_violations, tail_rate
+from lightning_optsurvey.theory.fields import flag, integer, positive
 from lightning_optsurvey.theory.problems import DTYPE, generator
-from lightning_optsurvey.theory.result import (
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    bound_violations,
-    register_result,
-    tail_rate,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "ChocoGossipConsensus",
@@ -108,19 +102,27 @@ def _spectral_radius_without_one(matrix: torch.Tensor) -> float:
     return float(eigenvalues[keep].abs().max())
 
 
-def _check_common(result: Result) -> None:
-    _positive_int("world_size", result.world_size, 3)
-    _positive_int("dim", result.dim)
-    _positive_int("steps", result.steps, 10)
-    _positive_float("lr", result.lr)
-    Topology(result.kind, result.world_size)  # a known kind that fits the size
-    if Topology(result.kind, result.world_size).is_time_varying:
-        raise ValueError(f"{result.name} needs a static topology, got {result.kind!r}")
+@dataclass(frozen=True)
+class _HeterogeneousQuadraticsCheck(Result):
+    """The configuration of the checks on :class:`HeterogeneousQuadratics`: a static graph of ``world_size``."""
+
+    world_size: int = integer(8, low=3)
+    dim: int = integer(5)
+    lr: float = positive(0.2)
+    steps: int = integer(600, low=10)
+    kind: str = "ring"
+
+    def validate(self) -> None:
+        if Topology(self.kind, self.world_size).is_time_varying:  # also refuses unknown kinds and sizes
+            raise ValueError(f"{self.name} needs a static topology, got {self.kind!r}")
+
+    def problem(self, seed: int = 0) -> HeterogeneousQuadratics:
+        return _quadratics(self.kind, self.world_size, self.dim, seed)
 
 
 @register_result
 @dataclass(frozen=True)
-class DPSGDHeterogeneityBias(Result):
+class DPSGDHeterogeneityBias(_HeterogeneousQuadraticsCheck):
     """D-PSGD with a constant step stalls at a biased point on heterogeneous quadratics."""
 
     number = 16
@@ -138,18 +140,6 @@ class DPSGDHeterogeneityBias(Result):
         f"after `steps` iterations the distance to the minimizer equals the predicted ||X_inf - 1 x*|| within "
         f"{BIAS_RTOL:g} (relative), and that bias is at least {MIN_BIAS:g} ||B - 1 x*|| (a stall, not convergence)"
     )
-
-    world_size: int = 8
-    dim: int = 5
-    lr: float = 0.2
-    steps: int = 600
-    kind: str = "ring"
-
-    def __post_init__(self) -> None:
-        _check_common(self)
-
-    def problem(self, seed: int = 0) -> HeterogeneousQuadratics:
-        return _quadratics(self.kind, self.world_size, self.dim, seed)
 
     def fixed_point(self, problem: HeterogeneousQuadratics) -> torch.Tensor:
         """D-PSGD's limit: the solution of ``(I - W + alpha W A) X = alpha W A B``."""
@@ -183,17 +173,8 @@ class DPSGDHeterogeneityBias(Result):
         )
 
 
-class _ExactConvergence(Result):
+class _ExactConvergence(_HeterogeneousQuadraticsCheck):
     """Shared check of D² and gradient tracking: exact limit, linear rate = spectral radius."""
-
-    world_size: int
-    dim: int
-    lr: float
-    steps: int
-    kind: str
-
-    def problem(self, seed: int = 0) -> HeterogeneousQuadratics:
-        return _quadratics(self.kind, self.world_size, self.dim, seed)
 
     def iteration_matrix(self, problem: HeterogeneousQuadratics) -> torch.Tensor:
         raise NotImplementedError
@@ -253,17 +234,8 @@ class D2ExactConvergence(_ExactConvergence):
         f"[{FIT_WINDOW[1]:g}, {FIT_WINDOW[0]:g}] within {RATE_RTOL:g} (relative) of the predicted spectral radius < 1"
     )
 
-    world_size: int = 8
-    dim: int = 5
-    lr: float = 0.2
-    steps: int = 1500
-    kind: str = "ring"
-    lazy: bool = True
-
-    def __post_init__(self) -> None:
-        _check_common(self)
-        if not isinstance(self.lazy, bool):
-            raise ValueError(f"lazy must be a bool, got {self.lazy!r}")
+    steps: int = integer(1500, low=10)
+    lazy: bool = flag(True)
 
     def mixing(self, problem: HeterogeneousQuadratics) -> torch.Tensor:
         eye = torch.eye(self.world_size, dtype=DTYPE)
@@ -304,14 +276,8 @@ class GradientTrackingExactConvergence(_ExactConvergence):
     reference = "Nedic, Olshevsky & Shi 2017, arXiv:1607.03218, eq. (3) and Thm. 3.14"
     criterion = D2ExactConvergence.criterion
 
-    world_size: int = 8
-    dim: int = 5
-    lr: float = 0.1
-    steps: int = 1500
-    kind: str = "ring"
-
-    def __post_init__(self) -> None:
-        _check_common(self)
+    lr: float = positive(0.1)
+    steps: int = integer(1500, low=10)
 
     def iteration_matrix(self, problem: HeterogeneousQuadratics) -> torch.Tensor:
         n = self.world_size
@@ -353,24 +319,19 @@ class ChocoGossipConsensus(Result):
         "rate fitted on the last half of the rounds at most the theorem's rate"
     )
 
-    world_size: int = 8
-    dim: int = 20
-    rounds: int = 1000
+    world_size: int = integer(8, low=3)
+    dim: int = integer(20)
+    rounds: int = integer(1000, low=10)
     compressor: str = "topk"
     ratio: float = 0.25
     kind: str = "ring"
-    consensus_lr: float | None = None
+    consensus_lr: float | None = positive(None)
 
-    def __post_init__(self) -> None:
-        _positive_int("world_size", self.world_size, 3)
-        _positive_int("dim", self.dim)
-        _positive_int("rounds", self.rounds, 10)
+    def validate(self) -> None:
         make_compressor(self.compressor, self.ratio)
         if self.compressor not in ("topk", "sign"):
             raise ValueError("choco_gossip_consensus checks a deterministic compressor ('topk' or 'sign'), "
                              f"got {self.compressor!r}")
-        if self.consensus_lr is not None:
-            _positive_float("consensus_lr", self.consensus_lr)
         topology = Topology(self.kind, self.world_size)
         w = topology.mixing_matrix(0)
         if topology.is_time_varying or not torch.equal(w, w.T):

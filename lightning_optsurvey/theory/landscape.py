@@ -18,18 +18,19 @@ from torch import nn
 from lightning_optsurvey.curvature import HessianOperator, lanczos
 from lightning_optsurvey.measures import worst_case_sharpness
 from lightning_optsurvey.optim import create_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, mean_and_stderr
+from lightning_optsurvey.theory.fields import flag, integer, positive, positives
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, WavyFunction, generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    mean_and_stderr,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
-__all__ = ["EdgeOfStability", "LPFSmoothingBound", "SAMNonConvex", "SAMSharpness", "SmoothingFlattens"]
+__all__ = [
+    "GDEdgeOfStability",
+    "LPFSmoothingBound",
+    "SAMNonConvex",
+    "SAMSharpness",
+    "SmoothingFlattens",
+    "edge_of_stability_outcome",
+]
 
 #: Round-off allowed on top of the exact Taylor remainder M rho^3 / 6 in the SAM check.
 SAM_ATOL = 1e-14
@@ -44,6 +45,8 @@ EOS_RANGE_BAND = (0.4, 2.0)
 EOS_START_FRACTION = 0.5
 #: ... and reaches at least this fraction of 2/eta.
 EOS_REACH_FRACTION = 0.95
+#: The four numbers above, as :func:`edge_of_stability_outcome` takes them.
+EOS_BANDS = (EOS_START_FRACTION, EOS_REACH_FRACTION, EOS_MEDIAN_BAND, EOS_RANGE_BAND)
 #: Agreement of the Hessian of the local entropy read off Entropy-SGD with gamma A (A + gamma I)^(-1)
 #: (the inner Langevin loop, run without noise, converges to ~1e-12).
 ENTROPY_RTOL = 1e-6
@@ -88,19 +91,10 @@ class SAMSharpness(Result):
         "non-separable data, found by Newton's method to a zero gradient"
     )
 
-    samples: int = 100
-    dim: int = 5
-    radii: tuple[float, ...] = (0.01, 0.03, 0.1)
-    ascent_steps: int = 50
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("dim", self.dim)
-        if not self.radii:
-            raise ValueError("radii must hold at least one radius")
-        for rho in self.radii:
-            _positive_float("radii[i]", rho)
-        _positive_int("ascent_steps", self.ascent_steps)
+    samples: int = integer(100, low=2)
+    dim: int = integer(5)
+    radii: tuple[float, ...] = positives((0.01, 0.03, 0.1))
+    ascent_steps: int = integer(50)
 
     def problem(self, seed: int = 0) -> LogisticRegression:
         return LogisticRegression.build(self.samples, self.dim, 0.0, generator(seed))
@@ -176,22 +170,13 @@ class SmoothingFlattens(Result):
         "smoothed value and below L, at the point where f's curvature is L"
     )
 
-    dim: int = 6
-    gamma: float = 1.0
-    largest_eigenvalue: float = 10.0
-    inner_steps: int = 170
-    radius: float = 0.5
-    lpf_seeds: int = 8
-    lpf_samples: int = 250
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_float("gamma", self.gamma)
-        _positive_float("largest_eigenvalue", self.largest_eigenvalue)
-        _positive_int("inner_steps", self.inner_steps)
-        _positive_float("radius", self.radius)
-        _positive_int("lpf_seeds", self.lpf_seeds, 2)
-        _positive_int("lpf_samples", self.lpf_samples)
+    dim: int = integer(6, low=2)
+    gamma: float = positive(1.0)
+    largest_eigenvalue: float = positive(10.0)
+    inner_steps: int = integer(170)
+    radius: float = positive(0.5)
+    lpf_seeds: int = integer(8, low=2)
+    lpf_samples: int = integer(250)
 
     def problem(self, seed: int = 0) -> _SmoothingProblem:
         eigenvalues = torch.logspace(-2, math.log10(self.largest_eigenvalue), self.dim, dtype=DTYPE)
@@ -287,9 +272,40 @@ class _RegressionTask:
     model: nn.Module
 
 
+def edge_of_stability_outcome(
+    name: str, threshold: float, ratios: list[float], early_label: str, early: float,
+    bands: tuple[float, float, tuple[float, float], tuple[float, float]], *, steps: list[int],
+    measured_curve: list[float], quantity: str, details: tuple[str, str], y_label: str,
+) -> CheckOutcome:
+    """The verdict of an edge-of-stability run, from its sharpness over the threshold at each measurement.
+
+    It holds when training starts away from the edge (``early`` below ``bands[0]``), the ratio reaches
+    ``bands[1]``, and over the second half of the measurements the median lies in ``bands[2]`` and every
+    value in ``bands[3]`` (it hovers at the edge, it does not diverge). ``details`` is the text before and
+    after the measured figures.
+    """
+    start, reach, median_band, range_band = bands
+    tail = ratios[len(ratios) // 2 :]
+    median = sorted(tail)[len(tail) // 2]
+    holds = (
+        early < start
+        and max(ratios) >= reach
+        and median_band[0] <= median <= median_band[1]
+        and all(range_band[0] <= r <= range_band[1] for r in tail)
+    )
+    before, after = details
+    return CheckOutcome(
+        predicted=threshold, measured=median * threshold, holds=holds, name=name, quantity=quantity,
+        details=f"{before}{early_label} {early:.2f}, peak {max(ratios):.2f}, second half in [{min(tail):.2f}, "
+        f"{max(tail):.2f}] (median {median:.2f}); {after}",
+        steps=steps, predicted_curve=[threshold] * len(steps), measured_curve=measured_curve, x_label="GD step",
+        y_label=y_label, log_y=False,
+    )
+
+
 @register_result
 @dataclass(frozen=True)
-class EdgeOfStability(Result):
+class GDEdgeOfStability(Result):
     """Full-batch GD drives the sharpness up to 2/eta and keeps it there."""
 
     number = 19
@@ -307,18 +323,11 @@ class EdgeOfStability(Result):
         f"{list(EOS_RANGE_BAND)}; tanh MLP 4-24-24-1, 20 random points, the registry's 'sgd' as GD"
     )
 
-    samples: int = 20
-    width: int = 24
-    lr: float = 0.1
-    steps: int = 300
-    every: int = 15
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("width", self.width)
-        _positive_float("lr", self.lr)
-        _positive_int("steps", self.steps, 10)
-        _positive_int("every", self.every)
+    samples: int = integer(20, low=2)
+    width: int = integer(24)
+    lr: float = positive(0.1)
+    steps: int = integer(300, low=10)
+    every: int = integer(15)
 
     def problem(self, seed: int = 0) -> _RegressionTask:
         gen = generator(seed)
@@ -348,22 +357,12 @@ class EdgeOfStability(Result):
             losses.append(float(loss.detach()))
             optimizer.step()
         ratios = [s / threshold for s in sharpness]
-        tail = ratios[len(ratios) // 2 :]
-        median = sorted(tail)[len(tail) // 2]
-        holds = (
-            ratios[0] < EOS_START_FRACTION
-            and max(ratios) >= EOS_REACH_FRACTION
-            and EOS_MEDIAN_BAND[0] <= median <= EOS_MEDIAN_BAND[1]
-            and all(EOS_RANGE_BAND[0] <= r <= EOS_RANGE_BAND[1] for r in tail)
-        )
-        return CheckOutcome(
-            predicted=threshold, measured=median * threshold, holds=holds, name=self.name,
+        return edge_of_stability_outcome(
+            self.name, threshold, ratios, "start", ratios[0], EOS_BANDS, steps=ks, measured_curve=sharpness,
             quantity="median lambda_max over the second half of training",
-            details=f"eta={self.lr:g}, 2/eta={threshold:g}; lambda_max/(2/eta): start {ratios[0]:.2f}, peak "
-            f"{max(ratios):.2f}, second half in [{min(tail):.2f}, {max(tail):.2f}] (median {median:.2f}); loss "
-            f"{losses[0]:.3g} -> {losses[-1]:.3g}",
-            steps=ks, predicted_curve=[threshold] * len(ks), measured_curve=sharpness, x_label="GD step",
-            y_label="lambda_max of the training loss", log_y=False,
+            details=(f"eta={self.lr:g}, 2/eta={threshold:g}; lambda_max/(2/eta): ", f"loss {losses[0]:.3g} -> "
+                     f"{losses[-1]:.3g}"),
+            y_label="lambda_max of the training loss",
         )
 
 
@@ -390,19 +389,10 @@ class SAMNonConvex(Result):
         "gradient"
     )
 
-    dim: int = 5
-    steps: int = 300
-    radii: tuple[float, ...] = (0.01, 0.1)
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
-        _positive_int("steps", self.steps, 2)
-        if not self.radii:
-            raise ValueError("radii must hold at least one radius")
-        for rho in self.radii:
-            _positive_float("radii[i]", rho)
-        _positive_float("lr_scale", self.lr_scale)
+    dim: int = integer(5)
+    steps: int = integer(300, low=2)
+    radii: tuple[float, ...] = positives((0.01, 0.1))
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> tuple[WavyFunction, torch.Tensor]:
         return WavyFunction(self.dim, 1.0, 2.0), 3.0 * torch.randn(self.dim, generator=generator(seed), dtype=DTYPE)
@@ -476,19 +466,12 @@ class LPFSmoothingBound(Result):
         "(L = 5), one row per point, each its own filter of radius sigma ||w_k||"
     )
 
-    points: int = 16
-    dim: int = 4
-    sigma: float = 0.1
-    samples: int = 50
-    seeds: int = 32
-    per_filter: bool = True
-
-    def __post_init__(self) -> None:
-        _positive_int("points", self.points, 2)
-        _positive_int("dim", self.dim)
-        _positive_float("sigma", self.sigma)
-        _positive_int("samples", self.samples)
-        _positive_int("seeds", self.seeds, 2)
+    points: int = integer(16, low=2)
+    dim: int = integer(4)
+    sigma: float = positive(0.1)
+    samples: int = integer(50)
+    seeds: int = integer(32, low=2)
+    per_filter: bool = flag(True)
 
     def problem(self, seed: int = 0) -> tuple[WavyFunction, torch.Tensor]:
         points = 1.5 * torch.randn(self.points, self.dim, generator=generator(seed), dtype=DTYPE)

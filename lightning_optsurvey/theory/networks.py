@@ -39,23 +39,18 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.func import functional_call
 
+from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.callbacks import EdgeOfStability, HessianSpectrum
 from lightning_optsurvey.measures import pac_bayes_sigma, worst_case_sharpness
 from lightning_optsurvey.measures._functional import FlatObjective
 from lightning_optsurvey.optim import create_optimizer
-from lightning_optsurvey.strategies.topology import Topology
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 from lightning_optsurvey.theory.decentralized import second_eigenvalue_modulus
+from lightning_optsurvey.theory.decisions import MC_Z, loglog_slope
+from lightning_optsurvey.theory.fields import choice, flag, integer, positive, positives, real
+from lightning_optsurvey.theory.landscape import edge_of_stability_outcome
 from lightning_optsurvey.theory.problems import generator
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    loglog_slope,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "EdgeOfStabilityDigits",
@@ -161,16 +156,10 @@ class EdgeOfStabilityDigits(Result):
         "plain LightningModule, DigitsDataModule (270 training images in one batch) and the registry's 'sgd'"
     )
 
-    lr: float = 3.0
-    steps: int = 300
-    width: int = 32
-    every: int = 15
-
-    def __post_init__(self) -> None:
-        _positive_float("lr", self.lr)
-        _positive_int("steps", self.steps, 20)
-        _positive_int("width", self.width)
-        _positive_int("every", self.every)
+    lr: float = positive(3.0)
+    steps: int = integer(300, low=20)
+    width: int = integer(32)
+    every: int = integer(15)
 
     def problem(self, seed: int = 0) -> tuple[DigitsDataModule, nn.Module]:
         # 15 % of the 1797 images for training: one full batch of 270.
@@ -194,23 +183,14 @@ class EdgeOfStabilityDigits(Result):
         values = [h["stability/sharpness_x_lr"] for h in history]
         threshold = history[-1]["stability/threshold"]
         ratios = [v / threshold for v in values]
-        half = ratios[len(ratios) // 2 :]
-        median = sorted(half)[len(half) // 2]
         early = min(ratios[: max(len(ratios) // 4, 1)])
-        holds = (
-            early < EOS_DIGITS_START
-            and max(ratios) >= EOS_DIGITS_REACH
-            and EOS_DIGITS_MEDIAN_BAND[0] <= median <= EOS_DIGITS_MEDIAN_BAND[1]
-            and all(EOS_DIGITS_RANGE_BAND[0] <= r <= EOS_DIGITS_RANGE_BAND[1] for r in half)
-        )
-        return CheckOutcome(
-            predicted=threshold, measured=median * threshold, holds=holds, name=self.name,
+        bands = (EOS_DIGITS_START, EOS_DIGITS_REACH, EOS_DIGITS_MEDIAN_BAND, EOS_DIGITS_RANGE_BAND)
+        return edge_of_stability_outcome(
+            self.name, threshold, ratios, "lowest early", early, bands, steps=steps, measured_curve=values,
             quantity="median eta lambda_max over the second half of training",
-            details=f"eta={self.lr:g}, threshold {threshold:g} (rule of stability_scaling); eta lambda_max/2: lowest "
-            f"early {early:.2f}, peak {max(ratios):.2f}, second half in [{min(half):.2f}, {max(half):.2f}] (median "
-            f"{median:.2f}); {len(values)} measurements",
-            steps=steps, predicted_curve=[threshold] * len(steps), measured_curve=values, x_label="GD step",
-            y_label="eta lambda_max (EdgeOfStability callback)", log_y=False,
+            details=(f"eta={self.lr:g}, threshold {threshold:g} (rule of stability_scaling); eta lambda_max/2: ",
+                     f"{len(values)} measurements"),
+            y_label="eta lambda_max (EdgeOfStability callback)",
         )
 
 
@@ -255,24 +235,14 @@ class PACBayesDigits(Result):
         "the registry's 'sgd'"
     )
 
-    epochs: int = 3
-    lr: float = 0.05
-    hidden: int = 32
-    max_deviation: float = 0.3
-    draws: int = 100
-    delta: float = 0.05
-    grid: int = 20
-    shift: bool = False
-
-    def __post_init__(self) -> None:
-        _positive_int("epochs", self.epochs)
-        _positive_float("lr", self.lr)
-        _positive_int("hidden", self.hidden)
-        _positive_float("max_deviation", self.max_deviation)
-        _positive_int("draws", self.draws, 10)
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
-        _positive_int("grid", self.grid, 1)
+    epochs: int = integer(3)
+    lr: float = positive(0.05)
+    hidden: int = integer(32)
+    max_deviation: float = positive(0.3)
+    draws: int = integer(100, low=10)
+    delta: float = real(0.05, low=0.0, high=1.0, low_open=True, high_open=True)
+    grid: int = integer(20)
+    shift: bool = flag(False)
 
     def problem(self, seed: int = 0) -> tuple[DigitsDataModule, nn.Module]:
         return DigitsDataModule(batch_size=32, seed=seed), _network((64, self.hidden, 10), generator(seed), nn.ReLU)
@@ -390,21 +360,12 @@ class KFACNaturalGradient(Result):
         "1 - eta/100"
     )
 
-    samples: int = 2048
-    inputs: int = 8
-    outputs: int = 3
-    lr: float = 0.5
-    steps: int = 12
-    fisher: str = "mc"
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 16)
-        _positive_int("inputs", self.inputs, 2)
-        _positive_int("outputs", self.outputs)
-        _positive_float("lr", self.lr)
-        _positive_int("steps", self.steps, 3)
-        if self.fisher not in ("mc", "empirical"):
-            raise ValueError(f"fisher must be 'mc' or 'empirical', got {self.fisher!r}")
+    samples: int = integer(2048, low=16)
+    inputs: int = integer(8, low=2)
+    outputs: int = integer(3)
+    lr: float = positive(0.5)
+    steps: int = integer(12, low=3)
+    fisher: str = choice("mc", ("mc", "empirical"))
 
     def problem(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
         gen = generator(seed)
@@ -427,8 +388,8 @@ class KFACNaturalGradient(Result):
         optimum = torch.linalg.lstsq(x64, y64).solution.T  # W* (outputs, inputs)
         second_moment = x64.T @ x64 / self.samples
         module = _GaussianRegression(
-            layer, "kfac", lr=self.lr, momentum=0.0, damping=1e-10, stat_decay=0.0, inv_every=1, kl_clip=None,
-            pi_correction=False, fisher=self.fisher, seed=seed,
+            layer, "kfac", lr=self.lr, momentum=0.0, damping=1e-10, stat_decay=0.0, inv_every=1, stat_every=1,
+            kl_clip=None, pi_correction=False, fisher=self.fisher, seed=seed,
         )
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=self.samples)
         with torch.random.fork_rng():
@@ -490,21 +451,11 @@ class SAMSharpnessDigits(Result):
         f"log-log slope of S against rho within {SAM_DIGITS_EXPONENT_ATOL:g} of 2"
     )
 
-    steps: int = 150
-    lr: float = 0.5
-    width: int = 32
-    radii: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
-    ascent_steps: int = 100
-
-    def __post_init__(self) -> None:
-        _positive_int("steps", self.steps)
-        _positive_float("lr", self.lr)
-        _positive_int("width", self.width)
-        if len(self.radii) < 2:
-            raise ValueError(f"radii must hold at least two radii (the exponent is fitted), got {self.radii!r}")
-        for rho in self.radii:
-            _positive_float("radii[i]", rho)
-        _positive_int("ascent_steps", self.ascent_steps)
+    steps: int = integer(150)
+    lr: float = positive(0.5)
+    width: int = integer(32)
+    radii: tuple[float, ...] = positives((0.02, 0.05, 0.1, 0.2), min_length=2)
+    ascent_steps: int = integer(100)
 
     def problem(self, seed: int = 0) -> tuple[DigitsDataModule, nn.Module]:
         # 15 % of the 1797 images for training: one full batch of 269.
@@ -606,22 +557,15 @@ class GossipConsensusDigits(Result):
         f"||(I - J) X_k||, at least {GOSSIP_DIGITS_MIN_ROUNDS} of them"
     )
 
-    world_size: int = 8
+    world_size: int = integer(8, low=3)
     kind: str = "ring"
-    mixing: str = "metropolis"
-    rounds: int = 20
-    lr: float = 0.01
-    batch_size: int = 16
-    width: int = 16
+    mixing: str = choice("metropolis", GOSSIP_DIGITS_MIXINGS)
+    rounds: int = integer(20, low=4)
+    lr: float = positive(0.01)
+    batch_size: int = integer(16)
+    width: int = integer(16)
 
-    def __post_init__(self) -> None:
-        _positive_int("world_size", self.world_size, 3)
-        if self.mixing not in GOSSIP_DIGITS_MIXINGS:
-            raise ValueError(f"mixing must be one of {GOSSIP_DIGITS_MIXINGS}, got {self.mixing!r}")
-        _positive_int("rounds", self.rounds, 4)
-        _positive_float("lr", self.lr)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("width", self.width)
+    def validate(self) -> None:
         topology = Topology(self.kind, self.world_size)  # refuses unknown kinds and impossible sizes
         if topology.is_time_varying:
             raise ValueError(f"gossip_consensus_digits needs a static graph; {self.kind!r} is time-varying")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_optsurvey.validation import check_int
+
 __all__ = [
     "DTYPE",
     "BoundedGradientFunction",
@@ -39,8 +41,7 @@ DTYPE = torch.float64
 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (checks never touch the global RNG)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    check_int("seed", seed, low=None)
     return torch.Generator().manual_seed(seed)
 
 
@@ -207,12 +208,10 @@ class LeastSquaresSum:
 
 
 @dataclass(frozen=True)
-class WavyFunction:
-    r"""The smooth non-convex :math:`f(x) = \sum_j \tfrac12 x_j^2 + a \cos(b x_j)`.
+class _CosineRipple:
+    r"""A separable function plus a ripple :math:`a \cos(b x_j)` per coordinate, of curvature at most :math:`a b^2`.
 
-    :math:`f''` per coordinate is :math:`1 - a b^2 \cos(b x_j) \in [1 - ab^2, 1 + ab^2]`, so
-    ``L = 1 + a b^2`` exactly (attained at ``x_j = 0``) and ``f`` is non-convex when ``a b^2 > 1``. The
-    infimum is ``d`` times the one-dimensional minimum, found by Newton's method from a fine grid.
+    The smooth part's curvature is at most 1 in both subclasses, so ``L = 1 + a b^2``.
     """
 
     dim: int
@@ -222,6 +221,16 @@ class WavyFunction:
     @property
     def L(self) -> float:
         return 1.0 + self.amplitude * self.frequency**2
+
+
+@dataclass(frozen=True)
+class WavyFunction(_CosineRipple):
+    r"""The smooth non-convex :math:`f(x) = \sum_j \tfrac12 x_j^2 + a \cos(b x_j)`.
+
+    :math:`f''` per coordinate is :math:`1 - a b^2 \cos(b x_j) \in [1 - ab^2, 1 + ab^2]`, so
+    ``L = 1 + a b^2`` exactly (attained at ``x_j = 0``) and ``f`` is non-convex when ``a b^2 > 1``. The
+    infimum is ``d`` times the one-dimensional minimum, found by Newton's method from a fine grid.
+    """
 
     def value(self, x: Tensor) -> Tensor:
         return (0.5 * x * x + self.amplitude * torch.cos(self.frequency * x)).sum(-1)
@@ -441,7 +450,7 @@ class PLFunction:
 
 
 @dataclass(frozen=True)
-class BoundedGradientFunction:
+class BoundedGradientFunction(_CosineRipple):
     r"""A smooth non-convex function with bounded gradients: :math:`f(x) = \sum_j \sqrt{1 + x_j^2} + a\cos(b x_j)`.
 
     :math:`f'(x) = x/\sqrt{1+x^2} - ab\sin(bx)`, so :math:`\|\nabla f\|_\infty \le 1 + ab`;
@@ -449,13 +458,7 @@ class BoundedGradientFunction:
     The infimum is ``d`` times the one-dimensional minimum (grid, then golden section).
     """
 
-    dim: int
     amplitude: float = 0.5
-    frequency: float = 2.0
-
-    @property
-    def L(self) -> float:
-        return 1.0 + self.amplitude * self.frequency**2
 
     @property
     def gradient_bound(self) -> float:

@@ -14,12 +14,10 @@ each, with its default configuration, in the order of the survey's list.
 from __future__ import annotations
 
 import abc
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
+from lightning_optsurvey.theory.fields import validate_fields
 
 __all__ = ["CheckOutcome", "Result", "all_results", "get_result", "register_result"]
 
@@ -87,8 +85,10 @@ class Result(abc.ABC):
     """One convergence or generalization result of the survey, checkable on a synthetic problem.
 
     Subclasses are frozen dataclasses whose fields are the check's configuration (problem size, steps,
-    step size scale, ...), validated in ``__post_init__``; the class attributes below describe the
-    theorem. The default configuration satisfies the theorem's assumptions; a test changes one field
+    step size scale, ...), each declared with its constraint (:mod:`~lightning_optsurvey.theory.fields`:
+    ``dim: int = integer(10, low=2)``) and validated by this class's one ``__post_init__``; what relates
+    several fields goes in :meth:`validate`. The class attributes below describe the theorem. The
+    default configuration satisfies the theorem's assumptions; a test changes one field
     (a step size beyond the allowed range) to show that the check can fail.
 
     Attributes:
@@ -104,6 +104,18 @@ class Result(abc.ABC):
     statement: ClassVar[str]
     reference: ClassVar[str]
     criterion: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that relate several fields, run after each field's own constraint (none by default).
+
+        Raises:
+            ValueError: For a configuration outside the check's assumptions.
+        """
+        return None
 
     @abc.abstractmethod
     def problem(self, seed: int = 0) -> Any:
@@ -166,73 +178,3 @@ def get_result(name: str) -> Result:
         known = ", ".join(r.name for r in all_results())
         raise ValueError(f"unknown result {name!r}; known results: {known}")
     return _RESULTS[name]()
-
-
-# ------------------------------------------------------------------------------------------------------
-# Helpers shared by the group modules: configuration checks and decisions
-# ------------------------------------------------------------------------------------------------------
-#: Standard errors allowed between a Monte-Carlo estimate (a mean over independent runs) and the bound or
-#: exact value it is compared with.
-MC_Z = 4.0
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _positive_float(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def mean_and_stderr(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard error of the mean over the last axis (the independent runs)."""
-    return values.mean(-1), values.std(-1) / math.sqrt(values.shape[-1])
-
-
-def mc_bound_violations(
-    mean: Sequence[float], stderr: Sequence[float], bound: Sequence[float], atol: float = 0.0
-) -> int:
-    """Number of ``k`` where a Monte-Carlo mean exceeds the bound by more than ``MC_Z`` standard errors (+ ``atol``)."""
-    return sum(1 for m, e, b in zip(mean, stderr, bound, strict=True) if not m - MC_Z * e <= b + atol)
-
-
-def bound_violations(measured: Sequence[float], bound: Sequence[float], rtol: float, atol: float = 0.0) -> int:
-    """Number of ``k`` where ``measured[k] > bound[k] * (1 + rtol) + atol`` (or either is not finite)."""
-    count = 0
-    for m, b in zip(measured, bound, strict=True):
-        if not (math.isfinite(m) and math.isfinite(b)) or m > b * (1.0 + rtol) + atol:
-            count += 1
-    return count
-
-
-def tail_rate(values: Sequence[float], start: int, stop: int | None = None) -> float:
-    """Per-step geometric rate ``r`` fitted by least squares to ``log values[k] = a + k log r`` on a window.
-
-    Args:
-        values: Positive values indexed by step.
-        start: First step of the window.
-        stop: One past the last step (default: the end).
-
-    Returns:
-        ``exp(slope)``; ``nan`` if the window holds fewer than two positive finite values.
-    """
-    stop = len(values) if stop is None else stop
-    points = [(k, math.log(values[k])) for k in range(start, stop) if values[k] > 0 and math.isfinite(values[k])]
-    return math.exp(_slope(points)) if len(points) >= 2 else math.nan
-
-
-def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Least-squares slope of ``log y`` against ``log x`` (the exponent of a power law)."""
-    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
-    return _slope(points) if len(points) >= 2 else math.nan
-
-
-def _slope(points: Sequence[tuple[float, float]]) -> float:
-    n = len(points)
-    mean_x = sum(p[0] for p in points) / n
-    mean_y = sum(p[1] for p in points) / n
-    sxx = sum((p[0] - mean_x) ** 2 for p in points)
-    sxy = sum((p[0] - mean_x) * (p[1] - mean_y) for p in points)
-    return sxy / sxx if sxx > 0 else math.nan

@@ -17,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_optsurvey.theory.result import CheckOutcome, Result, all_results, get_result
+from lightning_optsurvey.validation import check_int
 
 __all__ = ["CheckRun", "format_table", "plot_outcome", "render_docs", "run_checks", "select_results"]
 
@@ -81,8 +82,7 @@ def run_checks(only: str | Sequence[str] | None = None, seed: int = 0) -> list[C
         ValueError: For an unknown name in ``only``.
         TypeError: For a non-integer ``seed``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    check_int("seed", seed, low=None)
     outcomes = []
     threads = torch.get_num_threads()
     # The problems are tiny: intra-op threads only add synchronization, and on a loaded machine OpenMP's

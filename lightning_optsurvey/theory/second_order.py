@@ -17,15 +17,10 @@ import torch
 
 from lightning_optsurvey.curvature import HessianOperator
 from lightning_optsurvey.optim import create_optimizer
+from lightning_optsurvey.theory.decisions import bound_violations
+from lightning_optsurvey.theory.fields import integer, positive, real
 from lightning_optsurvey.theory.problems import DTYPE, LogisticRegression, Quadratic, generator
-from lightning_optsurvey.theory.result import (
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    bound_violations,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = ["LBFGSSuperlinear", "NewtonQuadratic"]
 
@@ -68,18 +63,11 @@ class NewtonQuadratic(Result):
         "mu = lambda and M = mean ||a_i||^3 / (6 sqrt 3)"
     )
 
-    samples: int = 100
-    dim: int = 5
-    reg: float = 0.1
-    steps: int = 7
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("dim", self.dim)
-        _positive_float("reg", self.reg)
-        _positive_int("steps", self.steps, 3)
-        _positive_float("lr_scale", self.lr_scale)
+    samples: int = integer(100, low=2)
+    dim: int = integer(5)
+    reg: float = positive(0.1)
+    steps: int = integer(7, low=3)
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> LogisticRegression:
         return LogisticRegression.build(self.samples, self.dim, self.reg, generator(seed))
@@ -156,19 +144,10 @@ class LBFGSSuperlinear(Result):
         "torch skips a curvature pair (at norm ~1 the pairs stop near e ~ 1e-5 and the rate freezes)"
     )
 
-    dim: int = 10
-    kappa: float = 100.0
-    tol: float = 1e-10
-    history_size: int | None = None
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        if not self.kappa > 1:
-            raise ValueError(f"kappa must be > 1, got {self.kappa!r}")
-        if not 0 < self.tol < 1:
-            raise ValueError(f"tol must be in (0, 1), got {self.tol!r}")
-        if self.history_size is not None:
-            _positive_int("history_size", self.history_size)
+    dim: int = integer(10, low=2)
+    kappa: float = real(100.0, low=1.0, low_open=True)
+    tol: float = real(1e-10, low=0.0, high=1.0, low_open=True, high_open=True)
+    history_size: int | None = integer(None)
 
     def problem(self, seed: int = 0) -> Quadratic:
         q = Quadratic.with_spectrum(torch.linspace(1.0 / self.kappa, 1.0, self.dim, dtype=DTYPE), generator(seed))

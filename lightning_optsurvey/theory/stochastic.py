@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.theory._run import run_optimizer
+from lightning_optsurvey.theory.decisions import MC_Z, loglog_slope, mc_bound_violations, mean_and_stderr
+from lightning_optsurvey.theory.fields import integer, integers, positive, positives, real
 from lightning_optsurvey.theory.problems import (
     DTYPE,
     LeastSquaresSum,
@@ -26,17 +28,7 @@ from lightning_optsurvey.theory.problems import (
     centred_shifts,
     generator,
 )
-from lightning_optsurvey.theory.result import (
-    MC_Z,
-    CheckOutcome,
-    Result,
-    _positive_float,
-    _positive_int,
-    loglog_slope,
-    mc_bound_violations,
-    mean_and_stderr,
-    register_result,
-)
+from lightning_optsurvey.theory.result import CheckOutcome, Result, register_result
 
 __all__ = [
     "MomentumNoiseFloor",
@@ -56,18 +48,11 @@ EXPONENT_ATOL = 0.15
 class _NoisyQuadraticCheck(Result):
     """Configuration shared by the strongly convex SGD checks: spectrum linear in [mu, 1], 100 components."""
 
-    dim: int = 10
-    runs: int = 200
-    steps: int = 1000
-    mu: float = 0.1
-    sigma2: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 2)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("steps", self.steps, 16)
-        _positive_float("mu", self.mu)
-        _positive_float("sigma2", self.sigma2)
+    dim: int = integer(10, low=2)
+    runs: int = integer(200, low=10)
+    steps: int = integer(1000, low=16)
+    mu: float = positive(0.1)
+    sigma2: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> NoisyQuadratic:
         gen = generator(seed)
@@ -93,12 +78,8 @@ class SGDDiminishingStep(_NoisyQuadraticCheck):
         f"E f(x_k) - f* on [K/8, K] within {EXPONENT_ATOL:g} of -1"
     )
 
-    steps: int = 2000
-    beta_scale: float = 2.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive_float("beta_scale", self.beta_scale)
+    steps: int = integer(2000, low=16)
+    beta_scale: float = positive(2.0)
 
     def _constants(self, p: NoisyQuadratic) -> tuple[float, float, float]:
         q = p.quadratic
@@ -161,15 +142,8 @@ class SGDConstantStep(_NoisyQuadraticCheck):
         "so the plateau is approached from below and the bound's transient term is active"
     )
 
-    runs: int = 400
-    lrs: tuple[float, ...] = (0.5, 0.125)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.lrs:
-            raise ValueError("lrs must hold at least one step size")
-        for lr in self.lrs:
-            _positive_float("lrs[i]", lr)
+    runs: int = integer(400, low=10)
+    lrs: tuple[float, ...] = positives((0.5, 0.125))
 
     def predict(self, problem: NoisyQuadratic, k: int, lr: float | None = None) -> float:
         return self._bound(problem, [k], self.lrs[0] if lr is None else lr)[0]
@@ -251,21 +225,11 @@ class SGDNonConvex(Result):
         f"measured average over the horizons within {EXPONENT_ATOL:g} of -1/2"
     )
 
-    dim: int = 5
-    runs: int = 200
-    horizons: tuple[int, ...] = (100, 400, 1600)
-    c: float = 1.0
-    sigma2: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim, 1)
-        _positive_int("runs", self.runs, 10)
-        if len(self.horizons) < 2:
-            raise ValueError(f"horizons needs at least two values, got {self.horizons!r}")
-        for k in self.horizons:
-            _positive_int("horizons[i]", k)
-        _positive_float("c", self.c)
-        _positive_float("sigma2", self.sigma2)
+    dim: int = integer(5)
+    runs: int = integer(200, low=10)
+    horizons: tuple[int, ...] = integers((100, 400, 1600), min_length=2)
+    c: float = positive(1.0)
+    sigma2: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> _WavyNoise:
         z = centred_shifts(100, self.dim, self.sigma2, generator(seed))
@@ -333,22 +297,13 @@ class SVRGLinearRate(Result):
         "the registry's 'svrg' with its full gradient set by SVRG.snapshot()"
     )
 
-    samples: int = 50
-    dim: int = 5
-    reg: float = 0.1
-    runs: int = 100
-    epochs: int = 4
-    lr_scale: float = 0.1
-    inner_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("samples", self.samples, 2)
-        _positive_int("dim", self.dim)
-        _positive_float("reg", self.reg)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("epochs", self.epochs)
-        _positive_float("lr_scale", self.lr_scale)
-        _positive_float("inner_scale", self.inner_scale)
+    samples: int = integer(50, low=2)
+    dim: int = integer(5)
+    reg: float = positive(0.1)
+    runs: int = integer(100, low=10)
+    epochs: int = integer(4)
+    lr_scale: float = positive(0.1)
+    inner_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> LeastSquaresSum:
         return LeastSquaresSum.build(self.samples, self.dim, self.reg, generator(seed))
@@ -441,18 +396,11 @@ class SGDPolyakLojasiewicz(Result):
         "shifts, variance M exactly), runs started where the PL inequality is tightest"
     )
 
-    dim: int = 5
-    runs: int = 200
-    steps: int = 300
-    sigma2: float = 0.1
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
-        _positive_int("runs", self.runs, 10)
-        _positive_int("steps", self.steps, 10)
-        _positive_float("sigma2", self.sigma2)
-        _positive_float("lr_scale", self.lr_scale)
+    dim: int = integer(5)
+    runs: int = integer(200, low=10)
+    steps: int = integer(300, low=10)
+    sigma2: float = positive(0.1)
+    lr_scale: float = positive(1.0)
 
     def problem(self, seed: int = 0) -> tuple[PLFunction, torch.Tensor, torch.Tensor]:
         f = PLFunction(self.dim, 3.0)
@@ -555,16 +503,10 @@ class MomentumNoiseFloor(_NoisyQuadraticCheck):
         "form (relative 1e-9); the registry's 'momentum' and 'nesterov'"
     )
 
-    runs: int = 400
-    steps: int = 600
-    lr: float = 0.05
-    beta: float = 0.9
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive_float("lr", self.lr)
-        if not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+    runs: int = integer(400, low=10)
+    steps: int = integer(600, low=16)
+    lr: float = positive(0.05)
+    beta: float = real(0.9, low=0.0, high=1.0, high_open=True)
 
     def predict(self, problem: NoisyQuadratic, k: int) -> float:
         """The exact stationary heavy-ball ``E f - f*`` (the same for every ``k``)."""

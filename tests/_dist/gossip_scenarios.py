@@ -234,6 +234,15 @@ class LinearRegression(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+USER_DIRECTED = [[1, 2], [2], [3], [0]]  # a directed graph of one's own, irregular: push-sum weights it
+
+
+def user_circulant(n: int) -> torch.Tensor:
+    """A user's mixing matrix: ``0.5 I + 0.3 S + 0.2 S^2`` (directed, doubly stochastic, not Metropolis)."""
+    shift = torch.roll(torch.eye(n, dtype=torch.float64), 1, dims=1)
+    return 0.5 * torch.eye(n, dtype=torch.float64) + 0.3 * shift + 0.2 * shift @ shift
+
+
 def linear_reference() -> None:
     """Full-batch least squares in float64 under each gossip update rule, for a dense reference."""
     generator = torch.Generator().manual_seed(5)
@@ -246,6 +255,11 @@ def linear_reference() -> None:
         "dpsgd_overlap": GossipStrategy("ring", overlap=True),
         "push_sum": GossipStrategy(er, algorithm="push_sum"),
         "push_sum_overlap": GossipStrategy(er, algorithm="push_sum", overlap=True),
+        # A user's topologies (Topology.from_matrix / from_neighbours), as tests/test_gossip.py rebuilds them.
+        "user_matrix": GossipStrategy(Topology.from_matrix(user_circulant(WORLD))),
+        "user_time_varying": GossipStrategy(Topology.from_neighbours(WORLD, lambda rank, step: [rank ^ (1 << step)],
+                                                                     period=2)),
+        "user_push_sum": GossipStrategy(Topology.from_neighbours(WORLD, USER_DIRECTED), algorithm="push_sum"),
     }
     results: dict[str, Any] = {}
     for name, strategy in variants.items():

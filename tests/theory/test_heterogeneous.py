@@ -42,7 +42,6 @@ def test_the_results_are_registered() -> None:
     [
         (DPSGDHeterogeneityBias, {"kind": "one_peer_exponential"}),
         (DPSGDHeterogeneityBias, {"world_size": 2}),
-        (D2ExactConvergence, {"lazy": 1}),
         (GradientTrackingExactConvergence, {"lr": -0.1}),
         (ChocoGossipConsensus, {"compressor": "randomk"}),  # random: the check is for deterministic ones
         (ChocoGossipConsensus, {"kind": "exponential"}),  # directed: W not symmetric

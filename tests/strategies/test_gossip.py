@@ -119,7 +119,23 @@ def test_push_sum_matches_dense_reference_and_debiases(out_dir: Path) -> None:
     assert not torch.allclose(w, torch.ones_like(w), atol=1e-3)  # the weights did move
 
 
-@pytest.mark.parametrize("variant", ["dpsgd", "dpsgd_overlap", "push_sum", "push_sum_overlap"])
+def _user_mixing(variant: str, step: int) -> torch.Tensor:
+    """The user topologies of the scenario, written out densely here (not through Topology)."""
+    eye = torch.eye(WORLD, dtype=torch.float64)
+    if variant == "user_matrix":  # 0.5 I + 0.3 S + 0.2 S^2, S[i, i + 1] = 1
+        shift = torch.roll(eye, 1, dims=1)
+        return 0.5 * eye + 0.3 * shift + 0.2 * shift @ shift
+    if variant == "user_time_varying":  # pairs i <-> i xor 2^(t mod 2), Metropolis weights 1/2
+        return 0.5 * (eye + eye[[i ^ (1 << (step % 2)) for i in range(WORLD)]])
+    sends = [[1, 2], [2], [3], [0]]  # user_push_sum: P[i, j] = 1 / (1 + out-degree of j)
+    p = eye.clone()
+    for j, out in enumerate(sends):
+        p[out, j] = 1.0
+    return p / p.sum(0, keepdim=True)
+
+
+@pytest.mark.parametrize("variant", ["dpsgd", "dpsgd_overlap", "push_sum", "push_sum_overlap", "user_matrix",
+                                     "user_time_varying", "user_push_sum"])
 def test_update_rules_match_a_dense_reference(out_dir: Path, variant: str) -> None:
     """Least squares, float64, plain SGD: each rank's trajectory against a dense simulation of all ranks.
 
@@ -129,7 +145,7 @@ def test_update_rules_match_a_dense_reference(out_dir: Path, variant: str) -> No
     """
     results = [r[variant] for r in load(out_dir, "linear_reference")]
     lr, steps = 0.1, 6
-    push_sum = variant.startswith("push_sum")
+    push_sum = variant.startswith("push_sum") or variant == "user_push_sum"
     topology = Topology("erdos_renyi", WORLD, seed=0) if push_sum else Topology("ring", WORLD)
     mix = topology.push_sum_matrix() if push_sum else topology.mixing_matrix()
     x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64).repeat(WORLD, 1)
@@ -139,11 +155,13 @@ def test_update_rules_match_a_dense_reference(out_dir: Path, variant: str) -> No
             -lr * (xb.T @ (xb @ x[r] - yb)) / len(yb) for r, (xb, yb) in
             ((r, results[r]["batches"][step]) for r in range(WORLD))
         ])
-        if variant == "dpsgd":
+        if variant.startswith("user"):
+            mix = _user_mixing(variant, step)
+        if variant in ("dpsgd", "user_matrix", "user_time_varying"):
             x = mix @ (x + delta)
         elif variant == "dpsgd_overlap":
             x = mix @ x + delta
-        elif variant == "push_sum":
+        elif variant in ("push_sum", "user_push_sum"):
             z, w = mix @ (w * x + delta), mix @ w
             x = z / w
         else:

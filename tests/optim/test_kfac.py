@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optsurvey.callbacks._measure import measuring
-from lightning_optsurvey.optim import KFAC
+from lightning_optsurvey.optim import KFAC, KFACConfig
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
 DTYPE = torch.float64
@@ -154,7 +155,7 @@ def test_low_rank_path_equals_the_dense_path(edit, monkeypatch):
 
     def spy(*args):
         out = original(*args)
-        taken.append(out is not None)
+        taken.append(out is not None and bool(out[3]))  # the factors and whether the check passed
         return out
 
     monkeypatch.setattr(KFAC, "_low_rank", staticmethod(spy))
@@ -191,14 +192,17 @@ def test_low_rank_path_equals_the_dense_path(edit, monkeypatch):
 def test_hooks_are_inactive_outside_the_step_closure():
     net = _net()
     x, y = _batch()
-    opt = KFAC(net)
-    F.cross_entropy(net(x), y).backward()  # a plain training forward/backward
+    opt = KFAC(net, stat_every=1)
+    opt.step(_closure(opt, net, x, y))  # attaches the hooks
+    before = {f"{i}{k}": opt.state[m.weight][k].clone() for i, m in enumerate((net[0], net[3])) for k in "AG"}
+    F.cross_entropy(net(2 * x), y).backward()  # a plain training forward/backward
     net.eval()
     with torch.no_grad():
         net(x)  # validation
     net.train()
     assert opt._pending == {}
-    assert all("A" not in opt.state[m.weight] for m in (net[0], net[3]))
+    after = {f"{i}{k}": opt.state[m.weight][k] for i, m in enumerate((net[0], net[3])) for k in "AG"}
+    assert all(torch.equal(before[key], after[key]) for key in before)
 
 
 def test_conv_with_unsupported_options_gets_a_plain_step():
@@ -401,3 +405,77 @@ def test_bfloat16_parameters_step_like_float64():
         error = torch.linalg.vector_norm(low_step - step)
         bound = BF16_RTOL * torch.linalg.vector_norm(step) + BF16_UNIT * torch.linalg.vector_norm(p.detach())
         assert error <= bound, (error, bound)
+
+
+# ------------------------------------------------------------------ issue 14: config, groups, hooks
+
+
+class _KFACModule(LightningModule):
+    """A user module whose K-FAC options come from the YAML as one typed section."""
+
+    def __init__(self, kfac: KFACConfig = KFACConfig()) -> None:  # noqa: B008 (frozen dataclass)
+        super().__init__()
+        self.kfac = kfac
+        self.net = nn.Linear(4, 2)
+
+    def configure_optimizers(self):
+        return KFAC(self.net, self.kfac)
+
+
+def test_kfac_config_comes_from_a_yaml_through_lightning_cli(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  kfac:\n    lr: 0.2\n    inv_every: 7\n    kl_clip: null\n    fisher: mc\n")
+    cli = LightningCLI(_KFACModule, run=False, args=["--config", str(config)], save_config_callback=None,
+                       trainer_defaults={"logger": False, "enable_checkpointing": False})
+    assert cli.model.kfac == KFACConfig(lr=0.2, inv_every=7, kl_clip=None, fisher="mc")
+    opt = cli.model.configure_optimizers()
+    assert opt.param_groups[0]["inv_every"] == 7 and opt.defaults["fisher"] == "mc"
+    config.write_text("model:\n  kfac:\n    inv_every: 0\n")
+    with pytest.raises((SystemExit, ValueError)):
+        LightningCLI(_KFACModule, run=False, args=["--config", str(config)], save_config_callback=None)
+
+
+def test_kfac_config_is_validated_and_accepts_a_mapping_with_overrides():
+    net = nn.Linear(3, 2)
+    opt = KFAC(net, {"damping": 0.5, "inv_every": 3}, inv_every=4)
+    assert opt.config == KFACConfig(damping=0.5, inv_every=4)
+    assert opt.param_groups[0]["damping"] == 0.5 and opt.param_groups[0]["inv_every"] == 4
+    with pytest.raises(TypeError, match="inv_every"):
+        KFACConfig(inv_every=2.0)
+    with pytest.raises(ValueError, match="stat_decay"):
+        KFACConfig(stat_decay=1.0)
+    with pytest.raises(TypeError, match="'eps'"):
+        KFAC(net, eps=0.1)
+    with pytest.raises(TypeError, match="model"):
+        KFAC([nn.Parameter(torch.ones(1))])
+
+
+def test_editing_a_groups_option_takes_effect_and_is_checked():
+    """Per-group options are read from the groups at every step (a scheduler may change them)."""
+    x, y = _batch()
+    runs = []
+    for edit in (False, True):
+        net = _net()
+        opt = KFAC(net, stat_every=1, inv_every=1, damping=1e-3 if edit else 0.5)
+        if edit:
+            opt.param_groups[0]["damping"] = 0.5
+        for _ in range(2):
+            opt.step(_closure(opt, net, x, y))
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+    opt.param_groups[0]["momentum"] = 1.5
+    with pytest.raises(ValueError, match="momentum"):
+        opt.step(_closure(opt, net, x, y))
+
+
+def test_statistics_hooks_are_attached_when_training_starts():
+    net = _net()
+    opt = KFAC(net)
+    hooked = [m for m in net.modules() if m._forward_hooks]
+    assert hooked == []  # the constructor touches nothing
+    x, y = _batch()
+    opt.step(_closure(opt, net, x, y))
+    assert {m for m in net.modules() if m._forward_hooks} == {net[0], net[3]}
+    opt.remove_hooks()
+    assert not any(m._forward_hooks for m in net.modules())

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,7 @@ from lightning_optsurvey.theory import (
     second_order,
     stochastic,
 )
+from lightning_optsurvey.theory.decisions import loglog_slope, tail_rate
 from lightning_optsurvey.theory.problems import (
     DTYPE,
     LeastSquaresSum,
@@ -40,9 +45,9 @@ from lightning_optsurvey.theory.problems import (
     WavyFunction,
     generator,
 )
-from lightning_optsurvey.theory.result import _RESULTS, loglog_slope, register_result, tail_rate
+from lightning_optsurvey.theory.result import _RESULTS, register_result
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "theory.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "theory.md"
 #: float64 agreement between closed forms and automatic differentiation.
 CLOSED_FORM_RTOL = 1e-10
 
@@ -104,7 +109,7 @@ FAILING = [
     # even at eta = 10 > 2/beta = 8), so this configuration is refused by the step-size assumption the
     # check states, not by the measurement.
     generalization.UniformStabilitySGD(lr=10.0, runs=100),
-    landscape.EdgeOfStability(lr=0.02, steps=150),
+    landscape.GDEdgeOfStability(lr=0.02, steps=150),
     # Part two: each new result outside its assumptions.
     first_order.GDPolyakLojasiewicz(lr_scale=2.5),  # step beyond 2/L: the minimum is unstable
     stochastic.SGDPolyakLojasiewicz(lr_scale=2.2),  # step beyond 2/L: a period-2 cycle far above the floor
@@ -156,6 +161,39 @@ def test_a_check_can_fail(result: Result):
 def test_bad_configuration_is_rejected(cls, kwargs):
     with pytest.raises(ValueError):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("gd_convex", {"steps": 10.0}),  # an integral float is not an integer
+        ("gd_convex", {"lr_scale": "1"}),
+        ("heavy_ball", {"kappa": True}),  # a bool is not a number
+        ("d2_exact_convergence", {"lazy": 1}),
+        ("sgd_nonconvex", {"horizons": 100}),  # a number where a tuple is asked
+        ("kfac_natural_gradient", {"fisher": 3}),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_a_type_error_naming_it(name, kwargs):
+    field = next(iter(kwargs))
+    with pytest.raises(TypeError, match=field):
+        type(get_result(name))(**kwargs)
+
+
+def test_every_configuration_field_declares_its_constraint_or_is_checked_in_validate():
+    # One generic validation (Result.__post_init__) applies each field's constraint; a field without one is a
+    # name the check's validate() resolves (a topology kind, a compressor).
+    unconstrained = {
+        (type(r).__name__, f.name) for r in RESULTS for f in dataclasses.fields(r) if "check" not in f.metadata
+    }
+    assert {field for _, field in unconstrained} <= {"kind", "kinds", "compressor", "ratio"}, unconstrained
+    assert not any("__post_init__" in vars(type(r)) for r in RESULTS)
+    with pytest.raises(ValueError, match="dim"):
+        first_order.GDConvex(dim=1)
+    with pytest.raises(ValueError, match="smallest_eigenvalue"):
+        first_order.GDConvex(smallest_eigenvalue=math.inf)
+    with pytest.raises(ValueError, match="lr_scale"):
+        first_order.GDConvex(lr_scale=math.nan)
 
 
 def test_unknown_names_are_rejected_with_the_known_ones():
@@ -458,3 +496,29 @@ def test_sam_sharpness_fails_when_the_ascent_misses_the_maximum():
     # One ascent step is SAM's first-order step: at a minimum it starts from a random direction and finds
     # far less than rho^2 lambda_max / 2 - M rho^3 / 6 at the smallest radius.
     assert not landscape.SAMSharpness(ascent_steps=1).check(seed=0).holds
+
+
+_WITHOUT_LIGHTNING = """
+import importlib.abc, sys
+
+class BlockLightning(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, BlockLightning())
+from lightning_optsurvey.averaging import Topology, easgd_step
+from lightning_optsurvey.theory import get_result, run_checks
+
+assert not [m for m in sys.modules if m.partition(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning")]
+runs = run_checks("gd_convex,easgd_stability,gossip_consensus")
+print(*(f"{run.name}={run.holds}" for run in runs))
+"""
+
+
+def test_theory_imports_and_runs_its_checks_without_lightning():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_LIGHTNING], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["gd_convex=True", "easgd_stability=True", "gossip_consensus=True"]

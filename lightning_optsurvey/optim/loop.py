@@ -1,6 +1,6 @@
 """What an optimizer needs from the training loop, and the guard that refuses to step without it.
 
-Pure PyTorch (no Lightning import): the Lightning side is
+Pure PyTorch (no Lightning import), and public because the Lightning side reads it: the Lightning side is
 :class:`~lightning_optsurvey.callbacks.OptimizerLoopAdapter`, which reads :func:`loop_needs` and *adopts*
 the optimizers it serves. :func:`~lightning_optsurvey.optim.create_optimizer` tags every optimizer with its
 spec and, when it has loop needs, installs a step pre-hook (:class:`GuardLoop`): stepped from Lightning's
@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -99,6 +101,7 @@ def release(optimizer: Optimizer) -> None:
 
 
 def is_adopted(optimizer: Optimizer) -> bool:
+    """Whether a loop adapter serves ``optimizer`` now."""
     return optimizer in _ADOPTED
 
 
@@ -122,6 +125,7 @@ def _from_lightning(obj: Any, depth: int = 0) -> bool:
 
 
 def describe(needs: tuple[str, ...]) -> str:
+    """The needs in words, for error messages."""
     words = {
         "repeated_evaluations": "BatchNorm statistics and logging frozen on its repeated closure evaluations",
         "create_graph": "a backward pass with create_graph=True",
@@ -159,3 +163,26 @@ def install_guard(optimizer: Optimizer, name: str) -> None:
     needs = loop_needs(optimizer)
     if needs:
         optimizer.register_step_pre_hook(GuardLoop(name, needs))
+
+
+@contextmanager
+def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Run forward passes in train mode without changing any BatchNorm running statistic.
+
+    Batch statistics are still used for normalization, exactly as in a normal training forward. The
+    running statistics are not *restored* afterwards but never written: ``track_running_stats`` is switched
+    off for the duration, so the buffers are not even touched in place. (Copying saved values back after
+    the forward bumps the buffers' autograd version, and the backward of that forward then fails with
+    "modified by an inplace operation".)
+    """
+    switched = [
+        m for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True

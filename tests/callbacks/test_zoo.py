@@ -128,7 +128,7 @@ def test_the_readme_example_runs_and_measures_a_dict_batch_module(tmp_path, monk
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     match = re.search(r"### Measuring callbacks on your module.*?```python\n(.*?)```", readme, re.S)
     assert match, "README lacks the example"
     monkeypatch.chdir(tmp_path)

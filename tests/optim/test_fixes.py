@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_optsurvey.optim import KFAC, SAM, available_optimizers, create_optimizer, get_spec
-from lightning_optsurvey.optim._common import check_bool, check_float_hparam, check_int, check_number
+from lightning_optsurvey.validation import check_bool, check_float_hparam, check_int, check_number
 
 
 def test_check_number_one_rule():
@@ -101,8 +101,8 @@ def _kfac_step(opt: KFAC, model: nn.Module, x: torch.Tensor) -> None:
     opt.step(closure)
 
 
-KFAC_KW = {"lr": 0.1, "momentum": 0.0, "stat_decay": 0.0, "inv_every": 1, "kl_clip": None, "damping": 0.1,
-           "low_rank": False}
+KFAC_KW = {"lr": 0.1, "momentum": 0.0, "stat_decay": 0.0, "inv_every": 1, "stat_every": 1, "kl_clip": None,
+           "damping": 0.1, "low_rank": False}
 
 
 def test_kfac_preconditions_a_layer_added_by_add_param_group():

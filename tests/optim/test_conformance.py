@@ -109,8 +109,16 @@ BAD_KWARGS: dict[str, list[dict]] = {
     "gsam": [{"alpha": -1.0}, {"rho": -0.1}],
     "kfac": [{"damping": 0.0}, {"stat_decay": 1.0}, {"inv_every": 0}, {"kl_clip": 0.0}, {"momentum": 1.0}],
     "entropy_sgd": [{"inner_steps": 0}, {"gamma": 0.0}, {"alpha": 0.0}, {"noise": -1.0}],
-    "lpf_sgd": [{"sigma": -0.1}, {"num_samples": 0}, {"sigma_schedule": 3}],
+    "lpf_sgd": [{"sigma": -0.1}, {"num_samples": 0}],
     "svrg": [{"momentum": 1.0}, {"weight_decay": -1.0}],
+}
+#: Values of the wrong type: TypeError under the package's one rule (lightning_optsurvey/validation.py).
+BAD_TYPES = {
+    "lpf_sgd": [{"sigma_schedule": 3}, {"num_samples": 2.0}],
+    "shampoo": [{"graft": 3}, {"block_size": 128.0}],
+    "lookahead": [{"pullback_momentum": 1}],
+    "kfac": [{"inv_every": 10.0}, {"fisher": 1}, {"low_rank": "yes"}, {"config": 3}],
+    "entropy_sgd": [{"inner_steps": 5.0}, {"nesterov": 1}],
 }
 
 
@@ -261,6 +269,9 @@ def test_invalid_hyperparameters_raise_value_error(name):
         model = LeastSquares()
         with pytest.raises(ValueError):
             _build(name, model, **bad)
+    for bad in BAD_TYPES.get(name, []):
+        with pytest.raises(TypeError):
+            _build(name, LeastSquares(), **bad)
 
 
 def test_every_entry_has_a_reference_family_and_bad_values():

@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optsurvey.callbacks import OptimizerLoopAdapter
 from lightning_optsurvey.optim import available_optimizers, create_optimizer, get_spec
-from lightning_optsurvey.optim._common import frozen_batchnorm_stats
-from lightning_optsurvey.optim._loop import loop_needs
+from lightning_optsurvey.optim.loop import frozen_batchnorm_stats, loop_needs
 from lightning_optsurvey.tasks import ClassifierModule
 
 BATCH, STEPS = 12, 4
@@ -124,7 +123,7 @@ def reference(name: str, **hparams) -> tuple[nn.Module, list[float]]:
 @pytest.fixture
 def entry_point(monkeypatch):
     """Lightning's external-callback entry points: ours as pyproject.toml declares it, or none."""
-    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     value = declared["project"]["entry-points"][GROUP]["optsurvey"]
 
     def use(installed: bool) -> None:
@@ -244,7 +243,7 @@ def test_the_readme_example_trains_every_method_it_names(entry_point):
     import re
 
     entry_point(installed=True)
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     code = re.search(r"### Registry optimizers in your module\n.*?```python\n(.*?)```", readme, re.S).group(1)
     assert "max_epochs=2" in code
     code = code.replace("max_epochs=2", "max_epochs=1, limit_train_batches=2, limit_val_batches=1, "
