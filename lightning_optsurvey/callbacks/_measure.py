@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import override
 
+from lightning_optsurvey import _compat
 from lightning_optsurvey.curvature.kernels import derivative_kernels
 from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss
 from lightning_optsurvey.validation import check_bool, check_callable, check_int, check_optional
@@ -546,7 +547,7 @@ class MeasuringCallback(Callback):
         for name, value in metrics.items():
             trainer.callback_metrics[name] = torch.tensor(value)
         if trainer.is_global_zero:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            step = _compat.logging_step(trainer)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 

@@ -79,7 +79,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -87,24 +87,23 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.fabric.utilities.data import sized_len
-from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata, _ResultMetric, _Sync
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_optsurvey import _compat
 from lightning_optsurvey.strategies._comm import (
     CommCounter,
     FlatBuffers,
@@ -112,6 +111,7 @@ from lightning_optsurvey.strategies._comm import (
     all_reduce_sum_,
     is_distributed,
 )
+from lightning_optsurvey.validation import check_float, check_int, check_type
 
 __all__ = [
     "DEFAULT_CPU_TIMEOUT",
@@ -119,8 +119,9 @@ __all__ = [
     "LocalModelStrategy",
     "PeriodicSyncStrategy",
     "check_ddp_kwargs",
-    "check_int",
     "check_timeout",
+    "log_run_params",
+    "log_step_metric",
 ]
 
 PER_RANK_STATES_KEY = "per_rank_states"
@@ -156,6 +157,25 @@ _REFUSALS = {
 }
 
 
+def log_step_metric(module: LightningModule | None, name: str, value: float) -> None:
+    """``module.log(name, value)`` at this step, from inside a strategy's ``optimizer_step``.
+
+    A no-op outside the training hooks, where Lightning refuses ``self.log`` (e.g. a manual ``optimizer.step()``
+    in ``on_train_epoch_end``), and without a Trainer.
+    """
+    if _compat.attached_trainer(module) is None or _compat.current_hook_name(module) not in _LOGGING_HOOKS:
+        return
+    module.log(name, value, on_step=True, on_epoch=False)
+
+
+def log_run_params(module: LightningModule | None, params: Mapping[str, Any]) -> None:
+    """Send a strategy's parameters to every logger of the module's Trainer (none without a Trainer)."""
+    trainer = _compat.attached_trainer(module)
+    if trainer is not None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(dict(params))
+
+
 def _to_cpu_copy(obj: Any) -> Any:
     return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
 
@@ -173,6 +193,10 @@ def check_ddp_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
         )
 
 
+@_compat.refuse_layer_sync(
+    "each rank keeps its own model and BatchNorm statistics (they are averaged with the parameters). "
+    "Use sync_batchnorm=False."
+)
 class LocalModelStrategy(DDPStrategy):
     """DDP without the DDP wrapper: per-rank models, consensus checkpoints, byte accounting.
 
@@ -203,6 +227,10 @@ class LocalModelStrategy(DDPStrategy):
     Asynchronous methods, whose ranks never wait for each other per step, set it to ``False``."""
     evaluate_run_model: bool = True
     """Whether validation, test and predict evaluate :meth:`checkpoint_model_state` on every rank."""
+    registry_entries: ClassVar[Mapping[str, tuple[str, Mapping[str, Any]]]] = {}
+    """The names a class registers in Lightning's ``StrategyRegistry``: name -> (description, init parameters).
+
+    Only the class's own table is registered (see :meth:`register_strategies`), never an inherited one."""
 
     def __init__(
         self,
@@ -216,19 +244,14 @@ class LocalModelStrategy(DDPStrategy):
         timeout: timedelta | float | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        self.__layer_sync = None
         self._timeout_given = check_timeout(timeout)
         super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=self._timeout_given or default_pg_timeout,
-            start_method=start_method,
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+            timeout=self._timeout_given or default_pg_timeout, start_method=start_method,
         )
         self._monitor: _PeerMonitor | None = None
+        self._first_evaluation = False
         self.comm = CommCounter()
         self._restored_rank_state = False
         self._models_diverged = False
@@ -251,25 +274,11 @@ class LocalModelStrategy(DDPStrategy):
     # ----------------------------------------------------------------------------------------------
     # Configuration
     # ----------------------------------------------------------------------------------------------
-    @property
-    def _layer_sync(self) -> None:
-        return self.__layer_sync
-
-    @_layer_sync.setter
-    def _layer_sync(self, value: Any) -> None:
-        # The Trainer's accelerator connector assigns this in ``Trainer.__init__``, so the error is early.
-        if value is not None:
-            raise ValueError(
-                f"{type(self).__name__} does not support sync_batchnorm=True: each rank keeps its own model "
-                "and BatchNorm statistics (they are averaged with the parameters). Use sync_batchnorm=False."
-            )
-        self.__layer_sync = None
-
     def _validate_world_size(self, world_size: int) -> None:
         """Raise ``ValueError`` if the method cannot run on ``world_size`` ranks."""
 
     @override
-    def _configure_launcher(self) -> None:
+    def _configure_launcher(self) -> None:  # Lightning calls it in Trainer.__init__ (a _compat probe checks)
         super()._configure_launcher()
         if self.parallel_devices is not None:
             self._validate_world_size(self.num_nodes * self.num_processes)
@@ -277,12 +286,12 @@ class LocalModelStrategy(DDPStrategy):
     @override
     def setup_distributed(self) -> None:
         if self._timeout_given is None:
-            backend = self._process_group_backend or self._get_process_group_backend()
-            self._timeout = DEFAULT_CPU_TIMEOUT if backend == "gloo" else default_pg_timeout
+            gloo = _compat.process_group_backend(self) == "gloo"
+            _compat.set_process_group_timeout(self, DEFAULT_CPU_TIMEOUT if gloo else default_pg_timeout)
         if self.num_nodes * self.num_processes == 1:
             reset_seed()
             self.set_world_ranks()
-            self._process_group_backend = self._get_process_group_backend()
+            _compat.process_group_backend(self)
             rank_zero_warn(
                 f"{type(self).__name__} runs on a single process: there is nothing to communicate, so it trains "
                 "the local model only. Use devices > 1 or num_nodes > 1 to train in parallel."
@@ -296,39 +305,51 @@ class LocalModelStrategy(DDPStrategy):
     @property
     def timeout(self) -> timedelta | None:
         """The process group's timeout (see the ``timeout`` argument)."""
-        return self._timeout
+        return _compat.process_group_timeout(self)
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register nothing: DDP's inherited names ("ddp", ...) must keep pointing at DDPStrategy.
+    def register_strategies(cls, strategy_registry: _compat.StrategyRegistryType) -> None:
+        """Register the class's own :attr:`registry_entries` (``override=True``: re-imports are harmless).
 
-        Subclasses register their own names (with ``override=True``, so re-imports are harmless).
+        Inherited tables are not registered, so DDP's names ("ddp", ...) keep pointing at DDPStrategy and a
+        user's subclass does not take over its parent's names.
         """
+        for name, (description, params) in vars(cls).get("registry_entries", {}).items():
+            strategy_registry.register(name, cls, description=description, override=True, **params)
 
     # ----------------------------------------------------------------------------------------------
     # Setup: no DDP wrapper
     # ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer) -> None:
-        assert self.accelerator is not None
-        assert self.model is not None
-        self.accelerator.setup(trainer)
+        """DDP's setup, with :meth:`configure_ddp` and :meth:`_setup_model` leaving the model unwrapped.
+
+        Outside fitting, DDP broadcasts rank 0's module (it has no wrapper to do so); after a fit the ranks
+        keep their own models here, so evaluation runs the base ``Strategy.setup`` (whose ``_setup_model``
+        is the one below).
+        """
         self._validate_world_size(self.world_size)
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
+        if trainer.state.fn != TrainerFn.FITTING:
+            _compat.setup_without_ddp(self, trainer)
+            return
+        super().setup(trainer)
+        self._models_diverged = True
+        self._on_fit_setup()
+        if is_distributed() and self.uneven_data_join:
+            self._install_join(trainer)
+
+    @override
+    def configure_ddp(self) -> None:
+        """No ``DistributedDataParallel`` wrapper (and so no DDP communication hooks)."""
+        self.model = self._setup_model(self.model)
+
+    @override
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model itself; at the first fit every rank starts from rank 0's parameters and buffers."""
         if is_distributed() and not (self._restored_rank_state or self._models_diverged):
-            _sync_module_states(self.model)
-        if fitting:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if fitting:
-            _optimizers_to_device(self.optimizers, self.root_device)
-            self._models_diverged = True
-            self._on_fit_setup()
-            if is_distributed() and self.uneven_data_join:
-                self._install_join(trainer)
+            _compat.sync_module_states(model)
+        return model
 
     def _on_fit_setup(self) -> None:
         """Called at the end of setup when fitting: model and optimizers are on the device."""
@@ -364,20 +385,16 @@ class LocalModelStrategy(DDPStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         self.comm.start_step()
+        self._first_evaluation = True
         if self._join_trainer is not None:
             self._epoch_batches += 1
             slot = _LAST if self._predict_epoch_end() else _ACTIVE
             self._message(_OP_STEP, slot, refuse=self._join_refusals())
 
     @override
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: LightningModule | torch.nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
+        inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         announce = self._live and self._round_due()
         self._pre_optimizer_step(inner)
         output = super().optimizer_step(optimizer, partial(self._run_closure, inner, closure), model, **kwargs)
@@ -389,6 +406,20 @@ class LocalModelStrategy(DDPStrategy):
         self._post_optimizer_step(inner)
         self._log_metric("comm/bytes_sent", float(self.comm.step_bytes))
         return output
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        output = super().training_step(*args, **kwargs)
+        if self._first_evaluation:
+            # Only the first evaluation of a batch: closure optimizers (SAM, L-BFGS) evaluate again.
+            self._first_evaluation = False
+            loss = output.get("loss") if isinstance(output, Mapping) else output
+            if isinstance(loss, Tensor) and loss.numel() == 1:
+                self._record_batch_loss(loss.detach())
+        return output
+
+    def _record_batch_loss(self, loss: Tensor) -> None:
+        """Called with the (detached, one-element) training loss of each batch's first evaluation."""
 
     def _run_closure(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Any:
         output = closure()
@@ -414,10 +445,7 @@ class LocalModelStrategy(DDPStrategy):
 
     def _log_metric(self, name: str, value: float) -> None:
         """Log ``name`` at this step from inside ``optimizer_step`` (a no-op outside training hooks)."""
-        module = self.lightning_module
-        if module is None or module._trainer is None or module._current_fx_name not in _LOGGING_HOOKS:
-            return
-        module.log(name, value, on_step=True, on_epoch=False)
+        log_step_metric(self.lightning_module, name, value)
 
     def _logged_params(self) -> dict[str, Any]:
         """Parameters recorded by every logger at train start."""
@@ -451,12 +479,8 @@ class LocalModelStrategy(DDPStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        module = self.lightning_module
-        if module is None or module._trainer is None:
-            return
-        params = self._logged_params()
-        for logger in module.trainer.loggers:
-            logger.log_hyperparams(params)
+        if _compat.attached_trainer(self.lightning_module) is not None:
+            log_run_params(self.lightning_module, self._logged_params())
 
     # ----------------------------------------------------------------------------------------------
     # Uneven data: ranks that run out of batches keep answering rounds until every rank is done
@@ -468,13 +492,8 @@ class LocalModelStrategy(DDPStrategy):
         replaces that broadcast (it carries every rank's flag), so the protocol costs no extra collective
         per batch. A rank whose epoch loop is about to end joins before its end-of-epoch validation.
         """
-        loop = trainer.fit_loop.epoch_loop
-        needed = ("_broadcast_sigterm_tensor", "on_advance_end", "run", "_should_check_val_fx", "val_loop", "done")
-        if not all(hasattr(loop, name) for name in needed):  # pragma: no cover - another Lightning version
-            rank_zero_warn(f"{type(self).__name__}: this Lightning version's training loop is not the one the "
-                           "uneven-data protocol hooks into; ranks must have the same number of batches.")
-            return
         self._uninstall_join()
+        loop = _compat.epoch_loop(trainer)
         run, on_advance_end = loop.run, loop.on_advance_end
 
         def joined_run(data_fetcher: Any) -> None:
@@ -495,20 +514,19 @@ class LocalModelStrategy(DDPStrategy):
             if self._joined_epoch or not (loop.done or getattr(data_fetcher, "done", False)):
                 on_advance_end(data_fetcher)
                 return
-            wants = bool(loop._should_check_val_fx(data_fetcher)) and not loop._skip_next_val
+            wants = _compat.wants_validation(loop, data_fetcher)
             validate, stop = self._join(validate=wants, stop=self._stop_requested(loop))
-            loop._should_check_val_fx = lambda _fetcher: validate  # the agreed decision, for this call
-            try:
+            with _compat.decide_validation(loop, validate):  # the agreed decision, for this call
                 on_advance_end(data_fetcher)
-            finally:
-                del loop._should_check_val_fx
             if stop:
                 trainer.should_stop = True
 
-        loop._broadcast_sigterm_tensor = lambda: None
+        if _compat.patch_epoch_loop(trainer, run=joined_run, on_advance_end=joined_on_advance_end) is None:
+            rank_zero_warn(f"{type(self).__name__}: this Lightning version's training loop is not the one the "
+                           "uneven-data protocol hooks into; ranks must have the same number of batches.")
+            return
+        _compat.replace_sigterm_broadcast(trainer, lambda: None)
         self._refusals_epoch = -1
-        loop.run = joined_run
-        loop.on_advance_end = joined_on_advance_end
         self._join_trainer = trainer
         self._live, self._contrib, self._unsent_steps = False, None, False
 
@@ -521,7 +539,7 @@ class LocalModelStrategy(DDPStrategy):
         """
         dataloader = super().process_dataloader(dataloader)
         module = self.lightning_module
-        trainer = module._trainer if module is not None else None
+        trainer = _compat.attached_trainer(module)
         if not is_distributed() or trainer is None or not (self._fitting() and trainer.training):
             return dataloader
         empty = torch.zeros(self.world_size, dtype=torch.int64, device=self.root_device)
@@ -542,9 +560,7 @@ class LocalModelStrategy(DDPStrategy):
         self._live, self._contrib = False, None
         if trainer is None:
             return
-        loop = trainer.fit_loop.epoch_loop
-        for name in ("_broadcast_sigterm_tensor", "run", "on_advance_end"):
-            loop.__dict__.pop(name, None)
+        _compat.restore_epoch_loop(trainer)
 
     @staticmethod
     def _stop_requested(loop: Any) -> bool:
@@ -554,7 +570,7 @@ class LocalModelStrategy(DDPStrategy):
     def _predict_epoch_end(self) -> bool:
         """Whether this batch is this rank's last of the epoch, as far as the loop knows now."""
         assert self._join_trainer is not None
-        loop = self._join_trainer.fit_loop.epoch_loop
+        loop = _compat.epoch_loop(self._join_trainer)
         max_steps = loop.max_steps
         return bool(loop.batch_progress.is_last_batch) or (max_steps is not None and 0 <= max_steps
                                                             <= loop.global_step + 1)
@@ -580,13 +596,12 @@ class LocalModelStrategy(DDPStrategy):
         validates = is_overridden("validation_step", module) and trainer.limit_val_batches != 0
         if validates:
             check_batch = trainer.val_check_batch
-            if (trainer.check_val_every_n_epoch is None or trainer._val_check_time_interval is not None or (
+            if (trainer.check_val_every_n_epoch is None or _compat.val_check_time_interval(trainer) is not None or (
                     check_batch is not None and math.isfinite(check_batch)
                     and check_batch < trainer.num_training_batches)):
                 bits |= 1
         for callback in trainer.callbacks:
-            if isinstance(callback, ModelCheckpoint) and (
-                    callback._every_n_train_steps > 0 or callback._train_time_interval is not None):
+            if isinstance(callback, ModelCheckpoint) and _compat.checkpoint_saves_mid_epoch(callback):
                 bits |= 2
             if type(callback).__name__ == "ConsensusDistance" and getattr(callback, "every_n_steps", None):
                 bits |= 8
@@ -675,7 +690,7 @@ class LocalModelStrategy(DDPStrategy):
             return
         metrics = {f"data/batches_rank_{r}": float(b) for r, b in enumerate(self.batches_per_rank)}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            logger.log_metrics(metrics, step=_compat.logging_step(trainer))
 
     def _align_epoch_results(self) -> None:
         """Give every rank the same epoch-level logged entries, in the same order, before they are synced.
@@ -688,8 +703,8 @@ class LocalModelStrategy(DDPStrategy):
         trainer = self._join_trainer
         module = self.lightning_module
         assert trainer is not None and module is not None
-        results = trainer.fit_loop.epoch_loop._results
-        local = [(key, self._describe_result(metric), not metric.has_reset) for key, metric in results.items()]
+        results = _compat.epoch_results(trainer)
+        local = [(key, _compat.describe_result_metric(metric), not metric.has_reset) for key, metric in results.items()]
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, local)
         order: dict[str, dict[str, Any]] = {}
@@ -711,36 +726,9 @@ class LocalModelStrategy(DDPStrategy):
                 metric.has_reset = False
             results[key] = metric
 
-    @staticmethod
-    def _describe_result(metric: _ResultMetric) -> dict[str, Any]:
-        meta = metric.meta
-        return {
-            "fx": meta.fx, "name": meta.name, "prog_bar": meta.prog_bar, "logger": meta.logger,
-            "on_step": meta.on_step, "on_epoch": meta.on_epoch,
-            "reduce_fx": "max" if meta.is_max_reduction else "min" if meta.is_min_reduction
-            else "sum" if meta.is_sum_reduction else "mean",
-            "enable_graph": meta.enable_graph, "add_dataloader_idx": meta.add_dataloader_idx,
-            "dataloader_idx": meta.dataloader_idx, "metric_attribute": meta.metric_attribute,
-            "sync_dist": meta.sync.should, "rank_zero_only": meta.sync.rank_zero_only,
-            "is_tensor": metric.is_tensor,
-            "dtype": metric.value.dtype if metric.is_tensor else None,
-        }
-
-    def _empty_result(self, description: Mapping[str, Any], module: LightningModule) -> _ResultMetric:
-        meta = _Metadata(
-            fx=description["fx"], name=description["name"], prog_bar=description["prog_bar"],
-            logger=description["logger"], on_step=description["on_step"], on_epoch=description["on_epoch"],
-            reduce_fx=description["reduce_fx"], enable_graph=description["enable_graph"],
-            add_dataloader_idx=description["add_dataloader_idx"], dataloader_idx=description["dataloader_idx"],
-            metric_attribute=description["metric_attribute"],
-        )
-        meta.sync = _Sync(_should=description["sync_dist"], fn=self.reduce,
-                          rank_zero_only=description["rank_zero_only"])
-        metric = _ResultMetric(meta, description["is_tensor"])
-        if description["is_tensor"]:  # the others' dtype (the default dtype differs outside forward contexts)
-            metric.value = metric.value.to(description["dtype"])
-            metric._defaults["value"] = metric._defaults["value"].to(description["dtype"])
-        else:
+    def _empty_result(self, description: Mapping[str, Any], module: LightningModule) -> Any:
+        value = None
+        if not description["is_tensor"]:
             attribute = description["metric_attribute"]
             if attribute is None:
                 raise RuntimeError(
@@ -748,7 +736,8 @@ class LocalModelStrategy(DDPStrategy):
                     f"{description['name']!r}, a torchmetrics object without a module attribute; log a metric "
                     "object that is an attribute of the LightningModule so every rank can take part in its sync."
                 )
-            metric.value = module.get_submodule(attribute) if "." in attribute else getattr(module, attribute)
+            value = module.get_submodule(attribute) if "." in attribute else getattr(module, attribute)
+        metric = _compat.empty_result_metric(description, self.reduce, value)
         metric.to(self.root_device)
         return metric
 
@@ -898,36 +887,6 @@ class LocalModelStrategy(DDPStrategy):
         self._own_state = None
         self._eval_state = None
 
-    @override
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        self._swap_in_run_model()
-
-    @override
-    def on_validation_end(self) -> None:
-        self._restore_own_model()
-        super().on_validation_end()
-
-    @override
-    def on_test_start(self) -> None:
-        super().on_test_start()
-        self._swap_in_run_model()
-
-    @override
-    def on_test_end(self) -> None:
-        self._restore_own_model()
-        super().on_test_end()
-
-    @override
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        self._swap_in_run_model()
-
-    @override
-    def on_predict_end(self) -> None:
-        self._restore_own_model()
-        super().on_predict_end()
-
     def _rank_state(self) -> dict[str, Any]:
         """Extra per-rank state saved in checkpoints (tensors are moved to the CPU)."""
         return {"comm": self.comm.state_dict()}
@@ -973,7 +932,8 @@ class LocalModelStrategy(DDPStrategy):
 
     def _fitting(self) -> bool:
         module = self.lightning_module
-        return module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+        trainer = _compat.attached_trainer(module)
+        return trainer is not None and trainer.state.fn == TrainerFn.FITTING
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -1002,16 +962,29 @@ class LocalModelStrategy(DDPStrategy):
             return
         for optimizer, state in zip(self.optimizers, own["optimizer_states"]):
             optimizer.load_state_dict(state)
-            _optimizer_to_device(optimizer, self.root_device)
+            _compat.optimizer_to_device(optimizer, self.root_device)
 
 
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` if it is an integer (not a bool) of at least ``minimum``; else ``TypeError``/``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
+def _evaluation_hooks(stage: str) -> None:
+    """``LocalModelStrategy.on_<stage>_start``/``_end``: evaluate the run's model, then put each rank's own back."""
+    start_name, end_name = f"on_{stage}_start", f"on_{stage}_end"
+
+    def start(self: LocalModelStrategy) -> None:
+        getattr(super(LocalModelStrategy, self), start_name)()
+        self._swap_in_run_model()
+
+    def end(self: LocalModelStrategy) -> None:
+        self._restore_own_model()
+        getattr(super(LocalModelStrategy, self), end_name)()
+
+    for name, hook in ((start_name, start), (end_name, end)):
+        hook.__name__, hook.__qualname__ = name, f"LocalModelStrategy.{name}"
+        hook.__doc__ = getattr(DDPStrategy, name).__doc__
+        setattr(LocalModelStrategy, name, hook)
+
+
+for _stage in ("validation", "test", "predict"):
+    _evaluation_hooks(_stage)
 
 
 class PeriodicSyncStrategy(LocalModelStrategy):
@@ -1033,7 +1006,7 @@ class PeriodicSyncStrategy(LocalModelStrategy):
     """
 
     def __init__(self, sync_every: int = 1, **ddp_kwargs: Any) -> None:
-        self.sync_every = check_int("sync_every", sync_every, 1)
+        self.sync_every = check_int("sync_every", sync_every, low=1)
         check_ddp_kwargs(type(self).__name__, ddp_kwargs)
         super().__init__(**ddp_kwargs)
         self._steps = 0
@@ -1168,14 +1141,10 @@ def check_timeout(timeout: Any) -> timedelta | None:
     if timeout is None:
         return None
     if isinstance(timeout, timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
-        seconds = float(timeout)
-    else:
-        raise TypeError(f"timeout must be a datetime.timedelta or a number of seconds, got {timeout!r}")
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"timeout must be a positive, finite duration, got {timeout!r}")
-    return timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
+        check_float("timeout (seconds)", timeout.total_seconds(), low=0.0, low_open=True)
+        return timeout
+    check_type("timeout", timeout, (int, float), "a datetime.timedelta or a number of seconds")
+    return timedelta(seconds=check_float("timeout", timeout, low=0.0, low_open=True))
 
 
 def _is_peer_failure(exception: BaseException) -> bool:

@@ -58,6 +58,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_optsurvey.validation import check_bool, check_choice, check_int
+
 __all__ = ["CENTER_RULES", "CenterClient", "CenterServer", "CenterState", "Liveness"]
 
 CENTER_RULES: tuple[str, ...] = ("elastic", "leader")
@@ -88,19 +90,17 @@ class CenterState:
         self, buffers: Sequence[Tensor], sizes: Sequence[Sequence[int]], world_size: int, rule: str = "elastic",
         record: bool = False,
     ) -> None:
-        if rule not in CENTER_RULES:
-            raise ValueError(f"unknown center rule {rule!r}; known: {', '.join(CENTER_RULES)}")
-        self.rule = rule
+        self.rule = check_choice("rule", rule, CENTER_RULES)
+        self.record = check_bool("record", record)
         self.buffers = [b.detach().to("cpu", copy=True) for b in buffers]
         self.sizes = [list(s) for s in sizes]
-        self.world_size = world_size
+        self.world_size = check_int("world_size", world_size)
         self.lock = threading.Lock()
         self.updates = 0
         self.served = [0] * world_size
         self.last_seen = [0] * world_size
         self.leader_rank = -1
         self.leader_loss = math.inf
-        self.record = record
         self.history: list[tuple[int, int]] = []
         self.reply_bytes = 0
 

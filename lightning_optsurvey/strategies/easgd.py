@@ -44,13 +44,11 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies import _StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -63,6 +61,7 @@ from lightning_optsurvey.averaging.elastic import (
 )
 from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import is_distributed, world_size
+from lightning_optsurvey.validation import check_bool, check_float, check_optional, check_probability
 
 __all__ = [
     "DEFAULT_BETA",
@@ -136,13 +135,14 @@ class EASGDStrategy(PeriodicSyncStrategy):
     """
 
     strategy_name = "easgd"
+    registry_entries = {
+        strategy_name: ("Synchronous elastic averaging SGD (EASGD) with the center replicated on every rank", {}),
+    }
 
     def __new__(cls, *args: Any, asynchronous: bool = False, **kwargs: Any) -> Any:
         # ``asynchronous=True`` builds the published, barrier-free method (registered as "easgd_async"),
         # which keeps its center on rank 0; the synchronous default is this class.
-        if not isinstance(asynchronous, bool):
-            raise TypeError(f"asynchronous must be a bool, got {asynchronous!r}")
-        if asynchronous and cls is EASGDStrategy:
+        if check_bool("asynchronous", asynchronous) and cls is EASGDStrategy:
             from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy
 
             if "beta" in kwargs:
@@ -167,24 +167,11 @@ class EASGDStrategy(PeriodicSyncStrategy):
         asynchronous: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
-        if rho is not None:
-            if isinstance(rho, bool) or not isinstance(rho, int | float):
-                raise TypeError(f"rho must be a number or None, got {rho!r}")
-            if not (math.isfinite(rho) and rho > 0):
-                raise ValueError(f"rho must be a positive finite number, got {rho}")
-        if moving_rate is not None:
-            if isinstance(moving_rate, bool) or not isinstance(moving_rate, int | float):
-                raise TypeError(f"moving_rate must be a number or None, got {moving_rate!r}")
-            if not 0 < moving_rate < 1:
-                raise ValueError(f"moving_rate must be in (0, 1), got {moving_rate}")
-        if isinstance(beta, bool) or not isinstance(beta, int | float):
-            raise TypeError(f"beta must be a number, got {beta!r}")
-        if not 0 < beta < 1:
-            raise ValueError(f"beta must be in (0, 1), got {beta}")
+        rho = check_optional(check_float, "rho", rho, low=0.0, low_open=True)
+        moving_rate = check_optional(check_probability, "moving_rate", moving_rate, low_open=True, high_open=True)
+        beta = check_probability("beta", beta, low_open=True, high_open=True)
         super().__init__(sync_every=sync_every, **ddp_kwargs)
-        self.rho = None if rho is None else float(rho)
-        self.moving_rate = None if moving_rate is None else float(moving_rate)
-        self.beta = float(beta)
+        self.rho, self.moving_rate, self.beta = rho, moving_rate, beta
         self._center: list[Tensor] | None = None
         self._center_source: Mapping[str, Any] | None = None
         self._tensors: list[Tensor] = []
@@ -357,13 +344,3 @@ class EASGDStrategy(PeriodicSyncStrategy):
         # The checkpoint's model is the center (or, from another strategy, the consensus, which is
         # also what the ranks start from), so the center is restored from it at fit setup.
         self._center_source = checkpoint.get("state_dict")
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Synchronous elastic averaging SGD (EASGD) with the center replicated on every rank",
-            override=True,
-        )

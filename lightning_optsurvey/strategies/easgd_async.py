@@ -58,15 +58,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_optsurvey import _compat
 from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._center_server import (
     CenterClient,
@@ -76,6 +75,7 @@ from lightning_optsurvey.strategies._center_server import (
     new_center_group,
 )
 from lightning_optsurvey.strategies._comm import is_distributed
+from lightning_optsurvey.validation import check_bool, check_float, check_optional, check_probability
 
 __all__ = ["AsyncCenterStrategy", "AsyncEASGDStrategy", "AsyncLSGDStrategy"]
 
@@ -90,21 +90,11 @@ def _local_sigterm_check(trainer: Trainer) -> None:
     rank wait for the slowest at every step: no asynchronous method could run. Here a rank that receives
     SIGTERM stops by itself, and the failure detector stops the others.
     """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if not hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
-        return
-
     def check() -> None:
         if getattr(trainer, "received_sigterm", False):
             raise SIGTERMException()
 
-    epoch_loop._broadcast_sigterm_tensor = check
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    _compat.replace_sigterm_broadcast(trainer, check)
 
 
 class AsyncCenterStrategy(PeriodicSyncStrategy):
@@ -128,14 +118,10 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
     def __init__(
         self, sync_every: int = 4, heartbeat_timeout: float = 60.0, record_history: bool = False, **ddp_kwargs: Any
     ) -> None:
-        heartbeat_timeout = _number("heartbeat_timeout", heartbeat_timeout)
-        if not (math.isfinite(heartbeat_timeout) and heartbeat_timeout > 0):
-            raise ValueError(f"heartbeat_timeout must be a positive finite number of seconds, got {heartbeat_timeout}")
-        if not isinstance(record_history, bool):
-            raise TypeError(f"record_history must be a bool, got {record_history!r}")
+        heartbeat_timeout = check_float("heartbeat_timeout", heartbeat_timeout, low=0.0, low_open=True)
+        self.record_history = check_bool("record_history", record_history)
         super().__init__(sync_every=sync_every, **ddp_kwargs)
         self.heartbeat_timeout = heartbeat_timeout
-        self.record_history = record_history
         self._state: CenterState | None = None
         self._server: CenterServer | None = None
         self._client: CenterClient | None = None
@@ -152,7 +138,6 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
         self._reply_bytes_seen = 0
         self._loss_sum = 0.0
         self._loss_count = 0
-        self._record_loss = False
 
     # ----------------------------------------------------------------------------------------------
     # Public views
@@ -280,20 +265,10 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
     # The exchange
     # ----------------------------------------------------------------------------------------------
     @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        self._record_loss = True
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        output = super().training_step(*args, **kwargs)
-        if self._record_loss and self._rule == "leader":
-            loss = output.get("loss") if isinstance(output, Mapping) else output
-            if isinstance(loss, Tensor) and loss.numel() == 1:
-                self._loss_sum += float(loss.detach())
-                self._loss_count += 1
-        self._record_loss = False
-        return output
+    def _record_batch_loss(self, loss: Tensor) -> None:
+        if self._rule == "leader":
+            self._loss_sum += float(loss)
+            self._loss_count += 1
 
     def _report_loss(self) -> float:
         loss = self._loss_sum / self._loss_count if self._loss_count else math.nan
@@ -422,23 +397,21 @@ class AsyncEASGDStrategy(AsyncCenterStrategy):
     """
 
     strategy_name = "easgd_async"
+    registry_entries = {
+        strategy_name: ("Asynchronous EASGD: each rank exchanges with a center on rank 0 every sync_every own steps",
+                        {}),
+        "eamsgd": ("EAMSGD: asynchronous EASGD with Nesterov momentum 0.9 on the workers (SGD optimizers)",
+                   {"momentum": 0.9}),
+    }
     _rule = "elastic"
 
     def __init__(
         self, rho: float = 0.1, sync_every: int = 4, moving_rate: float | None = None, momentum: float | None = None,
         heartbeat_timeout: float = 60.0, record_history: bool = False, **ddp_kwargs: Any,
     ) -> None:
-        rho = _number("rho", rho)
-        if not (math.isfinite(rho) and rho > 0):
-            raise ValueError(f"rho must be a positive finite number, got {rho}")
-        if moving_rate is not None:
-            moving_rate = _number("moving_rate", moving_rate)
-            if not 0 < moving_rate < 1:
-                raise ValueError(f"moving_rate must be in (0, 1), got {moving_rate}")
-        if momentum is not None:
-            momentum = _number("momentum", momentum)
-            if not 0 <= momentum < 1:
-                raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        rho = check_float("rho", rho, low=0.0, low_open=True)
+        moving_rate = check_optional(check_probability, "moving_rate", moving_rate, low_open=True, high_open=True)
+        momentum = check_optional(check_probability, "momentum", momentum, high_open=True)
         super().__init__(sync_every=sync_every, heartbeat_timeout=heartbeat_timeout, record_history=record_history,
                          **ddp_kwargs)
         self.rho, self.moving_rate, self.momentum = rho, moving_rate, momentum
@@ -474,18 +447,6 @@ class AsyncEASGDStrategy(AsyncCenterStrategy):
         params.update(easgd_rho=self.rho, easgd_moving_rate=self.moving_rate, eamsgd_momentum=self.momentum)
         return params
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, override=True,
-            description="Asynchronous EASGD: each rank exchanges with a center on rank 0 every sync_every own steps",
-        )
-        strategy_registry.register(
-            "eamsgd", cls, override=True, momentum=0.9,
-            description="EAMSGD: asynchronous EASGD with Nesterov momentum 0.9 on the workers (SGD optimizers)",
-        )
-
 
 class AsyncLSGDStrategy(AsyncCenterStrategy):
     r"""Asynchronous leader SGD: workers pull toward the most recent leader, held on rank 0.
@@ -512,15 +473,16 @@ class AsyncLSGDStrategy(AsyncCenterStrategy):
     """
 
     strategy_name = "lsgd_async"
+    registry_entries = {
+        strategy_name: ("Asynchronous leader SGD: each rank pulls toward the most recent leader, held on rank 0", {}),
+    }
     _rule = "leader"
 
     def __init__(
         self, pull_strength: float = 0.1, sync_every: int = 4, heartbeat_timeout: float = 60.0,
         record_history: bool = False, **ddp_kwargs: Any,
     ) -> None:
-        pull_strength = _number("pull_strength", pull_strength)
-        if not 0 < pull_strength <= 1:
-            raise ValueError(f"pull_strength must be in (0, 1], got {pull_strength}")
+        pull_strength = check_probability("pull_strength", pull_strength, low_open=True)
         super().__init__(sync_every=sync_every, heartbeat_timeout=heartbeat_timeout, record_history=record_history,
                          **ddp_kwargs)
         self.pull_strength = pull_strength
@@ -541,12 +503,4 @@ class AsyncLSGDStrategy(AsyncCenterStrategy):
         params = super()._logged_params()
         params["lsgd_pull_strength"] = self.pull_strength
         return params
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, override=True,
-            description="Asynchronous leader SGD: each rank pulls toward the most recent leader, held on rank 0",
-        )
 

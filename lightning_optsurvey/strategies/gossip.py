@@ -48,13 +48,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.fabric.strategies import _StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_optsurvey import validation
-from lightning_optsurvey.strategies._base import PeriodicSyncStrategy, check_int
+from lightning_optsurvey._compat import StrategyRegistryType as _StrategyRegistry
+from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import Exchange, neighbour_exchange
 from lightning_optsurvey.strategies.compression import Compressor, make_compressor
 from lightning_optsurvey.strategies.gossip_algorithms import (
@@ -64,6 +64,7 @@ from lightning_optsurvey.strategies.gossip_algorithms import (
     GradientTrackingGossip,
 )
 from lightning_optsurvey.strategies.topology import TOPOLOGY_KINDS, Topology
+from lightning_optsurvey.validation import check_int
 
 __all__ = ["GOSSIP_ALGORITHMS", "GOSSIP_ALGORITHM_STRATEGY_NAMES", "GOSSIP_STRATEGY_NAMES", "GossipStrategy"]
 
@@ -143,7 +144,7 @@ class GossipStrategy(PeriodicSyncStrategy):
                 raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGY_KINDS)}")
         elif not isinstance(topology, Topology):
             raise TypeError(f"topology must be a Topology or a kind string, got {type(topology).__name__}")
-        check_int("gossip_every", gossip_every, 1)
+        check_int("gossip_every", gossip_every, low=1)
         if not isinstance(overlap, bool):
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
         if algorithm not in GOSSIP_ALGORITHMS:

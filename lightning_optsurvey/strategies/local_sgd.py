@@ -43,11 +43,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch.distributed as dist
-from lightning.fabric.strategies import _StrategyRegistry
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._base import PeriodicSyncStrategy, check_int
+from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import (
     FlatBuffers,
     all_reduce_flat_,
@@ -56,6 +55,7 @@ from lightning_optsurvey.strategies._comm import (
     is_distributed,
     world_size,
 )
+from lightning_optsurvey.validation import check_int
 
 __all__ = ["LocalSGDStrategy"]
 
@@ -95,9 +95,12 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     """
 
     strategy_name = "local_sgd"
+    registry_entries = {
+        strategy_name: ("Local SGD: per-rank steps, parameters and float buffers averaged every sync_every steps", {}),
+    }
 
     def __init__(self, sync_every: int = 8, warmup_steps: int = 0, **ddp_kwargs: Any) -> None:
-        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
         super().__init__(sync_every=sync_every, **ddp_kwargs)
         self._buffer_flat: FlatBuffers | None = None
 
@@ -158,13 +161,3 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         params = super()._logged_params()
         params["warmup_steps"] = self.warmup_steps
         return params
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Local SGD: per-rank steps, parameters and float buffers averaged every sync_every steps",
-            override=True,
-        )

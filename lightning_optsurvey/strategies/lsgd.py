@@ -50,14 +50,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import broadcast_flat, is_distributed, world_size
+from lightning_optsurvey.validation import check_choice, check_probability
 
 __all__ = [
     "LEADER_RULES",
@@ -203,22 +202,20 @@ class LSGDStrategy(PeriodicSyncStrategy):
     """
 
     strategy_name = "lsgd"
+    registry_entries = {
+        strategy_name: ("Leader SGD: workers pulled toward the lowest-loss rank every sync_every steps", {}),
+        "grawa": ("GRAWA: workers pulled toward the inverse-gradient-norm weighted average", {"leader": "grawa"}),
+    }
 
     def __init__(
         self, pull_strength: float = 0.1, sync_every: int = 4, leader: str = "loss", **ddp_kwargs: Any
     ) -> None:
-        if isinstance(pull_strength, bool) or not isinstance(pull_strength, int | float):
-            raise TypeError(f"pull_strength must be a number, got {pull_strength!r}")
-        if not 0 < pull_strength <= 1:
-            raise ValueError(f"pull_strength must be in (0, 1], got {pull_strength}")
-        if leader not in LEADER_RULES:
-            raise ValueError(f"unknown leader rule {leader!r}; known: {', '.join(LEADER_RULES)}")
+        pull_strength = check_probability("pull_strength", pull_strength, low_open=True)
+        self.leader = check_choice("leader", leader, LEADER_RULES)
         super().__init__(sync_every=sync_every, **ddp_kwargs)
-        self.pull_strength = float(pull_strength)
-        self.leader = leader
+        self.pull_strength = pull_strength
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
-        self._record_loss = False
         self._last_leader: int | None = None
 
     @property
@@ -238,21 +235,10 @@ class LSGDStrategy(PeriodicSyncStrategy):
             self._loss_sum = self._loss_sum.to(self.root_device)
 
     @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        self._record_loss = True
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        output = super().training_step(*args, **kwargs)
-        if self._record_loss and self.leader == "loss":
-            # Only the first evaluation of a batch: closure optimizers (SAM, L-BFGS) evaluate again.
-            loss = output.get("loss") if isinstance(output, Mapping) else output
-            if isinstance(loss, Tensor) and loss.numel() == 1 and self._loss_sum is not None:
-                self._loss_sum += loss.detach().to(self._loss_sum.device, torch.float64).reshape(())
-                self._loss_count += 1
-        self._record_loss = False
-        return output
+    def _record_batch_loss(self, loss: Tensor) -> None:
+        if self.leader == "loss" and self._loss_sum is not None:
+            self._loss_sum += loss.to(self._loss_sum.device, torch.float64).reshape(())
+            self._loss_count += 1
 
     # ----------------------------------------------------------------------------------------------
     # Synchronization
@@ -339,20 +325,3 @@ class LSGDStrategy(PeriodicSyncStrategy):
         loss_sum = state.get("loss_sum")
         self._loss_sum = None if loss_sum is None else loss_sum.detach().to(torch.float64).reshape(()).clone()
         self._loss_count = int(state.get("loss_count", 0))
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Leader SGD: workers pulled toward the lowest-loss rank every sync_every steps",
-            override=True,
-        )
-        strategy_registry.register(
-            "grawa",
-            cls,
-            description="GRAWA: workers pulled toward the inverse-gradient-norm weighted average",
-            override=True,
-            leader="grawa",
-        )

@@ -31,6 +31,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_optsurvey import _compat
 from lightning_optsurvey.tasks.partition import PartitionSampler, check_partition_args, partition_indices
 
 NUM_CLASSES = 10
@@ -136,7 +137,7 @@ class ResumableDataLoader(DataLoader):
         trainer = self.trainer_ref() if self.trainer_ref is not None else None
         if trainer is None or getattr(trainer.state, "fn", None) != "fit":
             return None
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        processed = _compat.processed_batches(trainer)
         return min(processed * int(self.batch_size or 1), self.sampler.num_samples)
 
     def state_dict(self) -> dict[str, int]:
@@ -282,7 +283,7 @@ class DigitsDataModule(LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is None or trainer.world_size <= 1:
             return 1, 0
-        if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+        if not _compat.uses_distributed_sampler(trainer):
             return 1, 0  # the user asked every rank to see all the data
         kwargs = trainer.distributed_sampler_kwargs or {}
         return int(kwargs.get("num_replicas", trainer.world_size)), int(kwargs.get("rank", trainer.global_rank))

@@ -10,20 +10,9 @@ import os
 import time
 from typing import Any
 
+import gossip_scenarios as scenarios
 import torch
-from gossip_scenarios import (
-    BATCH,
-    OUT,
-    RANK,
-    WORLD,
-    Regression,
-    loader,
-    regression_data,
-    run_scenarios,
-    save,
-    state,
-    trainer,
-)
+from gossip_scenarios import BATCH, RANK, WORLD, Regression, loader, regression_data, save, state, trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -93,7 +82,7 @@ def lsgd() -> None:
 
 def resume() -> None:
     """A checkpoint holds the center and every rank's state; the resumed run continues the counters."""
-    out = str(OUT / "ckpt")
+    out = str(scenarios.OUT / "ckpt")
     data = regression_data(8 * BATCH * WORLD)
     torch.manual_seed(0)
     model = Regression(lr=0.05, momentum=0.9)
@@ -130,4 +119,4 @@ def killed() -> None:
 
 
 if __name__ == "__main__":
-    run_scenarios(globals())
+    scenarios.run_scenarios(globals())

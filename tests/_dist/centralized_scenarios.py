@@ -11,20 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import gossip_scenarios as scenarios
 import torch
-from gossip_scenarios import (
-    BATCH,
-    RANK,
-    WORLD,
-    Regression,
-    loader,
-    regression_data,
-    run_scenarios,
-    save,
-    state,
-    straight_and_resumed,
-    trainer,
-)
+from gossip_scenarios import BATCH, RANK, WORLD, Regression, loader, regression_data, save, state, trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -244,7 +233,7 @@ def checkpoint_resume() -> None:
     }
     results: dict[str, Any] = {}
     for name, make in variants.items():
-        runs, first, resumed = straight_and_resumed(name, make, data)
+        runs, first, resumed = scenarios.straight_and_resumed(name, make, data)
         runs["center"] = {k: v.clone() for k, v in first.center_tensors().items()} if name == "easgd" else None
         runs["steps"] = resumed.steps
         results[name] = runs
@@ -255,4 +244,4 @@ SCENARIOS = {f.__name__: f for f in (local_sgd_equivalence, local_sgd_schedule, 
                                      digits, checkpoint_resume)}
 
 if __name__ == "__main__":
-    run_scenarios(SCENARIOS)
+    scenarios.run_scenarios(SCENARIOS)

@@ -117,7 +117,7 @@ def test_center_state_rules_without_processes() -> None:
     assert restored.leader_rank == 2 and torch.equal(restored.buffers[0], torch.full((3,), 3.0))
     with pytest.raises(ValueError, match="rule"):
         elastic.load_state_dict(state)
-    with pytest.raises(ValueError, match="center rule"):
+    with pytest.raises(ValueError, match="rule must be one of 'elastic', 'leader', got 'mean'"):
         CenterState([torch.zeros(3)], sizes, world_size=1, rule="mean")
 
 

@@ -52,7 +52,7 @@ def test_registration_is_idempotent_on_reimport() -> None:
     [
         ({"topology": "star"}, ValueError, "unknown topology 'star'"),
         ({"topology": 3}, TypeError, "topology must be a Topology"),
-        ({"gossip_every": 0}, ValueError, "gossip_every must be at least 1"),
+        ({"gossip_every": 0}, ValueError, "gossip_every must be an integer >= 1, got 0"),
         ({"gossip_every": 1.5}, TypeError, "gossip_every must be an integer"),
         ({"gossip_every": True}, TypeError, "gossip_every must be an integer"),
         ({"overlap": "yes"}, TypeError, "overlap must be a bool"),

@@ -15,9 +15,9 @@ from lightning_optsurvey.strategies import EASGDStrategy, LocalSGDStrategy, LSGD
 
 def test_invalid_arguments() -> None:
     for bad in (0, -3):
-        with pytest.raises(ValueError, match="sync_every must be at least 1"):
+        with pytest.raises(ValueError, match="sync_every must be an integer >= 1, got"):
             LocalSGDStrategy(sync_every=bad)
-    with pytest.raises(ValueError, match="warmup_steps must be at least 0"):
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0, got -1"):
         LocalSGDStrategy(warmup_steps=-1)
     with pytest.raises(TypeError, match="warmup_steps"):
         LocalSGDStrategy(warmup_steps=1.5)  # type: ignore[arg-type]

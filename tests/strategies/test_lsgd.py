@@ -63,7 +63,7 @@ def test_invalid_arguments() -> None:
             LSGDStrategy(pull_strength=bad)
     with pytest.raises(TypeError, match="pull_strength"):
         LSGDStrategy(pull_strength=True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="leader rule 'best'"):
+    with pytest.raises(ValueError, match="leader must be one of .*got 'best'"):
         LSGDStrategy(leader="best")
     with pytest.raises(ValueError, match="sync_every"):
         LSGDStrategy(sync_every=0)
