@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lightning_optsurvey.cli import EXPERIMENT_KIND_TAG, main
+from lightning_optsurvey.cli import main
+from lightning_optsurvey.tracking import EXPERIMENT_KIND_TAG
 
 FAST = ["--max-epochs", "1", "--limit-train-batches", "4", "--no-measure"]
 
@@ -185,16 +186,16 @@ def test_theory_rejects_an_unknown_result(capsys):
 def test_timeout_reaches_the_strategy(name):
     from datetime import timedelta
 
-    from lightning_optsurvey.cli import RunConfig, _strategy
+    from lightning_optsurvey.cli.compare import RunConfig, build_strategy
 
-    strategy = _strategy(RunConfig(optimizer="sgd", seed=0, strategy=name, timeout=12.5))
+    strategy = build_strategy(RunConfig(optimizer="sgd", seed=0, strategy=name, timeout=12.5))
     assert strategy._timeout == timedelta(seconds=12.5)
-    assert _strategy(RunConfig(optimizer="sgd", seed=0, strategy=name)) == name
+    assert build_strategy(RunConfig(optimizer="sgd", seed=0, strategy=name)) == name
 
 
 def test_async_strategies_get_no_consensus_distance_callback():
     from lightning_optsurvey.callbacks import ConsensusDistance
-    from lightning_optsurvey.cli import default_callbacks
+    from lightning_optsurvey.cli.compare import default_callbacks
 
     def has_consensus(strategy):
         return any(isinstance(c, ConsensusDistance) for c in default_callbacks(4, strategy))
