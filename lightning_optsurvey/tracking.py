@@ -326,6 +326,6 @@ class Delivery:
             time.sleep(0.2)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=1)  # a copy cut short here is redone by the next delivery, never duplicated
         self.report.pending = self.pending
         return self.report

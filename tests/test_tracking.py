@@ -12,8 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,58 @@ def test_server_that_never_returns_leaves_every_record_and_an_upload_command(tmp
         if compare.poll() is None:
             os.killpg(compare.pid, signal.SIGKILL)
         server.kill()
+
+
+class _HealthOnly(BaseHTTPRequestHandler):
+    """A tracking server that passes its health check and then fails every request (an outage mid-run)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200 if self.path == "/health" else 503)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_fit_logs_to_the_outbox_when_the_server_goes_away_and_sync_delivers_it(tmp_path: Path, capsys) -> None:
+    """``optsurvey fit`` with an http tracking URI: the run is kept whole in the outbox, one message says how to
+    upload it, and ``optsurvey sync`` delivers it (a diverged run, filterable by its tag, with its config)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HealthOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    outbox = f"sqlite:///{tmp_path / 'outbox.db'}"
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  model: mlp\n  optimizer: sgd\n  optimizer_kwargs: {lr: 1.0e+30}\n"
+        "trainer:\n  max_epochs: 1\n  limit_train_batches: 3\n  limit_val_batches: 1\n  enable_progress_bar: false\n"
+        f"  enable_checkpointing: false\n  default_root_dir: {tmp_path}\n"
+        "  logger:\n    class_path: lightning.pytorch.loggers.MLFlowLogger\n"
+        f"    init_args: {{experiment_name: fitout, tracking_uri: '{uri}'}}\n")
+    try:
+        started = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="training diverged"):  # DivergenceMonitor is on by default
+            code = main(["fit", "--config", str(config), "--outbox", outbox, "--sync-wait", "1"])
+        assert code == 0 and time.monotonic() - started < 90
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert f"the tracking server {uri} did not answer; 1 run(s) are kept in {outbox}" in err
+    command = next(line.strip() for line in err.splitlines() if line.strip().startswith("optsurvey sync"))
+    assert command == f"optsurvey sync --from {outbox} --to {uri} --experiment fitout"
+    local = MlflowClient(tracking_uri=outbox)
+    (run,) = local.search_runs([local.get_experiment_by_name("fitout").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["optimizer"] == "sgd"
+    assert run.data.metrics["time/train_seconds"] > 0
+    # the server is back (a store that answers stands in for it): the command's arguments deliver the run
+    target = f"sqlite:///{tmp_path / 'server.db'}"
+    assert main(["sync", "--from", outbox, "--to", target, "--experiment", "fitout"]) == 0
+    remote = MlflowClient(tracking_uri=target)
+    exp = remote.get_experiment_by_name("fitout")
+    (diverged,) = remote.search_runs([exp.experiment_id], filter_string="tags.diverged = 'true'")
+    assert diverged.data.tags[SOURCE_TAG] == run.info.run_id and diverged.data.params == run.data.params
+    assert repr(_histories(local, run.info.run_id)) == repr(_histories(remote, diverged.info.run_id))  # NaN too
+    assert "config.yaml" in [a.path for a in remote.list_artifacts(diverged.info.run_id)]
+    assert remote.search_runs([exp.experiment_id], filter_string="tags.diverged = 'false'") == []
