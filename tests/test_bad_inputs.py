@@ -3,7 +3,7 @@
 ClassifierModule and its schedulers at construction, num_classes against the data at setup, every batch
 of a HessianOperator, ``optsurvey compare``'s pre-flight (before the experiment exists: the tracking
 database is never created), ``optsurvey theory``'s URI before its checks, and ``optsurvey fit --config``
-errors as one line naming the config key, exit code 2, no traceback.
+errors as one line naming the config key, exit code 2, no traceback, and no ``mlflow.db`` left behind.
 """
 
 from __future__ import annotations
@@ -158,3 +158,4 @@ def test_fit_config_errors_are_one_line_naming_the_key(tmp_path: Path, capsys, m
     lines = [line for line in err.splitlines() if line.startswith("optsurvey fit: error: ")]
     assert len(lines) == 1 and re.search(message, lines[0]), err
     assert "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists(), "a config error must leave no tracking database behind"

@@ -31,6 +31,8 @@ def test_compare_records_one_finished_run_per_optimizer(tmp_path, capsys):
     _, exp, runs = _runs(uri, "e")
     assert exp.tags[EXPERIMENT_KIND_TAG[0]] == EXPERIMENT_KIND_TAG[1]
     assert sorted(r.info.run_name for r in runs) == ["adam-seed0", "adam-seed1", "sgd-seed0", "sgd-seed1"]
+    client = MlflowClient(tracking_uri=uri)  # every run is tagged, so divergence filters either way
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.diverged = 'false'")) == 4
     for run in runs:
         assert run.info.status == "FINISHED"
         params = run.data.params

@@ -7,13 +7,15 @@ different dropout masks (and different noise in noisy optimizers such as Entropy
 uninterrupted run, and the two drift apart. :class:`ResumeRNG` adds them to every checkpoint and restores
 them on resume.
 
-When: the states are collected when the checkpoint is written and restored just before the *first
-training batch* after the resume, not when the checkpoint is loaded. Between the two, Lightning builds
-data loaders and may run a sanity check, which the uninterrupted run did not do at that point; restoring
-at the batch makes the next training step see exactly the generator state the uninterrupted run's step
-saw. A loader that draws from the global generator when its iterator is created (torch's ``DataLoader``
-without its own ``generator``) still shifts the state at epoch boundaries; give it a ``generator`` (as
-:class:`~lightning_optsurvey.tasks.DigitsDataModule` does) for resumes at epoch ends to be exact too.
+When: the states are collected when the checkpoint is written and restored where the uninterrupted run
+continues, not when the checkpoint is loaded (in between, Lightning builds data loaders and may run a
+sanity check, which the uninterrupted run did not do at that point). A checkpoint written inside an epoch
+is restored just before the next training batch; one written at an epoch's end (its last batch done) at
+the start of the next epoch, before any ``on_train_epoch_start`` hook that draws random numbers (SVRG's
+full-gradient snapshot through dropout layers). A loader that draws from the global generator when its
+iterator is created (torch's ``DataLoader`` without its own ``generator``) still shifts the state at epoch
+boundaries; give it a ``generator`` (as :class:`~lightning_optsurvey.tasks.DigitsDataModule` does). Put
+this callback before others that draw random numbers at epoch start (``ClassifierModule`` does).
 
 With several processes every rank's states are gathered into the checkpoint (all ranks write
 checkpoints together in Lightning, so the gather is one more collective of the same save), and each rank
@@ -70,6 +72,7 @@ class ResumeRNG(Callback):
     def __init__(self) -> None:
         super().__init__()
         self._per_rank: list[dict[str, Any]] | None = None
+        self._at_epoch_end = False
         self.restored: bool | None = None
 
     @override
@@ -81,7 +84,8 @@ class ResumeRNG(Callback):
         else:
             gathered = [own]
         # Lightning calls ``state_dict`` before this hook: the states go into the callback's entry here.
-        checkpoint.setdefault("callbacks", {})[self.state_key] = {"per_rank": gathered}
+        at_epoch_end = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {"per_rank": gathered, "at_epoch_end": at_epoch_end}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -92,10 +96,19 @@ class ResumeRNG(Callback):
         per_rank = state_dict.get("per_rank")
         if per_rank:
             self._per_rank = per_rank
+            self._at_epoch_end = bool(state_dict.get("at_epoch_end", False))
             self.restored = False
 
     @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._at_epoch_end:
+            self._restore(trainer)
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._restore(trainer)
+
+    def _restore(self, trainer: Trainer) -> None:
         if self.restored is not False or not self._per_rank:
             return
         rank = trainer.global_rank

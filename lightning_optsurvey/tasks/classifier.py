@@ -153,7 +153,7 @@ class ClassifierModule(LightningModule):
         # Replaces the one an installed package's entry point puts on the Trainer (same type), so the
         # module behaves the same whether the package is installed or only on the path. ResumeRNG: a
         # resumed run draws the same dropout masks (and optimizer noise) as the uninterrupted one.
-        return [OptimizerLoopAdapter(), ResumeRNG()]
+        return [ResumeRNG(), OptimizerLoopAdapter()]  # RNG first: restored before any epoch-start draw
 
     def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Mean cross-entropy of a batch, without logging (used by full-gradient passes such as SVRG's)."""
