@@ -1,8 +1,9 @@
 """Tracking that survives its server: log locally first, deliver to the MLflow server when it answers.
 
-When ``optsurvey compare`` is given a tracking *server* (``http(s)://``), every run is recorded in a
-local SQLite store (the *outbox*, ``optsurvey-outbox.db`` by default) exactly as it would be on the
-server, and a background thread copies each finished run to the server. Training never waits on the
+When an ``optsurvey`` command (``compare``, ``fit``, ``theory``) is given a tracking *server*
+(``http(s)://``), every run is recorded in a local SQLite store (the *outbox*, ``optsurvey-outbox.db`` by
+default) exactly as it would be on the server, and a background thread copies each finished run to the
+server. Training never waits on the
 network, so a server outage neither stalls a run nor inflates ``time/train_seconds``; records are on
 disk (durable, in a transactional database) from the moment they are logged; a run is delivered when
 the server answers again; and if it never does, the sweep still completes and prints one command
@@ -11,7 +12,8 @@ carries the tag ``optsurvey.source_run_id`` and is marked ``optsurvey.synced = "
 last record arrived, so a copy cut short by an outage is deleted and redone, never duplicated; the
 local run is then tagged ``optsurvey.synced_to``.
 
-What MLflow provides and we use: the SQLite tracking store (local durability), ``MlflowClient``'s
+What MLflow (and Lightning) provide and we use: Lightning's ``MLFlowLogger`` unchanged (pointed at the
+outbox), the SQLite tracking store (local durability), ``MlflowClient``'s
 ``log_batch`` (params, metrics with their steps and timestamps, tags in batches of MLflow's limits),
 ``log_artifacts``/``download_artifacts``, ``set_terminated`` (status and end time kept), and its HTTP
 client's retry and timeout settings, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
