@@ -49,6 +49,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_optsurvey.validation import check_float
+
 __all__ = ["DEFAULT_OUTBOX", "EXPERIMENT_KIND_TAG", "Delivery", "SyncReport", "copy_run", "deliver_pending",
            "ensure_experiment", "is_server", "log_run", "pending_runs", "read_run", "server_answers", "sync",
            "ui_hint", "upload_command"]
@@ -276,7 +278,7 @@ class Delivery:
         self.local_uri = local_uri
         self.remote_uri = remote_uri
         self.experiment = experiment
-        self.retry_every = retry_every
+        self.retry_every = check_float("retry_every", retry_every, low=0.0, low_open=True)
         self.report = SyncReport()
         self._queue: list[str] = []
         self._lock = threading.Lock()

@@ -99,7 +99,7 @@ class Server:
         self.folder, self.port, self.process = folder, _free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 180) -> None:
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
              str(self.port), "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
