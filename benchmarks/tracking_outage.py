@@ -41,9 +41,12 @@ def _first_run_exists(folder: Path) -> bool:
 
     if not (folder / "optsurvey-outbox.db").exists():
         return False
-    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
-    exp = client.get_experiment_by_name("outage")
-    return bool(exp and client.search_runs([exp.experiment_id]))
+    try:  # the command may be creating the store's tables right now
+        client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
+        exp = client.get_experiment_by_name("outage")
+        return bool(exp and client.search_runs([exp.experiment_id]))
+    except Exception:
+        return False
 
 
 def _compare_stores(folder: Path, uri: str) -> tuple[int, bool, list[float]]:

@@ -159,7 +159,8 @@ FAST_STRATEGIES = ("gossip_ring",)
 # bitwise either; their resume is covered by their own tests.
 ASYNC_STRATEGIES = ("easgd_async", "eamsgd", "lsgd_async")
 # ddp_fp16 / ddp_bf16 compress gradients through a communication hook; covered with the rest (slow).
-STRATEGIES = ["ddp", *sorted(set(STRATEGY_NAMES) - set(ASYNC_STRATEGIES))]
+# gossip_torus needs a world size rows x cols with both >= 2 (4 processes); it refuses 2 at setup.
+STRATEGIES = ["ddp", *sorted(set(STRATEGY_NAMES) - set(ASYNC_STRATEGIES) - {"gossip_torus"})]
 
 
 @pytest.mark.parametrize("strategy", [s if s in FAST_STRATEGIES else pytest.param(s, marks=pytest.mark.slow)

@@ -131,15 +131,18 @@ def _compare(folder: Path, uri: str, sync_wait: float) -> subprocess.Popen:
 
 
 def _wait_for_first_run(folder: Path, timeout: float = 240) -> None:
-    outbox = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(1)
         if not (folder / "optsurvey-outbox.db").exists():
             continue
-        exp = outbox.get_experiment_by_name("outage")
-        if exp and outbox.search_runs([exp.experiment_id]):
-            return
+        try:  # the command may be creating the store's tables right now
+            outbox = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
+            exp = outbox.get_experiment_by_name("outage")
+            if exp and outbox.search_runs([exp.experiment_id]):
+                return
+        except Exception:
+            continue
     raise RuntimeError("the first run did not start")
 
 
