@@ -155,17 +155,17 @@ def test_resume_rng_restores_the_global_generators_at_the_first_batch_after_load
 
 
 FAST_STRATEGIES = ("gossip_ring",)
-# The asynchronous strategies' results depend on thread timing, so an uninterrupted run is not reproducible
-# bitwise either; their resume is covered by their own tests.
+# The asynchronous strategies' center applies the workers' updates in the order they arrive (thread timing),
+# so float rounding differs between any two runs: they resume to within 1e-5 (measured: at most 1.1e-6).
 ASYNC_STRATEGIES = ("easgd_async", "eamsgd", "lsgd_async")
-# ddp_fp16 / ddp_bf16 compress gradients through a communication hook; covered with the rest (slow).
 # gossip_torus needs a world size rows x cols with both >= 2 (4 processes); it refuses 2 at setup.
-STRATEGIES = ["ddp", *sorted(set(STRATEGY_NAMES) - set(ASYNC_STRATEGIES) - {"gossip_torus"})]
+STRATEGIES = ["ddp", *sorted(set(STRATEGY_NAMES) - {"gossip_torus"})]
 
 
 @pytest.mark.parametrize("strategy", [s if s in FAST_STRATEGIES else pytest.param(s, marks=pytest.mark.slow)
                                       for s in STRATEGIES])
 def test_every_strategy_resumes_bitwise_on_two_processes(tmp_path: Path, strategy: str) -> None:
+    tolerance = 1e-5 if strategy in ASYNC_STRATEGIES else 0.0
     launch("resume_scenarios.py", tmp_path, strategy, procs_per_node=2, timeout=240)
     results = [torch.load(tmp_path / f"result_rank{rank}.pt") for rank in range(2)]
     for rank, result in enumerate(results):
@@ -173,6 +173,8 @@ def test_every_strategy_resumes_bitwise_on_two_processes(tmp_path: Path, strateg
             resumed = result[label]
             assert result["straight_batches"][resumed["done"]:] == resumed["batches"], f"rank {rank} {label}"
             for name, value in result["straight"].items():
-                assert torch.equal(value, resumed["state"][name]), \
+                other = resumed["state"][name]
+                same = torch.equal(value, other) if tolerance == 0 else torch.allclose(value, other, 0.0, tolerance)
+                assert same, \
                     f"{strategy} rank {rank} {label}: {name} differs by {(value - resumed['state'][name]).abs().max()}"
     assert results[0]["straight_batches"] != results[1]["straight_batches"], "ranks must see different shards"
