@@ -13,6 +13,7 @@ printed ``optsurvey sync`` command, for the outage that never ends).
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -37,15 +38,11 @@ def _command(kind: str, folder: Path, uri: str, epochs: int, sync_wait: float) -
 
 
 def _first_run_exists(folder: Path) -> bool:
-    from mlflow.tracking import MlflowClient
-
-    if not (folder / "optsurvey-outbox.db").exists():
-        return False
-    try:  # the command may be creating the store's tables right now
-        client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
-        exp = client.get_experiment_by_name("outage")
-        return bool(exp and client.search_runs([exp.experiment_id]))
-    except Exception:
+    # Read-only SQL: an MlflowClient here would create the store's tables while the command creates them too.
+    try:
+        with sqlite3.connect(f"file:{folder / 'optsurvey-outbox.db'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    except sqlite3.Error:
         return False
 
 

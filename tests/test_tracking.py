@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -134,14 +135,12 @@ def _wait_for_first_run(folder: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(1)
-        if not (folder / "optsurvey-outbox.db").exists():
-            continue
-        try:  # the command may be creating the store's tables right now
-            outbox = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
-            exp = outbox.get_experiment_by_name("outage")
-            if exp and outbox.search_runs([exp.experiment_id]):
-                return
-        except Exception:
+        # Read-only SQL: an MlflowClient here would create the store's tables while the command creates them too.
+        try:
+            with sqlite3.connect(f"file:{folder / 'optsurvey-outbox.db'}?mode=ro", uri=True) as db:
+                if db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0:
+                    return
+        except sqlite3.Error:
             continue
     raise RuntimeError("the first run did not start")
 
