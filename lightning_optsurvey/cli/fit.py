@@ -243,7 +243,7 @@ def _lightning_cli(argv: list[str], own: argparse.Namespace) -> int:
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            parser_kwargs={"exit_on_error": False},  # errors come back to us, for a one-line message
+            parser_kwargs={"exit_on_error": False, "prog": "optsurvey"},  # errors come back to us, in one line
             save_config_callback=MLflowSaveConfigCallback,
             trainer_defaults={
                 # MLFlowLogger has no local save_dir for sqlite/http URIs; keep checkpoints out of the cwd's top.
