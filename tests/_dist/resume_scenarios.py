@@ -49,7 +49,7 @@ def fit(ckpt_path: str | None = None) -> tuple[dict[str, torch.Tensor], list]:
                                          save_top_k=-1))
     trainer = Trainer(accelerator="cpu", devices=2, strategy=STRATEGY, max_epochs=2, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      callbacks=callbacks, limit_val_batches=2)
+                      callbacks=callbacks, limit_val_batches=2, default_root_dir=OUT)
     # 1,077 training images over 2 ranks: 539 each, 5 batches of 128 per epoch; step 7 is mid-epoch 1
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=128, seed=5), ckpt_path=ckpt_path)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, recorder.seen
