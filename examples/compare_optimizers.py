@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401  (registers the strategy names)
 from lightning_optsurvey.callbacks import GeneralizationGap, HessianSpectrum, OptimizerLoopAdapter, Sharpness
-from lightning_optsurvey.cli import ensure_experiment, ui_hint
 from lightning_optsurvey.optim import create_optimizer, get_spec
+from lightning_optsurvey.tracking import ensure_experiment, ui_hint
 
 EXPERIMENT = "compare-optimizers"
 

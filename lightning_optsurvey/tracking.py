@@ -1,8 +1,9 @@
 """Tracking that survives its server: log locally first, deliver to the MLflow server when it answers.
 
-When ``optsurvey compare`` is given a tracking *server* (``http(s)://``), every run is recorded in a
-local SQLite store (the *outbox*, ``optsurvey-outbox.db`` by default) exactly as it would be on the
-server, and a background thread copies each finished run to the server. Training never waits on the
+When an ``optsurvey`` command (``compare``, ``fit``, ``theory``) is given a tracking *server*
+(``http(s)://``), every run is recorded in a local SQLite store (the *outbox*, ``optsurvey-outbox.db`` by
+default) exactly as it would be on the server, and a background thread copies each finished run to the
+server. Training never waits on the
 network, so a server outage neither stalls a run nor inflates ``time/train_seconds``; records are on
 disk (durable, in a transactional database) from the moment they are logged; a run is delivered when
 the server answers again; and if it never does, the sweep still completes and prints one command
@@ -11,7 +12,8 @@ carries the tag ``optsurvey.source_run_id`` and is marked ``optsurvey.synced = "
 last record arrived, so a copy cut short by an outage is deleted and redone, never duplicated; the
 local run is then tagged ``optsurvey.synced_to``.
 
-What MLflow provides and we use: the SQLite tracking store (local durability), ``MlflowClient``'s
+What MLflow (and Lightning) provide and we use: Lightning's ``MLFlowLogger`` unchanged (pointed at the
+outbox), the SQLite tracking store (local durability), ``MlflowClient``'s
 ``log_batch`` (params, metrics with their steps and timestamps, tags in batches of MLflow's limits),
 ``log_artifacts``/``download_artifacts``, ``set_terminated`` (status and end time kept), and its HTTP
 client's retry and timeout settings, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
@@ -22,11 +24,23 @@ is a separate tool, not a dependency), the delivery queue that retries while tra
 the bookkeeping that makes redelivery safe. MLflow's own asynchronous logging
 (``MLFLOW_ENABLE_ASYNC_LOGGING``) queues in memory only: records are lost when the process ends before
 the server returns, which is why the outbox is a database on disk.
+
+The same outbox serves every command that logs: ``optsurvey compare`` (each run delivered while the next
+one trains), ``optsurvey fit``/``validate``/``test`` (an ``MLFlowLogger`` whose ``tracking_uri`` is a
+server is built on the outbox instead; the run is delivered when the command ends) and ``optsurvey
+theory`` (one run per check). :func:`deliver_pending` is the one ending they share: wait up to
+``--sync-wait`` seconds, then one message with the upload command.
+
+This module is the package's only importer of ``mlflow`` (the CLI, the examples and the tests of the
+package go through it): experiments (:func:`ensure_experiment`, :func:`ui_hint`), reading runs back
+(:func:`read_run`), logging a run in one call (:func:`log_run`), and delivery.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -35,8 +49,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Delivery", "SyncReport", "copy_run", "pending_runs", "server_answers", "sync", "upload_command"]
+from lightning_optsurvey.validation import check_float
 
+__all__ = ["DEFAULT_OUTBOX", "EXPERIMENT_KIND_TAG", "Delivery", "SyncReport", "copy_run", "deliver_pending",
+           "ensure_experiment", "is_server", "log_run", "pending_runs", "read_run", "server_answers", "sync",
+           "ui_hint", "upload_command"]
+
+#: Tag that makes the MLflow UI open an experiment on its runs table.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+HTTP_SCHEMES = ("http", "https")
 DEFAULT_OUTBOX = "sqlite:///optsurvey-outbox.db"
 SOURCE_TAG = "optsurvey.source_run_id"
 SYNCED_TAG = "optsurvey.synced"
@@ -50,6 +71,70 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BA
 def _set_http_defaults() -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names a tracking *server* (``http(s)://``), which an outage can take away."""
+    return uri.split(":", 1)[0].lower() in HTTP_SCHEMES
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Create (or find) the experiment and tag it so the MLflow UI opens on its runs table.
+
+    Raises:
+        ValueError: If the experiment exists but is deleted.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    key, value = EXPERIMENT_KIND_TAG
+    if experiment is None:
+        return client.create_experiment(name, tags={key: value})
+    if experiment.lifecycle_stage != "active":
+        raise ValueError(f"experiment {name!r} is deleted in {tracking_uri}; restore it or choose another name")
+    if experiment.tags.get(key) != value:
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> tuple[str, str]:
+    """The command that shows the runs, and the address of the experiment's runs view."""
+    if is_server(tracking_uri):
+        return (f"(server already running at {tracking_uri})",
+                f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs")
+    # The mlflow beside this interpreter, by its full path unless it is the one on PATH (an unactivated venv).
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    if not os.path.exists(mlflow_bin) or shutil.which("mlflow") == mlflow_bin:
+        mlflow_bin = "mlflow"
+    return (f"{mlflow_bin} ui --backend-store-uri {tracking_uri} --port 5000",
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
+
+
+def read_run(tracking_uri: str, run_id: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The latest metric values and the tags of one run."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    return dict(run.data.metrics), dict(run.data.tags)
+
+
+def log_run(tracking_uri: str, experiment_id: str, name: str, *, params: dict[str, str] | None = None,
+            metrics: dict[str, float] | None = None, figures: dict[str, Any] | None = None,
+            status: str = "FINISHED") -> str:
+    """Record one complete run (params, metrics at step 0, matplotlib figures as artifacts); its id."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                     metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
+    for path, figure in (figures or {}).items():
+        client.log_figure(run_id, figure, path)
+    client.set_terminated(run_id, status)
+    return run_id
 
 
 def server_answers(uri: str, timeout: float = 2.0) -> bool:
@@ -165,6 +250,23 @@ def upload_command(local_uri: str, remote_uri: str, experiment: str | None = Non
                       f" --experiment {experiment}" if experiment else "")
 
 
+def deliver_pending(delivery: Delivery, wait: float, outbox: str, experiment: str | None = None) -> SyncReport:
+    """End a command that logged to ``outbox``: wait up to ``wait`` s for delivery, then say what is left.
+
+    Prints (to stderr) what it waits for and, when the server did not answer, one message naming the
+    outbox and the ``optsurvey sync`` command that uploads the runs later.
+    """
+    if delivery.pending:
+        print(f"delivering {len(delivery.pending)} run(s) to {delivery.remote_uri} "
+              f"(waiting up to {wait:g} s) ...", file=sys.stderr, flush=True)
+    report = delivery.finish(wait)
+    if report.pending:
+        print(f"\nthe tracking server {delivery.remote_uri} did not answer; {len(report.pending)} run(s) are kept "
+              f"in {outbox} (every metric, param and artifact). Upload them when it is back:\n  "
+              f"{upload_command(outbox, delivery.remote_uri, experiment)}", file=sys.stderr, flush=True)
+    return report
+
+
 class Delivery:
     """A background thread that delivers finished runs to the server, retrying while it is away.
 
@@ -176,7 +278,7 @@ class Delivery:
         self.local_uri = local_uri
         self.remote_uri = remote_uri
         self.experiment = experiment
-        self.retry_every = retry_every
+        self.retry_every = check_float("retry_every", retry_every, low=0.0, low_open=True)
         self.report = SyncReport()
         self._queue: list[str] = []
         self._lock = threading.Lock()
@@ -228,6 +330,6 @@ class Delivery:
             time.sleep(0.2)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=1)  # a copy cut short here is redone by the next delivery, never duplicated
         self.report.pending = self.pending
         return self.report

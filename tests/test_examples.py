@@ -30,9 +30,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lightning_optsurvey.cli import EXPERIMENT_KIND_TAG
 from lightning_optsurvey.optim import get_spec
 from lightning_optsurvey.strategies import Topology
+from lightning_optsurvey.tracking import EXPERIMENT_KIND_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

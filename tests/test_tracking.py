@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -97,7 +100,7 @@ class Server:
         self.folder, self.port, self.process = folder, _free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 180) -> None:
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
              str(self.port), "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
@@ -129,15 +132,16 @@ def _compare(folder: Path, uri: str, sync_wait: float) -> subprocess.Popen:
 
 
 def _wait_for_first_run(folder: Path, timeout: float = 240) -> None:
-    outbox = MlflowClient(tracking_uri=f"sqlite:///{folder / 'optsurvey-outbox.db'}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(1)
-        if not (folder / "optsurvey-outbox.db").exists():
+        # Read-only SQL: an MlflowClient here would create the store's tables while the command creates them too.
+        try:
+            with sqlite3.connect(f"file:{folder / 'optsurvey-outbox.db'}?mode=ro", uri=True) as db:
+                if db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0:
+                    return
+        except sqlite3.Error:
             continue
-        exp = outbox.get_experiment_by_name("outage")
-        if exp and outbox.search_runs([exp.experiment_id]):
-            return
     raise RuntimeError("the first run did not start")
 
 
@@ -196,4 +200,116 @@ def test_server_that_never_returns_leaves_every_record_and_an_upload_command(tmp
     finally:
         if compare.poll() is None:
             os.killpg(compare.pid, signal.SIGKILL)
+        server.kill()
+
+
+class _HealthOnly(BaseHTTPRequestHandler):
+    """A tracking server that passes its health check and then fails every request (an outage mid-run)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 503)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    do_POST = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_fit_logs_to_the_outbox_when_the_server_goes_away_and_sync_delivers_it(tmp_path: Path, capsys) -> None:
+    """``optsurvey fit`` with an http tracking URI: the run is kept whole in the outbox, one message says how to
+    upload it, and ``optsurvey sync`` delivers it (a diverged run, filterable by its tag, with its config)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HealthOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    outbox = f"sqlite:///{tmp_path / 'outbox.db'}"
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  model: mlp\n  optimizer: sgd\n  optimizer_kwargs: {lr: 1.0e+30}\n"
+        "trainer:\n  max_epochs: 1\n  limit_train_batches: 3\n  limit_val_batches: 1\n  enable_progress_bar: false\n"
+        f"  enable_checkpointing: false\n  default_root_dir: {tmp_path}\n"
+        "  logger:\n    class_path: lightning.pytorch.loggers.MLFlowLogger\n"
+        f"    init_args: {{experiment_name: fitout, tracking_uri: '{uri}'}}\n")
+    try:
+        started = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="training diverged"):  # DivergenceMonitor is on by default
+            code = main(["fit", "--config", str(config), "--outbox", outbox, "--sync-wait", "1"])
+        assert code == 0 and time.monotonic() - started < 90
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert f"the tracking server {uri} did not answer; 1 run(s) are kept in {outbox}" in err
+    command = next(line.strip() for line in err.splitlines() if line.strip().startswith("optsurvey sync"))
+    assert command == f"optsurvey sync --from {outbox} --to {uri} --experiment fitout"
+    local = MlflowClient(tracking_uri=outbox)
+    (run,) = local.search_runs([local.get_experiment_by_name("fitout").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["optimizer"] == "sgd"
+    assert run.data.metrics["time/train_seconds"] > 0
+    # the server is back (a store that answers stands in for it): the command's arguments deliver the run
+    target = f"sqlite:///{tmp_path / 'server.db'}"
+    assert main(["sync", "--from", outbox, "--to", target, "--experiment", "fitout"]) == 0
+    remote = MlflowClient(tracking_uri=target)
+    exp = remote.get_experiment_by_name("fitout")
+    (diverged,) = remote.search_runs([exp.experiment_id], filter_string="tags.diverged = 'true'")
+    assert diverged.data.tags[SOURCE_TAG] == run.info.run_id and diverged.data.params == run.data.params
+    assert repr(_histories(local, run.info.run_id)) == repr(_histories(remote, diverged.info.run_id))  # NaN too
+    assert "config.yaml" in [a.path for a in remote.list_artifacts(diverged.info.run_id)]
+    assert remote.search_runs([exp.experiment_id], filter_string="tags.diverged = 'false'") == []
+
+
+def test_theory_logs_to_the_outbox_when_the_server_goes_away(tmp_path: Path, capsys) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HealthOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    outbox = f"sqlite:///{tmp_path / 'outbox.db'}"
+    try:
+        assert main(["theory", "--only", "gd_convex", "--tracking-uri", uri, "--experiment", "th",
+                     "--outbox", outbox, "--sync-wait", "0.5"]) == 0
+    finally:
+        server.shutdown()
+    assert f"optsurvey sync --from {outbox} --to {uri} --experiment th" in capsys.readouterr().err
+    target = f"sqlite:///{tmp_path / 'server.db'}"
+    assert main(["sync", "--from", outbox, "--to", target]) == 0
+    remote = MlflowClient(tracking_uri=target)
+    (run,) = remote.search_runs([remote.get_experiment_by_name("th").experiment_id])
+    assert run.info.run_name == "gd_convex" and run.data.metrics["holds"] == 1.0
+    assert [a.path for a in remote.list_artifacts(run.info.run_id, "theory")] == ["theory/gd_convex.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fit_with_a_server_killed_for_good_completes_and_the_upload_command_delivers(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    server.start()
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  model: mlp\n  optimizer: adam\n"
+        "trainer:\n  max_epochs: 4\n  enable_progress_bar: false\n  enable_checkpointing: false\n"
+        "  logger:\n    class_path: lightning.pytorch.loggers.MLFlowLogger\n"
+        f"    init_args: {{experiment_name: outage, tracking_uri: '{server.uri}'}}\n")
+    fit = subprocess.Popen([str(Path(sys.executable).with_name("optsurvey")), "fit", "--config", str(config),
+                            "--sync-wait", "5"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        _wait_for_first_run(tmp_path)
+        server.kill()
+        _, err = fit.communicate(timeout=600)
+        assert fit.returncode == 0, err[-3000:]
+        command = next(line.strip() for line in err.splitlines() if line.strip().startswith("optsurvey sync"))
+        server.start()
+        upload = subprocess.run([str(Path(sys.executable).with_name("optsurvey")), *command.split()[1:]],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert upload.returncode == 0, upload.stderr[-3000:]
+        local = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}")
+        remote = MlflowClient(tracking_uri=server.uri)
+        (run,) = local.search_runs([local.get_experiment_by_name("outage").experiment_id])
+        (copied,) = remote.search_runs([remote.get_experiment_by_name("outage").experiment_id],
+                                       filter_string="tags.diverged = 'false'")
+        assert copied.data.tags[SOURCE_TAG] == run.info.run_id and copied.info.status == "FINISHED"
+        assert _histories(local, run.info.run_id) == _histories(remote, copied.info.run_id)
+        assert len(_histories(remote, copied.info.run_id)["val/loss"]) == 4
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
         server.kill()

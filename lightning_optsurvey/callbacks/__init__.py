@@ -14,6 +14,7 @@ from lightning_optsurvey.callbacks.hessian import DensityConfig, HessianSpectrum
 from lightning_optsurvey.callbacks.landscape import LossLandscape
 from lightning_optsurvey.callbacks.noise import GradientNoiseScale
 from lightning_optsurvey.callbacks.optimizer_loop import OptimizerLoopAdapter, SVRGSnapshot
+from lightning_optsurvey.callbacks.resume import ResumeRNG
 from lightning_optsurvey.callbacks.sharpness import Sharpness
 from lightning_optsurvey.callbacks.stability import EdgeOfStability
 from lightning_optsurvey.callbacks.straggler import Straggler
@@ -33,6 +34,7 @@ __all__ = [
     "LossLandscape",
     "MeasuringCallback",
     "OptimizerLoopAdapter",
+    "ResumeRNG",
     "SVRGSnapshot",
     "Sharpness",
     "Straggler",

@@ -40,8 +40,7 @@ def default_callbacks(world_size: int = 1, strategy: str | None = None) -> list[
         world_size: Number of processes of the run.
         strategy: The registered name of the run's strategy (``None``: Lightning's default).
     """
-    from lightning.pytorch.strategies import StrategyRegistry
-
+    from lightning_optsurvey._compat import registered_strategy
     from lightning_optsurvey.strategies.easgd_async import AsyncCenterStrategy
 
     made: list[Any] = [
@@ -50,7 +49,7 @@ def default_callbacks(world_size: int = 1, strategy: str | None = None) -> list[
         GeneralizationGap(every_n_epochs=GAP_EVERY_N_EPOCHS, stderr=GAP_STDERR, at_fit_end=True),
         Sharpness(kinds=("sam",), rho=0.05, num_batches=1, every_n_epochs=GAP_EVERY_N_EPOCHS, at_fit_end=True),
     ]
-    kind = dict.get(StrategyRegistry, strategy, {}).get("strategy") if strategy else None
+    kind = registered_strategy(strategy)[0] if strategy else None
     asynchronous = isinstance(kind, type) and issubclass(kind, AsyncCenterStrategy)
     if world_size > 1 and not asynchronous:
         made.append(ConsensusDistance(every_n_steps=10))

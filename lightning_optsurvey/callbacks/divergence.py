@@ -29,6 +29,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_optsurvey.validation import check_bool
+
 __all__ = ["DivergenceMonitor", "nonfinite_reason"]
 
 
@@ -74,9 +76,7 @@ class DivergenceMonitor(Callback):
 
     def __init__(self, stop: bool = False) -> None:
         super().__init__()
-        if not isinstance(stop, bool):
-            raise TypeError(f"stop must be a bool, got {stop!r}")
-        self.stop = stop
+        self.stop = check_bool("stop", stop)
         self.diverged_step: int | None = None
         self.diverged_epoch: int | None = None
         self.diverged_value: float | None = None

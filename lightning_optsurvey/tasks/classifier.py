@@ -5,15 +5,14 @@ frozen on repeated closure evaluations, SVRG's snapshot, K-FAC's Monte-Carlo Fis
 gradient accumulation and ``16-mixed`` where they cannot work) is not coded here: the module returns
 :class:`~lightning_optsurvey.callbacks.OptimizerLoopAdapter` from ``configure_callbacks``, the same
 callback that serves any user ``LightningModule`` (attached to every Trainer by the package's entry point
-when it is installed). K-FAC gets the network as ``model=`` so that its Monte-Carlo Fisher samples from the
+when it is installed), with :class:`~lightning_optsurvey.callbacks.ResumeRNG` (exact resume: the global RNG
+states travel with checkpoints). K-FAC gets the network as ``model=`` so that its Monte-Carlo Fisher samples from the
 logits.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,75 +23,62 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_optsurvey.callbacks.optimizer_loop import OptimizerLoopAdapter
+from lightning_optsurvey.callbacks.resume import ResumeRNG
 from lightning_optsurvey.optim import create_optimizer, get_spec
 from lightning_optsurvey.tasks.models import build_model
+from lightning_optsurvey.validation import (
+    check_float_hparam,
+    check_int,
+    check_number,
+    check_optional,
+    check_type,
+    is_real,
+)
 
 #: The schedulers by name, with the keywords each takes.
 _SCHEDULERS = {"cosine": ("T_max", "eta_min"), "step": ("step_size", "gamma"), "exponential": ("gamma",)}
 
 
-def _is_number(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):  # torch's optimizers take a one-element tensor lr
-        return value.numel() == 1 and (value.is_floating_point() or not value.dtype.is_complex)
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_optimizer_kwargs(optimizer: str, kwargs: Any, where: str = "optimizer_kwargs") -> dict[str, Any]:
     """Check hyperparameter overrides before an optimizer is built; return them as a dict.
 
-    The rule (one for every optimizer): ``kwargs`` is a mapping of keyword names; a keyword whose default
-    is a number (and ``lr``) takes a real number, not a string or bool (``TypeError``); every number,
-    also inside tuples such as ``betas``, is finite (``ValueError``). Ranges are each optimizer's own
-    checks.
+    ``kwargs`` is a mapping of keyword names (``TypeError`` otherwise). A keyword whose registry default
+    is a number or a tuple of numbers (and ``lr``), and every number given, follows the package's float
+    rule (:func:`~lightning_optsurvey.validation.check_float_hparam`: a real number, ``TypeError`` for a
+    string or bool; finite, ``ValueError`` for NaN or infinity, also inside tuples such as ``betas``).
+    Ranges are each optimizer's own checks.
     """
     if kwargs is None:
         return {}
-    if not isinstance(kwargs, Mapping):
-        raise TypeError(f"{where} must be a dict of hyperparameters such as {{'lr': 0.1}}, "
-                        f"got {type(kwargs).__name__} {kwargs!r}")
+    check_type(where, kwargs, Mapping, "a dict of hyperparameters such as {'lr': 0.1}")
     defaults = get_spec(optimizer).defaults
     for key, value in kwargs.items():
-        if not isinstance(key, str):
-            raise TypeError(f"{where} keys must be hyperparameter names (str), got {key!r}")
-        label = f"{where} {optimizer}.{key}" if where.startswith("--") else \
-            f"{where}[{key!r}] of optimizer {optimizer!r}"
+        check_type(f"{where} key {key!r}", key, str, "a hyperparameter name (str)")
+        label = (f"{where} {optimizer}.{key}" if where.startswith("--")
+                 else f"{where}[{key!r}] of optimizer {optimizer!r}")
         default = defaults.get(key, 0.0 if key == "lr" else None)
-        if _is_number(default) and not _is_number(value):
-            raise TypeError(f"{label} must be a number, got {type(value).__name__} {value!r}")
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for item in items:
-            if _is_number(item) and not math.isfinite(float(item)):
-                raise ValueError(f"{label} must be finite, got {value!r}")
+        if _numeric(default) or _numeric(value):
+            check_float_hparam(label, value)
     return dict(kwargs)
 
 
+def _numeric(value: Any) -> bool:
+    """A number, a tensor, or a non-empty tuple/list of numbers (a float hyperparameter's shapes)."""
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(is_real(v) for v in value)
+    return is_real(value) or isinstance(value, torch.Tensor)
+
+
 def _check_scheduler_kwargs(name: str | None, kwargs: Mapping[str, Any]) -> None:
-    def number(key: str, low: float, inclusive: bool) -> None:
-        if key not in kwargs:
-            return
-        value = kwargs[key]
-        if not _is_number(value):
-            raise TypeError(f"lr_scheduler_kwargs[{key!r}] must be a number, got {type(value).__name__} {value!r}")
-        ok = math.isfinite(float(value)) and (value >= low if inclusive else value > low)
-        if not ok:
-            bound = f">= {low}" if inclusive else f"> {low}"
-            raise ValueError(f"lr_scheduler={name!r}: {key} must be a finite number {bound}, got {value!r}")
-
-    def positive_int(key: str) -> None:
-        value = kwargs.get(key)
-        if value is None and key == "T_max":
-            return  # cosine: None means max_epochs
-        if key in kwargs and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"lr_scheduler={name!r}: {key} must be a positive integer, got {value!r}")
-
+    where = f"lr_scheduler={name!r}: "
     if name == "step":
-        positive_int("step_size")
-        number("gamma", 0.0, inclusive=False)
+        check_optional(check_int, where + "step_size", kwargs.get("step_size"), low=1)
+        check_optional(check_number, where + "gamma", kwargs.get("gamma"), low_open=True)
     elif name == "exponential":
-        number("gamma", 0.0, inclusive=False)
+        check_optional(check_number, where + "gamma", kwargs.get("gamma"), low_open=True)
     elif name == "cosine":
-        positive_int("T_max")
-        number("eta_min", 0.0, inclusive=True)
+        check_optional(check_int, where + "T_max", kwargs.get("T_max"), low=1)  # None: max_epochs
+        check_optional(check_number, where + "eta_min", kwargs.get("eta_min"))
 
 
 class ClassifierModule(LightningModule):
@@ -112,7 +98,7 @@ class ClassifierModule(LightningModule):
             optimizer or scheduler value (``step_size`` < 1, ``gamma`` <= 0, ...), ``num_classes`` < 2,
             or (at setup) a ``num_classes`` that differs from the data module's.
         TypeError: For an optimizer or scheduler keyword that it does not take, kwargs that are not a
-            dict, or a string where a number belongs.
+            dict, or a value of the wrong type (a string where a number belongs, a float ``step_size``).
 
     Logs ``train/loss`` (epoch mean), ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
     """
@@ -127,15 +113,13 @@ class ClassifierModule(LightningModule):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, low=2)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.net = model if isinstance(model, nn.Module) else build_model(model, num_classes)
         self.spec = get_spec(optimizer)
         self.optimizer_kwargs = check_optimizer_kwargs(self.spec.name, optimizer_kwargs)
-        if lr_scheduler_kwargs is not None and not isinstance(lr_scheduler_kwargs, Mapping):
-            raise TypeError(f"lr_scheduler_kwargs must be a dict such as {{'step_size': 10}}, "
-                            f"got {type(lr_scheduler_kwargs).__name__} {lr_scheduler_kwargs!r}")
+        check_optional(check_type, "lr_scheduler_kwargs", lr_scheduler_kwargs, types=Mapping,
+                       what="a dict such as {'step_size': 10}")
         # Fail at construction, not at fit time: build once on a throw-away copy of the network, so that
         # unknown names and bad values are caught and nothing (K-FAC's layer hooks) stays on ``self.net``.
         self._build_optimizer(copy.deepcopy(self.net))
@@ -167,8 +151,9 @@ class ClassifierModule(LightningModule):
 
     def configure_callbacks(self) -> list[Any]:
         # Replaces the one an installed package's entry point puts on the Trainer (same type), so the
-        # module behaves the same whether the package is installed or only on the path.
-        return [OptimizerLoopAdapter()]
+        # module behaves the same whether the package is installed or only on the path. ResumeRNG: a
+        # resumed run draws the same dropout masks (and optimizer noise) as the uninterrupted one.
+        return [ResumeRNG(), OptimizerLoopAdapter()]  # RNG first: restored before any epoch-start draw
 
     def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Mean cross-entropy of a batch, without logging (used by full-gradient passes such as SVRG's)."""

@@ -16,7 +16,10 @@ trainer's batch progress: counting the indices the sampler has handed out would 
 the loader reads ahead (worker processes fetch ``prefetch_factor`` batches in advance), and a batch
 that failed mid-step is re-run by Lightning on resume. Without a trainer the loader falls back to the
 yielded count. A run resumed from a checkpoint taken mid-epoch or at an epoch end therefore sees
-exactly the batches the uninterrupted run sees. torchdata's ``StatefulDataLoader`` is not a
+exactly the batches the uninterrupted run sees. Every loader has its own ``generator``, so building
+loaders never draws from torch's global generator; :class:`~lightning_optsurvey.callbacks.ResumeRNG`
+(attached by ``ClassifierModule``) checkpoints the global generators themselves, for dropout and noisy
+optimizers. torchdata's ``StatefulDataLoader`` is not a
 dependency (and counts what its workers fetched), hence this small class.
 """
 
@@ -33,14 +36,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_optsurvey import _compat
 from lightning_optsurvey.tasks.partition import PartitionSampler, check_partition_args, partition_indices
+from lightning_optsurvey.validation import check_int, check_probability
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 8, 8)
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
 
 
 class EpochSampler(DistributedSampler):
@@ -167,8 +166,8 @@ class DigitsDataModule(LightningDataModule):
         shards_per_rank: Shards per rank for ``partition="shards"``.
 
     Raises:
-        ValueError: If a size or fraction is out of range, or the partition is unknown.
-        TypeError: If ``seed``, ``alpha`` or ``shards_per_rank`` has the wrong type.
+        ValueError: If a size, seed or fraction is out of range, or the partition is unknown.
+        TypeError: If an argument has the wrong type (a float ``batch_size``, a string fraction, ...).
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32)
@@ -193,21 +192,16 @@ class DigitsDataModule(LightningDataModule):
         shards_per_rank: int = 2,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        _check_fraction("val_fraction", val_fraction)
-        _check_fraction("test_fraction", test_fraction)
+        check_int("batch_size", batch_size)
+        check_probability("val_fraction", val_fraction, low_open=True, high_open=True)
+        check_probability("test_fraction", test_fraction, low_open=True, high_open=True)
         if val_fraction + test_fraction >= 0.9:
             raise ValueError(
                 f"val_fraction + test_fraction must leave at least 10% for training, "
                 f"got {val_fraction} + {test_fraction}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        if not 0 <= seed < 2**32:  # scikit-learn's random_state range
-            raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        check_int("seed", seed, low=0, high=2**32 - 1)  # scikit-learn's random_state range
+        check_int("num_workers", num_workers, low=0)
         check_partition_args(partition, alpha, shards_per_rank)
         self.save_hyperparameters()  # logged as run params by every logger, the partition included
         self.batch_size = batch_size
@@ -269,6 +263,12 @@ class DigitsDataModule(LightningDataModule):
         )
         return PartitionSampler(parts[rank], per_rank, rank, world_size, seed=self.seed)
 
+    def _generator(self) -> torch.Generator:
+        # A loader's own generator: creating its iterator then draws from it, not from torch's global
+        # generator, so data loading leaves the global RNG (dropout, noisy optimizers) alone and a run
+        # resumed at an epoch end sees the same global RNG stream as the uninterrupted run.
+        return torch.Generator().manual_seed(self.seed)
+
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -276,6 +276,7 @@ class DigitsDataModule(LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._generator(),
         )
 
     def _replicas(self) -> tuple[int, int]:
@@ -313,6 +314,7 @@ class DigitsDataModule(LightningDataModule):
             sampler=self.train_sampler(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._generator(),
         )
         datamodule = weakref.ref(self)  # the loader must not keep the data module alive
         loader.trainer_ref = lambda: getattr(datamodule(), "trainer", None)

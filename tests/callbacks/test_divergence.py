@@ -25,6 +25,18 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"  # one store: create its tables once
 
 
+def logger_runs(db: str, filter_string: str) -> list[str]:
+    """Run ids of experiment "div" that ``mlflow.search_runs`` finds with ``filter_string``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(db)
+    try:
+        frame = mlflow.search_runs(experiment_names=["div"], filter_string=filter_string)
+    finally:
+        mlflow.set_tracking_uri(None)
+    return list(frame["run_id"])
+
+
 def _fit(db: str | None, lr: float, stop: bool = False, epochs: int = 2):
     torch.manual_seed(0)
     module = ClassifierModule(model="mlp", optimizer="sgd", optimizer_kwargs={"lr": lr})
@@ -51,6 +63,9 @@ def test_divergent_sgd_is_reported_once_measurements_skip_and_the_run_is_tagged(
     assert run.data.tags["diverged"] == "true"
     assert run.data.tags["diverged_step"] == str(monitor.diverged_step)
     assert run.data.metrics["divergence/step"] == monitor.diverged_step
+    # filterable in MLflow: the query a user types in the UI's search box or in mlflow.search_runs
+    found = logger_runs(db, "tags.diverged = 'true'")
+    assert run.info.run_id in found
     assert trainer.global_step == 8, "without stop=True the run trains to its end"
     # measurements at the non-finite points were skipped and said so; nothing non-finite was logged
     assert any(h.get("skipped_nonfinite") for h in hessian.history)
@@ -68,6 +83,8 @@ def test_stop_on_divergence_ends_the_run_at_that_step() -> None:
 def test_a_finite_run_is_tagged_not_diverged(db: str) -> None:
     _, monitor, hessian, run, _, _ = _fit(db, lr=0.01, epochs=1)
     assert monitor.diverged_step is None and run.data.tags["diverged"] == "false"
+    assert run.info.run_id in logger_runs(db, "tags.diverged = 'false'")
+    assert run.info.run_id not in logger_runs(db, "tags.diverged = 'true'")
     assert not any(h.get("skipped_nonfinite") for h in hessian.history)
     model = torch.nn.Linear(2, 1)
     assert nonfinite_reason(None, model) is None

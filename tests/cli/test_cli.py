@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lightning_optsurvey.cli import EXPERIMENT_KIND_TAG, main
+from lightning_optsurvey.cli import main
+from lightning_optsurvey.tracking import EXPERIMENT_KIND_TAG
 
 FAST = ["--max-epochs", "1", "--limit-train-batches", "4", "--no-measure"]
 
@@ -30,6 +31,8 @@ def test_compare_records_one_finished_run_per_optimizer(tmp_path, capsys):
     _, exp, runs = _runs(uri, "e")
     assert exp.tags[EXPERIMENT_KIND_TAG[0]] == EXPERIMENT_KIND_TAG[1]
     assert sorted(r.info.run_name for r in runs) == ["adam-seed0", "adam-seed1", "sgd-seed0", "sgd-seed1"]
+    client = MlflowClient(tracking_uri=uri)  # every run is tagged, so divergence filters either way
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.diverged = 'false'")) == 4
     for run in runs:
         assert run.info.status == "FINISHED"
         params = run.data.params
@@ -186,11 +189,11 @@ def test_theory_rejects_an_unknown_result(capsys):
 def test_timeout_reaches_the_strategy(name):
     from datetime import timedelta
 
-    from lightning_optsurvey.cli import RunConfig, _strategy
+    from lightning_optsurvey.cli.compare import RunConfig, build_strategy
 
-    strategy = _strategy(RunConfig(optimizer="sgd", seed=0, strategy=name, timeout=12.5))
+    strategy = build_strategy(RunConfig(optimizer="sgd", seed=0, strategy=name, timeout=12.5))
     assert strategy._timeout == timedelta(seconds=12.5)
-    assert _strategy(RunConfig(optimizer="sgd", seed=0, strategy=name)) == name
+    assert build_strategy(RunConfig(optimizer="sgd", seed=0, strategy=name)) == name
 
 
 def test_async_strategies_get_no_consensus_distance_callback():
