@@ -220,6 +220,14 @@ def processed_batches(trainer: Trainer) -> int:
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
 
+def is_last_batch(trainer: Trainer) -> bool:
+    """Whether the batch just processed was the last of its epoch.
+
+    Checked against Lightning 2.6.6: ``fit_loop.epoch_loop.batch_progress.is_last_batch``.
+    """
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
 def logging_step(trainer: Trainer) -> int:
     """The step Lightning passes to ``logger.log_metrics`` (optimizer steps taken, counted once per batch).
 

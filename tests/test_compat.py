@@ -3,7 +3,7 @@
 - The installed Lightning is inside the range ``pyproject.toml`` declares, which is ``_compat.TESTED_LIGHTNING``.
 - Every accessor's target (private attribute, method, the calls the patches rely on) exists in it.
 - No other module of the package imports a private Lightning name or reads one of the private attributes the
-  accessors wrap (an AST scan); ``KNOWN_VIOLATIONS`` lists files owned by others this session (issue 14).
+  accessors wrap (an AST scan).
 """
 
 from __future__ import annotations
@@ -37,16 +37,6 @@ INHERITED_PRIVATE_ATTRIBUTES = frozenset({
     "_ddp_comm_hook",
 })
 
-# Files owned by other engineers this session that still read Lightning internals directly; the lead empties this
-# at merge ("file: what").
-KNOWN_VIOLATIONS: set[str] = {
-    # b16: CompressedDDPStrategy._log_metric reads the module's trainer and hook name (use _compat.attached_trainer,
-    # _compat.current_hook_name, as LocalModelStrategy._log_metric does).
-    "strategies/compressed_ddp.py: ._trainer",
-    "strategies/compressed_ddp.py: ._current_fx_name",
-    # a13: the CLI reads StrategyRegistry entries' layout (use _compat.registered_strategy).
-    "cli.py: StrategyRegistry entry",
-}
 
 
 def _lightning_requirement() -> Requirement:
@@ -107,11 +97,9 @@ def test_lightning_internals_are_read_only_through_compat() -> None:
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name != "_compat.py":
             found |= _findings(path)
-    new = sorted(found - KNOWN_VIOLATIONS)
+    new = sorted(found)
     assert not new, "Lightning internals outside lightning_optsurvey/_compat.py (add an accessor there):\n" + "\n".join(
         new)
-    fixed = sorted(KNOWN_VIOLATIONS - found)
-    assert not fixed, "fixed, so remove from KNOWN_VIOLATIONS in tests/test_compat.py:\n" + "\n".join(fixed)
 
 
 def test_the_scan_catches_each_kind_of_access(tmp_path: Path) -> None:

@@ -15,9 +15,6 @@ And no module imports another subpackage's private name (``from lightning_optsur
 import ...``, ``from lightning_optsurvey.callbacks.optimizer_loop import _default_loss``): a private module or
 name is its subpackage's business. ``lightning_optsurvey._compat`` is the one shared private module. The
 package root (``lightning_optsurvey/__init__.py``) is the facade above every layer.
-
-``KNOWN_VIOLATIONS`` lists the arrows of files whose owners are moving them this session (issue 14); the lead
-empties it at merge. An arrow listed there that no longer exists fails the test too, so the list only shrinks.
 """
 
 from __future__ import annotations
@@ -46,24 +43,6 @@ LIGHTNING_FREE = {"validation", "averaging", "curvature", "measures", "optim"}
 #: theory modules that train networks with a Trainer; every other theory module is pure maths.
 THEORY_WITH_LIGHTNING = {f"{PACKAGE}.theory.networks"}
 
-# Arrows in files owned by other engineers this session (issue 14), as "importer -> imported". The lead empties
-# this at merge; each entry is an owner's to-do.
-KNOWN_VIOLATIONS: set[str] = {
-    # d18 (callbacks), c18 (callbacks/stability.py): callbacks import private helpers of measures.
-    "lightning_optsurvey.callbacks.generalization_measures -> lightning_optsurvey.measures._functional (private)",
-    "lightning_optsurvey.callbacks.landscape -> lightning_optsurvey.measures._functional (private)",
-    "lightning_optsurvey.callbacks.sharpness -> lightning_optsurvey.measures._functional (private)",
-    "lightning_optsurvey.callbacks.stability -> lightning_optsurvey.measures._functional (private)",
-    # f14 (theory): private cross-package imports.
-    "lightning_optsurvey.theory.easgd_async -> lightning_optsurvey.strategies._center_server (private)",
-    "lightning_optsurvey.theory.networks -> lightning_optsurvey.measures._functional (private)",
-}
-# theory modules that cannot be imported without Lightning yet (f14's and b16's to-do: pure maths must not need it).
-# Not imported by the test while listed.
-KNOWN_NEEDS_LIGHTNING: set[str] = {
-    f"{PACKAGE}.theory.easgd_async",  # imports strategies._center_server (the strategies package imports Lightning)
-    f"{PACKAGE}.theory.heterogeneous",  # imports strategies.compression (same)
-}
 
 
 def _module_name(path: Path) -> str:
@@ -131,10 +110,8 @@ def _violations() -> set[str]:
 
 def test_import_graph_holds_the_layers() -> None:
     found = _violations()
-    new = sorted(found - KNOWN_VIOLATIONS)
+    new = sorted(found)
     assert not new, "imports against the layers (see tests/test_layers.py's docstring):\n" + "\n".join(new)
-    fixed = sorted(KNOWN_VIOLATIONS - found)
-    assert not fixed, "fixed, so remove from KNOWN_VIOLATIONS in tests/test_layers.py:\n" + "\n".join(fixed)
 
 
 _BLOCK_LIGHTNING = """
@@ -162,9 +139,8 @@ def test_pure_layers_and_theory_maths_import_without_lightning() -> None:
     modules = [_module_name(p) for p in sorted(ROOT.rglob("*.py"))]
     pure = [m for m in modules if _sub(m) in LIGHTNING_FREE
             or (_sub(m) == "theory" and m not in THEORY_WITH_LIGHTNING and m != f"{PACKAGE}.theory")]
-    checked = [m for m in pure if m not in KNOWN_NEEDS_LIGHTNING]
     env = {**os.environ, "PYTHONPATH": str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", _BLOCK_LIGHTNING, json.dumps(checked)], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", _BLOCK_LIGHTNING, json.dumps(pure)], capture_output=True,
                             text=True, env=env, timeout=240, check=True)
     failed = json.loads(result.stdout.strip().splitlines()[-1])
     assert not failed, "these modules need Lightning but are pure maths / pure torch:\n" + "\n".join(

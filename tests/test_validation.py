@@ -8,9 +8,7 @@ bool with a wrong value in its place:
 - for a float parameter, NaN and infinity -> ``ValueError`` naming the parameter.
 
 A new public class with required arguments needs an entry in ``REQUIRED``; a result record (what the library
-returns, not what a user configures) goes in ``RECORDS``. ``KNOWN_VIOLATIONS`` lists what files owned by other
-engineers still do differently this session (issue 14); the lead empties it at merge. A listed entry that now
-follows the rule fails the test too, so the list only shrinks.
+returns, not what a user configures) goes in ``RECORDS``.
 """
 
 from __future__ import annotations
@@ -60,135 +58,6 @@ RECORDS = frozenset({
 #: Objects that hold a resource to release after construction.
 CLOSE: dict[str, Callable[[Any], Any]] = {"Delivery": lambda delivery: delivery.finish(0)}
 
-# "<Class or optimizer name>.<parameter>: <bad value> -> <what happened>" for files owned by others this session.
-KNOWN_VIOLATIONS: set[str] = {
-    # a13 (tasks/classifier.py, tasks/digits.py, tracking.py)
-    "ClassifierModule.num_classes: 'x' -> ValueError, expected TypeError",
-    "Delivery.retry_every: 'x' -> accepted, expected TypeError",
-    "Delivery.retry_every: inf -> accepted, expected ValueError",
-    "Delivery.retry_every: nan -> accepted, expected ValueError",
-    "DigitsDataModule.batch_size: 'x' -> ValueError, expected TypeError",
-    "DigitsDataModule.num_workers: 'x' -> ValueError, expected TypeError",
-    "DigitsDataModule.test_fraction: 'x' -> ValueError, expected TypeError",
-    "DigitsDataModule.val_fraction: 'x' -> ValueError, expected TypeError",
-    # b16 (strategies/gossip.py's compression arguments)
-    "GossipStrategy.ratio: 'x' -> ValueError, expected TypeError",
-    # c18 (curvature/operator.py; callbacks/stability.py)
-    "EdgeOfStability.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "EdgeOfStability.num_batches: 'x' -> ValueError, expected TypeError",
-    "HessianOperator.linearize: 'x' -> accepted, expected TypeError",
-    # d18 (callbacks/*: the old optim._common-style checks raise ValueError for a wrong type)
-    "Cadence.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "ConsensusDistance.every_n_steps: 'x' -> ValueError, expected TypeError",
-    "GeneralizationGap.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "GeneralizationMeasures.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "GeneralizationMeasures.num_batches: 'x' -> ValueError, expected TypeError",
-    "GradientNoiseScale.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "GradientNoiseScale.num_batches: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.bottom_k: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.density_probes: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.density_steps: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.num_batches: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.tol: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.top_k: 'x' -> ValueError, expected TypeError",
-    "HessianSpectrum.trace_matvecs: 'x' -> ValueError, expected TypeError",
-    "LossLandscape.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "LossLandscape.num_batches: 'x' -> ValueError, expected TypeError",
-    "LossLandscape.resolution: 'x' -> ValueError, expected TypeError",
-    "MeasuringCallback.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "MeasuringCallback.num_batches: 'x' -> ValueError, expected TypeError",
-    "SWA.measure_average: 'x' -> ValueError, expected TypeError",
-    "SWA.swa_epoch_start: 'x' -> ValueError, expected TypeError",
-    "Sharpness.every_n_epochs: 'x' -> ValueError, expected TypeError",
-    "Sharpness.num_batches: 'x' -> ValueError, expected TypeError",
-    "Sharpness.num_samples: 'x' -> ValueError, expected TypeError",
-    "Sharpness.steps: 'x' -> ValueError, expected TypeError",
-    # e18 (optim/registry.py): OptimizerSpec's flags are not checked; create_optimizer checks only the float
-    # hyperparameters whose default is a float, so int and bool ones, and floats with an int default (torch's
-    # weight_decay=0), of torch's and pytorch-optimizer's factories pass unchecked or fail inside the factory
-    "OptimizerSpec.create_graph: 'x' -> accepted, expected TypeError",
-    "OptimizerSpec.needs_closure: 'x' -> accepted, expected TypeError",
-    "OptimizerSpec.needs_model: 'x' -> accepted, expected TypeError",
-    "OptimizerSpec.strict: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabelief'.ams_bound: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabelief'.degenerated_to_sgd: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabelief'.fixed_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabelief'.n_sma_threshold: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabelief'.rectify: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabelief'.weight_decouple: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabound'.ams_bound: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabound'.fixed_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'adabound'.weight_decouple: 'x' -> accepted, expected TypeError",
-    "optimizer 'adadelta'.capturable: 'x' -> accepted, expected TypeError",
-    "optimizer 'adadelta'.differentiable: 'x' -> accepted, expected TypeError",
-    "optimizer 'adadelta'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'adadelta'.weight_decay: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'adadelta'.weight_decay: inf -> accepted, expected ValueError",
-    "optimizer 'adagrad'.differentiable: 'x' -> accepted, expected TypeError",
-    "optimizer 'adagrad'.initial_accumulator_value: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'adagrad'.initial_accumulator_value: inf -> accepted, expected ValueError",
-    "optimizer 'adagrad'.lr_decay: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'adagrad'.lr_decay: inf -> accepted, expected ValueError",
-    "optimizer 'adagrad'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'adagrad'.weight_decay: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'adagrad'.weight_decay: inf -> accepted, expected ValueError",
-    "optimizer 'adahessian'.fixed_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'adahessian'.num_samples: 'x' -> accepted, expected TypeError",
-    "optimizer 'adahessian'.update_period: 'x' -> accepted, expected TypeError",
-    "optimizer 'adahessian'.weight_decouple: 'x' -> accepted, expected TypeError",
-    "optimizer 'adam'.amsgrad: 'x' -> accepted, expected TypeError",
-    "optimizer 'adam'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'adamw'.amsgrad: 'x' -> accepted, expected TypeError",
-    "optimizer 'adamw'.capturable: 'x' -> accepted, expected TypeError",
-    "optimizer 'adamw'.differentiable: 'x' -> accepted, expected TypeError",
-    "optimizer 'adamw'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'amsgrad'.amsgrad: 'x' -> accepted, expected TypeError",
-    "optimizer 'amsgrad'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.adam: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.degenerated_to_sgd: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.fixed_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.grad_averaging: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.n_sma_threshold: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.pre_norm: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.rectify: 'x' -> accepted, expected TypeError",
-    "optimizer 'lamb'.weight_decouple: 'x' -> accepted, expected TypeError",
-    "optimizer 'lars'.nesterov: 'x' -> accepted, expected TypeError",
-    "optimizer 'lbfgs'.history_size: 'x' -> accepted, expected TypeError",
-    "optimizer 'lbfgs'.max_iter: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'momentum'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'momentum'.nesterov: 'x' -> accepted, expected TypeError",
-    "optimizer 'nadam'.capturable: 'x' -> accepted, expected TypeError",
-    "optimizer 'nadam'.decoupled_weight_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'nadam'.differentiable: 'x' -> accepted, expected TypeError",
-    "optimizer 'nadam'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'nadam'.weight_decay: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'nadam'.weight_decay: inf -> accepted, expected ValueError",
-    "optimizer 'nesterov'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'nesterov'.nesterov: 'x' -> accepted, expected TypeError",
-    "optimizer 'radam'.capturable: 'x' -> accepted, expected TypeError",
-    "optimizer 'radam'.decoupled_weight_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'radam'.differentiable: 'x' -> accepted, expected TypeError",
-    "optimizer 'radam'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'radam'.weight_decay: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'radam'.weight_decay: inf -> accepted, expected ValueError",
-    "optimizer 'rmsprop'.capturable: 'x' -> accepted, expected TypeError",
-    "optimizer 'rmsprop'.centered: 'x' -> accepted, expected TypeError",
-    "optimizer 'rmsprop'.differentiable: 'x' -> accepted, expected TypeError",
-    "optimizer 'rmsprop'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'rmsprop'.momentum: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'rmsprop'.momentum: inf -> accepted, expected ValueError",
-    "optimizer 'rmsprop'.weight_decay: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'rmsprop'.weight_decay: inf -> accepted, expected ValueError",
-    "optimizer 'sgd'.maximize: 'x' -> accepted, expected TypeError",
-    "optimizer 'sgd'.nesterov: 'x' -> ValueError, expected TypeError",
-    "optimizer 'sophiah'.fixed_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'sophiah'.num_samples: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'sophiah'.update_period: 'x' -> TypeError not naming it, expected TypeError",
-    "optimizer 'sophiah'.weight_decouple: 'x' -> accepted, expected TypeError",
-    "optimizer 'yogi'.fixed_decay: 'x' -> accepted, expected TypeError",
-    "optimizer 'yogi'.weight_decouple: 'x' -> accepted, expected TypeError",
-}
 
 
 def _public_classes() -> dict[str, type]:
@@ -286,7 +155,5 @@ def test_every_public_constructor_follows_the_rule(tmp_path: Path) -> None:
                     found.add(f"optimizer {name!r}.{param}: {label} -> {what.split(' (')[0]}, "
                               f"expected {expected.__name__}")
 
-    new = sorted(found - KNOWN_VIOLATIONS)
+    new = sorted(found)
     assert not new, "constructors against the rule of lightning_optsurvey/validation.py:\n" + "\n".join(new)
-    fixed = sorted(KNOWN_VIOLATIONS - found)
-    assert not fixed, "these follow the rule now: remove them from KNOWN_VIOLATIONS:\n" + "\n".join(fixed)

@@ -36,6 +36,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_optsurvey._compat import is_last_batch
+
 __all__ = ["ResumeRNG", "get_rng_states", "set_rng_states"]
 
 
@@ -84,7 +86,7 @@ class ResumeRNG(Callback):
         else:
             gathered = [own]
         # Lightning calls ``state_dict`` before this hook: the states go into the callback's entry here.
-        at_epoch_end = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        at_epoch_end = is_last_batch(trainer)
         checkpoint.setdefault("callbacks", {})[self.state_key] = {"per_rank": gathered, "at_epoch_end": at_epoch_end}
 
     @override

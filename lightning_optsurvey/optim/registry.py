@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_optsurvey.optim import loop
-from lightning_optsurvey.validation import check_float_hparam
+from lightning_optsurvey.validation import check_bool, check_float_hparam
 
 FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
 
@@ -100,6 +100,8 @@ class OptimizerSpec:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if not callable(self.factory):
             raise TypeError(f"factory of {self.name!r} must be callable, got {self.factory!r}")
+        for flag in ("needs_closure", "create_graph", "needs_model", "strict"):
+            check_bool(flag, getattr(self, flag))
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         unknown = set(self.deviations) - set(DEVIATIONS)
         if unknown:
@@ -136,7 +138,11 @@ class OptimizerSpec:
         return names
 
     def float_hparams(self) -> set[str]:
-        """Names whose default in the factory's signature is a float or a tuple of floats (and ``lr``)."""
+        """Names whose default in the factory's signature is a number or a tuple of floats (and ``lr``).
+
+        An integer default counts: torch writes ``weight_decay=0`` and ``momentum=0`` for float options, and an
+        integer option (L-BFGS's ``history_size``) must be a finite real number too.
+        """
         names = {"lr"}
         for n, p in inspect.signature(self.factory).parameters.items():
             default = p.default
@@ -144,9 +150,13 @@ class OptimizerSpec:
                 isinstance(v, float) for v in default
             ):
                 names.add(n)
-            elif isinstance(default, float):
+            elif isinstance(default, (int, float)) and not isinstance(default, bool):
                 names.add(n)
         return names
+
+    def bool_hparams(self) -> set[str]:
+        """Names whose default in the factory's signature is a ``bool`` (``nesterov``, ``amsgrad``, ...)."""
+        return {n for n, p in inspect.signature(self.factory).parameters.items() if isinstance(p.default, bool)}
 
 
 def _params_list(params: Iterable[Any]) -> list[Any]:
@@ -268,6 +278,8 @@ def create_optimizer(
     kwargs = {**spec.defaults, **hparams}
     for key in spec.float_hparams() & set(kwargs):
         check_float_hparam(key, kwargs[key])
+    for key in spec.bool_hparams() & set(hparams):
+        check_bool(key, kwargs[key])
     params = _params_list(params)
     if "complex" in spec.deviations and _complex_params(params):
         p = _complex_params(params)[0]

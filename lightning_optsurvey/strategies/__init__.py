@@ -7,10 +7,10 @@ importing or reloading twice is harmless.
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_optsurvey.averaging.compression import QSGD, Compressor, RandomK, Sign, TopK
 from lightning_optsurvey.strategies._base import LocalModelStrategy, PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import CommCounter, FlatBuffers, consensus_distance
 from lightning_optsurvey.strategies.compressed_ddp import COMPRESSED_DDP_STRATEGY_NAMES, CompressedDDPStrategy
-from lightning_optsurvey.strategies.compression import QSGD, Compressor, RandomK, Sign, TopK
 from lightning_optsurvey.strategies.easgd import EASGDStrategy
 from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy, AsyncLSGDStrategy
 from lightning_optsurvey.strategies.gossip import GOSSIP_STRATEGY_NAMES, GossipStrategy

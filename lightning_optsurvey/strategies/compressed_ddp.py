@@ -51,6 +51,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_optsurvey.strategies._base import log_run_params, log_step_metric
 from lightning_optsurvey.strategies._comm import CommCounter
 from lightning_optsurvey.validation import check_choice, check_float, check_int
 
@@ -67,7 +68,6 @@ COMPRESSED_DDP_STATES_KEY = "compressed_ddp_states"
 """Checkpoint key of every rank's byte counts and PowerSGD state (a list indexed by rank)."""
 _POWERSGD_MEMORIES = ("error", "p", "q")
 _POWERSGD_SETTINGS = frozenset({"matrix_approximation_rank", "start_powerSGD_iter", "min_compression_rate"})
-_LOGGING_HOOKS = frozenset({"optimizer_step", "training_step"})
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -344,22 +344,16 @@ class CompressedDDPStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        module = self.lightning_module
-        if module is not None and module._trainer is not None and module._current_fx_name in _LOGGING_HOOKS:
-            module.log("comm/bytes_sent", float(self.comm.step_bytes), on_step=True, on_epoch=False)
+        log_step_metric(self.lightning_module, "comm/bytes_sent", float(self.comm.step_bytes))
         return output
 
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        module = self.lightning_module
-        if module is None or module._trainer is None:
-            return
         params: dict[str, Any] = {"world_size": self.world_size, "ddp_compression": self.compression}
         if self.compression == "powersgd":
             params.update(powersgd_rank=self.matrix_approximation_rank, powersgd_start_iter=self.start_powersgd_iter)
-        for logger in module.trainer.loggers:
-            logger.log_hyperparams(params)
+        log_run_params(self.lightning_module, params)
 
     @classmethod
     @override

@@ -21,8 +21,8 @@ optimizer steps, without waiting for the other workers, so a slow rank delays on
   leader's (or is the leader) becomes (or refreshes) the leader, any other is pulled toward it,
   :math:`x_i \leftarrow x_i - \lambda (x_i - x_\ell)`. No worker waits for another.
 
-The center lives on rank 0 (:mod:`._center_server`): a server thread answers requests from any rank on
-a gloo group of its own, and rank 0's own worker exchanges in-process. CUDA models are staged through
+The center lives on rank 0 (:mod:`lightning_optsurvey.averaging.center`): a server thread answers requests
+from any rank on a gloo group of its own, and rank 0's own worker exchanges in-process. CUDA models are staged through
 CPU buffers. Rank 0's checkpoints hold the center (``checkpoint["state_dict"]`` is the center, or the
 leader, so a checkpoint loads into a plain Trainer as the model the method outputs), its counters and
 every rank's own model and optimizer state; a resumed run continues. A barrier precedes a checkpoint
@@ -66,14 +66,14 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_optsurvey import _compat
-from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
-from lightning_optsurvey.strategies._center_server import (
+from lightning_optsurvey.averaging.center import (
     CenterClient,
     CenterServer,
     CenterState,
     Liveness,
     new_center_group,
 )
+from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import is_distributed
 from lightning_optsurvey.validation import check_bool, check_float, check_optional, check_probability
 

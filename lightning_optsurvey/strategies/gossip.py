@@ -54,9 +54,9 @@ from typing_extensions import override
 
 from lightning_optsurvey import validation
 from lightning_optsurvey._compat import StrategyRegistryType as _StrategyRegistry
+from lightning_optsurvey.averaging.compression import Compressor, make_compressor
 from lightning_optsurvey.strategies._base import PeriodicSyncStrategy
 from lightning_optsurvey.strategies._comm import Exchange, neighbour_exchange
-from lightning_optsurvey.strategies.compression import Compressor, make_compressor
 from lightning_optsurvey.strategies.gossip_algorithms import (
     ChocoGossip,
     D2Gossip,
@@ -102,7 +102,7 @@ class GossipStrategy(PeriodicSyncStrategy):
             :mod:`~lightning_optsurvey.strategies.gossip_algorithms`; these three need a static
             topology, ``gossip_every=1`` and ``overlap=False``).
         compressor: CHOCO's compressor: ``"topk"`` (default), ``"randomk"``, ``"qsgd"``, ``"sign"`` or a
-            :class:`~lightning_optsurvey.strategies.compression.Compressor` (only with ``"choco"``).
+            :class:`~lightning_optsurvey.averaging.compression.Compressor` (only with ``"choco"``).
         ratio: Fraction of coordinates ``"topk"``/``"randomk"`` keep.
         consensus_lr: CHOCO's consensus step size gamma in ``(0, 1]`` (0.5 diverged with top-1 % and QSGD on
             Dirichlet digits in benchmarks/heterogeneous.py; the theorem's step is far smaller).
@@ -440,6 +440,7 @@ def _check_algorithm_args(
             f"overlap={overlap}"
         )
     validation.check_float("consensus_lr", consensus_lr, low=0.0, high=1.0, low_open=True)
+    validation.check_float("ratio", ratio, low=0.0, high=1.0, low_open=True)
     validation.check_int("compression_seed", seed, low=None)
     if algorithm != "choco":
         if compressor is not None:

@@ -20,7 +20,7 @@ The local optimizer is the user's: with :math:`\Delta_i^t` its update (``-lr g``
   :math:`y^t` in one message: two models per neighbour (``y`` covers parameters, ``x`` also float buffers).
 - **CHOCO-SGD** (Koloskova et al. 2019, Alg. 2, memory-efficient form): after the local step
   :math:`h = x + \Delta`, rank ``i`` sends :math:`q_i = C(h_i - \hat x_i)` (a
-  :class:`~lightning_optsurvey.strategies.compression.Compressor` payload), updates its public copy
+  :class:`~lightning_optsurvey.averaging.compression.Compressor` payload), updates its public copy
   :math:`\hat x_i \mathrel{+}= q_i` and :math:`s_i \mathrel{+}= \sum_j W_{ij} q_j` (self included),
   then :math:`x_i = h_i + \gamma (s_i - \hat x_i)` with ``consensus_lr`` :math:`\gamma`. The replicas
   :math:`\hat x` carry the compression error forward (error feedback), so nothing sent is lost.
@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_optsurvey.averaging.compression import Compressor
 from lightning_optsurvey.strategies._comm import FlatBuffers, neighbour_exchange
-from lightning_optsurvey.strategies.compression import Compressor
 
 if TYPE_CHECKING:
     from lightning_optsurvey.strategies.gossip import GossipStrategy

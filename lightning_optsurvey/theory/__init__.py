@@ -12,8 +12,8 @@ Example:
 
 Importing the group modules registers their results; :func:`all_results` lists them in the survey's
 order, :func:`run_checks` runs them, :func:`format_table` and :func:`plot_outcome` report them and
-:func:`render_docs` writes ``docs/theory.md``. The package imports without Lightning: then the groups
-that need it (``easgd_async``, ``heterogeneous``, ``networks``) are left out and the others run.
+:func:`render_docs` writes ``docs/theory.md``. The package imports without Lightning: then the group
+that trains through Lightning's Trainer (``networks``) is left out and the others run.
 """
 
 # New groups of results (one module each): add the module's name to this import, one line.
@@ -21,15 +21,17 @@ from lightning_optsurvey.theory import (  # noqa: F401  (importing the group mod
     adaptive,
     centralized,
     decentralized,
+    easgd_async,
     first_order,
     generalization,
+    heterogeneous,
     landscape,
     second_order,
     stochastic,
 )
 
-try:  # groups that run the strategies' own code (center server, compressors) or train through Lightning's Trainer
-    from lightning_optsurvey.theory import easgd_async, heterogeneous, networks  # noqa: F401
+try:  # the group that trains networks through Lightning's Trainer
+    from lightning_optsurvey.theory import networks  # noqa: F401
 except ModuleNotFoundError as error:  # without Lightning the other groups' checks still run
     if (error.name or "").partition(".")[0] not in ("lightning", "lightning_fabric", "pytorch_lightning"):
         raise

@@ -11,7 +11,7 @@ center at once, needs in addition :math:`(p+1)\alpha < 2` (and the Jury conditio
 where the synchronous one diverges.
 
 The check runs the exchange of the asynchronous strategies' center
-(:meth:`~lightning_optsurvey.strategies._center_server.CenterState.exchange`, the code rank 0's server
+(:meth:`~lightning_optsurvey.averaging.center.CenterState.exchange`, the code rank 0's server
 runs) in the round-robin order, every grid value of :math:`\eta h` in one buffer, and compares the
 per-step growth rate of :math:`\lVert(x_1, \dots, x_p, \tilde x)\rVert` with the spectral radius of the
 exact period map (:func:`round_robin_easgd_matrix`), per step.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_optsurvey.averaging.center import CenterState
 from lightning_optsurvey.averaging.elastic import easgd_is_stable
-from lightning_optsurvey.strategies._center_server import CenterState
 from lightning_optsurvey.theory.centralized import ElasticGrid
 from lightning_optsurvey.theory.decisions import tail_rate
 from lightning_optsurvey.theory.fields import integer, positive, positives

@@ -15,7 +15,7 @@ Every iteration below is linear in the stacked state, so its limit and its rate 
   1 of the conserved quantity excluded).
 - ``gradient_tracking_exact_convergence``: DIGing :math:`X^{t+1} = W X^t - \alpha Y^t`,
   :math:`Y^{t+1} = W Y^t + A(X^{t+1} - X^t)` likewise.
-- ``choco_gossip_consensus``: CHOCO-Gossip with a :class:`~lightning_optsurvey.strategies.compression.Compressor`
+- ``choco_gossip_consensus``: CHOCO-Gossip with a :class:`~lightning_optsurvey.averaging.compression.Compressor`
   of quality :math:`\delta` on a graph with spectral gap :math:`\rho` and :math:`\beta = \lVert I - W\rVert_2`,
   at the theorem's step :math:`\gamma`, satisfies :math:`e_t \le (1 - \delta^2\rho/82)^t e_0`.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_optsurvey.averaging import Topology
-from lightning_optsurvey.strategies.compression import make_compressor
+from lightning_optsurvey.averaging.compression import make_compressor
 from lightning_optsurvey.theory.decisions import bound_violations, tail_rate
 from lightning_optsurvey.theory.fields import flag, integer, positive
 from lightning_optsurvey.theory.problems import DTYPE, generator

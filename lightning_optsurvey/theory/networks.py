@@ -41,8 +41,7 @@ from torch.func import functional_call
 
 from lightning_optsurvey.averaging import Topology
 from lightning_optsurvey.callbacks import EdgeOfStability, HessianSpectrum
-from lightning_optsurvey.measures import pac_bayes_sigma, worst_case_sharpness
-from lightning_optsurvey.measures._functional import FlatObjective
+from lightning_optsurvey.measures import FlatObjective, pac_bayes_sigma, worst_case_sharpness
 from lightning_optsurvey.optim import create_optimizer
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 from lightning_optsurvey.theory.decentralized import second_eigenvalue_modulus

@@ -25,9 +25,9 @@ from gossip_scenarios import (
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_optsurvey.averaging.compression import QSGD, RandomK
 from lightning_optsurvey.strategies import GossipStrategy
 from lightning_optsurvey.strategies.compressed_ddp import CompressedDDPStrategy
-from lightning_optsurvey.strategies.compression import QSGD, RandomK
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
 
 STEPS = 6

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch import Trainer
 
 import lightning_optsurvey  # noqa: F401  (registers the names)
+from lightning_optsurvey.averaging.compression import QSGD, Compressor, RandomK, Sign, TopK, make_compressor
 from lightning_optsurvey.strategies import STRATEGY_NAMES, CompressedDDPStrategy, GossipStrategy, Topology
-from lightning_optsurvey.strategies.compression import QSGD, Compressor, RandomK, Sign, TopK, make_compressor
 from lightning_optsurvey.strategies.gossip_algorithms import d2_is_stable
 
 Z = 5.0  # standard errors allowed between a Monte-Carlo mean and its exact expectation

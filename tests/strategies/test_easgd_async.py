@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401  (registers the strategy names)
+from lightning_optsurvey.averaging.center import CenterState
 from lightning_optsurvey.callbacks import Straggler
 from lightning_optsurvey.strategies import STRATEGY_NAMES, AsyncEASGDStrategy, AsyncLSGDStrategy, EASGDStrategy
-from lightning_optsurvey.strategies._center_server import CenterState
 
 WORLD = 3
 SLOW_SCENARIOS = ("lsgd", "resume")

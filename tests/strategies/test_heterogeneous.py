@@ -13,8 +13,8 @@ import pytest
 import torch
 from _dist.launch import launch
 
+from lightning_optsurvey.averaging.compression import QSGD, RandomK, Sign, TopK
 from lightning_optsurvey.strategies import Topology
-from lightning_optsurvey.strategies.compression import QSGD, RandomK, Sign, TopK
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 

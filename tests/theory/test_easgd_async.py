@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_optsurvey.strategies._center_server import CenterState
+from lightning_optsurvey.averaging.center import CenterState
 from lightning_optsurvey.strategies.easgd import easgd_is_stable
 from lightning_optsurvey.theory import get_result
 from lightning_optsurvey.theory.easgd_async import (
