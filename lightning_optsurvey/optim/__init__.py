@@ -3,6 +3,9 @@
 ``create_optimizer(name, params, **hparams)`` builds any of them; ``available_optimizers()`` lists them.
 """
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from lightning_optsurvey.optim import (
     _external,  # noqa: F401  (registers pytorch-optimizer's methods)
     _torch,  # noqa: F401  (registers torch.optim's methods)
@@ -46,3 +49,8 @@ __all__ = [
     "register",
 ]
 
+# Every public module of this package registers its entries when imported, so a new optimizer is one new file
+# here (its tests: the conformance suite and PyTorch's battery run over every registered name).
+for _module in _pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_module.name}")

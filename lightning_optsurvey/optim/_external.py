@@ -2,7 +2,7 @@
 
 Each class is used through a thin subclass (:func:`conforming`) that makes it behave as a
 ``torch.optim.Optimizer`` in the respects PyTorch's generic optimizer tests check
-(``tests/test_optim_torch_battery.py``), which the library's classes (4.1.0) do not:
+(``tests/optim/test_torch_battery.py``), which the library's classes (4.1.0) do not:
 
 - ``maximize`` is honoured per parameter group (the library reads one instance attribute, so a group's
   ``maximize`` was silently ignored) and the gradient is negated into a copy: the library negates
@@ -28,7 +28,7 @@ The price is one copy of the gradients per step (the library writes into what it
 Lookahead is ours (:mod:`~lightning_optsurvey.optim.lookahead`): no wrapper can give the library's
 class a standard state dict.
 
-Each entry passed the registry-wide conformance suite (``tests/test_optim_conformance.py``). Those that
+Each entry passed the registry-wide conformance suite (``tests/optim/test_conformance.py``). Those that
 did not are ours, each in its own module with the reason in its docstring: ``sam``/``asam``
 (:mod:`~lightning_optsurvey.optim.sam`: one closure evaluation under Lightning, stale ascent) and
 ``gsam`` (:mod:`~lightning_optsurvey.optim.gsam`: needs the model and a rho scheduler to be built),

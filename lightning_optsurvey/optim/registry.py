@@ -15,7 +15,7 @@ included: a wrong type is a ``TypeError``, a NaN or infinite value a ``ValueErro
 parameter (:func:`~lightning_optsurvey.validation.check_float_hparam`; ranges stay with each optimizer).
 
 ``deviations`` declares where an entry knowingly differs from a ``torch.optim`` optimizer in the generic
-properties PyTorch tests all of its optimizers for (``tests/test_optim_torch_battery.py`` ports that
+properties PyTorch tests all of its optimizers for (``tests/optim/test_torch_battery.py`` ports that
 battery); each key names a difference from :data:`DEVIATIONS`, its value says why, and the battery checks
 the declared behaviour instead of the torch one.
 """
@@ -318,7 +318,7 @@ def methods_markdown() -> str:
         lines.append(f"| `{name}` | {spec.family} | {needs} | {spec.summary} | {spec.reference} | {differs} |")
     lines.append("")
     lines.append("Declared differences from `torch.optim` (each checked as declared by "
-                 "`tests/test_optim_torch_battery.py`, PyTorch's generic optimizer tests run over every entry):")
+                 "`tests/optim/test_torch_battery.py`, PyTorch's generic optimizer tests run over every entry):")
     lines.append("")
     lines.extend(f"- `{k}`: {meaning}" for k, meaning in DEVIATIONS.items())
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """LocalSGDStrategy's arguments and the registered names of the centralized strategies.
 
 The multi-process behaviour (H=1 equals DDP, post-local SGD's schedule and bytes, resume) is in
-``tests/test_centralized_strategies.py``.
+``tests/strategies/test_centralized.py``.
 """
 
 from __future__ import annotations
