@@ -14,8 +14,6 @@ from _callback_configs import FAST_CONFIGS, measuring_callback_names
 from lightning_optsurvey import callbacks as cbs
 
 NAMES = measuring_callback_names()
-# Callbacks whose files other helpers own this session and that do not follow the rule yet (remove on merge).
-RULE_PENDING = {"EdgeOfStability": "callbacks/stability.py (c18) raises ValueError for a non-callable loss_fn"}
 
 
 def test_every_measuring_callback_has_a_fast_config():
@@ -51,10 +49,7 @@ def test_every_measuring_callback_survives_ddp_spawn_pickling(name):
         assert torch.equal(torch.rand(7, generator=twin), torch.rand(7, generator=g))
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=RULE_PENDING[n], raises=ValueError)) if n in RULE_PENDING else n
-    for n in NAMES
-])
+@pytest.mark.parametrize("name", NAMES)
 def test_arguments_follow_the_validation_rule(name):
     """Wrong type: TypeError; out of range: ValueError; each message names the parameter."""
     cls = getattr(cbs, name)
