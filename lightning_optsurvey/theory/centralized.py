@@ -61,7 +61,6 @@ def _minibatch_expectation(problem: NoisyQuadratic, lr: float, batch: int, steps
 
 
 @register_result
-@dataclass(frozen=True)
 class LocalSGDvsMinibatch(Result):
     """On quadratics, local SGD's average is mini-batch SGD with batch N, whatever the number of local steps."""
 
@@ -196,7 +195,6 @@ class ElasticGrid:
 
 
 @register_result
-@dataclass(frozen=True)
 class EASGDStability(ElasticGrid, Result):
     """The stability region of synchronous EASGD on a quadratic."""
 
@@ -323,7 +321,6 @@ def _local_sgd_moments(p: _Heterogeneous, lr: float, h: int, rounds: int) -> tup
 
 
 @register_result
-@dataclass(frozen=True)
 class LocalSGDClientDrift(Result):
     """Local SGD on heterogeneous objectives: exact rate in H and a fixed point that drifts with H."""
 
@@ -448,7 +445,6 @@ def _easgd_moments(curvatures: torch.Tensor, workers: int, lr: float, alpha: flo
 
 
 @register_result
-@dataclass(frozen=True)
 class EASGDStronglyConvex(Result):
     """Synchronous EASGD converges on a strongly convex quadratic, linearly, to a noise ball around x*."""
 

@@ -20,7 +20,6 @@ exact period map (:func:`round_robin_easgd_matrix`), per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -69,7 +68,6 @@ def round_robin_spectral_radius(eta_h: float, alpha: float, workers: int) -> flo
 
 
 @register_result
-@dataclass(frozen=True)
 class AsyncEASGDStability(ElasticGrid, Result):
     """Round-robin asynchronous EASGD is stable for 0 < eta h < 2 and 0 < alpha < 1, unlike synchronous EASGD."""
 

@@ -121,7 +121,6 @@ class _HeterogeneousQuadraticsCheck(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class DPSGDHeterogeneityBias(_HeterogeneousQuadraticsCheck):
     """D-PSGD with a constant step stalls at a biased point on heterogeneous quadratics."""
 
@@ -215,7 +214,6 @@ class _ExactConvergence(_HeterogeneousQuadraticsCheck):
 
 
 @register_result
-@dataclass(frozen=True)
 class D2ExactConvergence(_ExactConvergence):
     """D² converges to the exact minimizer on heterogeneous quadratics, at its companion matrix's rate."""
 
@@ -262,7 +260,6 @@ class D2ExactConvergence(_ExactConvergence):
 
 
 @register_result
-@dataclass(frozen=True)
 class GradientTrackingExactConvergence(_ExactConvergence):
     """Gradient tracking (DIGing) converges to the exact minimizer at its iteration matrix's rate."""
 
@@ -301,7 +298,6 @@ class GradientTrackingExactConvergence(_ExactConvergence):
 
 
 @register_result
-@dataclass(frozen=True)
 class ChocoGossipConsensus(Result):
     """CHOCO-Gossip reaches consensus linearly at the rate its theorem gives for delta and the spectral gap."""
 
