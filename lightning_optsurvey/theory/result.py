@@ -87,10 +87,9 @@ class Result(abc.ABC):
     Subclasses are frozen dataclasses (:func:`register_result` makes a registered one so) whose fields
     are the check's configuration (problem size, steps, step size scale, ...), each declared with its
     constraint (:mod:`~lightning_optsurvey.theory.fields`: ``dim: int = integer(10, low=2)``) and validated
-    by this class's one ``__post_init__``; what relates
-    several fields goes in :meth:`validate`. The class attributes below describe the theorem. The
-    default configuration satisfies the theorem's assumptions; a test changes one field
-    (a step size beyond the allowed range) to show that the check can fail.
+    by this class's one ``__post_init__``; what relates several fields goes in :meth:`validate`. The class
+    attributes below describe the theorem. The default configuration satisfies the theorem's assumptions;
+    a test changes one field (a step size beyond the allowed range) to show that the check can fail.
 
     Attributes:
         number: Position in the survey's list (issue 8), used to order tables.
