@@ -55,7 +55,6 @@ class _OnlineMedian:
 
 
 @register_result
-@dataclass(frozen=True)
 class AdaGradRegret(Result):
     """Projected diagonal AdaGrad has O(sqrt(T)) regret on online convex problems."""
 
@@ -121,7 +120,6 @@ class AdaGradRegret(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class AdamFailsAMSGradConverges(Result):
     """Adam's average regret stays at 2(C-2)/3 on Reddi et al.'s problem; AMSGrad's goes to 0."""
 
@@ -208,7 +206,6 @@ class _AdamProblem:
 
 
 @register_result
-@dataclass(frozen=True)
 class AdamNonConvex(Result):
     """Adam (beta1 = 0) on a smooth non-convex function: E||grad F(x_tau)||^2 = O(d ln N / sqrt N)."""
 

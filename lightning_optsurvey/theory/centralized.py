@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import cmath
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -61,7 +62,6 @@ def _minibatch_expectation(problem: NoisyQuadratic, lr: float, batch: int, steps
 
 
 @register_result
-@dataclass(frozen=True)
 class LocalSGDvsMinibatch(Result):
     """On quadratics, local SGD's average is mini-batch SGD with batch N, whatever the number of local steps."""
 
@@ -194,9 +194,46 @@ class ElasticGrid:
         """Random starting states ``(workers + 1, grid)``: the workers then the center, per grid point."""
         return torch.randn(self.workers + 1, self.grid, generator=generator(seed), dtype=DTYPE)
 
+    def spectral_radius(self, eta_h: float, alpha: float) -> float:
+        """The closed-form (per-step) spectral radius of the scheme at ``(eta h, alpha)``."""
+        raise NotImplementedError
+
+    def predict(self, problem: torch.Tensor, k: int, alpha: float | None = None) -> float:
+        """Spectral radius at grid point ``k`` for ``alpha`` (default: the first)."""
+        alpha = self.alphas[0] if alpha is None else alpha
+        return self.spectral_radius(float(self._eta_h()[k]), alpha)
+
+    def sweep_outcome(
+        self, sweep: Callable[[float], tuple[list[float], list[float], bool, str]], quantity: str, details: str,
+        y_label: str,
+    ) -> CheckOutcome:
+        """Run ``sweep(alpha) -> (rates, radii, holds, line)`` over the grid for every alpha and report it.
+
+        The outcome compares the first alpha's measured rates with its radii over ``eta h`` (the other
+        alphas' rates as extra curves): ``quantity`` and ``details`` are completed with that alpha and
+        with every alpha's line.
+        """
+        holds, lines, curves, first = True, [], {}, None
+        for alpha in self.alphas:
+            rates, radii, alpha_holds, line = sweep(alpha)
+            holds = holds and alpha_holds
+            lines.append(f"alpha={alpha:g}: {line}")
+            curves[f"alpha={alpha:g} measured"] = rates
+            if first is None:
+                first = (alpha, rates, radii)
+        alpha, rates, radii = first
+        extra = {k: tuple(v) for k, v in curves.items() if not k.startswith(f"alpha={alpha:g} ")}
+        largest = max((r for r in rates if math.isfinite(r)), default=math.inf)
+        return CheckOutcome(
+            predicted=max(radii), measured=largest, holds=holds, name=self.name,
+            quantity=f"{quantity} over eta h in (0, {self.eta_h_max:g}] at alpha={alpha:g}",
+            details=f"{details}; " + "; ".join(lines),
+            steps=self._eta_h().tolist(), predicted_curve=radii, measured_curve=rates, extra_curves=extra,
+            x_label="eta h", y_label=y_label, log_y=False,
+        )
+
 
 @register_result
-@dataclass(frozen=True)
 class EASGDStability(ElasticGrid, Result):
     """The stability region of synchronous EASGD on a quadratic."""
 
@@ -224,16 +261,14 @@ class EASGDStability(ElasticGrid, Result):
     grid: int = integer(23, low=2)
     steps: int = integer(120, low=10)
 
-    def predict(self, problem: torch.Tensor, k: int, alpha: float | None = None) -> float:
-        """Spectral radius at grid point ``k`` for ``alpha`` (default: the first)."""
-        alpha = self.alphas[0] if alpha is None else alpha
-        return easgd_spectral_radius(float(self._eta_h()[k]), alpha, self.workers)
+    def spectral_radius(self, eta_h: float, alpha: float) -> float:
+        return easgd_spectral_radius(eta_h, alpha, self.workers)
 
     def check(self, seed: int = 0) -> CheckOutcome:
         start = self.problem(seed)
         eta_h = self._eta_h()
-        holds, lines, curves, first = True, [], {}, None
-        for alpha in self.alphas:
+
+        def sweep(alpha: float) -> tuple[list[float], list[float], bool, str]:
             workers, center = list(start[: self.workers]), start[self.workers]
             history = []
             for _ in range(self.steps + 1):
@@ -242,7 +277,7 @@ class EASGDStability(ElasticGrid, Result):
             history = torch.stack(history)  # (steps + 1, grid)
             rates, radii, mismatches, unstable_sgd_ok = [], [], 0, 0
             for j, value in enumerate(eta_h.tolist()):
-                radius = easgd_spectral_radius(value, alpha, self.workers)
+                radius = self.spectral_radius(value, alpha)
                 rate = tail_rate(history[:, j].tolist(), self.steps // 2)
                 rates.append(rate)
                 radii.append(radius)
@@ -254,20 +289,13 @@ class EASGDStability(ElasticGrid, Result):
                     mismatches += 1
                 if radius > 1.0 + STABILITY_MARGIN and value < 2.0:
                     unstable_sgd_ok += 1
-            holds = holds and mismatches == 0
-            lines.append(f"alpha={alpha:g}: {mismatches} mismatches, {unstable_sgd_ok} points unstable with eta h < 2")
-            curves[f"alpha={alpha:g} measured"] = rates
-            if first is None:
-                first = (alpha, rates, radii)
-        alpha, rates, radii = first
-        extra = {k: tuple(v) for k, v in curves.items() if not k.startswith(f"alpha={alpha:g} ")}
-        largest = max(r for r in rates if math.isfinite(r))
-        return CheckOutcome(
-            predicted=max(radii), measured=largest, holds=holds, name=self.name,
-            quantity=f"largest growth rate over eta h in (0, {self.eta_h_max:g}] at alpha={alpha:g}",
-            details=f"N={self.workers}, {self.grid} values of eta h, {self.steps} steps; " + "; ".join(lines),
-            steps=eta_h.tolist(), predicted_curve=radii, measured_curve=rates, extra_curves=extra,
-            x_label="eta h", y_label="per-step growth rate of ||(x_1..x_N, c)||", log_y=False,
+            return rates, radii, mismatches == 0, (
+                f"{mismatches} mismatches, {unstable_sgd_ok} points unstable with eta h < 2"
+            )
+
+        return self.sweep_outcome(
+            sweep, "largest growth rate", f"N={self.workers}, {self.grid} values of eta h, {self.steps} steps",
+            "per-step growth rate of ||(x_1..x_N, c)||",
         )
 
 
@@ -323,7 +351,6 @@ def _local_sgd_moments(p: _Heterogeneous, lr: float, h: int, rounds: int) -> tup
 
 
 @register_result
-@dataclass(frozen=True)
 class LocalSGDClientDrift(Result):
     """Local SGD on heterogeneous objectives: exact rate in H and a fixed point that drifts with H."""
 
@@ -448,7 +475,6 @@ def _easgd_moments(curvatures: torch.Tensor, workers: int, lr: float, alpha: flo
 
 
 @register_result
-@dataclass(frozen=True)
 class EASGDStronglyConvex(Result):
     """Synchronous EASGD converges on a strongly convex quadratic, linearly, to a noise ball around x*."""
 

@@ -11,7 +11,6 @@ gossip round without the processes. Spectral quantities are recomputed here from
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
@@ -77,7 +76,6 @@ def _consensus_error(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_result
-@dataclass(frozen=True)
 class GossipConsensus(Result):
     """Gossip averaging contracts the disagreement by |lambda_2(W)| per round."""
 
@@ -157,7 +155,6 @@ class GossipConsensus(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class OnePeerExactAveraging(Result):
     """The one-peer exponential graph averages exactly in log2(N) rounds."""
 
@@ -217,7 +214,6 @@ class OnePeerExactAveraging(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class DPSGDConsensus(Result):
     """D-PSGD's consensus distance grows as the spectral gap shrinks."""
 
@@ -321,7 +317,6 @@ class DPSGDConsensus(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class DPSGDLinearSpeedup(Result):
     """D-PSGD's non-convex rate: O(1/sqrt(NK)), a linear speedup in the number of nodes N."""
 

@@ -20,7 +20,6 @@ exact period map (:func:`round_robin_easgd_matrix`), per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -69,7 +68,6 @@ def round_robin_spectral_radius(eta_h: float, alpha: float, workers: int) -> flo
 
 
 @register_result
-@dataclass(frozen=True)
 class AsyncEASGDStability(ElasticGrid, Result):
     """Round-robin asynchronous EASGD is stable for 0 < eta h < 2 and 0 < alpha < 1, unlike synchronous EASGD."""
 
@@ -98,10 +96,9 @@ class AsyncEASGDStability(ElasticGrid, Result):
     grid: int = integer(20, low=2)
     rounds: int = integer(60, low=10)
 
-    def predict(self, problem: torch.Tensor, k: int, alpha: float | None = None) -> float:
-        """Per-step spectral radius at grid point ``k`` for ``alpha`` (default: the first)."""
-        alpha = self.alphas[0] if alpha is None else alpha
-        return round_robin_spectral_radius(float(self._eta_h()[k]), alpha, self.workers)
+    def spectral_radius(self, eta_h: float, alpha: float) -> float:
+        """Per-step spectral radius of the round map (see :func:`round_robin_spectral_radius`)."""
+        return round_robin_spectral_radius(eta_h, alpha, self.workers)
 
     def _simulate(self, start: torch.Tensor, alpha: float) -> torch.Tensor:
         """Norms of the state at the start of every round, ``(rounds + 1, grid)``."""
@@ -122,12 +119,12 @@ class AsyncEASGDStability(ElasticGrid, Result):
     def check(self, seed: int = 0) -> CheckOutcome:
         start = self.problem(seed)
         eta_h = self._eta_h().tolist()
-        holds, lines, curves, first = True, [], {}, None
-        for alpha in self.alphas:
+
+        def sweep(alpha: float) -> tuple[list[float], list[float], bool, str]:
             history = self._simulate(start, alpha)
             rates, radii, mismatches, diverged, sync_unstable = [], [], 0, 0, 0
             for j, value in enumerate(eta_h):
-                radius = round_robin_spectral_radius(value, alpha, self.workers)
+                radius = self.spectral_radius(value, alpha)
                 per_round = tail_rate(history[:, j].tolist(), self.rounds // 2)
                 rate = per_round ** (1.0 / self.workers) if math.isfinite(per_round) else per_round
                 rates.append(rate)
@@ -139,20 +136,13 @@ class AsyncEASGDStability(ElasticGrid, Result):
                     diverged += 1
                 if not easgd_is_stable(value, alpha, self.workers):
                     sync_unstable += 1
-            holds = holds and mismatches == 0 and diverged == 0
-            lines.append(f"alpha={alpha:g}: {mismatches} rate mismatches, {diverged} points not converging, "
-                         f"{sync_unstable} points where synchronous EASGD diverges")
-            curves[f"alpha={alpha:g} measured"] = rates
-            if first is None:
-                first = (alpha, rates, radii)
-        assert first is not None
-        alpha, rates, radii = first
-        extra = {k: tuple(v) for k, v in curves.items() if not k.startswith(f"alpha={alpha:g} ")}
-        largest = max((r for r in rates if math.isfinite(r)), default=math.inf)
-        return CheckOutcome(
-            predicted=max(radii), measured=largest, holds=holds, name=self.name,
-            quantity=f"largest per-step growth rate over eta h in (0, {self.eta_h_max:g}] at alpha={alpha:g}",
-            details=f"p={self.workers}, {self.grid} values of eta h, {self.rounds} rounds; " + "; ".join(lines),
-            steps=eta_h, predicted_curve=radii, measured_curve=rates, extra_curves=extra,
-            x_label="eta h", y_label="per-step growth rate of ||(x_1..x_p, c)||", log_y=False,
+            return rates, radii, mismatches == 0 and diverged == 0, (
+                f"{mismatches} rate mismatches, {diverged} points not converging, "
+                f"{sync_unstable} points where synchronous EASGD diverges"
+            )
+
+        return self.sweep_outcome(
+            sweep, "largest per-step growth rate",
+            f"p={self.workers}, {self.grid} values of eta h, {self.rounds} rounds",
+            "per-step growth rate of ||(x_1..x_p, c)||",
         )

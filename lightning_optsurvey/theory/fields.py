@@ -6,7 +6,7 @@ declared, and one generic validation (``Result.__post_init__``) applies them all
 argument rule (:mod:`lightning_optsurvey.validation`: wrong type ``TypeError``, out of range or not finite
 ``ValueError``, messages naming the field, the value and what is allowed)::
 
-    @dataclass(frozen=True)
+    @register_result  # makes the class a frozen dataclass (a base class takes @dataclass(frozen=True))
     class MyCheck(Result):
         dim: int = integer(10, low=2)
         lr: float = positive(0.1)

@@ -97,7 +97,6 @@ class _AcceleratedQuadraticCheck(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class GDConvex(_ConvexQuadraticCheck):
     """GD with step ``1/L`` on an L-smooth convex function."""
 
@@ -127,7 +126,6 @@ class GDConvex(_ConvexQuadraticCheck):
 
 
 @register_result
-@dataclass(frozen=True)
 class GDStronglyConvex(Result):
     """GD with step ``1/L`` on a mu-strongly convex, L-smooth function."""
 
@@ -199,7 +197,6 @@ def _accelerated_outcome(
 
 
 @register_result
-@dataclass(frozen=True)
 class HeavyBall(_AcceleratedQuadraticCheck):
     """Polyak's heavy ball with the optimal constants on a quadratic."""
 
@@ -267,7 +264,6 @@ def _nesterov_run(q: Quadratic, steps: int, lr: float, momentum_at, rescale: boo
 
 
 @register_result
-@dataclass(frozen=True)
 class NesterovStronglyConvex(_AcceleratedQuadraticCheck):
     """Nesterov's method with constant momentum on a strongly convex quadratic."""
 
@@ -306,7 +302,6 @@ class NesterovStronglyConvex(_AcceleratedQuadraticCheck):
 
 
 @register_result
-@dataclass(frozen=True)
 class NesterovConvex(_ConvexQuadraticCheck):
     """Nesterov's method with the momentum schedule ``(k-1)/(k+2)`` on a convex quadratic."""
 
@@ -338,7 +333,6 @@ class NesterovConvex(_ConvexQuadraticCheck):
 
 
 @register_result
-@dataclass(frozen=True)
 class GDPolyakLojasiewicz(Result):
     """GD converges linearly on a non-convex function that satisfies the Polyak-Lojasiewicz inequality."""
 

@@ -30,7 +30,6 @@ RESIDUAL_EXPONENT_FRACTION = 0.8
 
 
 @register_result
-@dataclass(frozen=True)
 class ImplicitBiasMaxMargin(Result):
     """GD on separable logistic regression converges in direction to the max-margin separator."""
 
@@ -178,7 +177,6 @@ class _CoupledSGDCheck(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class UniformStabilitySGD(_CoupledSGDCheck):
     """SGD on a convex, smooth, Lipschitz loss is uniformly stable, which bounds its generalization gap."""
 
@@ -235,7 +233,6 @@ def _sigmoid_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 @register_result
-@dataclass(frozen=True)
 class UniformStabilityNonConvex(_CoupledSGDCheck):
     """SGD with steps c/t on a smooth, Lipschitz, bounded non-convex loss is uniformly stable."""
 

@@ -26,6 +26,7 @@ and CHOCO uses the package's compressors, so the checks exercise the objects tra
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,6 @@ class _HeterogeneousQuadraticsCheck(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class DPSGDHeterogeneityBias(_HeterogeneousQuadraticsCheck):
     """D-PSGD with a constant step stalls at a biased point on heterogeneous quadratics."""
 
@@ -179,8 +179,13 @@ class _ExactConvergence(_HeterogeneousQuadraticsCheck):
     def iteration_matrix(self, problem: HeterogeneousQuadratics) -> torch.Tensor:
         raise NotImplementedError
 
-    def run(self, problem: HeterogeneousQuadratics) -> list[float]:
+    def iterates(self, problem: HeterogeneousQuadratics) -> Iterator[torch.Tensor]:
+        """The method's iterates ``X_0, X_1, ..., X_steps`` (one row per node)."""
         raise NotImplementedError
+
+    def run(self, problem: HeterogeneousQuadratics) -> list[float]:
+        """``||X_t - 1 x*||_F`` for ``t = 0..steps``."""
+        return [problem.error(x) for x in self.iterates(problem)]
 
     def predict(self, problem: HeterogeneousQuadratics, k: int) -> float:
         """The predicted rate: the spectral radius of the iteration matrix, eigenvalue 1 excluded."""
@@ -215,7 +220,6 @@ class _ExactConvergence(_HeterogeneousQuadraticsCheck):
 
 
 @register_result
-@dataclass(frozen=True)
 class D2ExactConvergence(_ExactConvergence):
     """D² converges to the exact minimizer on heterogeneous quadratics, at its companion matrix's rate."""
 
@@ -248,21 +252,19 @@ class D2ExactConvergence(_ExactConvergence):
         top = torch.cat([m @ (2 * eye - self.lr * a), -m @ (eye - self.lr * a)], dim=1)
         return torch.cat([top, torch.cat([eye, torch.zeros(n, n, dtype=DTYPE)], dim=1)])
 
-    def run(self, problem: HeterogeneousQuadratics) -> list[float]:
+    def iterates(self, problem: HeterogeneousQuadratics) -> Iterator[torch.Tensor]:
         m = self.mixing(problem)
         x_prev = torch.zeros_like(problem.targets)
         g_prev = problem.gradients(x_prev)
         x = m @ (x_prev - self.lr * g_prev)
-        errors = [problem.error(x_prev), problem.error(x)]
+        yield from (x_prev, x)
         for _ in range(self.steps - 1):
             g = problem.gradients(x)
             x, x_prev, g_prev = m @ (2 * x - x_prev - self.lr * g + self.lr * g_prev), x, g
-            errors.append(problem.error(x))
-        return errors
+            yield x
 
 
 @register_result
-@dataclass(frozen=True)
 class GradientTrackingExactConvergence(_ExactConvergence):
     """Gradient tracking (DIGing) converges to the exact minimizer at its iteration matrix's rate."""
 
@@ -286,22 +288,20 @@ class GradientTrackingExactConvergence(_ExactConvergence):
         top = torch.cat([w, -self.lr * eye], dim=1)
         return torch.cat([top, torch.cat([a @ (w - eye), w - self.lr * a], dim=1)])
 
-    def run(self, problem: HeterogeneousQuadratics) -> list[float]:
+    def iterates(self, problem: HeterogeneousQuadratics) -> Iterator[torch.Tensor]:
         w = problem.w
         x = torch.zeros_like(problem.targets)
         g = problem.gradients(x)
         y = g.clone()
-        errors = [problem.error(x)]
+        yield x
         for _ in range(self.steps):
             x = w @ x - self.lr * y
             g_new = problem.gradients(x)
             y, g = w @ y + g_new - g, g_new
-            errors.append(problem.error(x))
-        return errors
+            yield x
 
 
 @register_result
-@dataclass(frozen=True)
 class ChocoGossipConsensus(Result):
     """CHOCO-Gossip reaches consensus linearly at the rate its theorem gives for delta and the spectral gap."""
 

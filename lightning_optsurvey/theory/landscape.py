@@ -72,7 +72,6 @@ def _mlp(widths: tuple[int, ...], gen: torch.Generator) -> nn.Module:
 
 
 @register_result
-@dataclass(frozen=True)
 class SAMSharpness(Result):
     """At a minimum, SAM's sharpness is rho^2 lambda_max / 2 to second order."""
 
@@ -146,7 +145,6 @@ class _SmoothingProblem:
 
 
 @register_result
-@dataclass(frozen=True)
 class SmoothingFlattens(Result):
     """The losses that Entropy-SGD and LPF-SGD minimize have a smaller Hessian norm than the original."""
 
@@ -304,7 +302,6 @@ def edge_of_stability_outcome(
 
 
 @register_result
-@dataclass(frozen=True)
 class GDEdgeOfStability(Result):
     """Full-batch GD drives the sharpness up to 2/eta and keeps it there."""
 
@@ -367,7 +364,6 @@ class GDEdgeOfStability(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class SAMNonConvex(Result):
     """SAM with a constant radius converges on a smooth non-convex function to an O(L^2 rho^2) neighbourhood."""
 
@@ -444,7 +440,6 @@ class SAMNonConvex(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class LPFSmoothingBound(Result):
     """LPF-SGD steps with the gradient of the Gaussian-smoothed loss, within Nesterov & Spokoiny's bias bound."""
 

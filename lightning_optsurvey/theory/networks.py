@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -135,7 +134,6 @@ class _MSEModule(LightningModule):
 
 
 @register_result
-@dataclass(frozen=True)
 class EdgeOfStabilityDigits(Result):
     """Full-batch GD on a digits network, trained through Lightning, sharpens to 2/eta and stays there."""
 
@@ -210,7 +208,6 @@ def kl_inverse(q: float, budget: float) -> float:
 
 
 @register_result
-@dataclass(frozen=True)
 class PACBayesDigits(Result):
     """A PAC-Bayes bound built from the PAC-Bayes sigma upper-bounds the held-out error of a digits network."""
 
@@ -333,7 +330,6 @@ class _GaussianRegression(LightningModule):
 
 
 @register_result
-@dataclass(frozen=True)
 class KFACNaturalGradient(Result):
     """K-FAC is the natural gradient where the Kronecker factorization is exact, so it contracts by 1 - eta."""
 
@@ -426,7 +422,6 @@ SAM_DIGITS_EXPONENT_ATOL = 0.15
 
 
 @register_result
-@dataclass(frozen=True)
 class SAMSharpnessDigits(Result):
     """At a minimum reached by training a digits network, SAM's sharpness is rho^2 lambda_max / 2."""
 
@@ -526,7 +521,6 @@ GOSSIP_DIGITS_MIXINGS = ("metropolis", "push_sum")
 
 
 @register_result
-@dataclass(frozen=True)
 class GossipConsensusDigits(Result):
     """D-PSGD on digits networks: the consensus distance contracts by |lambda_2(W)|^2 per gossip round."""
 

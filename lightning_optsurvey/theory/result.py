@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, dataclass_transform
 
 from lightning_optsurvey.theory.fields import validate_fields
 
@@ -84,12 +84,12 @@ class CheckOutcome:
 class Result(abc.ABC):
     """One convergence or generalization result of the survey, checkable on a synthetic problem.
 
-    Subclasses are frozen dataclasses whose fields are the check's configuration (problem size, steps,
-    step size scale, ...), each declared with its constraint (:mod:`~lightning_optsurvey.theory.fields`:
-    ``dim: int = integer(10, low=2)``) and validated by this class's one ``__post_init__``; what relates
-    several fields goes in :meth:`validate`. The class attributes below describe the theorem. The
-    default configuration satisfies the theorem's assumptions; a test changes one field
-    (a step size beyond the allowed range) to show that the check can fail.
+    Subclasses are frozen dataclasses (:func:`register_result` makes a registered one so) whose fields
+    are the check's configuration (problem size, steps, step size scale, ...), each declared with its
+    constraint (:mod:`~lightning_optsurvey.theory.fields`: ``dim: int = integer(10, low=2)``) and validated
+    by this class's one ``__post_init__``; what relates several fields goes in :meth:`validate`. The class
+    attributes below describe the theorem. The default configuration satisfies the theorem's assumptions;
+    a test changes one field (a step size beyond the allowed range) to show that the check can fail.
 
     Attributes:
         number: Position in the survey's list (issue 8), used to order tables.
@@ -136,8 +136,14 @@ class Result(abc.ABC):
 _RESULTS: dict[str, type[Result]] = {}
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
 def register_result(cls: type[Result]) -> type[Result]:
-    """Class decorator adding a :class:`Result` subclass to :func:`all_results`.
+    """Class decorator making a :class:`Result` subclass a frozen dataclass and adding it to :func:`all_results`.
+
+    A result's fields are its configuration, validated by ``Result.__post_init__``, which only a
+    dataclass's ``__init__`` calls: so the registry makes every result a frozen dataclass itself (a class
+    already decorated with ``@dataclass(frozen=True)`` is kept as it is) rather than trusting each
+    declaration to carry a second decorator.
 
     Raises:
         TypeError: If ``cls`` is not a ``Result`` subclass.
@@ -153,6 +159,8 @@ def register_result(cls: type[Result]) -> type[Result]:
             raise ValueError(f"result {name!r} needs a non-empty {attribute!r}")
     if name in _RESULTS and _RESULTS[name].__qualname__ != cls.__qualname__:
         raise ValueError(f"result name {name!r} is already registered by {_RESULTS[name].__qualname__}")
+    if "__dataclass_fields__" not in cls.__dict__:  # inherited fields alone do not make it a dataclass
+        cls = dataclass(frozen=True)(cls)
     _RESULTS[name] = cls
     return cls
 

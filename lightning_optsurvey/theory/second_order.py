@@ -11,7 +11,6 @@ strong Wolfe line search).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +45,6 @@ MINIMIZER_SCALE = 1e6
 
 
 @register_result
-@dataclass(frozen=True)
 class NewtonQuadratic(Result):
     """Newton's method converges quadratically near the minimizer."""
 
@@ -118,7 +116,6 @@ class NewtonQuadratic(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class LBFGSSuperlinear(Result):
     """L-BFGS whose memory covers every iteration (BFGS) converges superlinearly on a quadratic."""
 

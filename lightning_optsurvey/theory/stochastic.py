@@ -61,7 +61,6 @@ class _NoisyQuadraticCheck(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class SGDDiminishingStep(_NoisyQuadraticCheck):
     """SGD with steps ``beta/(gamma + k)`` on a strongly convex finite sum."""
 
@@ -124,7 +123,6 @@ class SGDDiminishingStep(_NoisyQuadraticCheck):
 
 
 @register_result
-@dataclass(frozen=True)
 class SGDConstantStep(_NoisyQuadraticCheck):
     """SGD with a constant step converges linearly to a neighbourhood of size O(eta L M / c)."""
 
@@ -208,7 +206,6 @@ class _WavyNoise:
 
 
 @register_result
-@dataclass(frozen=True)
 class SGDNonConvex(Result):
     """SGD with step ``c/sqrt(K)`` on a smooth non-convex function."""
 
@@ -279,7 +276,6 @@ class SGDNonConvex(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class SVRGLinearRate(Result):
     """SVRG converges linearly on a strongly convex finite sum."""
 
@@ -374,7 +370,6 @@ class SVRGLinearRate(Result):
 
 
 @register_result
-@dataclass(frozen=True)
 class SGDPolyakLojasiewicz(Result):
     """SGD with a constant step converges linearly to a noise floor under the PL inequality alone."""
 
@@ -480,7 +475,6 @@ def momentum_stationary_gap(problem: NoisyQuadratic, name: str, lr: float, beta:
 
 
 @register_result
-@dataclass(frozen=True)
 class MomentumNoiseFloor(_NoisyQuadraticCheck):
     """Stochastic heavy ball and Nesterov converge linearly to a noise floor ~ eta/(1 - beta) x SGD's."""
 

@@ -259,6 +259,37 @@ def test_register_result_rejects_a_taken_name():
             pass
 
 
+def test_register_result_makes_a_frozen_dataclass_that_validates_its_fields():
+    from lightning_optsurvey.theory.fields import integer
+
+    @register_result
+    class _Plain(Result):
+        number = 998
+        name = "zz_plain_for_test"
+        statement = reference = criterion = "test"
+        dim: int = integer(3, low=2)
+
+        def problem(self, seed=0):
+            return None
+
+        def predict(self, problem, k):
+            return 0.0
+
+        def check(self, seed=0):
+            raise NotImplementedError
+
+    try:
+        assert [f.name for f in dataclasses.fields(_Plain)] == ["dim"] and _Plain(dim=4).dim == 4
+        with pytest.raises(ValueError, match="dim"):
+            _Plain(dim=1)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            _Plain().dim = 5
+        # A class already decorated is registered as it is.
+        assert register_result(first_order.GDConvex) is first_order.GDConvex
+    finally:
+        del _RESULTS["zz_plain_for_test"]
+
+
 def test_plot_outcome_draws_measured_and_predicted():
     result = get_result("one_peer_exact_averaging")
     outcome = result.check()
