@@ -231,6 +231,12 @@ class LocalModelStrategy(DDPStrategy):
     """The names a class registers in Lightning's ``StrategyRegistry``: name -> (description, init parameters).
 
     Only the class's own table is registered (see :meth:`register_strategies`), never an inherited one."""
+    rank_counters: ClassVar[Mapping[str, type]] = {}
+    """Scalar counters every rank saves in checkpoints: key -> type, kept in the attribute ``_<key>``.
+
+    A subclass extends its parent's table (``{**Parent.rank_counters, "key": int}``); :meth:`_rank_state`
+    saves them in table order and :meth:`_load_rank_state` restores them (``type(0)`` when a checkpoint
+    lacks one)."""
 
     def __init__(
         self,
@@ -889,11 +895,13 @@ class LocalModelStrategy(DDPStrategy):
 
     def _rank_state(self) -> dict[str, Any]:
         """Extra per-rank state saved in checkpoints (tensors are moved to the CPU)."""
-        return {"comm": self.comm.state_dict()}
+        return {"comm": self.comm.state_dict(), **{key: getattr(self, f"_{key}") for key in self.rank_counters}}
 
     def _load_rank_state(self, state: Mapping[str, Any]) -> None:
         if "comm" in state:
             self.comm.load_state_dict(state["comm"])
+        for key, kind in self.rank_counters.items():
+            setattr(self, f"_{key}", kind(state.get(key, 0)))
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
@@ -1005,6 +1013,8 @@ class PeriodicSyncStrategy(LocalModelStrategy):
         TypeError: If ``sync_every`` is not an integer.
     """
 
+    rank_counters = {"steps": int, "syncs": int}
+
     def __init__(self, sync_every: int = 1, **ddp_kwargs: Any) -> None:
         self.sync_every = check_int("sync_every", sync_every, low=1)
         check_ddp_kwargs(type(self).__name__, ddp_kwargs)
@@ -1049,8 +1059,7 @@ class PeriodicSyncStrategy(LocalModelStrategy):
     @override
     def _on_fit_setup(self) -> None:
         super()._on_fit_setup()
-        tensors = self.synced_tensors()
-        self._flat = FlatBuffers(tensors) if tensors else None
+        self._flat = FlatBuffers.or_none(self.synced_tensors())
 
     @override
     def _round_due(self) -> bool:
@@ -1114,18 +1123,6 @@ class PeriodicSyncStrategy(LocalModelStrategy):
         params = super()._logged_params()
         params["sync_every"] = self.sync_every
         return params
-
-    @override
-    def _rank_state(self) -> dict[str, Any]:
-        state = super()._rank_state()
-        state.update(steps=self._steps, syncs=self._syncs)
-        return state
-
-    @override
-    def _load_rank_state(self, state: Mapping[str, Any]) -> None:
-        super()._load_rank_state(state)
-        self._steps = int(state.get("steps", 0))
-        self._syncs = int(state.get("syncs", 0))
 
 
 DEFAULT_CPU_TIMEOUT = timedelta(minutes=5)

@@ -146,6 +146,11 @@ class FlatBuffers:
         self.ordered = [tensors[i] for idx in self.indices for i in idx]
         """The tensors in buffer order: ``ordered[k]`` matches ``all_views(buffers)[k]``."""
 
+    @classmethod
+    def or_none(cls, tensors: Sequence[Tensor]) -> FlatBuffers | None:
+        """The buffers of ``tensors``, or ``None`` when there are none (a model without float buffers)."""
+        return cls(tensors) if tensors else None
+
     def views_of(self, buffer: Tensor, b: int) -> list[Tensor]:
         """Views into ``buffer`` (laid out like buffer ``b``) with the shapes of its tensors."""
         shapes = [self.tensors[i].shape for i in self.indices[b]]

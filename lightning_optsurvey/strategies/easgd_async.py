@@ -114,6 +114,7 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
 
     uneven_data_join = False  # asynchronous: no per-batch control message (see strategies._base)
     evaluate_run_model = False  # the center lives on rank 0; lightning_module_state_dict says what is saved
+    rank_counters = {**PeriodicSyncStrategy.rank_counters, "exchanges": int, "loss_sum": float, "loss_count": int}
 
     def __init__(
         self, sync_every: int = 4, heartbeat_timeout: float = 60.0, record_history: bool = False, **ddp_kwargs: Any
@@ -340,7 +341,6 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
     @override
     def _rank_state(self) -> dict[str, Any]:
         state = super()._rank_state()
-        state.update(exchanges=self._exchanges, loss_sum=self._loss_sum, loss_count=self._loss_count)
         if self._client is not None:
             state["seq"] = self._client.seq
         if self._state is not None:
@@ -350,9 +350,6 @@ class AsyncCenterStrategy(PeriodicSyncStrategy):
     @override
     def _load_rank_state(self, state: Mapping[str, Any]) -> None:
         super()._load_rank_state(state)
-        self._exchanges = int(state.get("exchanges", 0))
-        self._loss_sum = float(state.get("loss_sum", 0.0))
-        self._loss_count = int(state.get("loss_count", 0))
         self._pending_state = state.get("center")
 
     @override

@@ -182,10 +182,8 @@ class GossipStrategy(PeriodicSyncStrategy):
         """Optimizer steps per gossip round (``sync_every`` of the periodic schedule)."""
         return self.sync_every
 
-    @property
-    def rounds(self) -> int:
-        """Gossip rounds done so far."""
-        return self._syncs
+    rounds = PeriodicSyncStrategy.syncs
+    """Gossip rounds done so far: gossip's name for :attr:`syncs`."""
 
     # ----------------------------------------------------------------------------------------------
     # Configuration

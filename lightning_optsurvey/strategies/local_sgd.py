@@ -116,8 +116,7 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     @override
     def _on_fit_setup(self) -> None:
         super()._on_fit_setup()
-        buffers = self._float_buffers()
-        self._buffer_flat = FlatBuffers(buffers) if buffers else None
+        self._buffer_flat = FlatBuffers.or_none(self._float_buffers())
 
     @override
     def _after_backward(self, optimizer: Optimizer) -> None:

@@ -8,15 +8,7 @@ from _measures_helpers import classification_batches, cross_entropy, relu_mlp
 from torch import nn
 from torch.func import jacrev
 
-from lightning_optsurvey.measures import (
-    distance_from_init,
-    fisher_rao_norm,
-    frobenius_norm_product,
-    operator_spectral_norm,
-    parameter_norm,
-    path_norm,
-    spectral_norm_product,
-)
+from lightning_optsurvey.measures import norms
 from lightning_optsurvey.tasks import build_model
 
 FLOAT64_RTOL = 1e-10
@@ -43,7 +35,7 @@ def test_conv_power_iteration_matches_dense_jacobian(conv_kwargs):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, **conv_kwargs).double()
     shape = (4, 7, 6)
-    got = operator_spectral_norm(conv, shape, tol=1e-8, generator=torch.Generator().manual_seed(0))
+    got = norms.operator_spectral_norm(conv, shape, tol=1e-8, generator=torch.Generator().manual_seed(0))
     assert got == pytest.approx(dense_conv_norm(conv, shape), rel=POWER_RTOL)
 
 
@@ -51,17 +43,17 @@ def test_conv_fft_is_exact_for_circular_padding():
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular").double()
     shape = (3, 6, 6)
-    assert operator_spectral_norm(conv, shape, method="fft") == pytest.approx(
+    assert norms.operator_spectral_norm(conv, shape, method="fft") == pytest.approx(
         dense_conv_norm(conv, shape), rel=FLOAT64_RTOL)
     # and the power method, on the same circular layer, agrees
-    assert operator_spectral_norm(conv, shape, tol=1e-8) == pytest.approx(dense_conv_norm(conv, shape),
+    assert norms.operator_spectral_norm(conv, shape, tol=1e-8) == pytest.approx(dense_conv_norm(conv, shape),
                                                                           rel=POWER_RTOL)
 
 
 def test_conv1d_power_iteration():
     torch.manual_seed(2)
     conv = nn.Conv1d(2, 3, 5, padding=2).double()
-    assert operator_spectral_norm(conv, (2, 11), tol=1e-8) == pytest.approx(dense_conv_norm(conv, (2, 11)),
+    assert norms.operator_spectral_norm(conv, (2, 11), tol=1e-8) == pytest.approx(dense_conv_norm(conv, (2, 11)),
                                                                             rel=POWER_RTOL)
 
 
@@ -71,7 +63,7 @@ def test_spectral_norm_product_of_the_digits_cnn():
     model.train()
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = spectral_norm_product(model, x, tol=1e-9)
+    got = norms.spectral_norm_product(model, x, tol=1e-9)
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
     linears = [m for m in model if isinstance(m, nn.Linear)]
     expected = dense_conv_norm(convs[0], (1, 8, 8)) * dense_conv_norm(convs[1], (16, 8, 8))
@@ -84,9 +76,9 @@ def test_spectral_norm_product_of_the_digits_cnn():
 
 def test_spectral_norm_product_needs_an_input_for_convolutions():
     with pytest.raises(ValueError, match="example_input"):
-        spectral_norm_product(build_model("cnn"))
+        norms.spectral_norm_product(build_model("cnn"))
     with pytest.raises(ValueError, match="method"):
-        operator_spectral_norm(nn.Linear(2, 2), method="svd")
+        norms.operator_spectral_norm(nn.Linear(2, 2), method="svd")
 
 
 def test_frobenius_product_and_parameter_norm_closed_form():
@@ -95,8 +87,8 @@ def test_frobenius_product_and_parameter_norm_closed_form():
         model[0].weight.copy_(2 * torch.eye(3))  # ||.||_F = 2 sqrt 3
         model[2].weight.fill_(1.0)  # ||.||_F = sqrt 6
         model[2].bias.copy_(torch.tensor([3.0, 4.0]))
-    assert frobenius_norm_product(model) == pytest.approx(2 * 3**0.5 * 6**0.5, rel=FLOAT64_RTOL)
-    assert parameter_norm(model) == pytest.approx((12 + 6 + 25) ** 0.5, rel=FLOAT64_RTOL)
+    assert norms.frobenius_norm_product(model) == pytest.approx(2 * 3**0.5 * 6**0.5, rel=FLOAT64_RTOL)
+    assert norms.parameter_norm(model) == pytest.approx((12 + 6 + 25) ** 0.5, rel=FLOAT64_RTOL)
 
 
 def test_distance_from_init():
@@ -105,9 +97,9 @@ def test_distance_from_init():
     with torch.no_grad():
         model[0].weight[0, 0] += 3.0
         model[2].bias[1] -= 4.0
-    assert distance_from_init(model, initial) == pytest.approx(5.0, rel=FLOAT64_RTOL)
+    assert norms.distance_from_init(model, initial) == pytest.approx(5.0, rel=FLOAT64_RTOL)
     with pytest.raises(ValueError, match="missing"):
-        distance_from_init(model, {})
+        norms.distance_from_init(model, {})
 
 
 def test_path_norm_of_a_bias_free_relu_network():
@@ -116,7 +108,7 @@ def test_path_norm_of_a_bias_free_relu_network():
     # sum over input-output paths of the product of squared weights
     expected = float((w3.pow(2) @ w2.pow(2) @ w1.pow(2)).sum()) ** 0.5
     model.train()
-    assert path_norm(model, torch.zeros(3, 6, dtype=torch.float64)) == pytest.approx(expected, rel=FLOAT64_RTOL)
+    assert norms.path_norm(model, torch.zeros(3, 6, dtype=torch.float64)) == pytest.approx(expected, rel=FLOAT64_RTOL)
     assert model.training
 
 
@@ -138,7 +130,7 @@ def _per_sample_reference(model: nn.Module, batches) -> float:
 def test_fisher_rao_norm_matches_per_sample_gradients():
     model = relu_mlp()
     batches = classification_batches(n=5, num_batches=2)
-    assert fisher_rao_norm(model, cross_entropy, batches) == pytest.approx(
+    assert norms.fisher_rao_norm(model, cross_entropy, batches) == pytest.approx(
         _per_sample_reference(model, batches), rel=1e-9)
 
 
@@ -150,7 +142,7 @@ def test_fisher_rao_norm_homogeneity_identity():
     out = model(x).detach().requires_grad_(True)
     (dl,) = torch.autograd.grad(cross_entropy(out, y) * len(y), out)
     expected = 3 * float(((dl * out).sum(dim=1) ** 2).mean().sqrt())
-    assert fisher_rao_norm(model, cross_entropy, batches) == pytest.approx(expected, rel=1e-10)
+    assert norms.fisher_rao_norm(model, cross_entropy, batches) == pytest.approx(expected, rel=1e-10)
 
 
 class _TwoInputReLU(nn.Module):
@@ -178,5 +170,5 @@ def test_path_norm_of_a_model_with_several_inputs():
     into = (w1**2).sum(dim=1) + (w2**2).sum(dim=1)
     expected = float(((w3**2) @ into).sum().sqrt())
     example = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
-    assert path_norm(model, example) == pytest.approx(expected, rel=FLOAT64_RTOL)
-    assert path_norm(model, list(example)) == pytest.approx(expected, rel=FLOAT64_RTOL)
+    assert norms.path_norm(model, example) == pytest.approx(expected, rel=FLOAT64_RTOL)
+    assert norms.path_norm(model, list(example)) == pytest.approx(expected, rel=FLOAT64_RTOL)
