@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,16 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from _support import free_port
 from mlflow.tracking import MlflowClient
 
 from lightning_optsurvey.cli import main
 from lightning_optsurvey.tracking import SOURCE_TAG, SYNCED_TAG, SYNCED_TO_TAG, Delivery, copy_run, pending_runs
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float, int]]]:
@@ -57,7 +51,7 @@ def test_delivery_keeps_runs_while_the_server_is_away_then_sync_copies_everythin
     local = MlflowClient(tracking_uri=outbox)
     run_id = _make_run(local, "e", tmp_path)
     # the server is away: delivery keeps the run and gives up within its wait, never holding the sweep
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     delivery = Delivery(outbox, dead, "e", retry_every=0.2)
     delivery.submit(run_id)
     started = time.monotonic()
@@ -97,7 +91,7 @@ class Server:
     """An ``mlflow server`` on a fixed port and store, started and killed by its process group."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.port, self.process = folder, _free_port(), None
+        self.folder, self.port, self.process = folder, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180) -> None:

@@ -10,20 +10,14 @@ after ``timeout`` seconds every process is killed and the test fails with the pr
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _support import free_port
+
 DIST_DIR = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (bind to port 0 and let the OS choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(
