@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -52,20 +53,43 @@ def flat_parameter_loss(
     ``call(*inputs)`` runs ``module`` with the flat vector's parameters (``torch.func.functional_call``); the
     other parameters and buffers are the module's own.
     """
-    named = dict(module.named_parameters())
-    keys = list(names) if names is not None else list(named)
-    shapes = [named[k].shape for k in keys]
-    sizes = [named[k].numel() for k in keys]
+    unflatten, flat0 = flat_parameters(module, names)
     weights = [batch_size(b) for b in batches]
     total = sum(weights)
 
     def loss(flat: Tensor) -> Tensor:
-        params = {k: c.view(s) for k, c, s in zip(keys, flat.split(sizes), shapes, strict=True)}
+        params = unflatten(flat)
 
         def call(*args: Any) -> Any:
             return functional_call(module, params, args)
 
         return sum(batch_loss(call, b) * (n / total) for b, n in zip(batches, weights, strict=True))
 
-    flat0 = torch.cat([named[k].detach().reshape(-1) for k in keys])
     return loss, flat0
+
+
+def flat_parameters(
+    module: nn.Module, names: Iterable[str] | None = None
+) -> tuple[Callable[[Tensor], dict[str, Tensor]], Tensor]:
+    """``(unflatten, flat0)``: the named parameters (default: all) as one flat vector ``flat0``, and the map
+    from such a vector back to ``{name: view shaped like the parameter}``."""
+    named = dict(module.named_parameters())
+    keys = list(names) if names is not None else list(named)
+    shapes = [named[k].shape for k in keys]
+    sizes = [named[k].numel() for k in keys]
+
+    def unflatten(flat: Tensor) -> dict[str, Tensor]:
+        return {k: c.view(s) for k, c, s in zip(keys, flat.split(sizes), shapes, strict=True)}
+
+    return unflatten, torch.cat([named[k].detach().reshape(-1) for k in keys])
+
+
+def cross_entropy_pairs(call: Callable[..., Any], batch: Any) -> Tensor:
+    """``batch_loss`` for ``(x, y)`` pairs and ``((x1, x2, ...), y)`` multi-input pairs: cross-entropy."""
+    x, y = batch
+    return F.cross_entropy(call(*x) if isinstance(x, (tuple, list)) else call(x), y)
+
+
+def pair_size(batch: Any) -> int:
+    """``batch_size`` for ``(inputs, y)`` pairs: the number of labels."""
+    return len(batch[1])

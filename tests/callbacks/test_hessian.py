@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import cross_entropy_pairs, dense_hessian, flat_parameter_loss, pair_size
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -84,8 +85,9 @@ class _Tiny(LightningModule):
 def _dense_eigenvalues(module: nn.Module, batches, bn_mode: str) -> torch.Tensor:
     double = _Tiny(batch_norm=any(isinstance(m, nn.BatchNorm1d) for m in module.modules())).double()
     double.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in module.state_dict().items()})
+    double.train(bn_mode == "batch")  # BatchNorm on batch statistics, or on its running ones (no Dropout here)
     batches64 = [(x.double(), y) for x, y in batches]
-    dense = HessianOperator(double, F.cross_entropy, batches64, bn_mode=bn_mode, linearize=False).dense()
+    dense = dense_hessian(*flat_parameter_loss(double, batches64, cross_entropy_pairs, pair_size))
     return torch.linalg.eigvalsh((dense + dense.T) / 2)
 
 
