@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -152,21 +154,17 @@ def _assert_delivered(outbox: str, server: str) -> None:
         assert run.data.metrics["time/train_seconds"] < 60, "waiting for the server counted as training"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path: Path) -> None:
+@contextmanager
+def _server_killed_after_the_first_run(tmp_path: Path, sync_wait: int) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """A real server, ``optsurvey compare`` against it, and the server killed once the first run is recorded;
+    yields both. On the way out the sweep (if still running) and the server are killed."""
     server = Server(tmp_path)
     server.start()
-    compare = _compare(tmp_path, server.uri, sync_wait=300)
+    compare = _compare(tmp_path, server.uri, sync_wait=sync_wait)
     try:
         _wait_for_first_run(tmp_path)
         server.kill()
-        time.sleep(30)
-        server.start()
-        out, err = compare.communicate(timeout=600)
-        assert compare.returncode == 0, err[-3000:]
-        assert "did not answer" not in err and "| adam " in out
-        _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
+        yield server, compare
     finally:
         if compare.poll() is None:
             os.killpg(compare.pid, signal.SIGKILL)
@@ -175,13 +173,20 @@ def test_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path: Path) -> 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path: Path) -> None:
+    with _server_killed_after_the_first_run(tmp_path, sync_wait=300) as (server, compare):
+        time.sleep(30)
+        server.start()
+        out, err = compare.communicate(timeout=600)
+        assert compare.returncode == 0, err[-3000:]
+        assert "did not answer" not in err and "| adam " in out
+        _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_server_that_never_returns_leaves_every_record_and_an_upload_command(tmp_path: Path) -> None:
-    server = Server(tmp_path)
-    server.start()
-    compare = _compare(tmp_path, server.uri, sync_wait=5)
-    try:
-        _wait_for_first_run(tmp_path)
-        server.kill()
+    with _server_killed_after_the_first_run(tmp_path, sync_wait=5) as (server, compare):
         out, err = compare.communicate(timeout=600)
         assert compare.returncode == 0, err[-3000:]
         assert "| sgd " in out and "| adam " in out  # the sweep completed, the table printed
@@ -191,10 +196,6 @@ def test_server_that_never_returns_leaves_every_record_and_an_upload_command(tmp
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert upload.returncode == 0, upload.stderr[-3000:]
         _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
-    finally:
-        if compare.poll() is None:
-            os.killpg(compare.pid, signal.SIGKILL)
-        server.kill()
 
 
 class _HealthOnly(BaseHTTPRequestHandler):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from _support import free_port
 
@@ -75,6 +76,20 @@ def launch(
         reason = f"timed out after {timeout}s" if timed_out else f"failed ranks {failed}"
         raise AssertionError(f"{script.name} {reason}\n{tails}")
     return outputs
+
+
+def launched(tmp_path_factory: Any, script: str, *args: str, **kwargs: Any) -> Path:
+    """:func:`launch` ``script`` into a fresh temporary folder (pytest's ``tmp_path_factory``); return the folder."""
+    out = tmp_path_factory.mktemp(Path(script).stem)
+    launch(script, out, *args, **kwargs)
+    return out
+
+
+def load_ranks(out_dir: str | Path, scenario: str, world: int) -> list[dict[str, Any]]:
+    """What each of ``world`` ranks saved for ``scenario`` (``{scenario}_rank{r}.pt`` in ``out_dir``)."""
+    import torch
+
+    return [torch.load(Path(out_dir) / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def run_script(script: str | Path, *args: str, timeout: float = 120.0) -> str:

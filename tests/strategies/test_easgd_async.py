@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _dist.launch import launch
+from _dist.launch import launch, launched, load_ranks
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -175,20 +176,15 @@ def test_straggler_sleeps_on_its_ranks_only_and_changes_nothing_else() -> None:
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("async")
-    launch("async_scenarios.py", out, "invariants", procs_per_node=WORLD, timeout=240)
-    return out
+    return launched(tmp_path_factory, "async_scenarios.py", "invariants", procs_per_node=WORLD, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def slow_out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("async_slow")
-    launch("async_scenarios.py", out, *SLOW_SCENARIOS, procs_per_node=WORLD, timeout=240)
-    return out
+    return launched(tmp_path_factory, "async_scenarios.py", *SLOW_SCENARIOS, procs_per_node=WORLD, timeout=240)
 
 
-def load(out: Path, scenario: str) -> list[dict[str, Any]]:
-    return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+load = partial(load_ranks, world=WORLD)  # what each rank saved for a scenario
 
 
 def _served_exactly_once(history: list[tuple[int, int]], exchanges: list[int]) -> None:
