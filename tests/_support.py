@@ -1,4 +1,4 @@
-"""Helpers shared by the test folders: free ports, dense float64 Hessians, digits fits, closures.
+"""Helpers shared by the test folders: free ports, dense float64 Hessians, a plain user classifier.
 
 Independent references live here once: :func:`dense_hessian` is reverse-over-reverse autograd, one double
 backward per column (not ``jacrev(jacrev(f))``: its vmapped double backward is wrong on LayerNorm weights in
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -93,3 +94,19 @@ def cross_entropy_pairs(call: Callable[..., Any], batch: Any) -> Tensor:
 def pair_size(batch: Any) -> int:
     """``batch_size`` for ``(inputs, y)`` pairs: the number of labels."""
     return len(batch[1])
+
+
+class UserClassifier(LightningModule):
+    """The training half of a plain user LightningModule: ``self.net`` (set by the subclass), cross-entropy,
+    and the epoch-mean training loss logged as ``train/loss``; nothing of this package."""
+
+    net: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
