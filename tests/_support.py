@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -96,17 +97,47 @@ def pair_size(batch: Any) -> int:
     return len(batch[1])
 
 
-class UserClassifier(LightningModule):
-    """The training half of a plain user LightningModule: ``self.net`` (set by the subclass), cross-entropy,
-    and the epoch-mean training loss logged as ``train/loss``; nothing of this package."""
+class PlainModule(LightningModule):
+    """A plain user LightningModule on ``(x, y)`` batches: ``self.net`` (set by the subclass) as its forward,
+    ``criterion(self(x), y)`` (cross-entropy unless the subclass says otherwise) as its training step."""
 
     net: nn.Module
+    criterion = staticmethod(F.cross_entropy)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        return self.criterion(self(x), y)
+
+
+class UserClassifier(PlainModule):
+    """:class:`PlainModule` that also logs its epoch-mean training loss as ``train/loss``, as users do."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
         self.log("train/loss", loss, on_step=False, on_epoch=True)
         return loss
+
+
+def make_closure(
+    opt: torch.optim.Optimizer, loss_fn: Callable[[], Tensor], create_graph: bool = False
+) -> Callable[[], Tensor]:
+    """The closure ``opt.step(closure)`` expects: zero the gradients, evaluate ``loss_fn()``, back-propagate it
+    (keeping the graph for optimizers that differentiate the gradient), return the loss."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward(create_graph=create_graph)
+        return loss
+
+    return closure
+
+
+def assert_rejected(make: Callable[..., Any], name: str, values: Iterable[Any], error: type = ValueError) -> None:
+    """``make(name=value)`` raises ``error`` with ``name`` in its message, for every value."""
+    for value in values:
+        with pytest.raises(error, match=name):
+            make(**{name: value})

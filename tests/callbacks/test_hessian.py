@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from _support import cross_entropy_pairs, dense_hessian, flat_parameter_loss, pair_size
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from _support import PlainModule, cross_entropy_pairs, dense_hessian, flat_parameter_loss, pair_size
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -62,7 +62,7 @@ def test_training_is_bitwise_identical_with_the_callback(model, optimizer, tmp_p
     assert saved["epoch"] == 1 and saved["step"] == 6 and len(saved["nodes"]) == 2
 
 
-class _Tiny(LightningModule):
+class _Tiny(PlainModule):
     """A 650-parameter float32 classifier: small enough for a dense float64 Hessian."""
 
     def __init__(self, batch_norm: bool = False) -> None:
@@ -70,13 +70,6 @@ class _Tiny(LightningModule):
         torch.manual_seed(0)
         layers = [nn.Flatten(), nn.Linear(64, 9)] + ([nn.BatchNorm1d(9)] if batch_norm else [])
         self.net = nn.Sequential(*layers, nn.Tanh(), nn.Linear(9, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import make_closure
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -34,16 +35,14 @@ def _net() -> nn.Module:
 
 
 def _closure(opt, net, x, y, extra_forwards: int = 0):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(net(x), y)
+    def loss():
+        out = F.cross_entropy(net(x), y)
         for _ in range(extra_forwards):  # e.g. a callback measuring something inside the closure
             F.cross_entropy(net(2 * x), y).backward()
             opt.zero_grad()
-        loss.backward()
-        return loss
+        return out
 
-    return closure
+    return make_closure(opt, loss)
 
 
 def _reference_factors(net, x, y):

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _support import make_closure
 from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,16 +33,13 @@ def _grad(a, b, w):
 
 
 def _closure(opt, params, a, b, counter=None):
-    def closure():
-        opt.zero_grad()
-        w = params[0]
-        loss = 0.5 * w @ a @ w - b @ w
-        loss.backward()
+    def loss():
         if counter is not None:
             counter.append(1)
-        return loss
+        w = params[0]
+        return 0.5 * w @ a @ w - b @ w
 
-    return closure
+    return make_closure(opt, loss)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import make_closure
 from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,13 +34,7 @@ def _full_gradient(w, x, y):
 
 
 def _closure(opt, w, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = _loss(w, x, y)
-        loss.backward()
-        return loss
-
-    return closure
+    return make_closure(opt, lambda: _loss(w, x, y))
 
 
 def _snapshot(opt, w, x, y):

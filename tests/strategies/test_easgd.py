@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from _support import assert_rejected
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -121,24 +122,14 @@ def test_diverges_outside_the_stability_region(eta_h: float, alpha: float, num_w
 
 
 def test_invalid_arguments() -> None:
-    for bad in (0, -0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="rho"):
-            EASGDStrategy(rho=bad)
-    with pytest.raises(TypeError, match="rho"):
-        EASGDStrategy(rho="0.1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="sync_every"):
-        EASGDStrategy(sync_every=0)
-    with pytest.raises(TypeError, match="sync_every"):
-        EASGDStrategy(sync_every=2.0)  # type: ignore[arg-type]
-    for bad in (0.0, 1.0, -0.5):
-        with pytest.raises(ValueError, match="moving_rate"):
-            EASGDStrategy(moving_rate=bad)
-        with pytest.raises(ValueError, match="beta"):
-            EASGDStrategy(beta=bad)
-    with pytest.raises(TypeError, match="beta"):
-        EASGDStrategy(beta="0.9")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="find_unused_parameters"):
-        EASGDStrategy(find_unused_parameters=True)
+    assert_rejected(EASGDStrategy, "rho", (0, -0.1, float("nan"), float("inf")))
+    assert_rejected(EASGDStrategy, "rho", ("0.1",), TypeError)
+    assert_rejected(EASGDStrategy, "sync_every", (0,))
+    assert_rejected(EASGDStrategy, "sync_every", (2.0,), TypeError)
+    assert_rejected(EASGDStrategy, "moving_rate", (0.0, 1.0, -0.5))
+    assert_rejected(EASGDStrategy, "beta", (0.0, 1.0, -0.5))
+    assert_rejected(EASGDStrategy, "beta", ("0.9",), TypeError)
+    assert_rejected(EASGDStrategy, "find_unused_parameters", (True,), TypeError)
     with pytest.raises(ValueError, match="num_workers"):
         easgd_quadratic_matrix(0.1, 0.1, 0)
     # (N + 1) alpha >= 2 diverges for any learning rate: refused in Trainer.__init__.

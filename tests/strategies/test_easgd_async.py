@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from _dist.launch import launch, launched, load_ranks
+from _support import assert_rejected
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -123,25 +124,14 @@ def test_center_state_rules_without_processes() -> None:
 
 
 def test_invalid_arguments() -> None:
-    for bad in (0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="rho"):
-            AsyncEASGDStrategy(rho=bad)
-    with pytest.raises(TypeError, match="rho"):
-        AsyncEASGDStrategy(rho="1")  # type: ignore[arg-type]
-    for bad in (0.0, 1.0):
-        with pytest.raises(ValueError, match="moving_rate"):
-            AsyncEASGDStrategy(moving_rate=bad)
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="momentum"):
-            AsyncEASGDStrategy(momentum=bad)
-    with pytest.raises(ValueError, match="heartbeat_timeout"):
-        AsyncEASGDStrategy(heartbeat_timeout=0)
-    with pytest.raises(ValueError, match="pull_strength"):
-        AsyncLSGDStrategy(pull_strength=1.5)
-    with pytest.raises(ValueError, match="sync_every"):
-        AsyncLSGDStrategy(sync_every=0)
-    with pytest.raises(TypeError, match="find_unused_parameters"):
-        AsyncEASGDStrategy(find_unused_parameters=True)
+    assert_rejected(AsyncEASGDStrategy, "rho", (0, -1.0, float("nan"), float("inf")))
+    assert_rejected(AsyncEASGDStrategy, "rho", ("1",), TypeError)
+    assert_rejected(AsyncEASGDStrategy, "moving_rate", (0.0, 1.0))
+    assert_rejected(AsyncEASGDStrategy, "momentum", (-0.1, 1.0))
+    assert_rejected(AsyncEASGDStrategy, "heartbeat_timeout", (0,))
+    assert_rejected(AsyncLSGDStrategy, "pull_strength", (1.5,))
+    assert_rejected(AsyncLSGDStrategy, "sync_every", (0,))
+    assert_rejected(AsyncEASGDStrategy, "find_unused_parameters", (True,), TypeError)
     with pytest.raises(ValueError, match="alpha"):  # alpha = eta rho = 0.1 * 20 >= 1 overshoots the center
         _fit(AsyncEASGDStrategy(rho=20.0), _Net(), steps=2)
     assert {"easgd_async", "eamsgd", "lsgd_async"} <= set(STRATEGY_NAMES)
