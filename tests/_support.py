@@ -1,4 +1,5 @@
-"""Helpers shared by the test folders: free ports, dense float64 Hessians, a plain user classifier.
+"""Helpers shared by the test folders: free ports, dense float64 Hessians, plain user modules, closures,
+quiet trainers and digits fits, argument-rejection checks.
 
 Independent references live here once: :func:`dense_hessian` is reverse-over-reverse autograd, one double
 backward per column (not ``jacrev(jacrev(f))``: its vmapped double backward is wrong on LayerNorm weights in
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -141,3 +142,24 @@ def assert_rejected(make: Callable[..., Any], name: str, values: Iterable[Any], 
     for value in values:
         with pytest.raises(error, match=name):
             make(**{name: value})
+
+
+QUIET_TRAINER = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                 "enable_model_summary": False}
+
+
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary; ``kwargs`` add or override."""
+    return Trainer(**{**QUIET_TRAINER, **kwargs})
+
+
+def fit_digits(
+    module: LightningModule, batch_size: int, seed: int = 0, ckpt_path: str | None = None, **trainer_kwargs: Any
+) -> Trainer:
+    """Fit ``module`` on ``DigitsDataModule(batch_size, seed)`` with :func:`quiet_trainer` (``trainer_kwargs``
+    add or override); return the trainer."""
+    from lightning_optsurvey.tasks import DigitsDataModule
+
+    trainer = quiet_trainer(**trainer_kwargs)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=batch_size, seed=seed), ckpt_path=ckpt_path)
+    return trainer

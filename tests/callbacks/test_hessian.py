@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from _support import PlainModule, cross_entropy_pairs, dense_hessian, flat_parameter_loss, pair_size
+from _support import PlainModule, cross_entropy_pairs, dense_hessian, fit_digits, flat_parameter_loss, pair_size
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -26,12 +26,9 @@ def _fit(callbacks, model, optimizer, tmp_path, max_epochs=2, ckpt_path=None, lo
     if module is None:
         lr = {"sgd": {"lr": 0.05, "momentum": 0.9}, "adam": {"lr": 1e-3}}[optimizer]
         module = ClassifierModule(model, optimizer, lr)
-    trainer = Trainer(
-        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1,
-        callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, deterministic=True, default_root_dir=tmp_path,
-    )
-    trainer.fit(module, DigitsDataModule(batch_size=BATCH), ckpt_path=ckpt_path)
+    trainer = fit_digits(module, BATCH, ckpt_path=ckpt_path, max_epochs=max_epochs, limit_train_batches=3,
+                         limit_val_batches=1, callbacks=callbacks, logger=logger, deterministic=True,
+                         default_root_dir=tmp_path)
     return module, trainer
 
 

@@ -18,7 +18,7 @@ import pytest
 import tomllib
 import torch
 import torch.nn.functional as F
-from _support import UserClassifier
+from _support import UserClassifier, quiet_trainer
 from lightning.fabric.utilities import registry as fabric_registry
 from lightning.pytorch import Callback, Trainer
 from torch import nn
@@ -128,8 +128,7 @@ def entry_point(monkeypatch):
 
 def _trainer(**kwargs) -> Trainer:
     callbacks = [_SeedEachStep(), *kwargs.pop("callbacks", [])]
-    return Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
+    return quiet_trainer(max_epochs=1, callbacks=callbacks, **kwargs)
 
 
 def _assert_same_training(name, net: nn.Module, logged: list[float], trainer: Trainer, expected) -> None:

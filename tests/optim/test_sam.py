@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _support import make_closure
+from _support import make_closure, quiet_trainer
 from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -153,9 +153,7 @@ def _data(n: int = 64, seed: int = 0) -> DataLoader:
 
 
 def _trainer(**kwargs) -> Trainer:
-    return Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   deterministic=True, **kwargs)
+    return quiet_trainer(max_epochs=1, num_sanity_val_steps=0, deterministic=True, **kwargs)
 
 
 def _bn_net() -> nn.Module:
