@@ -240,12 +240,7 @@ def _steps_to_tolerance(make_opt, x, y, f_star, budget, rel_tol=1e-6):
     with torch.no_grad():
         f0 = float(loss_fn())
 
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = make_closure(opt, loss_fn)
     for step in range(1, budget + 1):
         opt.step(closure)
         with torch.no_grad():
@@ -337,14 +332,8 @@ def test_diverged_factors_raise_a_clear_error():
     net = nn.Linear(3, 2)
     opt = KFAC(net)
 
-    def closure():
-        opt.zero_grad()
-        loss = net(torch.full((4, 3), float("nan"))).sum()
-        loss.backward()
-        return loss
-
     with pytest.raises(FloatingPointError, match="diverged"):
-        opt.step(closure)
+        opt.step(make_closure(opt, lambda: net(torch.full((4, 3), float("nan"))).sum()))
 
 
 class _Meddler(Callback):

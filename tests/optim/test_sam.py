@@ -102,12 +102,7 @@ def test_one_set_of_groups_and_state_only_in_self_state():
     opt = SAM(net.parameters(), base="adam", rho=0.05, lr=0.01)
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["rho"] == 0.05
 
-    def closure():
-        opt.zero_grad()
-        loss = net(torch.ones(4, 3)).pow(2).mean()
-        loss.backward()
-        return loss
-
+    closure = make_closure(opt, lambda: net(torch.ones(4, 3)).pow(2).mean())
     opt.step(closure)
     # Adam's moments are in SAM's own state; nothing SAM-specific survives a step.
     assert {k for s in opt.state.values() for k in s} == {"step", "exp_avg", "exp_avg_sq"}
