@@ -163,17 +163,21 @@ def sequence_data(n: int, features: int = 3, length: int = 4, classes: int = 3, 
 
 
 # -- dict batches with compute_loss ----------------------------------------------------------------------
-class DictDataset(Dataset):
-    """Samples are dicts, as Hugging Face-style pipelines produce; default_collate makes dict batches."""
+class _ThreeClasses(Dataset):
+    """``n`` samples of 3 classes: a label, ``dim`` features shifted by it and 2 unshifted extra features."""
 
-    def __init__(self, n: int, seed: int = 0) -> None:
+    def __init__(self, n: int, seed: int = 0, dim: int = 4) -> None:
         g = torch.Generator().manual_seed(seed)
         self.label = torch.randint(3, (n,), generator=g)
-        self.x = torch.randn(n, 4, generator=g) + self.label.view(-1, 1).float()
+        self.x = torch.randn(n, dim, generator=g) + self.label.view(-1, 1).float()
         self.extra = torch.randn(n, 2, generator=g)
 
     def __len__(self) -> int:
         return len(self.label)
+
+
+class DictDataset(_ThreeClasses):
+    """Samples are dicts, as Hugging Face-style pipelines produce; default_collate makes dict batches."""
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {"x": self.x[i], "extra": self.extra[i], "label": self.label[i]}
@@ -214,18 +218,14 @@ class MultiInput(_ZooModule):
         return self.head(torch.relu(self.a(x1)) * torch.sigmoid(self.b(x2)))
 
 
-class _PairsOfInputs(Dataset):
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.y = torch.randint(3, (n,), generator=g)
-        self.x1 = torch.randn(n, 3, generator=g) + self.y.view(-1, 1).float()
-        self.x2 = torch.randn(n, 2, generator=g)
+class _PairsOfInputs(_ThreeClasses):
+    """Samples ``((x1, x2), y)`` for :class:`MultiInput`: 3 shifted features and 2 extra ones."""
 
-    def __len__(self) -> int:
-        return len(self.y)
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__(n, seed, dim=3)
 
     def __getitem__(self, i: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
-        return (self.x1[i], self.x2[i]), self.y[i]
+        return (self.x[i], self.extra[i]), self.label[i]
 
 
 # -- the registry ------------------------------------------------------------------------------------------

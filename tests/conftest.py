@@ -27,15 +27,10 @@ for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
+from _support import QUIET_TRAINER  # noqa: E402  (once tests/ is on sys.path and the filters are set)
+
 
 @pytest.fixture
 def quiet_trainer_kwargs() -> dict:
     """Trainer keyword arguments for fast, quiet, CPU-only runs."""
-    return {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "deterministic": True,
-    }
+    return {**QUIET_TRAINER, "deterministic": True}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import free_port
 from lightning.pytorch import Trainer
 
 from lightning_optsurvey.cli import main
@@ -71,12 +71,6 @@ def test_hessian_operator_checks_every_batch(second, message) -> None:
         HessianOperator(model, F.cross_entropy, [first, second])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 FAST = ["--max-epochs", "1", "--limit-train-batches", "2", "--no-measure", "--optimizers", "sgd"]
 
 
@@ -129,7 +123,7 @@ def test_theory_checks_its_tracking_uri_before_running_any_check(monkeypatch, ca
         raise AssertionError("the checks ran before the tracking URI was checked")
 
     monkeypatch.setattr(theory, "run_checks", fail)
-    assert main(["theory", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"]) == 2
+    assert main(["theory", "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "does not answer" in capsys.readouterr().err
 
 
@@ -152,7 +146,7 @@ def test_theory_checks_its_tracking_uri_before_running_any_check(monkeypatch, ca
 def test_fit_config_errors_are_one_line_naming_the_key(tmp_path: Path, capsys, monkeypatch, config, message) -> None:
     monkeypatch.chdir(tmp_path)  # the default logger's sqlite:///mlflow.db would be here
     path = tmp_path / "bad.yaml"
-    path.write_text(config.replace("PORT", str(_free_port())))
+    path.write_text(config.replace("PORT", str(free_port())))
     assert main(["fit", "--config", str(path), "--trainer.max_epochs", "1"]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("optsurvey fit: error: ")]

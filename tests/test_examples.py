@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -240,28 +241,34 @@ def test_config_kfac(tmp_path: Path, store: str) -> None:
     assert all(math.isfinite(v) for v in m.values())
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(360)
+def _two_processes(test: Callable) -> Callable:
+    """Marks a config test that fits on 2 processes: slow, distributed, 6 minutes at most."""
+    return pytest.mark.slow(pytest.mark.distributed(pytest.mark.timeout(360)(test)))
+
+
+def _fit_on_two_processes(config: str, experiment: str, batches: int, store: str, tmp_path: Path) -> Any:
+    """Fit ``config`` on 2 processes for ``batches`` training batches; its one run, recorded with world size 2."""
+    fit_config(config, store, tmp_path, "--trainer.devices", "2", "--trainer.limit_train_batches", str(batches))
+    found = only_run(store, experiment)
+    assert found.data.params["world_size"] == "2"
+    return found
+
+
+@_two_processes
 def test_config_gossip_ring(tmp_path: Path, store: str) -> None:
     # 5 batches: ConsensusDistance measures every 5 steps in this config.
-    fit_config("gossip_ring.yaml", store, tmp_path, "--trainer.devices", "2", "--trainer.limit_train_batches", "5")
-    found = only_run(store, "optsurvey-gossip-ring")
-    params = found.data.params
-    assert params["topology"] == "ring" and params["world_size"] == "2"
-    assert float(params["spectral_gap"]) == pytest.approx(Topology("ring", 2).spectral_gap(), rel=1e-12)
+    found = _fit_on_two_processes("gossip_ring.yaml", "optsurvey-gossip-ring", 5, store, tmp_path)
+    assert found.data.params["topology"] == "ring"
+    assert float(found.data.params["spectral_gap"]) == pytest.approx(Topology("ring", 2).spectral_gap(), rel=1e-12)
     assert found.data.metrics["gossip/consensus_distance"] == 0.0
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(360)
+@_two_processes
 def test_config_easgd(tmp_path: Path, store: str) -> None:
     # 4 batches: one synchronization (sync_every 4), then ConsensusDistance measures (every 4 steps).
-    fit_config("easgd.yaml", store, tmp_path, "--trainer.devices", "2", "--trainer.limit_train_batches", "4")
-    found = only_run(store, "optsurvey-easgd")
+    found = _fit_on_two_processes("easgd.yaml", "optsurvey-easgd", 4, store, tmp_path)
     params = found.data.params
-    assert params["world_size"] == "2" and params["sync_every"] == "4" and float(params["easgd_rho"]) == 0.1
+    assert params["sync_every"] == "4" and float(params["easgd_rho"]) == 0.1
     # Unlike exact averaging (the 2-process ring), the elastic pull leaves the workers apart.
     assert found.data.metrics["gossip/consensus_distance"] > 0.0
 

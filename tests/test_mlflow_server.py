@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,20 +11,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _support import free_port
 from mlflow.tracking import MlflowClient
 
 SERVER_START_TIMEOUT_S = 90
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     log = open(tmp_path / "server.log", "w")
     process = subprocess.Popen(

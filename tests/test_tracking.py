@@ -9,27 +9,23 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from _support import free_port
 from mlflow.tracking import MlflowClient
 
 from lightning_optsurvey.cli import main
 from lightning_optsurvey.tracking import SOURCE_TAG, SYNCED_TAG, SYNCED_TO_TAG, Delivery, copy_run, pending_runs
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float, int]]]:
@@ -57,7 +53,7 @@ def test_delivery_keeps_runs_while_the_server_is_away_then_sync_copies_everythin
     local = MlflowClient(tracking_uri=outbox)
     run_id = _make_run(local, "e", tmp_path)
     # the server is away: delivery keeps the run and gives up within its wait, never holding the sweep
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     delivery = Delivery(outbox, dead, "e", retry_every=0.2)
     delivery.submit(run_id)
     started = time.monotonic()
@@ -97,7 +93,7 @@ class Server:
     """An ``mlflow server`` on a fixed port and store, started and killed by its process group."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.port, self.process = folder, _free_port(), None
+        self.folder, self.port, self.process = folder, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180) -> None:
@@ -158,21 +154,17 @@ def _assert_delivered(outbox: str, server: str) -> None:
         assert run.data.metrics["time/train_seconds"] < 60, "waiting for the server counted as training"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path: Path) -> None:
+@contextmanager
+def _server_killed_after_the_first_run(tmp_path: Path, sync_wait: int) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """A real server, ``optsurvey compare`` against it, and the server killed once the first run is recorded;
+    yields both. On the way out the sweep (if still running) and the server are killed."""
     server = Server(tmp_path)
     server.start()
-    compare = _compare(tmp_path, server.uri, sync_wait=300)
+    compare = _compare(tmp_path, server.uri, sync_wait=sync_wait)
     try:
         _wait_for_first_run(tmp_path)
         server.kill()
-        time.sleep(30)
-        server.start()
-        out, err = compare.communicate(timeout=600)
-        assert compare.returncode == 0, err[-3000:]
-        assert "did not answer" not in err and "| adam " in out
-        _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
+        yield server, compare
     finally:
         if compare.poll() is None:
             os.killpg(compare.pid, signal.SIGKILL)
@@ -181,13 +173,20 @@ def test_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path: Path) -> 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path: Path) -> None:
+    with _server_killed_after_the_first_run(tmp_path, sync_wait=300) as (server, compare):
+        time.sleep(30)
+        server.start()
+        out, err = compare.communicate(timeout=600)
+        assert compare.returncode == 0, err[-3000:]
+        assert "did not answer" not in err and "| adam " in out
+        _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_server_that_never_returns_leaves_every_record_and_an_upload_command(tmp_path: Path) -> None:
-    server = Server(tmp_path)
-    server.start()
-    compare = _compare(tmp_path, server.uri, sync_wait=5)
-    try:
-        _wait_for_first_run(tmp_path)
-        server.kill()
+    with _server_killed_after_the_first_run(tmp_path, sync_wait=5) as (server, compare):
         out, err = compare.communicate(timeout=600)
         assert compare.returncode == 0, err[-3000:]
         assert "| sgd " in out and "| adam " in out  # the sweep completed, the table printed
@@ -197,10 +196,6 @@ def test_server_that_never_returns_leaves_every_record_and_an_upload_command(tmp
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert upload.returncode == 0, upload.stderr[-3000:]
         _assert_delivered(f"sqlite:///{tmp_path / 'optsurvey-outbox.db'}", server.uri)
-    finally:
-        if compare.poll() is None:
-            os.killpg(compare.pid, signal.SIGKILL)
-        server.kill()
 
 
 class _HealthOnly(BaseHTTPRequestHandler):

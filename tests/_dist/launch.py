@@ -10,20 +10,15 @@ after ``timeout`` seconds every process is killed and the test fails with the pr
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from _support import free_port
 
 DIST_DIR = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (bind to port 0 and let the OS choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(
@@ -81,6 +76,20 @@ def launch(
         reason = f"timed out after {timeout}s" if timed_out else f"failed ranks {failed}"
         raise AssertionError(f"{script.name} {reason}\n{tails}")
     return outputs
+
+
+def launched(tmp_path_factory: Any, script: str, *args: str, **kwargs: Any) -> Path:
+    """:func:`launch` ``script`` into a fresh temporary folder (pytest's ``tmp_path_factory``); return the folder."""
+    out = tmp_path_factory.mktemp(Path(script).stem)
+    launch(script, out, *args, **kwargs)
+    return out
+
+
+def load_ranks(out_dir: str | Path, scenario: str, world: int) -> list[dict[str, Any]]:
+    """What each of ``world`` ranks saved for ``scenario`` (``{scenario}_rank{r}.pt`` in ``out_dir``)."""
+    import torch
+
+    return [torch.load(Path(out_dir) / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def run_script(script: str | Path, *args: str, timeout: float = 120.0) -> str:

@@ -15,8 +15,8 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from torch import nn
+from lightning.pytorch import Trainer
+from tiny_regression import TinyRegression
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401
@@ -28,20 +28,16 @@ MODE = sys.argv[2]
 RANK = int(os.environ["LOCAL_RANK"])
 
 
-class Model(LightningModule):
+class Model(TinyRegression):
     def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(4, 1)
+        super().__init__(in_features=4, lr=0.01)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if RANK == 1 and self.global_step == 3:
             if MODE == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError("boom in rank 1's training_step")
-        return self.layer(batch[0]).square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        return super().training_step(batch, batch_idx)
 
 
 trainer = Trainer(accelerator="cpu", devices=2, strategy=LocalSGDStrategy(sync_every=1, timeout=60), max_epochs=1,

@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from torch import nn
+from lightning.pytorch import Trainer
+from tiny_regression import TinyRegression
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401
@@ -24,18 +23,8 @@ warnings.filterwarnings("ignore")
 RANK = int(os.environ["LOCAL_RANK"])
 
 
-class Model(LightningModule):
+class Model(TinyRegression):
     allow_zero_length_dataloader_with_multiple_devices = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(2, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.layer(batch[0]).square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 trainer = Trainer(accelerator="cpu", devices=2, strategy=LocalSGDStrategy(timeout=60), max_epochs=1,

@@ -14,8 +14,8 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from torch import nn
+from lightning.pytorch import Trainer
+from tiny_regression import TinyRegression
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401
@@ -26,19 +26,9 @@ warnings.filterwarnings("ignore")
 RANK = int(os.environ["LOCAL_RANK"])
 
 
-class Model(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(2, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.layer(batch[0]).square().mean()
-
+class Model(TinyRegression):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val/loss", self.layer(batch[0]).square().mean(), sync_dist=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 trainer = Trainer(accelerator="cpu", devices=2, strategy=LocalSGDStrategy(sync_every=1, timeout=60), max_epochs=1,

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from _support import PlainModule, cross_entropy_pairs, dense_hessian, fit_digits, flat_parameter_loss, pair_size
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -25,12 +26,9 @@ def _fit(callbacks, model, optimizer, tmp_path, max_epochs=2, ckpt_path=None, lo
     if module is None:
         lr = {"sgd": {"lr": 0.05, "momentum": 0.9}, "adam": {"lr": 1e-3}}[optimizer]
         module = ClassifierModule(model, optimizer, lr)
-    trainer = Trainer(
-        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1,
-        callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, deterministic=True, default_root_dir=tmp_path,
-    )
-    trainer.fit(module, DigitsDataModule(batch_size=BATCH), ckpt_path=ckpt_path)
+    trainer = fit_digits(module, BATCH, ckpt_path=ckpt_path, max_epochs=max_epochs, limit_train_batches=3,
+                         limit_val_batches=1, callbacks=callbacks, logger=logger, deterministic=True,
+                         default_root_dir=tmp_path)
     return module, trainer
 
 
@@ -61,7 +59,7 @@ def test_training_is_bitwise_identical_with_the_callback(model, optimizer, tmp_p
     assert saved["epoch"] == 1 and saved["step"] == 6 and len(saved["nodes"]) == 2
 
 
-class _Tiny(LightningModule):
+class _Tiny(PlainModule):
     """A 650-parameter float32 classifier: small enough for a dense float64 Hessian."""
 
     def __init__(self, batch_norm: bool = False) -> None:
@@ -70,13 +68,6 @@ class _Tiny(LightningModule):
         layers = [nn.Flatten(), nn.Linear(64, 9)] + ([nn.BatchNorm1d(9)] if batch_norm else [])
         self.net = nn.Sequential(*layers, nn.Tanh(), nn.Linear(9, 10))
 
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -84,8 +75,9 @@ class _Tiny(LightningModule):
 def _dense_eigenvalues(module: nn.Module, batches, bn_mode: str) -> torch.Tensor:
     double = _Tiny(batch_norm=any(isinstance(m, nn.BatchNorm1d) for m in module.modules())).double()
     double.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in module.state_dict().items()})
+    double.train(bn_mode == "batch")  # BatchNorm on batch statistics, or on its running ones (no Dropout here)
     batches64 = [(x.double(), y) for x, y in batches]
-    dense = HessianOperator(double, F.cross_entropy, batches64, bn_mode=bn_mode, linearize=False).dense()
+    dense = dense_hessian(*flat_parameter_loss(double, batches64, cross_entropy_pairs, pair_size))
     return torch.linalg.eigvalsh((dense + dense.T) / 2)
 
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import PlainModule
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
@@ -177,20 +178,15 @@ def test_noise_callback_matches_the_two_batch_estimator(tmp_path):
     assert cb.history[-1]["noise/b_simple"] == pytest.approx(est.b_simple, rel=1e-4)
 
 
-class LinearRegression(LightningModule):
+class LinearRegression(PlainModule):
+    criterion = staticmethod(F.mse_loss)
+
     def __init__(self, optimizer: str = "sgd", **opt) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Linear(4, 1, bias=False).double()
         self.optimizer, self.opt = optimizer, opt
         self.loss_fn = F.mse_loss
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self(x), y)
 
     def configure_optimizers(self):
         cls = torch.optim.SGD if self.optimizer == "sgd" else torch.optim.Adam

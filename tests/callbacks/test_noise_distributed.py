@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _support import free_port
 from lightning.pytorch import LightningModule
 
 from lightning_optsurvey.callbacks.noise import noise_scale_across_ranks
@@ -17,12 +17,6 @@ from lightning_optsurvey.measures import gradient_noise_scale
 WORLD = 3
 LOCAL_COUNT = 16
 DIM = 7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_gradient(rank: int) -> torch.Tensor:
@@ -49,7 +43,7 @@ def test_noise_scale_across_ranks_matches_the_single_process_estimator():
     ctx = mp.get_context("fork")  # no re-import of torch and lightning in the children (seconds each)
     with ctx.Manager() as manager:
         out = manager.dict()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
         for p in procs:
             p.start()

@@ -18,8 +18,9 @@ import pytest
 import tomllib
 import torch
 import torch.nn.functional as F
+from _support import UserClassifier, quiet_trainer
 from lightning.fabric.utilities import registry as fabric_registry
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,7 +50,7 @@ def _loader() -> DataLoader:
     return DataLoader(TensorDataset(*_data()), batch_size=BATCH)
 
 
-class UserModule(LightningModule):
+class UserModule(UserClassifier):
     """What a user writes: a network, a loss, a log call, and a registry optimizer."""
 
     def __init__(self, name: str, **hparams) -> None:
@@ -57,15 +58,6 @@ class UserModule(LightningModule):
         self.net = _cnn()
         self.name, self.hparams_ = name, hparams
         self.logged: list[float] = []
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
-        return loss
 
     def log(self, name, value, *args, **kwargs):  # what Lightning's logging receives
         if name == "train/loss":
@@ -136,8 +128,7 @@ def entry_point(monkeypatch):
 
 def _trainer(**kwargs) -> Trainer:
     callbacks = [_SeedEachStep(), *kwargs.pop("callbacks", [])]
-    return Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
+    return quiet_trainer(max_epochs=1, callbacks=callbacks, **kwargs)
 
 
 def _assert_same_training(name, net: nn.Module, logged: list[float], trainer: Trainer, expected) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _support import free_port
 from mlflow.tracking import MlflowClient
 
 from lightning_optsurvey.cli import main
@@ -88,11 +89,7 @@ def test_invalid_numbers_exit_non_zero(tmp_path, argv):
 
 
 def test_tracking_server_that_does_not_answer(capsys):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     code = main(["compare", "--optimizers", "sgd", "--tracking-uri", f"http://127.0.0.1:{port}", *FAST])
     assert code != 0
     assert "does not answer" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import UserClassifier
 from lightning.pytorch import LightningDataModule, LightningModule
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -18,22 +19,13 @@ from lightning_optsurvey.optim import create_optimizer
 HERE = __name__  # importable as the test runner imported it
 
 
-class TinyModule(LightningModule):
+class TinyModule(UserClassifier):
     """A user's module: its own network (with BatchNorm), its own loss and logging, a registry optimizer."""
 
     def __init__(self, optimizer: str = "sgd", optimizer_kwargs: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
-        return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -1,4 +1,4 @@
-"""HessianOperator against dense float64 Hessians from torch.func.hessian and hand-written models."""
+"""HessianOperator against dense float64 Hessians by reverse-over-reverse autograd and hand-written models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import cross_entropy_pairs, dense_hessian, flat_parameter_loss, flat_parameters, pair_size
 from torch import nn
-from torch.func import functional_call, hessian
 
 from lightning_optsurvey.curvature import HessianOperator
 
@@ -31,21 +31,8 @@ def _batches(sizes: tuple[int, ...], in_dim: int = 4, classes: int = 3, seed: in
 
 
 def _dense_reference(model: nn.Module, batches: list, names: list[str] | None = None) -> torch.Tensor:
-    """Hessian of the sample-weighted mean loss by torch.func.hessian over a flat vector."""
-    params = dict(model.named_parameters())
-    names = names or list(params)
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    total = sum(len(y) for _, y in batches)
-
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        tree = {n: c.reshape(s) for n, c, s in zip(names, flat.split(sizes), shapes)}
-        return sum(
-            len(y) / total * F.cross_entropy(functional_call(model, tree, (x,)), y) for x, y in batches
-        )
-
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-    return hessian(loss)(flat)
+    """Hessian of the sample-weighted mean cross-entropy over the named parameters (default: all)."""
+    return dense_hessian(*flat_parameter_loss(model, batches, cross_entropy_pairs, pair_size, names))
 
 
 @pytest.mark.parametrize("linearize", [True, False])
@@ -105,15 +92,12 @@ def _bn_net() -> _BNNet:
 
 def _bn_reference(net: _BNNet, batches: list, mode: str) -> torch.Tensor:
     """BatchNorm written out by hand: running statistics ("eval") or biased batch statistics ("batch")."""
-    names = [n for n, _ in net.named_parameters()]
-    params = dict(net.named_parameters())
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
+    unflatten, flat0 = flat_parameters(net)
     rm, rv = net.bn.running_mean.detach(), net.bn.running_var.detach()
     total = sum(len(y) for _, y in batches)
 
     def loss(flat):
-        p = {n: c.reshape(s) for n, c, s in zip(names, flat.split(sizes), shapes)}
+        p = unflatten(flat)
         out = 0.0
         for x, y in batches:
             h = x @ p["fc1.weight"].T + p["fc1.bias"]
@@ -126,7 +110,7 @@ def _bn_reference(net: _BNNet, batches: list, mode: str) -> torch.Tensor:
             out = out + len(y) / total * F.cross_entropy(logits, y)
         return out
 
-    return hessian(loss)(torch.cat([params[n].detach().reshape(-1) for n in names]))
+    return dense_hessian(loss, flat0)
 
 
 @pytest.mark.parametrize("linearize", [True, False])
@@ -173,22 +157,15 @@ def test_retained_graph_follows_in_place_parameter_changes():
 
 
 def test_unused_parameters_have_zero_rows():
-    class WithUnused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.used = nn.Linear(4, 3)
-            self.unused = nn.Linear(2, 2)
-
-        def forward(self, x):
-            return self.used(x)
-
     torch.manual_seed(0)
-    net = WithUnused().double()
+    net = nn.Linear(4, 3)
+    net.unused = nn.Linear(2, 2)  # registered after weight and bias; Linear's forward never calls it
+    net = net.double()
     batches = _batches((5,))
     for linearize in (True, False):
         dense = HessianOperator(net, F.cross_entropy, batches, linearize=linearize).dense()
         assert torch.equal(dense[15:], torch.zeros_like(dense[15:]))
-        torch.testing.assert_close(dense[:15, :15], _dense_reference(net, batches, ["used.weight", "used.bias"]),
+        torch.testing.assert_close(dense[:15, :15], _dense_reference(net, batches, ["weight", "bias"]),
                                    rtol=0, atol=MATVEC_TOL)
 
 
@@ -248,16 +225,9 @@ def test_multi_input_batches_pass_positional_arguments():
     net = TwoInputs().double()
     x, z, y = torch.randn(4, 2).double(), torch.randn(4, 2).double(), torch.randint(0, 3, (4,))
     op = HessianOperator(net, F.cross_entropy, [((x, z), y)])
-    params = dict(net.named_parameters())
-    names, sizes = list(params), [p.numel() for p in params.values()]
-
-    def loss(flat):
-        tree = {n: c.reshape(params[n].shape) for n, c in zip(names, flat.split(sizes))}
-        return F.cross_entropy(functional_call(net, tree, (x, z)), y)
-
-    ref = hessian(loss)(torch.cat([p.detach().reshape(-1) for p in params.values()]))
+    ref = _dense_reference(net, [((x, z), y)])
     torch.testing.assert_close(op.dense(), ref, rtol=0, atol=MATVEC_TOL)
-    assert math.isclose(op.numel, sum(sizes))
+    assert math.isclose(op.numel, sum(p.numel() for p in net.parameters()))
 
 
 def test_bad_inputs_raise_early():

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import dense_hessian, flat_parameter_loss
 from _zoo import DictDataset, DictModule, MultiInput, TinyGPT, TinyLSTM, TinyResNet, gpt_data, make
 from lightning.pytorch import Trainer
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import default_collate
 
@@ -98,40 +98,18 @@ def _to_double(batch):
 
 
 def _dense_reference(module: nn.Module, batches: list, direct, directions: torch.Tensor | None = None) -> torch.Tensor:
-    """Reverse-over-reverse dense Hessian of the sample-weighted eval-mode loss (or its products with the
-    columns of ``directions``), one double-backward pass per column.
+    """Reverse-over-reverse dense Hessian (``_support.dense_hessian``) of the sample-weighted eval-mode loss
+    (or its products with the columns of ``directions``); the module's modes are restored after."""
 
-    Not ``jacrev(jacrev(f))``: its vmapped double backward is wrong on LayerNorm weights in torch 2.13
-    (rows of ``ln.weight`` off by up to 0.4 on the GPT below, where finite differences of the gradient
-    agree with the unbatched double backward to 1e-11).
-    """
-    named = {n: p.detach() for n, p in module.named_parameters()}
-    shapes = {n: p.shape for n, p in named.items()}
-    flat0 = torch.cat([p.reshape(-1) for p in named.values()])
-    sizes = [next(iter(b.values())).shape[0] if isinstance(b, dict) else b[1].shape[0] for b in batches]
-    total = sum(sizes)
+    def size(b):
+        return next(iter(b.values())).shape[0] if isinstance(b, dict) else b[1].shape[0]
 
-    def loss(flat):
-        params, i = {}, 0
-        for n, shape in shapes.items():
-            k = shape.numel()
-            params[n] = flat[i:i + k].view(shape)
-            i += k
-
-        def call(*args):
-            return functional_call(module, params, args)
-
-        return sum(direct(call, b) * (n / total) for b, n in zip(batches, sizes))
-
+    loss, flat0 = flat_parameter_loss(module, batches, direct, size)
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            flat = flat0.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(loss(flat), flat, create_graph=True)
-            columns = torch.eye(flat.numel(), dtype=flat.dtype) if directions is None else directions
-            rows = [torch.autograd.grad(g, flat, c, retain_graph=True)[0] for c in columns.T]
-            return torch.stack(rows, dim=1)
+            return dense_hessian(loss, flat0, directions)
     finally:
         for m, mode in modes:
             m.training = mode

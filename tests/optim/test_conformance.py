@@ -20,6 +20,7 @@ from collections.abc import Callable
 import pytest
 import pytorch_optimizer as po
 import torch
+from _support import make_closure
 from lightning.pytorch import Trainer
 from torch import nn
 
@@ -163,15 +164,7 @@ def _build(name: str, model: nn.Module, params=None, **kwargs):
 
 
 def _closure(name: str, opt, objective: Callable[[], torch.Tensor]):
-    create_graph = get_spec(name).create_graph
-
-    def closure():
-        opt.zero_grad()
-        loss = objective()
-        loss.backward(create_graph=create_graph)
-        return loss
-
-    return closure
+    return make_closure(opt, objective, get_spec(name).create_graph)
 
 
 def _run(name: str, model: nn.Module, opt, steps: int) -> None:

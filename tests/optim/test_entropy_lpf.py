@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _support import make_closure
 from torch import nn
 
 from lightning_optsurvey.optim import LPFSGD, EntropySGD
@@ -25,15 +26,12 @@ def _problem(seed: int = 0, n: int = 6):
 
 
 def _closure(opt, w, a, b, record=None):
-    def closure():
-        opt.zero_grad()
+    def loss():
         if record is not None:
             record.append(w.detach().clone())
-        loss = 0.5 * w @ a @ w - b @ w
-        loss.backward()
-        return loss
+        return 0.5 * w @ a @ w - b @ w
 
-    return closure
+    return make_closure(opt, loss)
 
 
 # -------------------------------------------------------------------------------------------- Entropy-SGD

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _support import make_closure
 from torch import nn
 
 from lightning_optsurvey.optim import KFAC, SAM, available_optimizers, create_optimizer, get_spec
@@ -77,13 +78,7 @@ def test_sam_maximize_with_rho_zero_is_the_base_maximizing():
     sam = SAM(a.parameters(), base="sgd", rho=0.0, lr=0.05, momentum=0.9, maximize=True)
     sgd = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, maximize=True)
     for _ in range(5):
-        def closure():
-            sam.zero_grad()
-            loss = a(x).pow(2).mean()
-            loss.backward()
-            return loss
-
-        sam.step(closure)
+        sam.step(make_closure(sam, lambda: a(x).pow(2).mean()))
         sgd.zero_grad()
         b(x).pow(2).mean().backward()
         sgd.step()
@@ -92,13 +87,7 @@ def test_sam_maximize_with_rho_zero_is_the_base_maximizing():
 
 
 def _kfac_step(opt: KFAC, model: nn.Module, x: torch.Tensor) -> None:
-    def closure():
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
 
 
 KFAC_KW = {"lr": 0.1, "momentum": 0.0, "stat_decay": 0.0, "inv_every": 1, "stat_every": 1, "kl_clip": None,
@@ -183,6 +172,15 @@ def test_kfac_optimizer_wide_options_are_validated():
         opt.step()
 
 
+def _lockstep(pairs, x: torch.Tensor, steps: int = 3) -> None:
+    """``steps`` plain steps of each ``(optimizer, model)`` pair on the loss ``mean(model(x)^2)``."""
+    for _ in range(steps):
+        for opt, model in pairs:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+
 def test_lookahead_loads_a_pytorch_optimizer_lookahead_checkpoint():
     """Checkpoints written when the registry's lookahead was pytorch-optimizer's still load and continue."""
     import pytorch_optimizer as po
@@ -193,21 +191,13 @@ def test_lookahead_loads_a_pytorch_optimizer_lookahead_checkpoint():
     x = torch.randn(8, 4)
     old = po.Lookahead(torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9), k=2, alpha=0.5)
     ours = create_optimizer("lookahead", b.parameters(), base="momentum", lr=0.05, k=2, alpha=0.5)
-    for _ in range(3):
-        for opt, model in ((old, a), (ours, b)):
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
+    _lockstep(((old, a), (ours, b)), x)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)  # same algorithm
     resumed_model = copy.deepcopy(a)
     resumed = create_optimizer("lookahead", resumed_model.parameters(), base="momentum", lr=0.05, k=2, alpha=0.5)
     resumed.load_state_dict(copy.deepcopy(old.state_dict()))
-    for _ in range(3):
-        for opt, model in ((old, a), (resumed, resumed_model)):
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
+    _lockstep(((old, a), (resumed, resumed_model)), x)
     for p, q in zip(a.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(p, q)
 

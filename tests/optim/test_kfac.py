@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import make_closure
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -34,16 +35,14 @@ def _net() -> nn.Module:
 
 
 def _closure(opt, net, x, y, extra_forwards: int = 0):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(net(x), y)
+    def loss():
+        out = F.cross_entropy(net(x), y)
         for _ in range(extra_forwards):  # e.g. a callback measuring something inside the closure
             F.cross_entropy(net(2 * x), y).backward()
             opt.zero_grad()
-        loss.backward()
-        return loss
+        return out
 
-    return closure
+    return make_closure(opt, loss)
 
 
 def _reference_factors(net, x, y):
@@ -241,12 +240,7 @@ def _steps_to_tolerance(make_opt, x, y, f_star, budget, rel_tol=1e-6):
     with torch.no_grad():
         f0 = float(loss_fn())
 
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = make_closure(opt, loss_fn)
     for step in range(1, budget + 1):
         opt.step(closure)
         with torch.no_grad():
@@ -338,14 +332,8 @@ def test_diverged_factors_raise_a_clear_error():
     net = nn.Linear(3, 2)
     opt = KFAC(net)
 
-    def closure():
-        opt.zero_grad()
-        loss = net(torch.full((4, 3), float("nan"))).sum()
-        loss.backward()
-        return loss
-
     with pytest.raises(FloatingPointError, match="diverged"):
-        opt.step(closure)
+        opt.step(make_closure(opt, lambda: net(torch.full((4, 3), float("nan"))).sum()))
 
 
 class _Meddler(Callback):

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _support import make_closure, quiet_trainer
 from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,16 +33,13 @@ def _grad(a, b, w):
 
 
 def _closure(opt, params, a, b, counter=None):
-    def closure():
-        opt.zero_grad()
-        w = params[0]
-        loss = 0.5 * w @ a @ w - b @ w
-        loss.backward()
+    def loss():
         if counter is not None:
             counter.append(1)
-        return loss
+        w = params[0]
+        return 0.5 * w @ a @ w - b @ w
 
-    return closure
+    return make_closure(opt, loss)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -104,12 +102,7 @@ def test_one_set_of_groups_and_state_only_in_self_state():
     opt = SAM(net.parameters(), base="adam", rho=0.05, lr=0.01)
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["rho"] == 0.05
 
-    def closure():
-        opt.zero_grad()
-        loss = net(torch.ones(4, 3)).pow(2).mean()
-        loss.backward()
-        return loss
-
+    closure = make_closure(opt, lambda: net(torch.ones(4, 3)).pow(2).mean())
     opt.step(closure)
     # Adam's moments are in SAM's own state; nothing SAM-specific survives a step.
     assert {k for s in opt.state.values() for k in s} == {"step", "exp_avg", "exp_avg_sq"}
@@ -155,9 +148,7 @@ def _data(n: int = 64, seed: int = 0) -> DataLoader:
 
 
 def _trainer(**kwargs) -> Trainer:
-    return Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   deterministic=True, **kwargs)
+    return quiet_trainer(max_epochs=1, num_sanity_val_steps=0, deterministic=True, **kwargs)
 
 
 def _bn_net() -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import make_closure
 from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,13 +34,7 @@ def _full_gradient(w, x, y):
 
 
 def _closure(opt, w, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = _loss(w, x, y)
-        loss.backward()
-        return loss
-
-    return closure
+    return make_closure(opt, lambda: _loss(w, x, y))
 
 
 def _snapshot(opt, w, x, y):
@@ -105,13 +100,8 @@ def test_second_evaluation_replays_the_dropout_masks():
     full = [opt.state[p]["full_grad"].clone() for p in net.parameters()]
     before = [p.detach().clone() for p in net.parameters()]
 
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(x[:8], y[:8])
-        loss.backward()
-        return loss
-
-    opt.step(closure)  # w == snapshot: with the same masks the mini-batch terms cancel exactly
+    # w == snapshot: with the same masks the mini-batch terms cancel exactly
+    opt.step(make_closure(opt, lambda: loss_fn(x[:8], y[:8])))
     for p, b, g in zip(net.parameters(), before, full):
         torch.testing.assert_close(p.detach(), b - 0.1 * g, rtol=0, atol=TOL)
 
@@ -187,14 +177,8 @@ def test_a_group_added_after_the_snapshot_takes_sgd_steps_until_the_next_one():
     opt.add_param_group({"params": [u], "lr": 0.5})
     batch = slice(3, 11)
 
-    def closure():
-        opt.zero_grad()
-        loss = _loss(w, x[batch], y[batch]) + 0.5 * (u - target).pow(2).sum()
-        loss.backward()
-        return loss
-
     u0 = u.detach().clone()
-    opt.step(closure)
+    opt.step(make_closure(opt, lambda: _loss(w, x[batch], y[batch]) + 0.5 * (u - target).pow(2).sum()))
     # w: at the snapshot the variance-reduced direction is the full gradient; u: a plain SGD step.
     torch.testing.assert_close(w.detach(), w_tilde - 0.1 * _full_gradient(w_tilde, x, y), rtol=0, atol=TOL)
     torch.testing.assert_close(u.detach(), u0 - 0.5 * (u0 - target), rtol=0, atol=TOL)

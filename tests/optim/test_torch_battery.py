@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support import make_closure
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -107,13 +108,7 @@ def _toy(contiguous: bool = True, seed: int = 0) -> tuple[nn.Linear, torch.Tenso
 
 
 def _closure(subject: Subject, opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]):
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward(create_graph=subject.create_graph)
-        return loss
-
-    return closure
+    return make_closure(opt, loss_fn, subject.create_graph)
 
 
 def _step(subject: Subject, opt: torch.optim.Optimizer, closure: Callable[[], Any]) -> Any:

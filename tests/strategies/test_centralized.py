@@ -7,12 +7,12 @@ update functions, or closed forms written out here.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from _dist.launch import launch
+from _dist.launch import launched, load_ranks
 
 from lightning_optsurvey.strategies._comm import ring_all_reduce_bytes
 from lightning_optsurvey.strategies.easgd import easgd_step
@@ -31,13 +31,10 @@ LEARNED_ACC = 0.7  # 2 epochs of SGD on digits reach about 0.8 with every strate
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("centralized")
-    launch("centralized_scenarios.py", out, *SCENARIOS, procs_per_node=WORLD, timeout=270)
-    return out
+    return launched(tmp_path_factory, "centralized_scenarios.py", *SCENARIOS, procs_per_node=WORLD, timeout=270)
 
 
-def load(out: Path, scenario: str) -> list[dict[str, Any]]:
-    return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+load = partial(load_ranks, world=WORLD)  # what each rank saved for a scenario
 
 
 # --------------------------------------------------------------------------------------------------

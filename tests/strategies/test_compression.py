@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from _support import quiet_trainer as _trainer
 
 import lightning_optsurvey  # noqa: F401  (registers the names)
 from lightning_optsurvey.averaging.compression import QSGD, Compressor, RandomK, Sign, TopK, make_compressor
@@ -127,10 +127,6 @@ def test_d2_stability_condition() -> None:
 def test_bad_algorithm_arguments_raise_in_init(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         GossipStrategy("ring", **kwargs)
-
-
-def _trainer(**kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, **kwargs)
 
 
 def test_registered_names_and_static_topology_requirement() -> None:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from _support import assert_rejected
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -121,24 +122,14 @@ def test_diverges_outside_the_stability_region(eta_h: float, alpha: float, num_w
 
 
 def test_invalid_arguments() -> None:
-    for bad in (0, -0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="rho"):
-            EASGDStrategy(rho=bad)
-    with pytest.raises(TypeError, match="rho"):
-        EASGDStrategy(rho="0.1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="sync_every"):
-        EASGDStrategy(sync_every=0)
-    with pytest.raises(TypeError, match="sync_every"):
-        EASGDStrategy(sync_every=2.0)  # type: ignore[arg-type]
-    for bad in (0.0, 1.0, -0.5):
-        with pytest.raises(ValueError, match="moving_rate"):
-            EASGDStrategy(moving_rate=bad)
-        with pytest.raises(ValueError, match="beta"):
-            EASGDStrategy(beta=bad)
-    with pytest.raises(TypeError, match="beta"):
-        EASGDStrategy(beta="0.9")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="find_unused_parameters"):
-        EASGDStrategy(find_unused_parameters=True)
+    assert_rejected(EASGDStrategy, "rho", (0, -0.1, float("nan"), float("inf")))
+    assert_rejected(EASGDStrategy, "rho", ("0.1",), TypeError)
+    assert_rejected(EASGDStrategy, "sync_every", (0,))
+    assert_rejected(EASGDStrategy, "sync_every", (2.0,), TypeError)
+    assert_rejected(EASGDStrategy, "moving_rate", (0.0, 1.0, -0.5))
+    assert_rejected(EASGDStrategy, "beta", (0.0, 1.0, -0.5))
+    assert_rejected(EASGDStrategy, "beta", ("0.9",), TypeError)
+    assert_rejected(EASGDStrategy, "find_unused_parameters", (True,), TypeError)
     with pytest.raises(ValueError, match="num_workers"):
         easgd_quadratic_matrix(0.1, 0.1, 0)
     # (N + 1) alpha >= 2 diverges for any learning rate: refused in Trainer.__init__.
@@ -161,11 +152,14 @@ class _Quadratic(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def test_single_process_runs_easgd_with_one_worker(quiet_trainer_kwargs: dict) -> None:
-    h, lr, rho, tau, steps = 2.0, 0.1, 2.0, 2, 6
+def _one_worker_fit(
+    strategy: EASGDStrategy, alpha: float, quiet: dict
+) -> tuple[_Quadratic, torch.Tensor, torch.Tensor]:
+    """Fit ``_Quadratic`` (h=2, lr=0.1) for 6 steps on one process; return it and the worker and center of the
+    same recursion written out (gradient steps, an elastic step with ``alpha`` every 2nd)."""
+    h, lr, tau, steps = 2.0, 0.1, 2, 6
     model = _Quadratic(h, lr)
-    strategy = EASGDStrategy(rho=rho, sync_every=tau)
-    trainer = Trainer(devices=1, strategy=strategy, max_steps=steps, precision="64-true", **quiet_trainer_kwargs)
+    trainer = Trainer(devices=1, strategy=strategy, max_steps=steps, precision="64-true", **quiet)
     with pytest.warns(UserWarning, match="single process"):
         trainer.fit(model, DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1))
     x = torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -174,9 +168,16 @@ def test_single_process_runs_easgd_with_one_worker(quiet_trainer_kwargs: dict) -
     for step in range(1, steps + 1):
         grad = h * (x - minimizer)
         if step % tau == 0:
-            (x,), center = easgd_step([x], center, alpha=lr * rho, grads=[grad], lr=lr)
+            (x,), center = easgd_step([x], center, alpha=alpha, grads=[grad], lr=lr)
         else:
             x = x - lr * grad
+    return model, x, center
+
+
+def test_single_process_runs_easgd_with_one_worker(quiet_trainer_kwargs: dict) -> None:
+    lr, rho, tau, steps = 0.1, 2.0, 2, 6
+    strategy = EASGDStrategy(rho=rho, sync_every=tau)
+    model, x, center = _one_worker_fit(strategy, lr * rho, quiet_trainer_kwargs)
     assert torch.allclose(model.w.detach(), x, rtol=0, atol=EXACT_TOL * 10)
     assert torch.allclose(strategy.center_tensors()["w"], center, rtol=0, atol=EXACT_TOL * 10)
     assert strategy.steps == steps and strategy.syncs == steps // tau
@@ -222,20 +223,7 @@ def test_moving_rate_follows_each_param_groups_learning_rate(quiet_trainer_kwarg
 
 def test_default_moving_rate_is_beta_over_n(quiet_trainer_kwargs: dict) -> None:
     """The paper's rule (Sec. 5): beta = N * alpha = 0.9; on one process alpha = 0.9, regardless of lr."""
-    h, lr, tau, steps = 2.0, 0.1, 2, 6
-    model = _Quadratic(h, lr)
-    strategy = EASGDStrategy(sync_every=tau)
+    strategy = EASGDStrategy(sync_every=2)
     assert strategy.alpha_rule == "beta/N" and strategy.beta == 0.9
-    trainer = Trainer(devices=1, strategy=strategy, max_steps=steps, precision="64-true", **quiet_trainer_kwargs)
-    with pytest.warns(UserWarning, match="single process"):
-        trainer.fit(model, DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1))
-    x = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    center = x.clone()
-    minimizer = torch.tensor([0.5, 0.25], dtype=torch.float64)
-    for step in range(1, steps + 1):
-        grad = h * (x - minimizer)
-        if step % tau == 0:
-            (x,), center = easgd_step([x], center, alpha=0.9, grads=[grad], lr=lr)
-        else:
-            x = x - lr * grad
+    _, _, center = _one_worker_fit(strategy, 0.9, quiet_trainer_kwargs)
     assert torch.allclose(strategy.center_tensors()["w"], center, rtol=0, atol=EXACT_TOL * 10)

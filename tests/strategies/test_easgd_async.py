@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _dist.launch import launch
+from _dist.launch import launch, launched, load_ranks
+from _support import assert_rejected
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -122,25 +124,14 @@ def test_center_state_rules_without_processes() -> None:
 
 
 def test_invalid_arguments() -> None:
-    for bad in (0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="rho"):
-            AsyncEASGDStrategy(rho=bad)
-    with pytest.raises(TypeError, match="rho"):
-        AsyncEASGDStrategy(rho="1")  # type: ignore[arg-type]
-    for bad in (0.0, 1.0):
-        with pytest.raises(ValueError, match="moving_rate"):
-            AsyncEASGDStrategy(moving_rate=bad)
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="momentum"):
-            AsyncEASGDStrategy(momentum=bad)
-    with pytest.raises(ValueError, match="heartbeat_timeout"):
-        AsyncEASGDStrategy(heartbeat_timeout=0)
-    with pytest.raises(ValueError, match="pull_strength"):
-        AsyncLSGDStrategy(pull_strength=1.5)
-    with pytest.raises(ValueError, match="sync_every"):
-        AsyncLSGDStrategy(sync_every=0)
-    with pytest.raises(TypeError, match="find_unused_parameters"):
-        AsyncEASGDStrategy(find_unused_parameters=True)
+    assert_rejected(AsyncEASGDStrategy, "rho", (0, -1.0, float("nan"), float("inf")))
+    assert_rejected(AsyncEASGDStrategy, "rho", ("1",), TypeError)
+    assert_rejected(AsyncEASGDStrategy, "moving_rate", (0.0, 1.0))
+    assert_rejected(AsyncEASGDStrategy, "momentum", (-0.1, 1.0))
+    assert_rejected(AsyncEASGDStrategy, "heartbeat_timeout", (0,))
+    assert_rejected(AsyncLSGDStrategy, "pull_strength", (1.5,))
+    assert_rejected(AsyncLSGDStrategy, "sync_every", (0,))
+    assert_rejected(AsyncEASGDStrategy, "find_unused_parameters", (True,), TypeError)
     with pytest.raises(ValueError, match="alpha"):  # alpha = eta rho = 0.1 * 20 >= 1 overshoots the center
         _fit(AsyncEASGDStrategy(rho=20.0), _Net(), steps=2)
     assert {"easgd_async", "eamsgd", "lsgd_async"} <= set(STRATEGY_NAMES)
@@ -175,20 +166,15 @@ def test_straggler_sleeps_on_its_ranks_only_and_changes_nothing_else() -> None:
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("async")
-    launch("async_scenarios.py", out, "invariants", procs_per_node=WORLD, timeout=240)
-    return out
+    return launched(tmp_path_factory, "async_scenarios.py", "invariants", procs_per_node=WORLD, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def slow_out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("async_slow")
-    launch("async_scenarios.py", out, *SLOW_SCENARIOS, procs_per_node=WORLD, timeout=240)
-    return out
+    return launched(tmp_path_factory, "async_scenarios.py", *SLOW_SCENARIOS, procs_per_node=WORLD, timeout=240)
 
 
-def load(out: Path, scenario: str) -> list[dict[str, Any]]:
-    return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+load = partial(load_ranks, world=WORLD)  # what each rank saved for a scenario
 
 
 def _served_exactly_once(history: list[tuple[int, int]], exchanges: list[int]) -> None:

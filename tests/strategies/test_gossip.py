@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from _dist.launch import launch
+from _dist.launch import launched, load_ranks
 from torch import nn
 
 from lightning_optsurvey.strategies import Topology
@@ -36,13 +36,11 @@ PUSH_SUM_REL = 1e-12  # 80 float64 rounds, in a different summation order than t
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("gossip")
-    launch("gossip_scenarios.py", out, *SCENARIOS, nodes=NODES, procs_per_node=WORLD // NODES, timeout=360)
-    return out
+    return launched(tmp_path_factory, "gossip_scenarios.py", *SCENARIOS, nodes=NODES, procs_per_node=WORLD // NODES,
+                    timeout=360)
 
 
-def load(out: Path, scenario: str) -> list[dict[str, Any]]:
-    return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+load = partial(load_ranks, world=WORLD)  # what each rank saved for a scenario
 
 
 def test_complete_graph_equals_ddp(out_dir: Path) -> None:

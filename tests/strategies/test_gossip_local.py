@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Trainer
+from _support import fit_digits
+from _support import quiet_trainer as _trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_optsurvey
@@ -22,13 +23,7 @@ from lightning_optsurvey.strategies import (
     consensus_distance,
 )
 from lightning_optsurvey.strategies._comm import ring_all_reduce_bytes
-from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
-
-
-def _trainer(**kwargs) -> Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False)
-    return Trainer(**{**defaults, **kwargs})
+from lightning_optsurvey.tasks import ClassifierModule
 
 
 def test_registered_names_build_the_right_topology() -> None:
@@ -82,9 +77,8 @@ def _fit_digits(strategy, steps: int = 4) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     module = ClassifierModule("cnn_bn", optimizer="sgd", optimizer_kwargs={"lr": 0.1, "momentum": 0.9})
     # No sampler replacement, so both runs see the loader's own shuffling order.
-    trainer = _trainer(devices=1, strategy=strategy, max_steps=steps, deterministic=True, use_distributed_sampler=False,
-                       callbacks=[ConsensusDistance(every_n_steps=2)])
-    trainer.fit(module, DigitsDataModule(batch_size=16))
+    trainer = fit_digits(module, 16, devices=1, strategy=strategy, max_steps=steps, deterministic=True,
+                         use_distributed_sampler=False, callbacks=[ConsensusDistance(every_n_steps=2)])
     assert float(trainer.callback_metrics["gossip/consensus_distance"]) == 0.0
     return {k: v.clone() for k, v in module.state_dict().items()}
 

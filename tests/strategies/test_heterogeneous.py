@@ -6,12 +6,13 @@ saved against a dense float64 re-simulation of all ranks, a closed form for the 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _dist.launch import launch
+from _dist.launch import launch, launched, load_ranks
 
 from lightning_optsurvey.averaging.compression import QSGD, RandomK, Sign, TopK
 from lightning_optsurvey.strategies import Topology
@@ -26,13 +27,10 @@ LR = 0.1
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("heterogeneous")
-    launch("heterogeneous_scenarios.py", out, *FAST, nodes=2, procs_per_node=2, timeout=500)
-    return out
+    return launched(tmp_path_factory, "heterogeneous_scenarios.py", *FAST, nodes=2, procs_per_node=2, timeout=500)
 
 
-def load(out: Path, scenario: str) -> list[dict[str, Any]]:
-    return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+load = partial(load_ranks, world=WORLD)  # what each rank saved for a scenario
 
 
 def _gradients(results: list[dict[str, Any]], x: torch.Tensor, step: int) -> torch.Tensor:

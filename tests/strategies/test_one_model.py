@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from _dist.launch import launch
+from _dist.launch import launch, load_ranks
 from lightning.pytorch import Trainer
 
 from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
@@ -38,10 +37,6 @@ def two_ranks_more(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _load(out: Path, scenario: str, world: int) -> list[dict[str, Any]]:
-    return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 def _one_process(path: str, stage: str) -> dict[str, float]:
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False)
@@ -61,7 +56,7 @@ def test_best_checkpoint_matches_one_process_local_sgd_lsgd(two_ranks_more: Path
 
 
 def _check_checkpoint(out: Path, name: str) -> None:
-    results = [r[name] for r in _load(out, f"checkpoints_{name}", 2)]
+    results = [r[name] for r in load_ranks(out, f"checkpoints_{name}", 2)]
     assert results[0] == results[1]  # both ranks logged and tested the same
     result = results[0]
     # ModelCheckpoint's score describes its file: the file's model, evaluated in one process, scores it.
@@ -85,10 +80,10 @@ def _check_center(results: list[dict[str, Any]], world: int) -> None:
 
 
 def test_easgd_center_tracks_its_workers_on_two_ranks(two_ranks: Path) -> None:
-    _check_center(_load(two_ranks, "easgd_center", 2), 2)
+    _check_center(load_ranks(two_ranks, "easgd_center", 2), 2)
 
 
 @pytest.mark.slow
 def test_easgd_center_tracks_its_workers_on_four_ranks(tmp_path: Path) -> None:
     launch("one_model_scenarios.py", tmp_path, "easgd_center", procs_per_node=4, timeout=540)
-    _check_center(_load(tmp_path, "easgd_center", 4), 4)
+    _check_center(load_ranks(tmp_path, "easgd_center", 4), 4)

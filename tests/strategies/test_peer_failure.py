@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from _dist.launch import launch
-from lightning.pytorch import LightningModule, Trainer
-from torch import nn
+from _dist.tiny_regression import TinyRegression
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optsurvey.strategies import EASGDStrategy, GossipStrategy, LocalSGDStrategy, LSGDStrategy
@@ -51,18 +51,6 @@ def test_raising_rank_is_named_with_its_error(tmp_path: Path) -> None:
     assert "rank 1 failed first with ValueError: boom in rank 1's training_step" in line, line
 
 
-class _Tiny(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(2, 1)
-
-    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
-        return self.layer(batch[0]).square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_timeout_argument_and_cpu_default(quiet_trainer_kwargs: dict) -> None:
     assert DEFAULT_CPU_TIMEOUT == timedelta(minutes=5)
     for make in (LocalSGDStrategy, EASGDStrategy, LSGDStrategy, GossipStrategy):
@@ -77,5 +65,5 @@ def test_timeout_argument_and_cpu_default(quiet_trainer_kwargs: dict) -> None:
     strategy = LocalSGDStrategy()
     trainer = Trainer(devices=1, strategy=strategy, max_steps=1, **quiet_trainer_kwargs)
     with pytest.warns(UserWarning, match="single process"):
-        trainer.fit(_Tiny(), DataLoader(TensorDataset(torch.zeros(2, 2)), batch_size=2))
+        trainer.fit(TinyRegression(), DataLoader(TensorDataset(torch.zeros(2, 2)), batch_size=2))
     assert strategy.timeout == DEFAULT_CPU_TIMEOUT  # gloo on CPU: 5 minutes, not Lightning's 30

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from _dist.launch import launch
+from _support import fit_digits
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_optsurvey.callbacks import ResumeRNG
 from lightning_optsurvey.optim import available_optimizers
 from lightning_optsurvey.strategies import STRATEGY_NAMES
-from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+from lightning_optsurvey.tasks import ClassifierModule
 from lightning_optsurvey.tasks.digits import EpochSampler, ResumableDataLoader
 
 BATCH = 128  # 1,077 training images: 9 batches per epoch, the last one partial
@@ -55,9 +56,8 @@ def _fit(tmp: Path, max_epochs: int, ckpt_path: str | None = None, every_steps: 
                                          save_top_k=-1))
         callbacks.append(ModelCheckpoint(dirpath=tmp / "epochs", filename="{epoch}", every_n_epochs=1,
                                          save_top_k=-1))
-    trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, deterministic=True, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=batch, seed=3), ckpt_path=ckpt_path)
+    trainer = fit_digits(module, batch, seed=3, ckpt_path=ckpt_path, max_epochs=max_epochs, deterministic=True,
+                         callbacks=callbacks, **trainer_kwargs)
     optimizer_state = trainer.optimizers[0].state_dict()["state"]
     return module, optimizer_state, recorder.seen
 
