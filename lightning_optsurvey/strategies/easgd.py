@@ -80,7 +80,37 @@ DEFAULT_BETA = 0.9
 # --------------------------------------------------------------------------------------------------
 # The strategy
 # --------------------------------------------------------------------------------------------------
-class EASGDStrategy(PeriodicSyncStrategy):
+def _asynchronous_easgd(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``EASGDStrategy(..., asynchronous=True)``: the asynchronous strategy with the same arguments."""
+    from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy
+
+    if "beta" in kwargs:
+        raise TypeError(
+            "beta (the synchronous default rule alpha = beta / N) is not an argument of asynchronous "
+            "EASGD; pass rho or moving_rate"
+        )
+    options = dict(kwargs)
+    options.update(zip(("rho", "sync_every", "moving_rate"), args))
+    if options.get("rho", 0.1) is None:
+        options.pop("rho")
+    return AsyncEASGDStrategy(**options)
+
+
+class _EASGDMeta(type(PeriodicSyncStrategy)):  # type: ignore[misc]
+    """Builds :class:`AsyncEASGDStrategy` for ``EASGDStrategy(..., asynchronous=True)``.
+
+    That is the published, barrier-free method (registered as "easgd_async", center on rank 0); the synchronous
+    default is the class itself. A metaclass rather than ``__new__``, so that LightningCLI reads the parameters
+    from ``__init__``.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is EASGDStrategy and check_bool("asynchronous", kwargs.get("asynchronous", False)):
+            return _asynchronous_easgd(args, {k: v for k, v in kwargs.items() if k != "asynchronous"})
+        return super().__call__(*args, **kwargs)
+
+
+class EASGDStrategy(PeriodicSyncStrategy, metaclass=_EASGDMeta):
     r"""Synchronous elastic averaging SGD with the center variable replicated on every rank.
 
     Every ``sync_every`` steps each rank takes its optimizer step and the elastic step of
@@ -138,24 +168,6 @@ class EASGDStrategy(PeriodicSyncStrategy):
     registry_entries = {
         strategy_name: ("Synchronous elastic averaging SGD (EASGD) with the center replicated on every rank", {}),
     }
-
-    def __new__(cls, *args: Any, asynchronous: bool = False, **kwargs: Any) -> Any:
-        # ``asynchronous=True`` builds the published, barrier-free method (registered as "easgd_async"),
-        # which keeps its center on rank 0; the synchronous default is this class.
-        if check_bool("asynchronous", asynchronous) and cls is EASGDStrategy:
-            from lightning_optsurvey.strategies.easgd_async import AsyncEASGDStrategy
-
-            if "beta" in kwargs:
-                raise TypeError(
-                    "beta (the synchronous default rule alpha = beta / N) is not an argument of asynchronous "
-                    "EASGD; pass rho or moving_rate"
-                )
-            names = ("rho", "sync_every", "moving_rate")
-            kwargs.update({name: value for name, value in zip(names, args)})
-            if kwargs.get("rho", 0.1) is None:
-                kwargs.pop("rho")
-            return AsyncEASGDStrategy(**kwargs)
-        return super().__new__(cls)
 
     def __init__(
         self,

@@ -227,3 +227,16 @@ def test_default_moving_rate_is_beta_over_n(quiet_trainer_kwargs: dict) -> None:
     assert strategy.alpha_rule == "beta/N" and strategy.beta == 0.9
     _, _, center = _one_worker_fit(strategy, 0.9, quiet_trainer_kwargs)
     assert torch.allclose(strategy.center_tensors()["w"], center, rtol=0, atol=EXACT_TOL * 10)
+
+
+def test_lightning_cli_reads_the_synchronous_parameters_and_asynchronous_builds_the_async_strategy():
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    from lightning_optsurvey.strategies import AsyncEASGDStrategy
+
+    names = [p.name for p in get_signature_parameters(EASGDStrategy, None)]
+    assert {"rho", "sync_every", "moving_rate", "beta", "asynchronous"} <= set(names)
+    assert "heartbeat_timeout" not in names  # an asynchronous-only argument is not a synchronous one
+    built = EASGDStrategy(0.2, 3, asynchronous=True)
+    assert type(built) is AsyncEASGDStrategy and built.rho == 0.2 and built.sync_every == 3
+    assert type(EASGDStrategy(rho=0.2)) is EASGDStrategy
