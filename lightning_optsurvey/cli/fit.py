@@ -80,7 +80,11 @@ def _class_paths(argv: list[str]) -> dict[str, str]:
 
 
 def _check_fit_classes(argv: list[str]) -> None:
-    """One-line errors for a ``model``/``data`` class that does not import or takes no ``optimizer``."""
+    """One-line errors for a ``model``/``data`` class that does not import or is not a Lightning class.
+
+    A module builds its own optimizer in ``configure_optimizers`` here; only ``optsurvey compare``'s grid needs
+    an ``optimizer`` argument to pass registry names through.
+    """
     from lightning.pytorch import LightningDataModule, LightningModule
 
     from lightning_optsurvey import user_classes as uc
@@ -88,8 +92,7 @@ def _check_fit_classes(argv: list[str]) -> None:
     paths = _class_paths(argv)
     try:
         if "." in paths.get("model", "") or ":" in paths.get("model", ""):
-            uc.check_module_class(uc.load_class(paths["model"], LightningModule, "model.class_path"),
-                                  with_kwargs=False)
+            uc.load_class(paths["model"], LightningModule, "model.class_path")
         if "." in paths.get("data", "") or ":" in paths.get("data", ""):
             uc.load_class(paths["data"], LightningDataModule, "data.class_path")
     except (TypeError, ValueError) as err:

@@ -59,6 +59,15 @@ class TinyData(LightningDataModule):
 class NoOptimizerArg(LightningModule):
     def __init__(self, lr: float = 0.1) -> None:
         super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(10, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x.flatten(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
 def test_compare_on_a_user_module_leaves_one_finished_run_per_optimizer_with_the_measurements(tmp_path, capsys):
@@ -121,9 +130,23 @@ def test_fit_with_a_config_naming_the_users_classes(tmp_path):
 
 @pytest.mark.parametrize(("model", "message"), [
     ("no_such_package.models.Net", "cannot import model.class_path 'no_such_package.models.Net': no module"),
-    (f"{HERE}.NoOptimizerArg", "takes no `optimizer` argument"),
+    ("torch.nn.Linear", "model.class_path"),
 ])
 def test_fit_refuses_a_class_that_cannot_serve_in_one_line(tmp_path, capsys, model, message):
     assert main(["fit", "--config", _fit_config(tmp_path, model)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("optsurvey fit: error:") and re.search(message, err[0]), err
+
+
+def test_fit_takes_a_module_that_builds_its_own_optimizer(tmp_path):
+    """Only compare's grid passes registry names; `optsurvey fit` runs any LightningModule."""
+    config = tmp_path / "own.yaml"
+    config.write_text(
+        f"model:\n  class_path: {HERE}.NoOptimizerArg\n  init_args:\n    lr: 0.05\n"
+        f"data:\n  class_path: {HERE}.TinyData\n  init_args:\n    batch_size: 16\n"
+        "trainer:\n  max_epochs: 1\n  limit_train_batches: 3\n  limit_val_batches: 0\n  logger: false\n"
+        f"  enable_progress_bar: false\n  enable_model_summary: false\n  default_root_dir: {tmp_path / 'out'}\n"
+    )
+    assert main(["fit", "--config", str(config)]) == 0
+    (checkpoint,) = tmp_path.glob("**/*.ckpt")
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 3
