@@ -20,18 +20,9 @@ from torch.func import functional_call
 
 from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
 from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
-from lightning_optsurvey.validation import check_float
 
 Batch = Any  # an (inputs, targets) pair for a loss_fn; any structure for a ModuleLoss
 LossFn = Callable[[Any, Any], Tensor] | BatchLoss
-
-
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """:func:`~lightning_optsurvey.validation.check_float` on ``(0, inf)`` (``[0, inf)`` with ``allow_zero``).
-
-    Kept for ``callbacks/stability.py`` until it calls the validation module itself.
-    """
-    return check_float(name, value, low=0.0, low_open=not allow_zero)
 
 
 class FlatObjective:
