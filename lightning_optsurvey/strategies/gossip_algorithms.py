@@ -23,7 +23,9 @@ The local optimizer is the user's: with :math:`\Delta_i^t` its update (``-lr g``
   :class:`~lightning_optsurvey.averaging.compression.Compressor` payload), updates its public copy
   :math:`\hat x_i \mathrel{+}= q_i` and :math:`s_i \mathrel{+}= \sum_j W_{ij} q_j` (self included),
   then :math:`x_i = h_i + \gamma (s_i - \hat x_i)` with ``consensus_lr`` :math:`\gamma`. The replicas
-  :math:`\hat x` carry the compression error forward (error feedback), so nothing sent is lost.
+  :math:`\hat x` carry the compression error forward (error feedback), so nothing sent is lost. They
+  start at the initial model, :math:`\hat x_i^0 = x^0` (the paper's :math:`\hat x^0 = 0` on the shifted
+  iterates :math:`x - x^0`: the same algorithm, without first sending the model through the compressor).
 
 Float buffers (BatchNorm statistics) are not iterates of an optimization: under D² and gradient
 tracking they are averaged as D-PSGD does (:math:`W h`, a convex combination, so running variances stay
@@ -298,9 +300,11 @@ class ChocoGossip(GossipAlgorithm):
     def setup(self) -> None:
         buffers = self.flat.buffers
         loaded = self._loaded or {}
-        zeros = [torch.zeros_like(b) for b in buffers]
-        self._hat = _to(loaded.get("hat"), zeros) or zeros
-        self._s = _to(loaded.get("s"), zeros) or [z.clone() for z in zeros]
+        if "hat" in loaded:
+            self._hat = _to(loaded["hat"], buffers)
+            self._s = _to(loaded["s"], buffers)
+        else:
+            self._hat, self._s = self._initial_replicas()
         rank = self.strategy.global_rank
         self._generators = []
         for b, buffer in enumerate(buffers):
@@ -310,6 +314,22 @@ class ChocoGossip(GossipAlgorithm):
         for generator, state in zip(self._generators, loaded.get("generators", [])):
             generator.set_state(state)
         self._loaded = None
+
+    def _initial_replicas(self) -> tuple[list[Tensor], list[Tensor]]:
+        r"""Replicas :math:`\hat x_i^0 = x_i^0` and :math:`s_i^0 = \sum_j W_{ij} \hat x_j^0`.
+
+        The paper starts from :math:`\hat x^0 = 0`; CHOCO is translation-invariant (a common shift of every
+        :math:`x_i` and :math:`\hat x_i` commutes with its step), so starting the replicas at the common
+        :math:`x^0` is the same algorithm on :math:`x - x^0`, and spares the first rounds from sending the
+        model itself through the compressor (top-1 % needs 100 rounds for one model's worth of coordinates).
+        When the ranks start from different models (a later fit, without CHOCO state in the checkpoint),
+        one uncompressed exchange (counted in ``comm``) gives every rank its neighbours' replicas.
+        """
+        own = [b.clone() for b in self.flat.pack()]
+        hat = [b.clone() for b in own]
+        if not self.strategy.models_in_sync:
+            self.combine_(own, self.exchange(hat, None), self.row())
+        return hat, own
 
     def synchronize(self) -> None:
         half = self.flat.pack()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from gossip_scenarios import (
     BATCH,
+    OUT,
     RANK,
     WORLD,
     LinearRegression,
@@ -66,7 +67,31 @@ def algorithm_reference() -> None:
         fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False))
         results[name] = {"params": recorder.params, "batches": model.batches, "bytes": recorder.bytes,
                          "lazy": getattr(fit.strategy._algorithm, "lazy", None)}
+    results["choco_from_dpsgd"] = choco_from_dpsgd(x, y)
     save("algorithm_reference", results)
+
+
+class StartRecorder(Callback):
+    """The parameters a fit starts from (after a checkpoint is restored)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.params = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).clone()
+
+
+def choco_from_dpsgd(x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """CHOCO resumed from a D-PSGD checkpoint: different models per rank and no replicas in the file."""
+    data = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+    path = OUT / "dpsgd_for_choco.ckpt"
+    model, recorder = LinearRegression(), Recorder()
+    first = trainer(GossipStrategy("ring"), max_steps=3, precision="64-true", callbacks=[recorder])
+    first.fit(model, data)
+    first.save_checkpoint(path)
+    model, recorder, start = LinearRegression(), Recorder(), StartRecorder()
+    choco = GossipStrategy("ring", algorithm="choco", compressor="topk", ratio=0.34, consensus_lr=0.8)
+    second = trainer(choco, max_steps=STEPS, precision="64-true", callbacks=[recorder, start])
+    second.fit(model, data, ckpt_path=path)
+    return {"start": start.params, "params": recorder.params, "batches": model.batches, "bytes": recorder.bytes,
+            "total_bytes": second.strategy.comm.total_bytes}
 
 
 def algorithm_resume() -> None:
