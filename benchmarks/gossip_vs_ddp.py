@@ -26,19 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from _launch import wait_for_ranks
+from _launch import free_port, wait_for_ranks
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -208,14 +208,8 @@ def _worker(out: Path, epochs: int, batch_size: int, repeats: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Parent: launch, then print tables
 # --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(script: str, out: Path, epochs: int, batch_size: int, repeats: int, timeout: float) -> list[dict[str, Any]]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(WORLD):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
@@ -294,20 +288,44 @@ def modelled_heading(args: argparse.Namespace, beta: float) -> str:
             f"beta = {beta * 1e12:g} ps/byte ({args.bandwidth_gbps:g} Gbit/s), float32 parameters")
 
 
-def main() -> None:
-    args = parse_args(__doc__.split("\n")[0], epochs=10, repeats=3, timeout=1800.0)
+def report(
+    doc: str, script: str, worker: Callable[[Path, int, int, int], None],
+    measured_table: Callable[[list[dict[str, Any]]], str], modelled: Callable[[argparse.Namespace, float], str],
+    *, setup: str, epochs: int, repeats: int, timeout: float, note: str = "",
+) -> None:
+    """A strategy benchmark's ``main``: in a worker rank (``--worker``) run ``worker``; in the parent launch
+    ``script``'s ranks and print what they measured, then the alpha-beta model.
+
+    Args:
+        doc: The script's docstring (its first line describes the command line).
+        script: The script's path, run again as each worker rank.
+        worker: ``worker(out, epochs, batch_size, repeats)``: one rank's runs, results into ``out``.
+        measured_table: The measured table from the ranks' results.
+        modelled: What follows the modelled heading (its suffix, then the model tables).
+        setup: What was trained, with ``{batch_size}`` and ``{epochs}`` fields.
+        epochs, repeats, timeout: The command line's defaults.
+        note: A sentence on how the table counts (after the step-time one).
+    """
+    args = parse_args(doc.split("\n")[0], epochs=epochs, repeats=repeats, timeout=timeout)
     if args.worker is not None:
-        _worker(args.worker, args.epochs, args.batch_size, args.repeats)
+        worker(args.worker, args.epochs, args.batch_size, args.repeats)
         return
-    results, hardware, beta = run_ranks(__file__, args)
-    print(f"## Measured: {hardware}, batch {args.batch_size} per rank, "
-          f"{args.epochs} epochs, SGD lr 0.05 momentum 0.9, digits, {args.repeats} repeats\n")
+    results, hardware, beta = run_ranks(script, args)
+    repeatable = all(r["val_acc_repeatable"] for r in results)
+    print(f"## Measured: {hardware}, {setup.format(batch_size=args.batch_size, epochs=args.epochs)}, "
+          f"{args.repeats} repeats\n")
     print("Step time: median over all steps after the first epoch of all repeats (on rank 0); in brackets the "
-          "smallest and largest per-repeat median. Accuracy is deterministic: "
-          f"{'identical' if all(r['val_acc_repeatable'] for r in results) else 'NOT identical'} in every repeat.\n")
-    print(_measured_table(results))
-    print(f"\n{modelled_heading(args, beta)}\n")
-    print(_model_table(args.alpha, beta))
+          f"smallest and largest per-repeat median. {note}Accuracy is deterministic: "
+          f"{'identical' if repeatable else 'NOT identical'} in every repeat.\n")
+    print(measured_table(results))
+    print(f"\n{modelled_heading(args, beta)}{modelled(args, beta)}")
+
+
+def main() -> None:
+    report(__doc__, __file__, _worker, _measured_table,
+           lambda args, beta: f"\n\n{_model_table(args.alpha, beta)}",
+           setup="batch {batch_size} per rank, {epochs} epochs, SGD lr 0.05 momentum 0.9, digits",
+           epochs=10, repeats=3, timeout=1800.0)
 
 
 if __name__ == "__main__":

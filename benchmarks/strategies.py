@@ -25,6 +25,7 @@ Modelled: the alpha-beta cost of communication per step, amortized over a period
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -40,10 +41,8 @@ from gossip_vs_ddp import (  # the gossip benchmark
     _model_table,
     checkpoint_accuracy,
     fit_timed,
-    modelled_heading,
-    parse_args,
+    report,
     rotated_runs,
-    run_ranks,
     timing_summary,
 )
 
@@ -177,23 +176,17 @@ def _centralized_model_table(alpha: float, beta: float, n: int = 32, period: int
     return "\n".join(lines)
 
 
+def _modelled(args: argparse.Namespace, beta: float) -> str:
+    """After the modelled heading: the centralized methods' table on 32 nodes, then the gossip benchmark's."""
+    return (f", N = 32\n\n{_centralized_model_table(args.alpha, beta)}\n\n"
+            "Gossip against the ring all-reduce (from benchmarks/gossip_vs_ddp.py):\n\n"
+            f"{_model_table(args.alpha, beta)}")
+
+
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0], epochs=8, repeats=2, timeout=3600.0)
-    if args.worker is not None:
-        _worker(args.worker, args.epochs, args.batch_size, args.repeats)
-        return
-    results, hardware, beta = run_ranks(__file__, args)
-    print(f"## Measured: {hardware}, digits CNN, batch {args.batch_size} "
-          f"per rank, {args.epochs} epochs, SGD lr 0.05 momentum 0.9, {args.repeats} repeats\n")
-    repeatable = all(r["val_acc_repeatable"] for r in results)
-    print("Step time: median over all steps after the first epoch of all repeats (rank 0); in brackets the "
-          "smallest and largest per-repeat median. Bytes: mean over all steps and ranks. "
-          f"Accuracy is deterministic: {'identical' if repeatable else 'NOT identical'} in every repeat.\n")
-    print(_measured_table(results))
-    print(f"\n{modelled_heading(args, beta)}, N = 32\n")
-    print(_centralized_model_table(args.alpha, beta))
-    print("\nGossip against the ring all-reduce (from benchmarks/gossip_vs_ddp.py):\n")
-    print(_model_table(args.alpha, beta))
+    report(__doc__, __file__, _worker, _measured_table, _modelled,
+           setup="digits CNN, batch {batch_size} per rank, {epochs} epochs, SGD lr 0.05 momentum 0.9",
+           note="Bytes: mean over all steps and ranks. ", epochs=8, repeats=2, timeout=3600.0)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,9 @@ import time
 
 import lightning as L
 import mlflow
-import torch
-import torch.nn.functional as F
+from _digits import DigitsNet, shuffled_digits
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
-from sklearn.datasets import load_digits
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401  (registers the strategy names)
@@ -33,30 +30,14 @@ from lightning_optsurvey.tracking import ensure_experiment, ui_hint
 EXPERIMENT = "compare-optimizers"
 
 
-class DigitsClassifier(L.LightningModule):
+class DigitsClassifier(DigitsNet):
     """Your own model; the optimizer is chosen by registry name (``optsurvey list`` shows them)."""
 
     def __init__(self, optimizer: str = "sgd", optimizer_kwargs: dict | None = None, hidden: int = 64):
-        super().__init__()
+        super().__init__(hidden)
         # The registry's defaults with your overrides; saved hyperparameters become MLflow run parameters.
         kwargs = {**get_spec(optimizer).defaults, **(optimizer_kwargs or {})}
         self.save_hyperparameters({"optimizer": optimizer, "optimizer_kwargs": kwargs, "hidden": hidden})
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), sync_dist=True)
 
     def configure_optimizers(self):
         # SAM-like methods evaluate Lightning's closure themselves; K-FAC needs the network for its hooks.
@@ -66,12 +47,9 @@ class DigitsClassifier(L.LightningModule):
 
 
 def digits_loaders(batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.as_tensor(x, dtype=torch.float32) / 16.0, torch.as_tensor(y)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, val = order[:1400], order[1400:]
-    return (DataLoader(TensorDataset(x[train], y[train]), batch_size, shuffle=True),
-            DataLoader(TensorDataset(x[val], y[val]), batch_size))
+    x, y = shuffled_digits()
+    return (DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size, shuffle=True),
+            DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size))
 
 
 if __name__ == "__main__":

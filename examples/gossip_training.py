@@ -35,11 +35,9 @@ import argparse
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from _digits import DigitsNet, shuffled_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from sklearn.datasets import load_digits
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_optsurvey  # noqa: F401  (registers "gossip", "gossip_ring", ... with Lightning)
@@ -47,35 +45,12 @@ from lightning_optsurvey.callbacks import ConsensusDistance
 from lightning_optsurvey.strategies import TOPOLOGY_KINDS, GossipStrategy
 
 
-class DigitsClassifier(L.LightningModule):
+class DigitsClassifier(DigitsNet):
     """Your own model; nothing in it knows about gossip."""
 
     def __init__(self, lr: float = 0.1, hidden: int = 64):
-        super().__init__()
+        super().__init__(hidden)
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        # Each process logs its own model's loss; sync_dist averages them over processes.
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
-        return loss
-
-    def _evaluate(self, batch, stage):
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{stage}/acc", (logits.argmax(1) == y).float().mean(), sync_dist=True)
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
@@ -83,11 +58,8 @@ class DigitsClassifier(L.LightningModule):
 
 def digits_loaders(batch_size: int = 32) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Train / validation / test loaders. Under a multi-process strategy Lightning shards them by rank."""
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.as_tensor(x, dtype=torch.float32) / 16.0, torch.as_tensor(y)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    parts = order[:1200], order[1200:1500], order[1500:]
-    sets = [TensorDataset(x[idx], y[idx]) for idx in parts]
+    x, y = shuffled_digits()
+    sets = [TensorDataset(x[part], y[part]) for part in (slice(0, 1200), slice(1200, 1500), slice(1500, None))]
     return (DataLoader(sets[0], batch_size, shuffle=True), DataLoader(sets[1], batch_size),
             DataLoader(sets[2], batch_size))
 
