@@ -71,7 +71,7 @@ from typing_extensions import override
 
 from lightning_optsurvey import _compat
 from lightning_optsurvey.curvature.kernels import derivative_kernels
-from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss
+from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, as_batch_loss
 from lightning_optsurvey.validation import check_bool, check_callable, check_int, check_optional
 
 __all__ = [
@@ -450,6 +450,7 @@ class MeasuringCallback(Callback):
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
         self._last_step_measured = -1
+        self._batch_checked = False
         self.trigger = "epoch"  # what started the current/last measurement: "step", "epoch" or "end"
 
     # -- pickling (ddp_spawn sends the callbacks to the worker processes) ---------------------------------
@@ -550,6 +551,28 @@ class MeasuringCallback(Callback):
             step = _compat.logging_step(trainer)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def uses_loss(self) -> bool:
+        """Whether a measurement evaluates the loss on batches (default: the callback has a ``loss_fn``)."""
+        return hasattr(self, "loss_fn")
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """At the first training batch, check that the loss the measurements use can take its structure.
+
+        A dict batch without ``compute_loss`` on the module fails here, before the first step, rather than at
+        the first measurement an epoch later. Structure only: nothing is computed.
+        """
+        if self._batch_checked:
+            return
+        self._batch_checked = True
+        if self.uses_loss():
+            loss = as_batch_loss(resolve_loss_fn(pl_module, getattr(self, "loss_fn", None)))
+            try:
+                loss.check_batches([batch])
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__} measures the loss on this run's training batches, and "
+                                 f"{str(err).replace('batch 0', 'the first training batch', 1)}") from err
 
     @override
     def on_train_batch_end(

@@ -113,6 +113,10 @@ class GeneralizationMeasures(MeasuringCallback):
         return {**super().state_key_config(), "measures": self.measures}
 
     @override
+    def uses_loss(self) -> bool:
+        return "fisher_rao" in self.measures  # the others are norms of the weights
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Callback states are restored before on_fit_start, so a resumed run keeps its initial weights.
         if self._initial is None and "distance_from_init" in self.measures:

@@ -18,10 +18,10 @@ import math
 import pytest
 import torch
 from _callback_configs import FAST_CONFIGS
-from _zoo import ZOO, make
+from _zoo import ZOO, DictModule, make
 from lightning.pytorch import Trainer
 
-from lightning_optsurvey.callbacks import MeasuringCallback
+from lightning_optsurvey.callbacks import GeneralizationMeasures, MeasuringCallback
 
 EPOCHS = 2
 
@@ -111,3 +111,43 @@ def test_the_readme_example_runs_and_measures_a_dict_batch_module(tmp_path, monk
     metrics = namespace["trainer"].callback_metrics
     assert math.isfinite(float(metrics["hessian/eig_1"])) and math.isfinite(float(metrics["gen_gap/loss"]))
     assert "gen_gap/acc" not in metrics
+
+
+class _DictWithoutComputeLoss(DictModule):
+    """Dict batches, the loss only inside ``training_step``: measurements cannot evaluate it."""
+
+    compute_loss = None  # type: ignore[assignment]
+
+    def loss_of(self, batch):
+        return torch.nn.functional.cross_entropy(self(batch["x"], batch["extra"]), batch["label"])
+
+
+@pytest.mark.parametrize("callback", sorted(FAST_CONFIGS))
+def test_a_loss_it_cannot_evaluate_fails_at_the_first_batch_before_any_step(callback, tmp_path):
+    """Dict batches and no ``compute_loss``: the error names the callback and what to add, before training."""
+    cb = FAST_CONFIGS[callback]()
+    _, data = make("dict")
+    torch.manual_seed(0)
+    module = _DictWithoutComputeLoss()
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[cb], num_sanity_val_steps=0)
+    if not cb.uses_loss():
+        trainer.fit(module, datamodule=data)
+        assert len(cb.history) == 1
+        return
+    with pytest.raises(ValueError, match=rf"{callback} measures the loss.*define compute_loss\(self, batch\)"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+
+
+def test_norm_measures_need_no_loss_and_take_any_batch(tmp_path):
+    cb = GeneralizationMeasures(measures=("param_norm", "distance_from_init", "frobenius_product"))
+    assert not cb.uses_loss()
+    _, data = make("dict")
+    torch.manual_seed(0)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[cb], num_sanity_val_steps=0)
+    trainer.fit(_DictWithoutComputeLoss(), datamodule=data)
+    assert set(cb.history[0]) >= {"measures/param_norm", "measures/distance_from_init"}
