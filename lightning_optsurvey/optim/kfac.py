@@ -101,9 +101,8 @@ class KFACConfig:
             (optimizer-wide).
         seed: Seed of the target sampler (``fisher="mc"``); its position is kept in the optimizer's state.
         low_rank: For a ``Linear`` layer whose batch ``B`` is below half its width, precondition the
-            gradient through its factorization :math:`
-    abla W = \Delta^	op [X, 1]` from the captured
-            batch: :math:`(G^{-1}\Delta^	op)([X, 1] A^{-1})` costs :math:`O(B d^2)` instead of
+            gradient through its factorization :math:`\nabla W = \Delta^\top [X, 1]` from the captured
+            batch: :math:`(G^{-1}\Delta^\top)([X, 1] A^{-1})` costs :math:`O(B d^2)` instead of
             :math:`O(d^3)` (per group). Used only when ``.grad`` equals that product up to a scale (norm
             clipping) within relative error 1e-5 on random probes; otherwise (accumulation, a penalty on the
             weight in the loss, other edits) the dense path runs. CPU only (the check's outcome is read on

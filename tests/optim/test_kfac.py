@@ -423,6 +423,15 @@ def test_kfac_config_comes_from_a_yaml_through_lightning_cli(tmp_path):
         LightningCLI(_KFACModule, run=False, args=["--config", str(config)], save_config_callback=None)
 
 
+def test_docstrings_keep_their_latex():
+    # A "\\nabla" or "\\top" written through an escaping editor becomes a newline or a tab in the source.
+    import lightning_optsurvey.optim.kfac as kfac_module
+
+    for doc in (KFACConfig.__doc__, KFAC.__doc__, KFAC._low_rank.__doc__, kfac_module.__doc__):
+        assert not any(c in doc for c in "\t\r\x0b\x0c\x07\x08"), doc
+    assert r":math:`\nabla W = \Delta^\top [X, 1]`" in KFACConfig.__doc__
+
+
 def test_kfac_config_is_validated_and_accepts_a_mapping_with_overrides():
     net = nn.Linear(3, 2)
     opt = KFAC(net, {"damping": 0.5, "inv_every": 3}, inv_every=4)
