@@ -165,7 +165,7 @@ def test_low_rank_path_equals_the_dense_path(edit, monkeypatch):
     for low_rank in (True, False):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10)).double()
-        opt = KFAC(net, lr=0.1, low_rank=low_rank, inv_every=2)
+        opt = KFAC(net, lr=0.1, low_rank=low_rank, inv_every=2, weight_decay=1e-3)
         noise = torch.Generator().manual_seed(1)
 
         def closure(net=net, opt=opt, noise=noise):
