@@ -204,6 +204,27 @@ def _activation_factor(module: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
+def _fold(target: Tensor | None, rows: Tensor, beta: float, alpha: float, bias: bool) -> Tensor:
+    """``beta * target + alpha * [rows, 1]^T [rows, 1]`` written into ``target`` (``[rows]`` without bias).
+
+    The Gram block is one ``addmm_`` (product, scale and average in one pass over the factor, no
+    ``d x d`` temporary); the bias row and column are the row sums. ``target=None`` starts a factor
+    (``beta`` is then ignored).
+    """
+    d = rows.shape[1]
+    if target is None:
+        target = rows.new_zeros(d + bias, d + bias)
+        beta = 0.0
+    rows = rows.to(target.dtype)
+    target[:d, :d].addmm_(rows.T, rows, beta=beta, alpha=alpha)
+    if bias:
+        sums = rows.sum(0)
+        target[:d, d].mul_(beta).add_(sums, alpha=alpha)
+        target[d, :d].mul_(beta).add_(sums, alpha=alpha)
+        target[d, d].mul_(beta).add_(alpha * rows.shape[0])
+    return target
+
+
 def _output_rows(module: nn.Module, g: Tensor) -> Tensor:
     if isinstance(module, nn.Conv2d):
         return g.transpose(1, -1).reshape(-1, g.shape[1])  # (B*H*W, C_out)
@@ -240,7 +261,10 @@ class _Hooks:
         with torch.no_grad():
             pending = opt._pending.setdefault(module, {})
             if opt._stats:
-                pending["A"] = _activation_factor(module, x).div_(batch)
+                if isinstance(module, nn.Linear):
+                    pending["a"] = x  # folded into the average in step (_fold): one addmm, no temporary
+                else:
+                    pending["A"] = _activation_factor(module, x).div_(batch)
             if keep_rows:
                 pending["x"] = x
         output.register_hook(_OutputGradHook(opt, module, batch))
@@ -262,9 +286,12 @@ class _OutputGradHook:
         with torch.no_grad():
             pending = opt._pending.setdefault(self._module, {})
             if opt._stats:
-                # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
-                g = _output_rows(self._module, grad.detach()) * self._batch
-                pending["G"] = (g.T @ g).div_(g.shape[0])
+                if isinstance(self._module, nn.Linear):
+                    pending["g"] = grad.detach()  # folded into the average in step (_fold)
+                else:
+                    # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
+                    g = _output_rows(self._module, grad.detach()) * self._batch
+                    pending["G"] = (g.T @ g).div_(g.shape[0])
             if "x" in pending and grad.ndim == 2:
                 pending["go"] = grad.detach()
 
@@ -509,10 +536,19 @@ class KFAC(FullStateMixin, Optimizer):
         pending, self._pending = self._pending, {}
         for module in self._layers:
             stats = pending.get(module, {})
-            if "A" not in stats or "G" not in stats:
+            if not ("A" in stats or "a" in stats) or not ("G" in stats or "g" in stats):
                 continue
             state = self.state[module.weight]
             decay = groups[module.weight]["stat_decay"]
+            # The first statistics are taken whole: A <- new, then A <- decay A + (1 - decay) new.
+            beta, weight = (decay, 1.0 - decay) if "A" in state else (0.0, 1.0)
+            if "a" in stats:  # Linear: A = [X, 1]^T [X, 1] / B; G = B^2 go^T go / rows (per-sample scale)
+                a = stats["a"].reshape(-1, stats["a"].shape[-1])
+                g = stats["g"].reshape(-1, stats["g"].shape[-1])
+                batch = stats["a"].shape[0]
+                state["A"] = _fold(state.get("A"), a, beta, weight / batch, module.bias is not None)
+                state["G"] = _fold(state.get("G"), g, beta, weight * batch * batch / g.shape[0], False)
+                continue
             for key in ("A", "G"):
                 if key in state:
                     state[key].mul_(decay).add_(stats[key], alpha=1.0 - decay)
@@ -645,7 +681,9 @@ class KFAC(FullStateMixin, Optimizer):
                 right = torch.addmm(bias_grad[:, None] @ a_inv[-1:], grad, a_inv[:-1])
             else:
                 right = grad @ a_inv
-            return g_inv @ right
+            # G^-1 is symmetric, so G^-1 R = (R^T G^-1)^T: the same product with the odd dimension (in + 1,
+            # e.g. 65) as rows, which CPU BLAS runs ~10% faster than as columns. A transposed view.
+            return (right.T @ g_inv).T
         # No statistics yet: both factors are zero, so only the damping is left.
         return torch.cat([grad, bias_grad[:, None]], 1) / damping if bias_grad is not None else grad / damping
 
