@@ -563,22 +563,25 @@ class KFAC(FullStateMixin, Optimizer):
         Returns ``None`` if a factor is not finite. A factor that round-off made indefinite is inverted
         through its eigendecomposition with the spectrum clipped at the shift.
         """
-        chols, works = [], []
-        ok = None
+        chols, works, sums = [], [], []
         for matrix, shift in pairs:
             # Cholesky and eigh have no half-precision kernels: factorize half factors in float32.
-            work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
-            damped = work + shift * torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+            work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix.clone()
+            damped = work
+            damped.diagonal().add_(shift)  # M + shift I without an identity matrix and two temporaries
             chol, info = torch.linalg.cholesky_ex(damped)
-            good = torch.isfinite(matrix).all()
-            ok = good if ok is None else ok & good
+            # A sum is finite only if every entry is (inf or nan anywhere propagates): one read of the
+            # factor instead of isfinite's mask; a non-finite sum (overflow included) is settled below.
+            sums.append(matrix.sum())
             chols.append((chol, info))
             works.append(damped)
-        if ok is None:
+        if not pairs:
             return []
-        # The refresh's one host read: every factorization's status and the factors' finiteness.
-        status = torch.cat([torch.stack([info for _, info in chols]), (~ok).to(chols[0][1].dtype)[None]]).tolist()
-        if status[-1]:
+        # The refresh's one host read: every factorization's status and whether each factor's sum is finite.
+        bad_sum = ~torch.isfinite(torch.stack(sums))
+        status = torch.cat([torch.stack([info for _, info in chols]), bad_sum.any().to(chols[0][1].dtype)[None]])
+        status = status.tolist()
+        if status[-1] and not all(bool(torch.isfinite(matrix).all()) for matrix, _ in pairs):
             return None
         out = []
         for (matrix, shift), (chol, _), damped, info in zip(pairs, chols, works, status, strict=False):

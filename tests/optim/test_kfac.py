@@ -336,6 +336,19 @@ def test_diverged_factors_raise_a_clear_error():
         opt.step(make_closure(opt, lambda: net(torch.full((4, 3), float("nan"))).sum()))
 
 
+def test_inverse_refresh_tells_overflowing_sums_from_non_finite_factors():
+    # The refresh checks finiteness through each factor's sum; a finite factor whose sum overflows
+    # must still be inverted, and a factor with a nan or an inf anywhere must still be refused.
+    huge = torch.diag(torch.tensor([3e38, 3e38, 1.0]))
+    assert not torch.isfinite(huge.sum())
+    (inverse,) = KFAC._damped_inverses([(huge, 0.5)])
+    torch.testing.assert_close(inverse, torch.diag(1 / torch.tensor([3e38, 3e38, 1.5])))
+    for bad in (float("nan"), float("inf")):
+        broken = torch.eye(3)
+        broken[2, 0] = broken[0, 2] = bad
+        assert KFAC._damped_inverses([(torch.eye(2), 0.1), (broken, 0.1)]) is None
+
+
 class _Meddler(Callback):
     """Runs extra training-mode forward/backward passes where measuring callbacks run, and inside the
     closure (after its backward), as a callback hooked on on_before_optimizer_step would."""
