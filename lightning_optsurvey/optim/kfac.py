@@ -680,8 +680,8 @@ class KFAC(FullStateMixin, Optimizer):
         if "A_inv" in state:
             a_inv, g_inv = state["A_inv"], state["G_inv"]
             if bias_grad is not None:
-                # [gW, gb] A^-1 by blocks, so the gradient is never concatenated
-                right = torch.addmm(bias_grad[:, None] @ a_inv[-1:], grad, a_inv[:-1])
+                # [gW, gb] A^-1 by blocks, so the gradient is never concatenated (gb's part added in place)
+                right = (grad @ a_inv[:-1]).addr_(bias_grad, a_inv[-1])
             else:
                 right = grad @ a_inv
             # G^-1 is symmetric, so G^-1 R = (R^T G^-1)^T: the same product with the odd dimension (in + 1,
