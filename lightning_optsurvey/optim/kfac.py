@@ -82,9 +82,11 @@ class KFACConfig:
     backward are expensive relative to a layer's inversion (convolutions), not wide MLP layers. With
     ``stat_decay=0.95`` and statistics every 10 steps the factors average over the last ~200 steps, so an
     inverse refreshed every 100 steps lags them by at most half their window; the refreshes then cost
-    under a tenth of a step, and the step's price is the per-step preconditioning (issue 18: within 2x of
-    SGD on ``mlp_wide``). Smaller values trade time for fresher curvature (``inv_every=10, stat_every=1``
-    is kfac-pytorch's CIFAR setting).
+    under a tenth of a step, and the step's price is the per-step preconditioning (on ``mlp_wide`` its
+    products alone take more multiply-adds than SGD's forward and backward, so K-FAC cannot reach 2x
+    SGD's step there; the README's benchmark section gives the floor and the measured ratio). Smaller
+    values trade time for fresher curvature (``inv_every=10, stat_every=1`` is kfac-pytorch's CIFAR
+    setting).
 
     Args:
         lr: Learning rate :math:`\eta > 0` (per group).
