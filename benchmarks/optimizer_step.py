@@ -182,6 +182,14 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
                      f"amortized iteration / (SGD step + forward + backward) = {kfac / sgd:.2f} (target <= 2)"
                      + ("" if steps % cadence.inv_every == 0 else f"; NOT amortized: --steps {steps} is not a "
                         f"multiple of {cadence.inv_every}"))
+    floor = _kfac_floor(build_model(model_name), batch)
+    if kfac and floor:
+        sgd_mac, per_step, amortized = floor
+        lines.append(f"- K-FAC's floor in multiply-adds: SGD's forward + backward {sgd_mac / 1e6:.0f}M; K-FAC adds "
+                     f"{per_step / 1e6:.0f}M of preconditioning products every step ({per_step / sgd_mac:.2f}x SGD's) "
+                     f"and {amortized / 1e6:.0f}M of amortized statistics and inverses, so at SGD's flop rate "
+                     f"K-FAC >= {1 + per_step / sgd_mac:.2f}x without statistics and inverses and "
+                     f"{1 + (per_step + amortized) / sgd_mac:.2f}x with them")
     if med.get("kfac_inv10"):
         lines.append(f"- K-FAC with inverses every 10 steps (inv_every=10, the previous default): "
                      f"{med['kfac_inv10'] / sgd:.2f}")
@@ -198,6 +206,33 @@ def run(model_name: str, steps: int, repeats: int, batch: int, names: list[str] 
         lines.append(f"- K-FAC with statistics every step and inverses every 10 (kfac-pytorch's CIFAR cadence): "
                      f"{med['kfac_stat1'] / sgd:.2f}")
     return lines
+
+
+def _kfac_floor(model: nn.Module, batch: int) -> tuple[float, float, float] | None:
+    """K-FAC's multiply-adds per step against SGD's forward + backward, for a model of ``Linear`` layers.
+
+    Returns ``(sgd, per_step, amortized)`` in multiply-adds: SGD's forward and backward (no input
+    gradient for the first layer), K-FAC's preconditioning products of every step (a layer with
+    ``2 B < min(in, out)`` through its batch: ``G^-1 go^T``, ``[X, 1] A^-1`` and their product; otherwise
+    ``G^-1 ([gW, gb] A^-1)``), and the default cadence's statistics and inverses (Cholesky and inverse of
+    an ``n x n`` factor: ``n^3``) per step. Checks and elementwise passes are not counted. ``None`` if the
+    model has layers other than ``Linear`` with weights.
+    """
+    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    if not layers or not all(isinstance(m, nn.Linear) for m in layers):
+        return None
+    cadence = KFACConfig()
+    sgd = per_step = amortized = 0.0
+    for i, m in enumerate(layers):
+        d_in, d_out, d_a = m.in_features, m.out_features, m.in_features + (m.bias is not None)
+        sgd += batch * d_in * d_out * (2 if i == 0 else 3)
+        if 2 * batch < min(d_in, d_out):
+            per_step += d_out * d_out * batch + batch * d_in * d_a + d_out * batch * d_in
+        else:
+            per_step += d_out * d_in * d_a + d_out * d_out * d_a
+        amortized += batch * (d_a * d_a + d_out * d_out) / cadence.stat_every
+        amortized += (d_a**3 + d_out**3) / cadence.inv_every
+    return sgd, per_step, amortized
 
 
 def _source(name: str) -> str:

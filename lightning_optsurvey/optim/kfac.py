@@ -82,9 +82,11 @@ class KFACConfig:
     backward are expensive relative to a layer's inversion (convolutions), not wide MLP layers. With
     ``stat_decay=0.95`` and statistics every 10 steps the factors average over the last ~200 steps, so an
     inverse refreshed every 100 steps lags them by at most half their window; the refreshes then cost
-    under a tenth of a step, and the step's price is the per-step preconditioning (issue 18: within 2x of
-    SGD on ``mlp_wide``). Smaller values trade time for fresher curvature (``inv_every=10, stat_every=1``
-    is kfac-pytorch's CIFAR setting).
+    under a tenth of a step, and the step's price is the per-step preconditioning (on ``mlp_wide`` its
+    products alone take more multiply-adds than SGD's forward and backward, so K-FAC cannot reach 2x
+    SGD's step there; the README's benchmark section gives the floor and the measured ratio). Smaller
+    values trade time for fresher curvature (``inv_every=10, stat_every=1`` is kfac-pytorch's CIFAR
+    setting).
 
     Args:
         lr: Learning rate :math:`\eta > 0` (per group).
@@ -101,9 +103,8 @@ class KFACConfig:
             (optimizer-wide).
         seed: Seed of the target sampler (``fisher="mc"``); its position is kept in the optimizer's state.
         low_rank: For a ``Linear`` layer whose batch ``B`` is below half its width, precondition the
-            gradient through its factorization :math:`
-    abla W = \Delta^	op [X, 1]` from the captured
-            batch: :math:`(G^{-1}\Delta^	op)([X, 1] A^{-1})` costs :math:`O(B d^2)` instead of
+            gradient through its factorization :math:`\nabla W = \Delta^\top [X, 1]` from the captured
+            batch: :math:`(G^{-1}\Delta^\top)([X, 1] A^{-1})` costs :math:`O(B d^2)` instead of
             :math:`O(d^3)` (per group). Used only when ``.grad`` equals that product up to a scale (norm
             clipping) within relative error 1e-5 on random probes; otherwise (accumulation, a penalty on the
             weight in the loss, other edits) the dense path runs. CPU only (the check's outcome is read on
@@ -205,6 +206,27 @@ def _activation_factor(module: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
+def _fold(target: Tensor | None, rows: Tensor, beta: float, alpha: float, bias: bool) -> Tensor:
+    """``beta * target + alpha * [rows, 1]^T [rows, 1]`` written into ``target`` (``[rows]`` without bias).
+
+    The Gram block is one ``addmm_`` (product, scale and average in one pass over the factor, no
+    ``d x d`` temporary); the bias row and column are the row sums. ``target=None`` starts a factor
+    (``beta`` is then ignored).
+    """
+    d = rows.shape[1]
+    if target is None:
+        target = rows.new_zeros(d + bias, d + bias)
+        beta = 0.0
+    rows = rows.to(target.dtype)
+    target[:d, :d].addmm_(rows.T, rows, beta=beta, alpha=alpha)
+    if bias:
+        sums = rows.sum(0)
+        target[:d, d].mul_(beta).add_(sums, alpha=alpha)
+        target[d, :d].mul_(beta).add_(sums, alpha=alpha)
+        target[d, d].mul_(beta).add_(alpha * rows.shape[0])
+    return target
+
+
 def _output_rows(module: nn.Module, g: Tensor) -> Tensor:
     if isinstance(module, nn.Conv2d):
         return g.transpose(1, -1).reshape(-1, g.shape[1])  # (B*H*W, C_out)
@@ -241,7 +263,10 @@ class _Hooks:
         with torch.no_grad():
             pending = opt._pending.setdefault(module, {})
             if opt._stats:
-                pending["A"] = _activation_factor(module, x).div_(batch)
+                if isinstance(module, nn.Linear):
+                    pending["a"] = x  # folded into the average in step (_fold): one addmm, no temporary
+                else:
+                    pending["A"] = _activation_factor(module, x).div_(batch)
             if keep_rows:
                 pending["x"] = x
         output.register_hook(_OutputGradHook(opt, module, batch))
@@ -263,9 +288,12 @@ class _OutputGradHook:
         with torch.no_grad():
             pending = opt._pending.setdefault(self._module, {})
             if opt._stats:
-                # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
-                g = _output_rows(self._module, grad.detach()) * self._batch
-                pending["G"] = (g.T @ g).div_(g.shape[0])
+                if isinstance(self._module, nn.Linear):
+                    pending["g"] = grad.detach()  # folded into the average in step (_fold)
+                else:
+                    # grad is d(mean loss)/d(output); per-sample gradients are batch times larger.
+                    g = _output_rows(self._module, grad.detach()) * self._batch
+                    pending["G"] = (g.T @ g).div_(g.shape[0])
             if "x" in pending and grad.ndim == 2:
                 pending["go"] = grad.detach()
 
@@ -510,10 +538,19 @@ class KFAC(FullStateMixin, Optimizer):
         pending, self._pending = self._pending, {}
         for module in self._layers:
             stats = pending.get(module, {})
-            if "A" not in stats or "G" not in stats:
+            if not ("A" in stats or "a" in stats) or not ("G" in stats or "g" in stats):
                 continue
             state = self.state[module.weight]
             decay = groups[module.weight]["stat_decay"]
+            # The first statistics are taken whole: A <- new, then A <- decay A + (1 - decay) new.
+            beta, weight = (decay, 1.0 - decay) if "A" in state else (0.0, 1.0)
+            if "a" in stats:  # Linear: A = [X, 1]^T [X, 1] / B; G = B^2 go^T go / rows (per-sample scale)
+                a = stats["a"].reshape(-1, stats["a"].shape[-1])
+                g = stats["g"].reshape(-1, stats["g"].shape[-1])
+                batch = stats["a"].shape[0]
+                state["A"] = _fold(state.get("A"), a, beta, weight / batch, module.bias is not None)
+                state["G"] = _fold(state.get("G"), g, beta, weight * batch * batch / g.shape[0], False)
+                continue
             for key in ("A", "G"):
                 if key in state:
                     state[key].mul_(decay).add_(stats[key], alpha=1.0 - decay)
@@ -528,22 +565,25 @@ class KFAC(FullStateMixin, Optimizer):
         Returns ``None`` if a factor is not finite. A factor that round-off made indefinite is inverted
         through its eigendecomposition with the spectrum clipped at the shift.
         """
-        chols, works = [], []
-        ok = None
+        chols, works, sums = [], [], []
         for matrix, shift in pairs:
             # Cholesky and eigh have no half-precision kernels: factorize half factors in float32.
-            work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
-            damped = work + shift * torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+            work = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix.clone()
+            damped = work
+            damped.diagonal().add_(shift)  # M + shift I without an identity matrix and two temporaries
             chol, info = torch.linalg.cholesky_ex(damped)
-            good = torch.isfinite(matrix).all()
-            ok = good if ok is None else ok & good
+            # A sum is finite only if every entry is (inf or nan anywhere propagates): one read of the
+            # factor instead of isfinite's mask; a non-finite sum (overflow included) is settled below.
+            sums.append(matrix.sum())
             chols.append((chol, info))
             works.append(damped)
-        if ok is None:
+        if not pairs:
             return []
-        # The refresh's one host read: every factorization's status and the factors' finiteness.
-        status = torch.cat([torch.stack([info for _, info in chols]), (~ok).to(chols[0][1].dtype)[None]]).tolist()
-        if status[-1]:
+        # The refresh's one host read: every factorization's status and whether each factor's sum is finite.
+        bad_sum = ~torch.isfinite(torch.stack(sums))
+        status = torch.cat([torch.stack([info for _, info in chols]), bad_sum.any().to(chols[0][1].dtype)[None]])
+        status = status.tolist()
+        if status[-1] and not all(bool(torch.isfinite(matrix).all()) for matrix, _ in pairs):
             return None
         out = []
         for (matrix, shift), (chol, _), damped, info in zip(pairs, chols, works, status, strict=False):
@@ -581,12 +621,18 @@ class KFAC(FullStateMixin, Optimizer):
             state["A_inv"], state["G_inv"] = inverses
 
     def _probe(self, rows: int, like: Tensor) -> Tensor:
-        """Fixed Gaussian probes of the low-rank check (the check needs no reproducible random stream)."""
+        """Fixed Gaussian probes of the low-rank check, one per row (the check needs no reproducible stream).
+
+        Stored as ``(_PROBES, rows)``: the check multiplies them into the gradient from the left
+        (``R^T gW^T``), which reads ``gW`` once in its storage order; ``gW R`` (a matrix times four
+        columns) runs 4-6x slower on CPU BLAS for the same bytes.
+        """
         key = (rows, like.device, like.dtype)
         probe = self._probes.get(key)
         if probe is None:
             gen = torch.Generator().manual_seed(rows)
-            probe = torch.randn(rows, _PROBES, generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+            probe = torch.randn(rows, _PROBES, generator=gen, dtype=torch.float64).T.contiguous()
+            probe = probe.to(like.device, like.dtype)
             self._probes[key] = probe
         return probe
 
@@ -596,7 +642,8 @@ class KFAC(FullStateMixin, Optimizer):
         r"""``G^-1 [gW, gb] A^-1`` through the captured batch, as the factors ``(P, Q)`` of ``V = P Q``.
 
         Returns ``(P, Q, <V, [gW, gb]>, ok)`` (``None`` without captured rows). ``ok`` (on the device) says
-        whether ``.grad`` is ``scale * go^T [X, 1]``, tested on the random probes ``R``:
+        whether ``.grad`` is ``scale * go^T [X, 1]``, tested on the random probes ``R`` (``probe`` is
+        :math:`R^\top`, and the products are formed transposed, :math:`R^\top [gW, gb]^\top`):
         :math:`\|[gW, gb] R - s\, go^\top [X, 1] R\| \le 10^{-5} \|[gW, gb] R\|` with the least-squares
         :math:`s`; a gradient outside that line fails it with probability 1. Nothing of size
         ``out x in`` is formed but ``V`` itself (by the caller): the check and ``<V, grad>`` cost
@@ -606,12 +653,12 @@ class KFAC(FullStateMixin, Optimizer):
         if x is None or go is None:
             return None
         d = x.shape[1]
-        grad_r = weight_grad @ probe[:d]
-        x_r = x @ probe[:d]
+        grad_r = probe[:, :d] @ weight_grad.T  # (k, out): gW read once, row by row
+        x_r = probe[:, :d] @ x.T  # (k, B)
         if bias_grad is not None:
-            grad_r = grad_r.addr(bias_grad, probe[d])
-            x_r = x_r + probe[d]
-        batch_r = go.T @ x_r
+            grad_r.addr_(probe[:, d], bias_grad)
+            x_r.add_(probe[:, d:])
+        batch_r = x_r @ go  # (R^T [X, 1]^T) go = (go^T [X, 1] R)^T
         num, den = torch.vdot(grad_r.flatten(), batch_r.flatten()), torch.vdot(batch_r.flatten(), batch_r.flatten())
         norm = torch.vdot(grad_r.flatten(), grad_r.flatten())
         scale = num / den  # den == 0 makes it non-finite, which fails the test
@@ -635,11 +682,13 @@ class KFAC(FullStateMixin, Optimizer):
         if "A_inv" in state:
             a_inv, g_inv = state["A_inv"], state["G_inv"]
             if bias_grad is not None:
-                # [gW, gb] A^-1 by blocks, so the gradient is never concatenated
-                right = torch.addmm(bias_grad[:, None] @ a_inv[-1:], grad, a_inv[:-1])
+                # [gW, gb] A^-1 by blocks, so the gradient is never concatenated (gb's part added in place)
+                right = (grad @ a_inv[:-1]).addr_(bias_grad, a_inv[-1])
             else:
                 right = grad @ a_inv
-            return g_inv @ right
+            # G^-1 is symmetric, so G^-1 R = (R^T G^-1)^T: the same product with the odd dimension (in + 1,
+            # e.g. 65) as rows, which CPU BLAS runs ~10% faster than as columns. A transposed view.
+            return (right.T @ g_inv).T
         # No statistics yet: both factors are zero, so only the damping is left.
         return torch.cat([grad, bias_grad[:, None]], 1) / damping if bias_grad is not None else grad / damping
 
@@ -689,6 +738,26 @@ class KFAC(FullStateMixin, Optimizer):
                 out[weight] = v.reshape(weight.shape)
         return out, factored
 
+    def _product_step(self, p: Tensor, left: Tensor, right: Tensor, lr: float, momentum: float, wd: float) -> None:
+        """The momentum step of a weight whose preconditioned gradient is the product ``V = left @ right``.
+
+        Once the momentum buffer exists, ``V`` is accumulated straight into it (``b = mu b + V`` is one
+        ``addmm``): ``V`` is never materialized, which saves an ``out x in`` temporary and two passes over
+        it. Same arithmetic as the other parameters' ``d = V + wd W, b = mu b + d`` up to the order of
+        the additions.
+        """
+        buf = self.state[p].get("momentum_buffer") if momentum else None
+        if buf is None:  # first step or no momentum: as every other parameter
+            d_p = left @ right
+            if wd:
+                d_p.add_(p, alpha=wd)
+            p.add_(heavy_ball(self.state, p, d_p, momentum), alpha=-lr)
+            return
+        buf.addmm_(left, right, beta=momentum)
+        if wd:
+            buf.add_(p, alpha=wd)
+        p.add_(buf, alpha=-lr)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One K-FAC step; the closure (if any) is evaluated once, with the statistics hooks active.
@@ -723,18 +792,22 @@ class KFAC(FullStateMixin, Optimizer):
             nu = torch.where(vg > 0, (self.defaults["kl_clip"] / vg).sqrt().clamp(max=1.0), 1.0)
             for v in updates.values():
                 v.mul_(nu)
+        products: dict[Tensor, tuple[Tensor, Tensor]] = {}
         for module, (left, right, _, _) in factored.items():
             if isinstance(nu, Tensor):
                 left.mul_(nu)  # out x B: cheaper than scaling V
             weight, bias = module.weight, module.bias
             d = weight.shape[1]
-            updates[weight] = left @ right[:, :d]
+            products[weight] = (left, right[:, :d])
             if bias is not None and bias.grad is not None:
                 updates[bias] = left @ right[:, d]
         for group in self.param_groups:
             lr, momentum, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                if p in products:
+                    self._product_step(p, *products[p], lr, momentum, wd)
                     continue
                 d_p = updates[p] if p in updates else p.grad.clone()
                 if wd:

@@ -165,7 +165,7 @@ def test_low_rank_path_equals_the_dense_path(edit, monkeypatch):
     for low_rank in (True, False):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10)).double()
-        opt = KFAC(net, lr=0.1, low_rank=low_rank, inv_every=2)
+        opt = KFAC(net, lr=0.1, low_rank=low_rank, inv_every=2, weight_decay=1e-3)
         noise = torch.Generator().manual_seed(1)
 
         def closure(net=net, opt=opt, noise=noise):
@@ -336,6 +336,19 @@ def test_diverged_factors_raise_a_clear_error():
         opt.step(make_closure(opt, lambda: net(torch.full((4, 3), float("nan"))).sum()))
 
 
+def test_inverse_refresh_tells_overflowing_sums_from_non_finite_factors():
+    # The refresh checks finiteness through each factor's sum; a finite factor whose sum overflows
+    # must still be inverted, and a factor with a nan or an inf anywhere must still be refused.
+    huge = torch.diag(torch.tensor([3e38, 3e38, 1.0]))
+    assert not torch.isfinite(huge.sum())
+    (inverse,) = KFAC._damped_inverses([(huge, 0.5)])
+    torch.testing.assert_close(inverse, torch.diag(1 / torch.tensor([3e38, 3e38, 1.5])))
+    for bad in (float("nan"), float("inf")):
+        broken = torch.eye(3)
+        broken[2, 0] = broken[0, 2] = bad
+        assert KFAC._damped_inverses([(torch.eye(2), 0.1), (broken, 0.1)]) is None
+
+
 class _Meddler(Callback):
     """Runs extra training-mode forward/backward passes where measuring callbacks run, and inside the
     closure (after its backward), as a callback hooked on on_before_optimizer_step would."""
@@ -421,6 +434,15 @@ def test_kfac_config_comes_from_a_yaml_through_lightning_cli(tmp_path):
     config.write_text("model:\n  kfac:\n    inv_every: 0\n")
     with pytest.raises((SystemExit, ValueError)):
         LightningCLI(_KFACModule, run=False, args=["--config", str(config)], save_config_callback=None)
+
+
+def test_docstrings_keep_their_latex():
+    # A "\\nabla" or "\\top" written through an escaping editor becomes a newline or a tab in the source.
+    import lightning_optsurvey.optim.kfac as kfac_module
+
+    for doc in (KFACConfig.__doc__, KFAC.__doc__, KFAC._low_rank.__doc__, kfac_module.__doc__):
+        assert not any(c in doc for c in "\t\r\x0b\x0c\x07\x08"), doc
+    assert r":math:`\nabla W = \Delta^\top [X, 1]`" in KFACConfig.__doc__
 
 
 def test_kfac_config_is_validated_and_accepts_a_mapping_with_overrides():
