@@ -17,9 +17,9 @@ Options come in typed groups, as Distributed Shampoo's configs do: ``trace=Trace
 configs accept as nested mappings.
 
 Cheap by default where it can be: the top eigenvectors of the previous measurement start Lanczos (warm
-start), Lanczos stops at its tolerance, and ``TraceConfig(rtol=...)`` reuses the eigenpairs Lanczos has just
-found: their Ritz values are the exact trace of :math:`H` on their span, and Hutchinson probes only the
-deflated rest :math:`(I - VV^\top) H (I - VV^\top)`, until the standard error is below ``rtol`` of the
+start), Lanczos stops at its tolerance, and ``TraceConfig(rtol=...)`` reuses every Ritz pair of the basis
+Lanczos has just built (not only the ``top_k`` wanted ones): their Ritz values are the exact trace of
+:math:`H` on their span, and Hutchinson probes only the deflated rest :math:`(I - VV^\top) H (I - VV^\top)`, until the standard error is below ``rtol`` of the
 estimate.
 
 Why our own: PyHessian, the usual tool, switches the model to eval mode, leaves graph-carrying ``.grad``
@@ -85,8 +85,8 @@ class TraceConfig:
         matvecs: Most Hessian-vector products to spend (>= 3). With ``rtol=None``, exactly this many, by
             Hutch++ (a third sketches the dominant range, a third projects on it, a third probes the rest).
         rtol: Stop once the standard error is at most ``rtol`` times the estimate's magnitude (in (0, 1)):
-            the top eigenpairs of the same measurement deflate :math:`H` (their Ritz values are its exact
-            trace on their span, no product spent), and Hutchinson probes the rest in rounds of ``block``
+            every Ritz pair of the same measurement's top-``k`` Lanczos basis deflates :math:`H` (their
+            Ritz values are its exact trace on their span, no product spent), and Hutchinson probes the rest in rounds of ``block``
             until the bound holds or ``matvecs`` products are spent. ``None``: the fixed Hutch++ budget.
         block: Probes per round with ``rtol`` (>= 2: a standard error needs two samples).
 
