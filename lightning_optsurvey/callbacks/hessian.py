@@ -19,8 +19,8 @@ configs accept as nested mappings.
 Cheap by default where it can be: the top eigenvectors of the previous measurement start Lanczos (warm
 start), Lanczos stops at its tolerance, and ``TraceConfig(rtol=...)`` reuses every Ritz pair of the basis
 Lanczos has just built (not only the ``top_k`` wanted ones): their Ritz values are the exact trace of
-:math:`H` on their span, and Hutchinson probes only the deflated rest :math:`(I - VV^\top) H (I - VV^\top)`, until the standard error is below ``rtol`` of the
-estimate.
+:math:`H` on their span, and Hutchinson probes only the deflated rest :math:`(I - VV^\top) H (I - VV^\top)`,
+until the standard error is below ``rtol`` of the estimate.
 
 Why our own: PyHessian, the usual tool, switches the model to eval mode, leaves graph-carrying ``.grad``
 behind, uses power iteration (15 products for a top eigenvalue accurate to 2e-3 on the digits CNN, wrong
@@ -86,8 +86,8 @@ class TraceConfig:
             Hutch++ (a third sketches the dominant range, a third projects on it, a third probes the rest).
         rtol: Stop once the standard error is at most ``rtol`` times the estimate's magnitude (in (0, 1)):
             every Ritz pair of the same measurement's top-``k`` Lanczos basis deflates :math:`H` (their
-            Ritz values are its exact trace on their span, no product spent), and Hutchinson probes the rest in rounds of ``block``
-            until the bound holds or ``matvecs`` products are spent. ``None``: the fixed Hutch++ budget.
+            Ritz values are its exact trace on their span, no product spent), and Hutchinson probes the
+            rest in rounds of ``block`` until the bound holds or ``matvecs`` products are spent. ``None``: the fixed Hutch++ budget.
         block: Probes per round with ``rtol`` (>= 2: a standard error needs two samples).
 
     Raises:
