@@ -87,7 +87,8 @@ class TraceConfig:
         rtol: Stop once the standard error is at most ``rtol`` times the estimate's magnitude (in (0, 1)):
             every Ritz pair of the same measurement's top-``k`` Lanczos basis deflates :math:`H` (their
             Ritz values are its exact trace on their span, no product spent), and Hutchinson probes the
-            rest in rounds of ``block`` until the bound holds or ``matvecs`` products are spent. ``None``: the fixed Hutch++ budget.
+            rest in rounds of ``block`` until the bound holds or ``matvecs`` products are spent. ``None``:
+            the fixed Hutch++ budget.
         block: Probes per round with ``rtol`` (>= 2: a standard error needs two samples).
 
     Raises:
