@@ -484,7 +484,18 @@ class MeasuringCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self.state_key_config())
+        # Lightning reads the key on every hook call of every callback (about 7 per training step each, 0.6k
+        # reads per callback in a 5-epoch digits run): kept once built, dropped whenever an attribute is set
+        # (the configuration lives in attributes, see __setattr__), so it is never stale.
+        key = self.__dict__.get("_state_key_cache")
+        if key is None:
+            key = self._generate_state_key(**self.state_key_config())
+            self.__dict__["_state_key_cache"] = key
+        return key
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_state_key_cache", None)
+        super().__setattr__(name, value)
 
     # -- what subclasses implement -----------------------------------------------------------------------
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:

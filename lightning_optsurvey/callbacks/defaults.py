@@ -9,8 +9,9 @@ at most half of training's time to a run while logging what the comparison table
 - ``Sharpness(kinds=("sam",))``: every ``GAP_EVERY_N_EPOCHS`` epochs and when training ends, SAM's one-step
   sharpness at rho=0.05 on one batch;
 - ``HessianSpectrum``: top-2 eigenvalues (Lanczos to a relative residual of 1e-3) and the trace (to a
-  relative standard error of ``TRACE_RTOL``, deflated by those eigenpairs) once, when training ends, and
-  every ``HESSIAN_EVERY_N_EPOCHS`` epochs of a longer run (warm-started from the previous eigenvectors);
+  relative standard error of ``TRACE_RTOL``, deflated by every Ritz pair of that Lanczos basis) once, when
+  training ends, and every ``HESSIAN_EVERY_N_EPOCHS`` epochs of a longer run (warm-started from the previous
+  eigenvectors);
 - with several processes, the consensus distance between the ranks' models every 10 steps, except under
   the asynchronous strategies: they log their own distance to the center under the same key, and a
   collective every 10 steps would put back the barrier they remove.

@@ -17,10 +17,10 @@ Options come in typed groups, as Distributed Shampoo's configs do: ``trace=Trace
 configs accept as nested mappings.
 
 Cheap by default where it can be: the top eigenvectors of the previous measurement start Lanczos (warm
-start), Lanczos stops at its tolerance, and ``TraceConfig(rtol=...)`` reuses the eigenpairs Lanczos has just
-found: their Ritz values are the exact trace of :math:`H` on their span, and Hutchinson probes only the
-deflated rest :math:`(I - VV^\top) H (I - VV^\top)`, until the standard error is below ``rtol`` of the
-estimate.
+start), Lanczos stops at its tolerance, and ``TraceConfig(rtol=...)`` reuses every Ritz pair of the basis
+Lanczos has just built (not only the ``top_k`` wanted ones): their Ritz values are the exact trace of
+:math:`H` on their span, and Hutchinson probes only the deflated rest :math:`(I - VV^\top) H (I - VV^\top)`,
+until the standard error is below ``rtol`` of the estimate.
 
 Why our own: PyHessian, the usual tool, switches the model to eval mode, leaves graph-carrying ``.grad``
 behind, uses power iteration (15 products for a top eigenvalue accurate to 2e-3 on the digits CNN, wrong
@@ -37,6 +37,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -84,9 +85,10 @@ class TraceConfig:
         matvecs: Most Hessian-vector products to spend (>= 3). With ``rtol=None``, exactly this many, by
             Hutch++ (a third sketches the dominant range, a third projects on it, a third probes the rest).
         rtol: Stop once the standard error is at most ``rtol`` times the estimate's magnitude (in (0, 1)):
-            the top eigenpairs of the same measurement deflate :math:`H` (their Ritz values are its exact
-            trace on their span, no product spent), and Hutchinson probes the rest in rounds of ``block``
-            until the bound holds or ``matvecs`` products are spent. ``None``: the fixed Hutch++ budget.
+            every Ritz pair of the same measurement's top-``k`` Lanczos basis deflates :math:`H` (their
+            Ritz values are its exact trace on their span, no product spent), and Hutchinson probes the
+            rest in rounds of ``block`` until the bound holds or ``matvecs`` products are spent. ``None``:
+            the fixed Hutch++ budget.
         block: Probes per round with ``rtol`` (>= 2: a standard error needs two samples).
 
     Raises:
@@ -123,6 +125,20 @@ class DensityConfig:
     def __post_init__(self) -> None:
         check_int("probes", self.probes)
         check_int("steps", self.steps)
+
+
+_DEFAULT_TRACE = TraceConfig()
+_DEFAULT_DENSITY = DensityConfig()
+
+
+@functools.lru_cache(maxsize=64)
+def _config_key(config: Any, default: Any) -> Any:
+    """A config's part of the state key (a default config as ``True``, ``None`` as ``False``, else its fields).
+
+    A default keys as ``True`` as the flags did, so older checkpoints still match. Cached (the configs are
+    frozen, hence hashable): building the default configs and an ``asdict`` on each key cost 17 us.
+    """
+    return config is not None if config in (None, default) else asdict(config)
 
 
 def _config(name: str, value: Any, kind: type) -> Any:
@@ -248,12 +264,9 @@ class HessianSpectrum(MeasuringCallback):
 
     @override
     def state_key_config(self) -> dict[str, Any]:
-        # A default config keys as ``True`` (as the flags did), so older checkpoints still match.
-        def key(config: Any, default: Any) -> Any:
-            return config is not None if config in (None, default) else asdict(config)
-
         return {**super().state_key_config(), "top_k": self.top_k, "bottom_k": self.bottom_k,
-                "trace": key(self.trace, TraceConfig()), "density": key(self.density, DensityConfig()),
+                "trace": _config_key(self.trace, _DEFAULT_TRACE),
+                "density": _config_key(self.density, _DEFAULT_DENSITY),
                 "bn_mode": self.bn_mode, "tol": self.tol, "per_layer": self.per_layer}
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
@@ -292,12 +305,12 @@ class HessianSpectrum(MeasuringCallback):
 
         return all_reduce_sum
 
-    def _eigs(self, op: HessianOperator, key: str, k: int, which: str) -> EigenResult:
+    def _eigs(self, op: HessianOperator, key: str, k: int, which: str, all_ritz: bool = False) -> EigenResult:
         v0 = self._vectors.get(key) if self.warm_start else None
         if v0 is not None and v0.shape[0] != op.numel:
             v0 = None  # the model changed shape; start cold
         result = lanczos(op, k=k, which=which, tol=self.tol, max_iter=self.max_iter, v0=v0,  # type: ignore[arg-type]
-                         generator=self._generator)
+                         generator=self._generator, all_ritz=all_ritz)
         if not bool(result.converged.all()):
             rank_zero_warn(f"HessianSpectrum: Lanczos ({key}) stopped after {result.num_matvecs} products "
                            f"with relative residuals above tol={self.tol}")
@@ -311,7 +324,9 @@ class HessianSpectrum(MeasuringCallback):
         reduce = self._reduce(trainer)
         op = HessianOperator(pl_module, loss_fn, batches, bn_mode=self.bn_mode, reduce=reduce)  # type: ignore[arg-type]
         metrics: dict[str, float] = {}
-        top = self._eigs(op, "top", self.top_k, "LA")
+        # With a tolerance-driven trace, every Ritz pair of Lanczos' basis deflates it (no product spent).
+        top = self._eigs(op, "top", self.top_k, "LA",
+                         all_ritz=self.trace is not None and self.trace.rtol is not None)
         for i, value in enumerate(top.eigenvalues.tolist(), start=1):
             metrics[f"hessian/eig_{i}"] = value
         if self.bottom_k:
@@ -344,8 +359,15 @@ class HessianSpectrum(MeasuringCallback):
         if config.rtol is None:
             est = hutchpp_trace(op, config.matvecs, generator=self._generator)
             return est.estimate, est.stderr, est.num_matvecs
-        basis, known = top.eigenvectors, float(top.eigenvalues.sum())
-        gram = basis.T.double() @ basis.double()
+        # Deflate by every Ritz pair of Lanczos' basis when it returned them (its whole Krylov space, not only
+        # the top_k pairs): V^T H V = diag(Ritz values) is the exact trace of H on their span, and the probes
+        # see only the rest. On the digits CNN after 5 epochs (12 Ritz pairs, batch of 64) that cut the
+        # per-probe standard deviation from 11.4 to 10.8 and the probes needed for rtol=0.1 from 17 to 14.5.
+        if top.ritz_vectors is not None and top.ritz_values is not None:
+            basis, known = top.ritz_vectors, float(top.ritz_values.sum())
+        else:
+            basis, known = top.eigenvectors, float(top.eigenvalues.sum())
+        gram = basis.T @ basis  # in the basis' dtype: float32 resolves the 1e-4 test below (no float64 copies)
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         # The Ritz vectors are orthonormal and V^T H V = diag(Ritz values); if rounding broke that, no deflation.
         if gram.numel() and (not bool(torch.isfinite(gram).all()) or float((gram - eye).abs().max()) > 1e-4):

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from lightning_optsurvey.curvature.linear import LinearOperator, apply, operator_info, working_dtype
-from lightning_optsurvey.validation import check_choice, check_float, check_int
+from lightning_optsurvey.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["EigenResult", "LinearOperator", "lanczos", "lanczos_step"]
 
@@ -82,6 +82,12 @@ class EigenResult(NamedTuple):
         residuals: ``(k,)`` float64, :math:`\|Hv - \lambda v\|` of each pair.
         num_matvecs: Products this call used.
         converged: ``(k,)`` bool, whether each pair met ``residual <= tol * |eigenvalue|``.
+        ritz_values: With ``all_ritz=True``, every Ritz value of the final basis (``(m,)`` float64,
+            ascending), else ``None``.
+        ritz_vectors: With ``all_ritz=True``, their Ritz vectors ``(numel, m)`` in the operator's dtype:
+            an orthonormal basis of the whole search space with ``V^T H V = diag(ritz_values)``, known
+            without another product (e.g. to deflate a trace estimate by more than the ``k`` wanted
+            pairs), else ``None``.
     """
 
     eigenvalues: Tensor
@@ -89,6 +95,8 @@ class EigenResult(NamedTuple):
     residuals: Tensor
     num_matvecs: int
     converged: Tensor
+    ritz_values: Tensor | None = None
+    ritz_vectors: Tensor | None = None
 
 
 def _select(theta: Tensor, count: int, which: str) -> Tensor:
@@ -106,7 +114,10 @@ def _random_unit(
     n: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype = torch.float64
 ) -> Tensor:
     # Drawn in float64 whatever the working dtype: the same generator gives the same start vector for
-    # every operator dtype (one conversion per call, not per product).
+    # every operator dtype (one conversion per call, not per product). A float32 draw would be faster
+    # (0.5 ms against 3.2 ms for 49k entries on one CPU thread) but changes every seeded start; measured
+    # over 10 seeds on the digits CNN it needs as many products (top-1 to 1e-4: 7.7 vs 7.5 on average),
+    # so the draw stays as it was and seeded runs stay comparable.
     v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     return v.div_(v.norm())
 
@@ -155,6 +166,7 @@ def lanczos(
     *,
     max_basis: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    all_ritz: bool = False,
 ) -> EigenResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator ``op``.
 
@@ -183,6 +195,7 @@ def lanczos(
             deterministic and touches no global RNG).
         max_basis: Most basis vectors before a thick restart (default from ``memory_budget``).
         memory_budget: Bytes the float64 basis may take (used when ``max_basis`` is ``None``).
+        all_ritz: Also return every Ritz pair of the final basis (``ritz_values``, ``ritz_vectors``).
 
     Returns:
         An :class:`EigenResult`.
@@ -224,7 +237,7 @@ def lanczos(
         if max_basis < min(k + 1, n):
             raise ValueError(f"max_basis={max_basis} must be at least k + 1 = {k + 1}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    target = _Target(k, which, tol, max_basis)
+    target = _Target(k, which, tol, max_basis, check_bool("all_ritz", all_ritz))
 
     block = _start_block(v0, n, generator, device, working_dtype(op))
     if v0 is not None and v0.ndim == 2 and k <= block.shape[1] < max_basis:
@@ -305,6 +318,7 @@ class _Target(NamedTuple):
     which: str
     tol: float
     max_basis: int
+    all_ritz: bool = False
 
 
 class _Ritz(NamedTuple):
@@ -381,9 +395,16 @@ class _Krylov:
         residuals = torch.einsum("im,ij,jm->m", mapped, gram, mapped).clamp_min(0).sqrt()
         return _Ritz(theta, s, scale, gram, mapped, residuals)
 
-    def result(self, ritz: _Ritz, idx: Tensor, converged: Tensor) -> EigenResult:
-        vectors = (self.basis[: self.m].T @ ritz.s[:, idx].to(device=self.device, dtype=self.dtype)).to(torch.float64)
-        return EigenResult(ritz.theta[idx].clone(), vectors, ritz.residuals[idx].clone(), self.matvecs, converged)
+    def result(self, ritz: _Ritz, idx: Tensor, converged: Tensor, all_ritz: bool = False) -> EigenResult:
+        # (k x m) @ (m x numel), returned as its transpose: the transposed product Q^T s took 3.6 ms for
+        # 13 x 49k rows (a strided walk over the basis), this one 0.25 ms.
+        coords = ritz.s[:, idx].T.to(device=self.device, dtype=self.dtype)
+        vectors = (coords @ self.basis[: self.m]).to(torch.float64).T
+        result = EigenResult(ritz.theta[idx].clone(), vectors, ritz.residuals[idx].clone(), self.matvecs, converged)
+        if not all_ritz:
+            return result
+        every = (ritz.s.T.to(device=self.device, dtype=self.dtype) @ self.basis[: self.m]).T
+        return result._replace(ritz_values=ritz.theta.clone(), ritz_vectors=every)
 
     def restart(self, ritz: _Ritz, keep: Tensor) -> None:
         """Thick restart: keep the Ritz vectors ``keep``; the defect is carried along through ``C``."""
@@ -478,7 +499,8 @@ def _krylov(
         floor = math.sqrt(_EPS) * ritz.scale
         done = ritz.residuals[idx] / torch.clamp(ritz.theta[idx].abs(), min=floor) <= target.tol
         if (count == k and bool(done.all())) or state.matvecs >= max_iter or state.m == state.n:
-            return state.result(ritz, idx, done if count == k else torch.zeros(count, dtype=torch.bool))
+            return state.result(ritz, idx, done if count == k else torch.zeros(count, dtype=torch.bool),
+                                target.all_ritz)
         if state.m == max_basis:
             keep = min(max(k + (max_basis - k) // 2, k), max_basis - 1)
             state.restart(ritz, _select(ritz.theta, keep, which))

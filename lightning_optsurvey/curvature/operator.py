@@ -180,6 +180,11 @@ class HessianOperator:
         self.linearize = check_bool("linearize", linearize)
         self._graph: tuple[list[Tensor], list[tuple[list[Tensor], list[int]]]] | None = None
         self._graph_versions: list[int] = []
+        # Walked once: model.modules() / parameters() dedupe modules through a set, and a LightningModule's
+        # torchmetrics members hash their state, so a walk per product cost 0.3 ms (6 % of a product on a
+        # batch of 64 digits). The model's structure is fixed while the operator lives; values are not.
+        self._recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+        self._tracked = [*model.parameters(), *model.buffers()]
         self._reduce = reduce
         sizes = [objective.size(model, b) for b in batches]
         local = float(sum(sizes))
@@ -234,13 +239,13 @@ class HessianOperator:
     def _explained(self) -> Iterator[None]:
         """Attention on SDPA's math backend; autograd's "derivative not implemented" made readable."""
         try:
-            with derivative_kernels(self.model):
+            with derivative_kernels(self._kernels_model()):
                 yield
         except (RuntimeError, NotImplementedError) as err:
             leaves = {n: t.detach().requires_grad_(True) for n, t in self._primals().items()}
 
             def forward() -> Any:
-                with torch.enable_grad(), self._product_mode(), derivative_kernels(self.model):
+                with torch.enable_grad(), self._product_mode(), derivative_kernels(self._kernels_model()):
                     return self._loss_fn_of(self.batches[0], self._constants())(leaves)
 
             explained = explain_missing_derivative(err, self.model, forward)
@@ -282,8 +287,12 @@ class HessianOperator:
         return self._reduce(total * self._local_count) / self._global_count
 
     # The retained-graph path ("linearize"): reverse-over-reverse on a graph kept between products.
+    def _kernels_model(self) -> nn.Module | None:
+        """The model for :func:`derivative_kernels` to scan for recurrent layers, ``None`` when it has none."""
+        return self.model if self._recurrent else None
+
     def _versions(self) -> list[int]:
-        return [t._version for t in (*self.model.parameters(), *self.model.buffers())]
+        return [t._version for t in self._tracked]
 
     def clear_cache(self) -> None:
         """Free the retained double-backward graphs (rebuilt on the next product)."""
@@ -301,7 +310,7 @@ class HessianOperator:
         leaf_list = list(leaves.values())
         constants = self._constants()
         per_batch = []
-        with torch.enable_grad(), self._product_mode(), derivative_kernels(self.model):
+        with torch.enable_grad(), self._product_mode(), derivative_kernels(self._kernels_model()):
             for batch in self.batches:
                 loss = self._loss_fn_of(batch, constants)(leaves)
                 grads = torch.autograd.grad(loss, leaf_list, create_graph=True, allow_unused=True,

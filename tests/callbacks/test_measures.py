@@ -308,6 +308,10 @@ def test_generalization_measures_resume_keeps_initial_weights(tmp_path):
 
 
 def test_state_keys_differ_by_configuration():
+    cached = Sharpness(rho=0.05)
+    first = cached.state_key
+    cached.rho = 0.1  # the key is kept between reads, never past a change of configuration
+    assert cached.state_key != first and cached.state_key == Sharpness(rho=0.1).state_key
     assert Sharpness(rho=0.05).state_key != Sharpness(rho=0.1).state_key
     assert GeneralizationMeasures(measures=("path_norm",)).state_key != GeneralizationMeasures().state_key
     assert LossLandscape(kind="1d").state_key != LossLandscape(kind="2d").state_key

@@ -83,6 +83,25 @@ def test_top_and_bottom_eigenvalues_match_dense(bn, bn_mode):
         torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=torch.float64), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("max_basis", [None, 6], ids=["no-restart", "restarts"])
+def test_all_ritz_pairs_span_the_search_space_with_exact_projection(max_basis):
+    # every Ritz pair of the final basis: orthonormal, V^T H V = diag(values), the wanted pairs among them,
+    # and its trace is what a deflated trace estimate adds without a product
+    net = _mlp().train()
+    op = HessianOperator(net, F.cross_entropy, _batches())
+    dense = op.dense()
+    scale = float(torch.linalg.eigvalsh((dense + dense.T) / 2).abs().max())
+    res = lanczos(op, k=2, tol=1e-3, all_ritz=True, max_basis=max_basis)
+    plain = lanczos(op, k=2, tol=1e-3, max_basis=max_basis)
+    assert plain.ritz_values is None and plain.ritz_vectors is None
+    values, vectors = res.ritz_values, res.ritz_vectors.double()
+    assert vectors.shape == (op.numel, values.numel()) and values.numel() >= 2
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(values.numel(), dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(vectors.T @ dense @ vectors, torch.diag(values), rtol=0, atol=EXACT_TOL * scale)
+    torch.testing.assert_close(values.sort(descending=True).values[:2], res.eigenvalues, rtol=0, atol=EXACT_TOL * scale)
+    torch.testing.assert_close(res.eigenvalues, plain.eigenvalues, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 @pytest.mark.parametrize("max_basis", [None, 9])
 def test_lanczos_closed_form_spectrum_with_and_without_restarts(which, max_basis):
