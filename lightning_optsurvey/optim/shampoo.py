@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -89,6 +90,20 @@ class _Blocking:
         if self.padded != list(self.shape):
             x = x[tuple(slice(0, n) for n in self.shape)]
         return x
+
+
+@lru_cache(maxsize=256)
+def _blocking(shape: tuple[int, ...], block: int, max_dim: int) -> _Blocking:
+    """The (immutable) blocking of a shape, built once per shape and options rather than every step."""
+    return _Blocking(shape, block, max_dim)
+
+
+def _bmm(work: dict[str, Tensor], key: str, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)`` into a reused buffer of ``work`` (a fresh d x d output costs page faults each step)."""
+    out = work.get(key)
+    if out is None or out.shape != (a.shape[0], a.shape[1], b.shape[2]) or out.dtype != a.dtype:
+        out = work[key] = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    return torch.bmm(a, b, out=out)
 
 
 class Shampoo(FullStateMixin, Optimizer):
@@ -193,7 +208,7 @@ class Shampoo(FullStateMixin, Optimizer):
                 if wd:
                     grad = grad.add(p.reshape(grad.shape), alpha=wd)
                 state = self.state[p]
-                blocking = _Blocking(tuple(grad.shape), group["block_size"], group["max_preconditioner_dim"])
+                blocking = _blocking(tuple(grad.shape), group["block_size"], group["max_preconditioner_dim"])
                 if "step" not in state:
                     state["step"] = 0
                     for i in blocking.preconditioned:
@@ -226,15 +241,20 @@ class Shampoo(FullStateMixin, Optimizer):
                         for i in blocking.preconditioned:
                             root = _inverse_root(state[f"H_{i}"], 2 * order, eps)
                             state[f"root_{i}"] = root.to(grad.dtype)
+                    # Output buffers of the batched products: scratch, not state (never saved; a deep copy or
+                    # unpickled optimizer, which Optimizer.__getstate__ leaves without it, starts a new one).
+                    work = self.__dict__.setdefault("_workspace", {}).setdefault(id(p), {})
                     if blocking.preconditioned == [0, 1] and order == 2:
                         # A matrix: L^T G R by two batched products on strided views (no unfolding copies).
-                        update = torch.bmm(torch.bmm(state["root_0"].transpose(1, 2), blocks), state["root_1"])
+                        left = _bmm(work, "left", state["root_0"].transpose(1, 2), blocks)
+                        update = _bmm(work, "update", left, state["root_1"])
                     else:
                         update = blocks
                         for i in blocking.preconditioned:
                             moved = update.movedim(1 + i, -1)
                             shape = moved.shape
-                            update = torch.bmm(moved.reshape(blocking.batch, -1, shape[-1]), state[f"root_{i}"])
+                            update = _bmm(work, f"mode_{i}", moved.reshape(blocking.batch, -1, shape[-1]),
+                                          state[f"root_{i}"])
                             update = update.reshape(shape).movedim(-1, 1 + i)
                     update = blocking.merge(update)
                     if graft != "none":
