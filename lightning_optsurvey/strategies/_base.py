@@ -261,8 +261,7 @@ class LocalModelStrategy(DDPStrategy):
         self.comm = CommCounter()
         self._restored_rank_state = False
         self._models_diverged = False
-        self.models_in_sync = False
-        """Whether this fit started with every rank holding rank 0's model (set in setup, before the methods')."""
+        self._models_in_sync = False  # this fit started from rank 0's broadcast model (set in setup)
         self._warned_consensus_load = False
         self._own_state: dict[str, Any] | None = None
         self._eval_state: dict[str, Any] | None = None
@@ -355,8 +354,8 @@ class LocalModelStrategy(DDPStrategy):
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model itself; at the first fit every rank starts from rank 0's parameters and buffers."""
-        self.models_in_sync = is_distributed() and not (self._restored_rank_state or self._models_diverged)
-        if self.models_in_sync:
+        self._models_in_sync = is_distributed() and not (self._restored_rank_state or self._models_diverged)
+        if self._models_in_sync:
             _compat.sync_module_states(model)
         return model
 

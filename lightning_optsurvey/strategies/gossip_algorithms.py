@@ -327,7 +327,7 @@ class ChocoGossip(GossipAlgorithm):
         """
         own = [b.clone() for b in self.flat.pack()]
         hat = [b.clone() for b in own]
-        if not self.strategy.models_in_sync:
+        if not self.strategy._models_in_sync:
             self.combine_(own, self.exchange(hat, None), self.row())
         return hat, own
 
