@@ -568,6 +568,10 @@ class MeasuringCallback(Callback):
         return hasattr(self, "loss_fn")
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._batch_checked = False  # once per fit: a later fit may bring another module or other batches
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """At the first training batch, check that the loss the measurements use can take its structure.
 

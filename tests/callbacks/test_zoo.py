@@ -151,3 +151,16 @@ def test_norm_measures_need_no_loss_and_take_any_batch(tmp_path):
                       callbacks=[cb], num_sanity_val_steps=0)
     trainer.fit(_DictWithoutComputeLoss(), datamodule=data)
     assert set(cb.history[0]) >= {"measures/param_norm", "measures/distance_from_init"}
+
+
+def test_the_batch_check_runs_again_in_a_later_fit(tmp_path):
+    """A callback reused for a second fit checks that fit's batches too."""
+    cb = FAST_CONFIGS["HessianSpectrum"]()
+    fit("multi_input", [cb], tmp_path / "pairs", epochs=1)
+    _, data = make("dict")
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[cb], num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match="HessianSpectrum measures the loss"):
+        trainer.fit(_DictWithoutComputeLoss(), datamodule=data)
+    assert trainer.global_step == 0
