@@ -47,6 +47,7 @@ REQUIRED: dict[str, Callable[[Path], dict[str, Any]]] = {
     "HessianOperator": lambda _tmp: {"model": nn.Linear(2, 1), "loss_fn": nn.functional.mse_loss,
                                      "batches": [(torch.zeros(3, 2), torch.zeros(3, 1))]},
     "Topology": lambda _tmp: {"kind": "ring", "world_size": 4},
+    "PartitionSampler": lambda _tmp: {"part": torch.arange(4), "num_samples": 2, "rank": 0, "world_size": 2},
     "Delivery": lambda tmp: {"local_uri": f"sqlite:///{tmp / 'local.db'}", "remote_uri": "http://127.0.0.1:9",
                              "experiment": "probe"},
 }

@@ -256,12 +256,11 @@ class DigitsDataModule(LightningDataModule):
         rank = own_rank if rank is None else rank
         world_size = own_world if world_size is None else world_size
         labels = self.train_set.tensors[1]
-        per_rank = -(-labels.numel() // world_size)
         parts = partition_indices(
             labels, world_size, self.partition, alpha=self.alpha, shards_per_rank=self.shards_per_rank,
             seed=self.seed, min_size=min(self.batch_size, labels.numel() // world_size),
         )
-        return PartitionSampler(parts[rank], per_rank, rank, world_size, seed=self.seed)
+        return PartitionSampler.for_rank(parts, rank, seed=self.seed)
 
     def _generator(self) -> torch.Generator:
         # A loader's own generator: creating its iterator then draws from it, not from torch's global

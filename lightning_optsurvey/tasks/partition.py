@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,6 +147,13 @@ def partition_indices(
     return [p.sort().values for p in parts]
 
 
+def _check_part(name: str, part: Any) -> None:
+    if not isinstance(part, Tensor) or part.dim() != 1 or part.is_floating_point() or part.is_complex():
+        got = (f"a tensor of shape {tuple(part.shape)} and dtype {part.dtype}" if isinstance(part, Tensor)
+               else type(part).__name__)
+        raise TypeError(f"{name} must be a 1-D integer tensor of sample indices, got {got}")
+
+
 class PartitionSampler(DistributedSampler):
     """Yields one rank's part of a partition, shuffled per epoch; equal epoch length on every rank.
 
@@ -158,15 +166,20 @@ class PartitionSampler(DistributedSampler):
         seed: Shuffling seed; the order depends only on ``seed``, ``rank`` and the epoch.
 
     Raises:
-        ValueError: If ``part`` is empty or ``num_samples < 1``.
+        ValueError: If ``part`` is empty, ``num_samples`` or ``world_size`` is below 1, or ``rank`` is not in
+            ``[0, world_size)``.
+        TypeError: If ``part`` is not a 1-D integer tensor, or a count, rank or seed is not an integer.
     """
 
     def __init__(self, part: Tensor, num_samples: int, rank: int, world_size: int, seed: int = 0) -> None:
         # DistributedSampler's __init__ reads a dataset and the process group; set its attributes directly.
+        _check_part("part", part)
         if part.numel() == 0:
             raise ValueError(f"rank {rank}'s part of the partition is empty")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        check_int("num_samples", num_samples, low=1)
+        check_int("world_size", world_size, low=1)
+        check_int("rank", rank, low=0, high=world_size - 1)
+        check_int("seed", seed, low=None)
         self.part = part.clone()
         self.num_samples = int(num_samples)
         self.total_size = self.num_samples * world_size
@@ -176,6 +189,29 @@ class PartitionSampler(DistributedSampler):
         self.epoch = 0
         self.shuffle = True
         self.drop_last = False
+
+    @classmethod
+    def for_rank(cls, parts: Sequence[Tensor], rank: int, seed: int = 0) -> PartitionSampler:
+        """Rank ``rank``'s sampler of a partition: ``parts`` holds one index tensor per rank.
+
+        ``parts`` is what :func:`partition_indices` returns. Every rank yields ``ceil(total / len(parts))``
+        samples per epoch (``total``: the samples of all parts), one pass over the data set per epoch summed
+        over ranks, so every rank runs the same number of batches.
+
+        Raises:
+            TypeError: If ``parts`` is not a sequence of 1-D integer tensors, or ``rank`` or ``seed`` is not an
+                integer.
+            ValueError: If ``parts`` is empty, or ``rank`` is not in ``[0, len(parts))``.
+        """
+        if isinstance(parts, Tensor) or not isinstance(parts, Sequence):
+            raise TypeError(f"parts must be a sequence of index tensors (one per rank), got {type(parts).__name__}")
+        if len(parts) == 0:
+            raise ValueError("parts must hold one index tensor per rank, got an empty sequence")
+        for r, part in enumerate(parts):
+            _check_part(f"parts[{r}]", part)
+        check_int("rank", rank, low=0, high=len(parts) - 1)
+        per_rank = -(-sum(part.numel() for part in parts) // len(parts))
+        return cls(parts[rank], per_rank, rank, len(parts), seed=seed)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + 7919 * self.rank + 104729 * self.epoch)

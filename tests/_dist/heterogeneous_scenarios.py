@@ -23,13 +23,13 @@ from gossip_scenarios import (
     straight_and_resumed,
     trainer,
 )
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optsurvey.averaging.compression import QSGD, RandomK
 from lightning_optsurvey.strategies import GossipStrategy
 from lightning_optsurvey.strategies.compressed_ddp import CompressedDDPStrategy
-from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule
+from lightning_optsurvey.tasks import ClassifierModule, DigitsDataModule, PartitionSampler, partition_indices
 
 STEPS = 6
 
@@ -130,6 +130,62 @@ def partition_ddp() -> None:
                            "steps": len(recorder.labels)})
 
 
+class IndexedDigits(torch.utils.data.Dataset):
+    """scikit-learn's digits as a user's data set might give them: dict samples that carry their index."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        self.x = torch.as_tensor(x, dtype=torch.float32) / 16.0
+        self.y = torch.as_tensor(y)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pixels": self.x[i], "label": self.y[i], "index": i}
+
+
+class UserData(LightningDataModule):
+    """A user's own DataModule: the README's two lines give each rank its Dirichlet(0.1) part."""
+
+    def setup(self, stage: str) -> None:
+        self.train_set = IndexedDigits()
+
+    def train_dataloader(self) -> DataLoader:
+        parts = partition_indices(self.train_set.y, self.trainer.world_size, "dirichlet", alpha=0.1, seed=0,
+                                  min_size=16)
+        sampler = PartitionSampler.for_rank(parts, self.trainer.global_rank, seed=0)
+        return DataLoader(self.train_set, batch_size=16, sampler=sampler)
+
+
+class UserClassifier(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(64, 10)
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch["index"].clone())
+        return torch.nn.functional.cross_entropy(self.net(batch["pixels"]), batch["label"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def partition_user_datamodule() -> None:
+    """A user's DataModule and module (dict batches) under gradient tracking: each rank trains on its part."""
+    torch.manual_seed(0)
+    module, data = UserClassifier(), UserData()
+    fit = trainer(GossipStrategy("ring", algorithm="gradient_tracking"), max_epochs=1)
+    fit.fit(module, datamodule=data)
+    parts = partition_indices(data.train_set.y, WORLD, "dirichlet", alpha=0.1, seed=0, min_size=16)
+    save("partition_user_datamodule", {"seen": torch.cat(module.seen), "part": parts[RANK],
+                                       "labels": data.train_set.y, "steps": len(module.seen),
+                                       "weight": module.net.weight.detach().clone()})
+
+
 def compressed_ddp() -> None:
     """fp16 / PowerSGD hooks against plain DDP on the same data; bytes as the hooks send them."""
     data = regression_data(10 * BATCH * WORLD)
@@ -161,8 +217,8 @@ def powersgd_resume() -> None:
     save("powersgd_resume", runs)
 
 
-SCENARIOS = {f.__name__: f for f in (algorithm_reference, algorithm_resume, partition_ddp, compressed_ddp,
-                                     powersgd_resume)}
+SCENARIOS = {f.__name__: f for f in (algorithm_reference, algorithm_resume, partition_ddp, partition_user_datamodule,
+                                     compressed_ddp, powersgd_resume)}
 
 if __name__ == "__main__":
     run_scenarios(SCENARIOS)

@@ -20,7 +20,7 @@ from lightning_optsurvey.strategies import Topology
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 WORLD = 4
-FAST = ("algorithm_reference", "compressed_ddp")
+FAST = ("algorithm_reference", "compressed_ddp", "partition_user_datamodule")
 REFERENCE_REL = 1e-12  # a few float64 steps, summed in another order than the reference
 LR = 0.1
 
@@ -187,6 +187,21 @@ def test_powersgd_resume_is_exact_on_2_processes(tmp_path: Path) -> None:
         assert any(not torch.equal(runs["first"][k], runs["straight"][k]) for k in runs["first"])
         for key, tensor in runs["straight"].items():
             assert torch.equal(runs["resumed"][key], tensor), key
+
+
+def test_a_users_datamodule_partitions_its_own_data_with_the_public_sampler(out_dir: Path) -> None:
+    results = load(out_dir, "partition_user_datamodule")
+    per_rank = -(-1797 // WORLD)  # all 1797 digits, ceil(n / N) per rank and epoch
+    assert {r["steps"] for r in results} == {-(-per_rank // 16)}  # same number of steps on every rank
+    for result in results:
+        seen, part = result["seen"], result["part"]
+        assert seen.numel() == per_rank
+        assert set(seen.tolist()) <= set(part.tolist())  # only this rank's part
+        assert len(set(seen.tolist())) == min(per_rank, part.numel())  # all of a small part, no repeats in a large
+    assert torch.equal(torch.cat([r["part"] for r in results]).sort().values, torch.arange(1797))
+    labels = results[0]["labels"]
+    assert min(len(set(labels[r["part"]].tolist())) for r in results) < 10  # label skew
+    assert not torch.allclose(results[0]["weight"], results[1]["weight"])  # gossip: models still differ
 
 
 @pytest.mark.slow

@@ -111,6 +111,34 @@ def test_sampler_yields_only_its_part_with_equal_lengths_and_epoch_order() -> No
     assert list(sampler) != first
 
 
+def test_for_rank_gives_every_rank_the_same_epoch_length_over_its_own_part() -> None:
+    parts = partition_indices(LABELS, 4, "dirichlet", alpha=0.1, seed=2)
+    samplers = [PartitionSampler.for_rank(parts, rank, seed=5) for rank in range(4)]
+    assert {len(s) for s in samplers} == {150}  # ceil(600 / 4): one pass over the data per epoch, all ranks
+    assert sum(p.numel() < 150 for p in parts) and sum(p.numel() > 150 for p in parts)  # small and large parts
+    for sampler, part in zip(samplers, parts):
+        seen = list(sampler)
+        assert set(seen) <= set(part.tolist())
+        if part.numel() >= 150:
+            assert len(set(seen)) == 150  # a large part: a subset, without repetition
+        else:
+            assert set(seen) == set(part.tolist())  # a small part: all of it, then again
+
+
+def test_for_rank_rejects_what_is_not_a_partition() -> None:
+    parts = partition_indices(LABELS, 2)
+    with pytest.raises(TypeError, match="parts must be a sequence"):
+        PartitionSampler.for_rank(torch.stack(parts), 0)
+    with pytest.raises(ValueError, match="empty sequence"):
+        PartitionSampler.for_rank([], 0)
+    with pytest.raises(TypeError, match=r"parts\[1\] must be a 1-D integer tensor.*float32"):
+        PartitionSampler.for_rank([parts[0], parts[1].float()], 0)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 1\], got 2"):
+        PartitionSampler.for_rank(parts, 2)
+    with pytest.raises(TypeError, match="seed"):
+        PartitionSampler.for_rank(parts, 0, seed=0.5)
+
+
 def test_datamodule_gives_ranks_their_parts_and_keeps_validation_global() -> None:
     dm = DigitsDataModule(batch_size=16, partition="dirichlet", alpha=0.1, seed=0)
     dm.setup()
