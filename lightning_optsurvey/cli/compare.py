@@ -243,7 +243,8 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
         raise CLIError(str(err)) from None
     if args.datamodule and args.partition != "iid":
         raise CLIError(
-            f"--partition {args.partition} splits the digits task; with --datamodule, split in your datamodule"
+            f"--partition {args.partition} splits the digits task; with --datamodule, split in your datamodule's "
+            f"train_dataloader (lightning_optsurvey.tasks.partition_indices and PartitionSampler.for_rank)"
         )
     check_tracking_uri(args.tracking_uri)
     return [
