@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeVar
 
@@ -53,6 +54,14 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value: Any) -> bool:
+    """``math.isfinite`` that calls an integer too large for a float (``10**400``) not finite, not an error."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
     left = "(" if low_open or low == -math.inf else "["
     right = ")" if high_open or high == math.inf else "]"
@@ -74,8 +83,8 @@ def check_float(name: str, value: Any, *, low: float = -math.inf, high: float = 
         raise TypeError(f"{name} must be a real number, got {describe(value)} "
                         f"(allowed: {_interval(low, high, low_open, high_open)})")
     interval = _interval(low, high, low_open, high_open)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    if not _finite(value):
+        raise ValueError(f"{name} must be a finite number in {interval}, got {reprlib.repr(value)}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
@@ -203,8 +212,8 @@ def check_float_hparam(name: str, value: Any) -> None:
         return
     if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {describe(value)}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    if not _finite(value):
+        raise ValueError(f"{name} must be finite, got {reprlib.repr(value)}")
 
 
 def check_lr(value: Any, name: str = "lr") -> Any:

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -158,3 +159,12 @@ def test_every_public_constructor_follows_the_rule(tmp_path: Path) -> None:
 
     new = sorted(found)
     assert not new, "constructors against the rule of lightning_optsurvey/validation.py:\n" + "\n".join(new)
+
+
+def test_an_integer_too_large_for_a_float_is_not_finite() -> None:
+    from lightning_optsurvey.validation import check_float, check_float_hparam
+
+    with pytest.raises(ValueError, match=r"lr must be a finite number in \(0.0, inf\), got 1000"):
+        check_float("lr", 10**400, low=0.0, low_open=True)
+    with pytest.raises(ValueError, match="lr must be finite, got 1000"):
+        check_float_hparam("lr", 10**400)

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_optsurvey.optim import loop
-from lightning_optsurvey.validation import check_bool, check_float_hparam
+from lightning_optsurvey.validation import check_bool, check_float_hparam, check_type
 
 FAMILIES = ("first_order", "adaptive", "second_order", "landscape")
 
@@ -154,6 +155,11 @@ class OptimizerSpec:
                 names.add(n)
         return names
 
+    def tuple_lengths(self) -> dict[str, int]:
+        """Names whose default in the factory's signature is a tuple of floats, and its length (``betas``: 2)."""
+        return {n: len(p.default) for n, p in inspect.signature(self.factory).parameters.items()
+                if isinstance(p.default, tuple) and p.default and all(isinstance(v, float) for v in p.default)}
+
     def bool_hparams(self) -> set[str]:
         """Names whose default in the factory's signature is a ``bool`` (``nesterov``, ``amsgrad``, ...)."""
         return {n for n, p in inspect.signature(self.factory).parameters.items() if isinstance(p.default, bool)}
@@ -169,6 +175,40 @@ def _params_list(params: Iterable[Any]) -> list[Any]:
             item = {**item, "params": list(item["params"])}
         out.append(item)
     return out
+
+
+def _check_hparams(spec: OptimizerSpec, values: dict[str, Any], given: set[str], prefix: str = "") -> None:
+    """The registry-wide rule: float options finite reals (tuples of the default's length), bools bools."""
+    name = (lambda key: f"{prefix}['{key}']") if prefix else (lambda key: key)
+    lengths = spec.tuple_lengths()
+    for key in spec.float_hparams() & set(values):
+        value = values[key]
+        if key in lengths and isinstance(value, (tuple, list)) and len(value) != lengths[key]:
+            raise ValueError(f"{name(key)} must have {lengths[key]} elements, got {value!r}")
+        check_float_hparam(name(key), value)
+    for key in spec.bool_hparams() & given:
+        check_bool(name(key), values[key])
+
+
+def _check_group(spec: OptimizerSpec, kwargs: dict[str, Any], group: dict[str, Any], index: int) -> None:
+    """A parameter group's own options get the checks the defaults get.
+
+    torch's optimizers (and most others) validate only their defaults, so ``{"params": ..., "lr": nan}`` in a
+    group would train to NaN silently. The group's hyperparameters go through the registry's float and bool
+    rule, then through the optimizer's own constructor on a throwaway parameter (its range checks, whatever
+    they are); an optimizer that needs the model (K-FAC) checks its groups itself.
+    """
+    accepted = spec.accepted_hparams()
+    options = {k: v for k, v in group.items() if k != "params" and (accepted is None or k in accepted)}
+    if not options:
+        return
+    _check_hparams(spec, options, set(options), prefix=f"param_groups[{index}]")
+    if spec.needs_model:
+        return
+    try:
+        spec.factory([nn.Parameter(torch.zeros(1))], **{**kwargs, **options})
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"param_groups[{index}]: {err}") from None
 
 
 def _complex_params(params: list[Any]) -> list[Tensor]:
@@ -216,10 +256,12 @@ def get_spec(name: str) -> OptimizerSpec:
     """The spec registered under ``name``.
 
     Raises:
+        TypeError: If ``name`` is not a string.
         ValueError: If no optimizer of that name is registered (the message lists the known ones).
     """
     _ensure_loaded()
-    if not isinstance(name, str) or name not in _REGISTRY:
+    check_type("optimizer name", name, str, "a registered name (a string)")
+    if name not in _REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; known optimizers: {', '.join(available_optimizers())}")
     return _REGISTRY[name]
 
@@ -276,11 +318,11 @@ def create_optimizer(
                 f"it takes: {', '.join(sorted(accepted))}"
             )
     kwargs = {**spec.defaults, **hparams}
-    for key in spec.float_hparams() & set(kwargs):
-        check_float_hparam(key, kwargs[key])
-    for key in spec.bool_hparams() & set(hparams):
-        check_bool(key, kwargs[key])
+    _check_hparams(spec, kwargs, set(hparams))
     params = _params_list(params)
+    for index, group in enumerate(params if isinstance(params, list) else []):
+        if isinstance(group, dict):
+            _check_group(spec, kwargs, group, index)
     if "complex" in spec.deviations and _complex_params(params):
         p = _complex_params(params)[0]
         raise ValueError(

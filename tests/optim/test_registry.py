@@ -40,6 +40,46 @@ def test_unknown_name_lists_known_names():
         create_optimizer("nosuch", [nn.Parameter(torch.zeros(1))])
 
 
+def test_a_name_that_is_not_a_string_is_a_type_error():
+    with pytest.raises(TypeError, match=r"optimizer name must be a registered name \(a string\), got 3 \(int\)"):
+        create_optimizer(3, [nn.Parameter(torch.zeros(1))])
+
+
+def _groups(model: nn.Module, **options):
+    return [{"params": model[0].parameters(), **options}, {"params": model[1].parameters()}]
+
+
+@pytest.mark.parametrize("name", [n for n in available_optimizers() if n != "lbfgs"])  # L-BFGS takes one group
+def test_a_parameter_groups_options_get_the_defaults_checks(name):
+    """torch checks only the defaults: a NaN or a string lr in a group would otherwise train to NaN or fail late."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    extra = {"model": model} if get_spec(name).needs_model else {}
+    optimizer = create_optimizer(name, _groups(model, lr=0.01), **extra)  # a valid group builds
+    assert optimizer.param_groups[0]["lr"] == 0.01
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] must be finite, got nan"):
+        create_optimizer(name, _groups(model, lr=float("nan")), **extra)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] must be a real number, got '0.1' \(str\)"):
+        create_optimizer(name, _groups(model, lr="0.1"), **extra)
+
+
+@pytest.mark.parametrize(("name", "options", "message"), [
+    ("sam", {"rho": -0.05}, r"param_groups\[0\]: rho must be in \[0.0, inf\), got -0.05"),
+    ("lpf_sgd", {"sigma": -1.0}, r"param_groups\[0\]: sigma must be in \[0.0, inf\), got -1.0"),
+    ("adam", {"betas": (0.9, 1.5)}, r"param_groups\[0\]: Invalid beta parameter at index 1: 1.5"),
+    ("adam", {"betas": (0.9,)}, r"param_groups\[0\]\['betas'\] must have 2 elements, got \(0.9,\)"),
+])
+def test_a_groups_out_of_range_option_is_refused_by_the_optimizers_own_check(name, options, message):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=message):
+        create_optimizer(name, _groups(model, **options))
+
+
+def test_tuple_options_must_have_the_defaults_length():
+    for betas in ((0.9,), (0.9, 0.99, 0.5)):
+        with pytest.raises(ValueError, match=r"betas must have 2 elements"):
+            create_optimizer("adam", [nn.Parameter(torch.zeros(1))], betas=betas)
+
+
 def test_misspelt_hyperparameter_is_rejected_not_ignored():
     with pytest.raises(TypeError, match="does not take 'lrr'"):
         create_optimizer("sgd", [nn.Parameter(torch.zeros(1))], lrr=0.1)
