@@ -255,12 +255,22 @@ class _Hooks:
         if module in opt._seen_forward or not isinstance(output, Tensor) or not output.requires_grad:
             return
         opt._seen_forward.add(module)
-        x = inputs[0].detach()
+        dtype = module.weight.dtype
+        if output.dtype == torch.float16 and dtype != torch.float16:
+            raise RuntimeError(
+                f"K-FAC takes its curvature statistics from the output gradients, which float16 autocast "
+                f"(precision='16-mixed') multiplies by the GradScaler's loss scale; use precision='bf16-mixed' "
+                f"or 32-bit (layer {type(module).__name__} computes in float16, its weight is {dtype})"
+            )
+        # Under autocast (bf16-mixed) activations and output gradients are bf16: the statistics are kept in the
+        # weight's dtype, the one the gradients they precondition have, and computed outside autocast (this
+        # hook runs inside the forward's autocast region, which would turn the products back to bf16).
+        x = inputs[0].detach().to(dtype)
         keep_rows = opt._keeps_rows(module, x)
         if not opt._stats and not keep_rows:
             return
         batch = x.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             pending = opt._pending.setdefault(module, {})
             if opt._stats:
                 if isinstance(module, nn.Linear):
@@ -285,6 +295,7 @@ class _OutputGradHook:
         if opt.defaults["fisher"] == "mc" and not opt._sampling:
             return  # the Monte-Carlo Fisher only takes the sampled backward
         opt._seen_backward.add(self._module)
+        grad = grad.to(self._module.weight.dtype)
         with torch.no_grad():
             pending = opt._pending.setdefault(self._module, {})
             if opt._stats:

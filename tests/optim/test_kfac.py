@@ -408,6 +408,38 @@ def test_bfloat16_parameters_step_like_float64():
         assert error <= bound, (error, bound)
 
 
+def _autocast_closure(opt, net, x, y, dtype):
+    def loss():
+        with torch.autocast("cpu", dtype=dtype):
+            return F.cross_entropy(net(x), y)
+
+    return make_closure(opt, loss)
+
+
+def test_bf16_autocast_keeps_the_statistics_in_the_weights_dtype():
+    # precision="bf16-mixed": activations and output gradients are bf16, the weights and gradients float32.
+    net = _net().float()
+    x, y = _batch(3)
+    reference = _reference_factors(_net(), x, y)
+    opt = KFAC(net, lr=0.1, momentum=0.0, damping=0.1, kl_clip=None, inv_every=1)
+    opt.step(_autocast_closure(opt, net, x.float(), y, torch.bfloat16))
+    for key, layer in (("conv", net[0]), ("linear", net[3])):
+        state = opt.state[layer.weight]
+        for name, expected in zip(("A", "G"), reference[key]):
+            assert state[name].dtype == torch.float32 and state[f"{name}_inv"].dtype == torch.float32
+            error = torch.linalg.matrix_norm(state[name].double() - expected)
+            assert error <= 0.03 * torch.linalg.matrix_norm(expected), (key, name, error)  # bf16 rounding
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def test_float16_autocast_is_refused_at_the_first_forward():
+    net = _net().float()
+    x, y = _batch(3)
+    opt = KFAC(net, lr=0.1)
+    with pytest.raises(RuntimeError, match=r"loss scale; use precision='bf16-mixed' or 32-bit"):
+        opt.step(_autocast_closure(opt, net, x.float(), y, torch.float16))
+
+
 # ------------------------------------------------------------------ issue 14: config, groups, hooks
 
 
