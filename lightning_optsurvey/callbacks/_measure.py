@@ -314,6 +314,35 @@ def _detach_clone(batch: Any) -> Any:
     return batch
 
 
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The generators that iterating ``loader`` draws from: its own, its sampler's, its batch sampler's sampler's.
+
+    Creating a DataLoader iterator draws the workers' base seed from ``loader.generator`` (the global RNG without
+    one), and a ``RandomSampler`` draws its order from its own generator; a data module that gives its training
+    and validation loaders one shared generator would otherwise see its training order change when a callback
+    iterates the validation loader.
+    """
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+@contextmanager
+def loader_rng_preserved(loader: Any) -> Iterator[None]:
+    """Iterate ``loader`` inside without moving the generators it draws from (see :func:`loader_generators`)."""
+    generators = loader_generators(loader)
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
+
+
 def _first_dataloader(loaders: Any) -> DataLoader | None:
     if isinstance(loaders, DataLoader):
         return loaders

@@ -28,6 +28,7 @@ from lightning_optsurvey.callbacks._measure import (
     _first_dataloader,
     check_loss_fn,
     draw_batches,
+    loader_rng_preserved,
     resolve_loss_fn,
 )
 from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairLoss, as_batch_loss, model_args
@@ -250,8 +251,9 @@ class GeneralizationGap(MeasuringCallback):
         pl_module.eval()
         objective = as_batch_loss(resolve_loss_fn(pl_module, self.loss_fn))
         train_loss, train_acc = self._evaluate(pl_module, objective, batches)
-        val_loss, val_acc = self._evaluate(pl_module, objective,
-                                           self._validation_batches(trainer, val_loader, pl_module.device))
+        with loader_rng_preserved(val_loader):
+            val_loss, val_acc = self._evaluate(pl_module, objective,
+                                               self._validation_batches(trainer, val_loader, pl_module.device))
         out = {"train_eval/loss": train_loss, "gen_gap/loss": val_loss - train_loss}
         if train_acc is not None and val_acc is not None:
             out.update({"train_eval/acc": train_acc, "gen_gap/acc": train_acc - val_acc})

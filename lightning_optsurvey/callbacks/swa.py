@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from typing_extensions import override
 
-from lightning_optsurvey.callbacks._measure import MeasuringCallback, measuring
+from lightning_optsurvey.callbacks._measure import MeasuringCallback, loader_rng_preserved, measuring
 from lightning_optsurvey.callbacks.optimizer_loop import _default_loss
 from lightning_optsurvey.validation import check_bool, check_float, check_int, check_optional, check_type
 
@@ -39,7 +39,8 @@ def recompute_batchnorm(pl_module: LightningModule, loader: Any) -> int:
 
     Each batch goes through ``pl_module.compute_loss(batch)`` if the module has it, else its
     ``training_step`` (logging muted), without gradients and in train mode; the statistics are the
-    cumulative average over all batches (``momentum=None``). Modes, momenta and the RNG state are restored.
+    cumulative average over all batches (``momentum=None``). Modes, momenta and the RNG states (the global
+    ones and the loader's generators) are restored.
 
     Returns:
         The number of batches seen (0 when the module has no BatchNorm: nothing is run).
@@ -57,7 +58,7 @@ def recompute_batchnorm(pl_module: LightningModule, loader: Any) -> int:
             m.reset_running_stats()
             m.momentum = None
         pl_module.train()
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), loader_rng_preserved(loader), torch.no_grad():
             for index, batch in enumerate(loader):
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 _default_loss(pl_module, batch, index)

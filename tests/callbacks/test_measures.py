@@ -456,3 +456,46 @@ def test_landscape_from_init_covers_parameters_unfrozen_during_training(tmp_path
     with torch.no_grad():
         expected = float(initial.compute_loss((x, y)))  # the module's own loss, as resolve_loss_fn picks
     assert cb.last_grid["loss"][0] == pytest.approx(expected, rel=FLOAT_RTOL)
+
+
+class _SharedGeneratorData(LightningModule):
+    """A plain module whose training and validation loaders share one generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.generator = torch.Generator().manual_seed(0)
+        data = torch.Generator().manual_seed(1)
+        self.train_set = TensorDataset(torch.randn(64, 4, generator=data), torch.randint(3, (64,), generator=data))
+        self.val_set = TensorDataset(torch.randn(32, 4, generator=data), torch.randint(3, (32,), generator=data))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=16, shuffle=True, generator=self.generator)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=16, generator=self.generator)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_generalization_gap_leaves_a_generator_shared_with_the_training_loader_alone():
+    # Iterating the validation loader draws the workers' base seed from its generator: restored afterwards.
+    def run(callbacks):
+        module = _SharedGeneratorData()
+        Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=callbacks).fit(module)
+        return [p.detach().clone() for p in module.parameters()]
+
+    for plain, measured in zip(run([]), run([GeneralizationGap()]), strict=True):
+        assert torch.equal(plain, measured)

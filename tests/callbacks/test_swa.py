@@ -145,3 +145,15 @@ def test_swa_lr_holds_the_learning_rate_from_the_start_epoch():
                       callbacks=[Lr(), OptimizerLoopAdapter(), SWA(swa_epoch_start=START, swa_lr=0.0123)])
     trainer.fit(UserModule("momentum"), _loader())
     assert lrs[0] != 0.0123 and lrs[START:] == [0.0123] * (EPOCHS - START)
+
+
+def test_recomputing_batchnorm_leaves_the_loaders_generators_alone():
+    from lightning_optsurvey.callbacks.swa import recompute_batchnorm
+
+    generator, sampler_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    dataset = _loader().dataset
+    loader = DataLoader(dataset, batch_size=12, generator=generator,
+                        sampler=torch.utils.data.RandomSampler(dataset, generator=sampler_generator))
+    states = generator.get_state(), sampler_generator.get_state()
+    assert recompute_batchnorm(UserModule("sgd"), loader) == 2
+    assert torch.equal(generator.get_state(), states[0]) and torch.equal(sampler_generator.get_state(), states[1])
