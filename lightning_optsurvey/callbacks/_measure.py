@@ -617,6 +617,14 @@ class MeasuringCallback(Callback):
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__} measures the loss on this run's training batches, and "
                                  f"{str(err).replace('batch 0', 'the first training batch', 1)}") from err
+        self.check_batch(pl_module, batch)
+
+    def check_batch(self, pl_module: LightningModule, batch: Any) -> None:
+        """Raise if a measurement cannot take batches like ``batch`` (the first training batch of a fit).
+
+        Called once per fit before the first step, after the loss check of :meth:`uses_loss`; structure only,
+        nothing is computed. The default checks nothing more.
+        """
 
     @override
     def on_train_batch_end(

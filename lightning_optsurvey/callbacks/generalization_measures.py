@@ -117,6 +117,11 @@ class GeneralizationMeasures(MeasuringCallback):
         return "fisher_rao" in self.measures  # the others are norms of the weights
 
     @override
+    def check_batch(self, pl_module: LightningModule, batch: Any) -> None:
+        if {"path_norm", "spectral_product"} & set(self.measures):
+            self.example_input(pl_module, [batch])  # raises, naming what to add, if no input can be found
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Callback states are restored before on_fit_start, so a resumed run keeps its initial weights.
         if self._initial is None and "distance_from_init" in self.measures:

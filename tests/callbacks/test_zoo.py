@@ -153,6 +153,22 @@ def test_norm_measures_need_no_loss_and_take_any_batch(tmp_path):
     assert set(cb.history[0]) >= {"measures/param_norm", "measures/distance_from_init"}
 
 
+@pytest.mark.parametrize("measure", ["path_norm", "spectral_product"])
+def test_measures_that_need_an_input_fail_at_the_first_batch_without_one(measure, tmp_path):
+    """Dict batches and no ``example_input_array``: refused before the first step, not after the first epoch."""
+    cb = GeneralizationMeasures(measures=("param_norm", measure), every_n_epochs=None, at_fit_end=True)
+    _, data = make("dict")
+    torch.manual_seed(0)
+    module = _DictWithoutComputeLoss()
+    module.example_input_array = None
+    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[cb], num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match=r"run the model on an input.*set self.example_input_array"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+
+
 def test_the_batch_check_runs_again_in_a_later_fit(tmp_path):
     """A callback reused for a second fit checks that fit's batches too."""
     cb = FAST_CONFIGS["HessianSpectrum"]()
