@@ -17,6 +17,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -242,12 +243,34 @@ class GeneralizationGap(MeasuringCallback):
         return loss, seen[0] if len(seen) == 1 else None
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if is_overridden("validation_step", pl_module) or self._own_val_dataloader(trainer, pl_module) is not None:
+            return
+        raise ValueError(
+            f"GeneralizationGap compares the training loss with the validation loss, but "
+            f"{type(pl_module).__name__} has no validation_step, so Lightning runs no validation and drops the "
+            "val_dataloaders given to fit; define validation_step (it may just log the loss), or give the "
+            "validation data as val_dataloader() of the module or its data module"
+        )
+
+    @staticmethod
+    def _own_val_dataloader(trainer: Trainer, pl_module: LightningModule) -> Callable[[], Any] | None:
+        """``val_dataloader`` of the data module or the module, when one defines it."""
+        datamodule = trainer.datamodule
+        if datamodule is not None and is_overridden("val_dataloader", datamodule):
+            return datamodule.val_dataloader
+        return pl_module.val_dataloader if is_overridden("val_dataloader", pl_module) else None
+
+    @override
     def measure(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> dict[str, float]:
         val_loader = _first_dataloader(trainer.val_dataloaders)
-        if val_loader is None and trainer.datamodule is not None:  # the val loop has not run yet
-            val_loader = _first_dataloader(trainer.datamodule.val_dataloader())
+        own = self._own_val_dataloader(trainer, pl_module)
+        if val_loader is None and own is not None:  # the val loop has not run yet, or does not run
+            val_loader = _first_dataloader(own())
         if val_loader is None:
-            raise RuntimeError("GeneralizationGap needs a validation DataLoader (trainer.fit(..., val_dataloaders))")
+            raise RuntimeError("GeneralizationGap needs a validation DataLoader: pass val_dataloaders to fit, or "
+                               "define val_dataloader() on the module or its data module")
         pl_module.eval()
         objective = as_batch_loss(resolve_loss_fn(pl_module, self.loss_fn))
         train_loss, train_acc = self._evaluate(pl_module, objective, batches)

@@ -499,3 +499,47 @@ def test_generalization_gap_leaves_a_generator_shared_with_the_training_loader_a
 
     for plain, measured in zip(run([]), run([GeneralizationGap()]), strict=True):
         assert torch.equal(plain, measured)
+
+
+class _NoValidationStep(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(callbacks):
+    return Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+
+
+def test_generalization_gap_without_validation_step_says_why_before_training():
+    data = TensorDataset(torch.randn(16, 4), torch.randint(3, (16,)))
+    trainer = _trainer([GeneralizationGap()])
+    with pytest.raises(ValueError, match=r"_NoValidationStep has no validation_step.*drops the val_dataloaders"):
+        trainer.fit(_NoValidationStep(), DataLoader(data, batch_size=8), val_dataloaders=DataLoader(data, batch_size=8))
+    assert trainer.global_step == 0
+
+
+def test_generalization_gap_takes_a_modules_own_val_dataloader_without_validation_step():
+    data = TensorDataset(torch.randn(16, 4), torch.randint(3, (16,)))
+
+    class OwnLoaders(_NoValidationStep):
+        def train_dataloader(self):
+            return DataLoader(data, batch_size=8)
+
+        def val_dataloader(self):
+            return DataLoader(data, batch_size=8)
+
+    gap = GeneralizationGap()
+    _trainer([gap]).fit(OwnLoaders())
+    (measured,) = gap.history
+    assert measured["gen_gap/loss"] == pytest.approx(0.0, abs=1e-6)  # the same data on both sides
