@@ -162,6 +162,29 @@ def check_callable(name: str, value: Any, signature: str | None = None) -> Calla
     return value
 
 
+def check_names(name: str, values: Any, choices: Collection[str]) -> tuple[str, ...]:
+    """Return ``values`` as a tuple after checking it is a non-empty sequence of distinct names from ``choices``.
+
+    Raises:
+        TypeError: If it is a single string (the message shows how to wrap it), not iterable, or holds a
+            non-string.
+        ValueError: If it is empty, repeats a name, or holds a name not among ``choices``.
+    """
+    allowed = tuple(choices)
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a sequence of names, got the string {values!r}; wrap it: {name}=({values!r},)")
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of names among {allowed}, got {describe(values)}")
+    values = tuple(values)
+    for value in values:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must hold names (strings) among {allowed}, got {describe(value)}")
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values or len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct names among {allowed}, got {values!r}")
+    return values
+
+
 def check_choice(name: str, value: Any, choices: Collection[T] | Iterable[T]) -> T:
     """Return ``value`` after checking that it is one of ``choices``.
 

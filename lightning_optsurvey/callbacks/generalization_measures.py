@@ -27,6 +27,7 @@ from lightning_optsurvey.measures import (
     path_norm,
     spectral_norm_product,
 )
+from lightning_optsurvey.validation import check_names
 
 __all__ = ["MEASURES", "GeneralizationMeasures"]
 
@@ -99,12 +100,7 @@ class GeneralizationMeasures(MeasuringCallback):
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, num_batches=num_batches,
                          seed=seed, at_fit_end=at_fit_end)
-        if isinstance(measures, str):
-            raise ValueError(f"measures must be a sequence of names, got the string {measures!r}")
-        measures = tuple(measures)
-        if not measures or any(m not in MEASURES for m in measures) or len(set(measures)) != len(measures):
-            raise ValueError(f"measures must be distinct names among {tuple(MEASURES)}, got {measures!r}")
-        self.measures = measures
+        self.measures = check_names("measures", measures, MEASURES)
         self.loss_fn = check_loss_fn(loss_fn)
         self._initial: dict[str, Tensor] | None = None
 

@@ -50,7 +50,7 @@ class LossLandscape(MeasuringCallback):
         resolution: Points per axis, >= 3.
         span: Half-width of the grid in units of the directions, > 0.
         at: ``"fit_end"`` (once) or ``"epoch_end"`` (every ``every_n_epochs``-th epoch).
-        every_n_epochs: Cadence when ``at="epoch_end"``.
+        every_n_epochs: Cadence when ``at="epoch_end"`` (ignored, and may be ``None``, with ``at="fit_end"``).
         num_batches: Batches in the fixed subset.
         loss_fn: ``loss_fn(outputs, targets)`` or a ``BatchLoss``; default: the module's ``compute_loss(batch)``
             if it defines one (any batch structure), else its ``loss_fn`` or cross-entropy (``resolve_loss_fn``).
@@ -73,15 +73,20 @@ class LossLandscape(MeasuringCallback):
         resolution: int = 25,
         span: float = 1.0,
         at: str = "fit_end",
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         num_batches: int = 4,
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         seed: int = 0,
     ) -> None:
+        at = check_choice("at", at, _AT)
+        if every_n_epochs is None and at == "fit_end":
+            every_n_epochs = 1  # the cadence of at="epoch_end"; unused when the landscape is drawn once
+        elif every_n_epochs is None:
+            raise ValueError("every_n_epochs must be a positive integer with at='epoch_end', got None")
         super().__init__(every_n_epochs=every_n_epochs, num_batches=num_batches, seed=seed)
         self.kind = check_choice("kind", kind, _KINDS)
         self.directions = check_choice("directions", directions, _DIRECTIONS)
-        self.at = check_choice("at", at, _AT)
+        self.at = at
         self.resolution = check_int("resolution", resolution, low=3)
         self.span = check_float("span", span, low=0.0, low_open=True)
         self.loss_fn = check_loss_fn(loss_fn)

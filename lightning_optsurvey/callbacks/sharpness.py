@@ -28,7 +28,7 @@ from lightning_optsurvey.measures import (
     sam_sharpness,
     worst_case_sharpness,
 )
-from lightning_optsurvey.validation import check_float, check_int, check_optional
+from lightning_optsurvey.validation import check_float, check_int, check_names, check_optional
 
 __all__ = ["KINDS", "Sharpness", "SharpnessKind"]
 
@@ -142,14 +142,7 @@ class Sharpness(MeasuringCallback):
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, num_batches=num_batches,
                          seed=seed, at_fit_end=at_fit_end)
-        if isinstance(kinds, str):
-            raise ValueError(f"kinds must be a sequence of kind names, got the string {kinds!r}; "
-                             f"wrap it: kinds=({kinds!r},)")
-        kinds = tuple(kinds)
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown or not kinds or len(set(kinds)) != len(kinds):
-            raise ValueError(f"kinds must be distinct names among {tuple(KINDS)}, got {kinds!r}")
-        self.kinds = kinds
+        self.kinds = check_names("kinds", kinds, KINDS)
         self.rho = check_float("rho", rho, low=0.0, low_open=True)
         self.sigma = check_float("sigma", sigma, low=0.0, low_open=True)
         self.steps = check_int("steps", steps)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,7 @@ from lightning_optsurvey.measures._functional import (
     LossFn,
     randn,
 )
-from lightning_optsurvey.validation import check_float, check_int
+from lightning_optsurvey.validation import check_bool, check_float, check_int, check_type
 
 __all__ = [
     "average_sharpness",
@@ -46,6 +47,11 @@ _NORMS = ("l2", "linf")
 # Auto-PGD constants (Croce & Hein 2020, section 3.2): momentum weight and the success-rate threshold.
 _APGD_ALPHA = 0.75
 _APGD_SUCCESS = 0.75
+
+
+def _check_randomness(generator: Any, adaptive: Any = False) -> None:
+    check_type("generator", generator, (torch.Generator, type(None)), "a torch.Generator or None")
+    check_bool("adaptive", adaptive)
 
 
 def _concat_samples(batches: list[Batch]) -> tuple[Tensor, Tensor]:
@@ -235,6 +241,7 @@ def worst_case_sharpness(
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
     check_int("steps", steps)
+    _check_randomness(generator, adaptive)
     objective = FlatObjective(model, loss_fn, batches)
     scale = objective.w.abs() if adaptive else torch.ones_like(objective.w)
     return float(_maximize(objective, scale, rho, norm, steps, generator))
@@ -281,6 +288,7 @@ def average_sharpness(
     """
     sigma = check_float("sigma", sigma, low=0.0, low_open=True)
     check_int("num_samples", num_samples)
+    _check_randomness(generator, adaptive)
     objective = FlatObjective(model, loss_fn, batches)
     scale = sigma * (objective.w.abs() if adaptive else torch.ones_like(objective.w))
     base = objective.loss()
@@ -328,6 +336,7 @@ def keskar_sharpness(
     """
     epsilon = check_float("epsilon", epsilon, low=0.0, low_open=True)
     check_int("steps", steps)
+    _check_randomness(generator)
     objective = FlatObjective(model, loss_fn, batches)
     base = objective.loss()
     increase = _maximize(objective, objective.w.abs() + 1.0, epsilon, "linf", steps, generator)
@@ -389,6 +398,7 @@ def pac_bayes_sigma(
     sigma_max = check_float("sigma_max", sigma_max, low=0.0, low_open=True)
     rtol = check_float("rtol", rtol, low=0.0, high=1.0, low_open=True, high_open=True)
     check_int("max_iter", max_iter)
+    _check_randomness(generator, adaptive)
     objective = FlatObjective(model, loss_fn, batches)
     scale = objective.w.abs() if adaptive else torch.ones_like(objective.w)
     noise = [scale * randn(objective.numel, objective.w, generator) for _ in range(num_samples)]

@@ -319,7 +319,6 @@ def test_state_keys_differ_by_configuration():
 
 @pytest.mark.parametrize(("factory", "match"), [
     (lambda: Sharpness(kinds=("sam", "nope")), "kinds"),
-    (lambda: Sharpness(kinds="sam"), "kinds"),
     (lambda: Sharpness(rho=0), "rho"),
     (lambda: Sharpness(every_n_epochs=0), "every_n_epochs"),
     (lambda: GeneralizationGap(num_train_batches=0), "num_train_batches"),
@@ -330,10 +329,26 @@ def test_state_keys_differ_by_configuration():
     (lambda: LossLandscape(resolution=2), "resolution"),
     (lambda: LossLandscape(at="never"), "at"),
     (lambda: GeneralizationMeasures(measures=("vc_dimension",)), "measures"),
+    (lambda: LossLandscape(at="epoch_end", every_n_epochs=None), "every_n_epochs must be a positive integer"),
 ])
 def test_bad_arguments(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+@pytest.mark.parametrize(("factory", "match"), [
+    (lambda: Sharpness(kinds="sam"), r"kinds must be a sequence of names, got the string 'sam'; wrap it"),
+    (lambda: Sharpness(kinds=[1]), r"kinds must hold names \(strings\) among \('sam'.*got 1 \(int\)"),
+    (lambda: Sharpness(kinds=3), "kinds must be a sequence of names"),
+    (lambda: GeneralizationMeasures(measures=[None]), r"measures must hold names \(strings\).*got None"),
+])
+def test_arguments_of_the_wrong_type(factory, match):
+    with pytest.raises(TypeError, match=match):
+        factory()
+
+
+def test_a_landscape_drawn_once_needs_no_epoch_cadence():
+    assert LossLandscape(every_n_epochs=None).at == "fit_end"
 
 
 def test_generalization_measures_log_the_functional_values(tmp_path):

@@ -245,6 +245,20 @@ def test_bad_arguments_raise_value_error(fn, kwargs, match):
         fn(model, mean_output, dummy_batches(), **kwargs)
 
 
+@pytest.mark.parametrize("fn", [worst_case_sharpness, average_sharpness, keskar_sharpness, pac_bayes_sigma])
+def test_a_generator_of_the_wrong_type_is_a_type_error(fn):
+    model, _ = quadratic()
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got 3 \(int\)"):
+        fn(model, mean_output, dummy_batches(), generator=3)
+
+
+@pytest.mark.parametrize("fn", [worst_case_sharpness, average_sharpness, pac_bayes_sigma])
+def test_adaptive_must_be_a_bool(fn):
+    model, _ = quadratic()
+    with pytest.raises(TypeError, match=r"adaptive must be a bool, got 'no' \(str\)"):  # "no" is truthy
+        fn(model, mean_output, dummy_batches(), adaptive="no")
+
+
 def test_empty_batches_raise():
     model, _ = quadratic()
     with pytest.raises(ValueError, match="batches"):
