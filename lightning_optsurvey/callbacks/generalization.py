@@ -9,6 +9,7 @@ processes).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,18 @@ from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, PairL
 from lightning_optsurvey.validation import check_float, check_int, check_optional
 
 __all__ = ["GeneralizationGap"]
+
+
+def _ignore_index(loss_fn: Any) -> int:
+    """The target value the loss skips, which accuracy skips too.
+
+    ``nn.CrossEntropyLoss(ignore_index=...)``'s, or a ``functools.partial``'s keyword
+    (``partial(F.cross_entropy, ignore_index=0)``), else -100, torch's default.
+    """
+    found = getattr(loss_fn, "ignore_index", None)
+    if found is None and isinstance(loss_fn, functools.partial):
+        found = loss_fn.keywords.get("ignore_index")
+    return -100 if found is None else int(found)
 
 
 class GeneralizationGap(MeasuringCallback):
@@ -174,7 +187,7 @@ class GeneralizationGap(MeasuringCallback):
         targets: list[Tensor] = []
         num_classes = 0
         reason: str | None = None
-        ignore_index = getattr(getattr(objective, "loss_fn", None), "ignore_index", -100)
+        ignore_index = _ignore_index(getattr(objective, "loss_fn", None))
         with torch.no_grad():
             for batch in batches:
                 batch = move_data_to_device(batch, device)

@@ -256,6 +256,26 @@ def test_generalization_gap_on_token_level_outputs_ignores_padding():
     assert loss == pytest.approx((4 * per_batch[0] + 2 * per_batch[1]) / 6, rel=1e-6)
 
 
+def _token_loss(out, targets, ignore_index=-100):
+    return F.cross_entropy(out.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+def test_generalization_gap_reads_the_ignore_index_of_a_partial_loss():
+    import functools
+
+    module = _small_gpt().eval()
+    tokens, targets = gpt_data(6, vocab=7, context=5).tensors
+    targets = targets.clone()
+    targets[:, -1] = 0  # padding with token 0, which the loss skips: so must the accuracy
+    loss_fn = functools.partial(_token_loss, ignore_index=0)
+    _, acc = GeneralizationGap()._evaluate(module, loss_fn, [(tokens, targets)])
+    with torch.no_grad():
+        predicted = module(tokens).argmax(-1)
+    keep = targets != 0
+    assert acc == pytest.approx(float((predicted[keep] == targets[keep]).double().mean()), abs=1e-7)
+    assert acc != pytest.approx(float((predicted == targets).double().mean()), abs=1e-7)
+
+
 def test_generalization_gap_class_dimension_one_and_reasons():
     gap = GeneralizationGap()
     scores, labels = gap._class_scores(torch.randn(2, 5, 3), torch.randint(5, (2, 3)))  # (B, C, T)
