@@ -12,7 +12,9 @@ the average over ranks:
 which is one all-reduce of the model per H steps instead of one of the gradient per step. With
 ``warmup_steps = T > 0`` the first T steps are ordinary synchronous mini-batch SGD (gradients
 averaged before the optimizer step, BatchNorm statistics broadcast from rank 0 as
-``DistributedDataParallel`` does), and local SGD starts afterwards: post-local SGD. With H = 1 and
+``DistributedDataParallel`` does; a parameter some ranks left unused is averaged with their zeros and one
+no rank used keeps no gradient, as with ``find_unused_parameters=True``, whose used-map travels likewise as
+one float per parameter in the same all-reduce), and local SGD starts afterwards: post-local SGD. With H = 1 and
 plain SGD, local SGD is mini-batch SGD: averaging the updated models is averaging the gradients.
 
 Uneven data (ranks with different numbers of batches in an epoch): a rank that has run out of batches
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -121,9 +124,19 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     @override
     def _after_backward(self, optimizer: Optimizer) -> None:
         if self.in_warmup and is_distributed():
-            # DistributedDataParallel's gradient all-reduce, after the backward and before clipping.
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            all_reduce_mean_(grads, counter=self.comm)
+            # DistributedDataParallel's gradient all-reduce, after the backward and before clipping. Every
+            # trainable parameter takes part on every rank, in the same order (a parameter this rank did not use
+            # contributes zeros, as DDP's find_unused_parameters does), so the ranks' lists always line up; one
+            # flag per parameter says whether any rank had a gradient for it (if none did, it keeps None).
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+            if not params:
+                return
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+            all_reduce_mean_([*grads, used], counter=self.comm)
+            for p, grad, anywhere in zip(params, grads, used.tolist(), strict=True):
+                if p.grad is None and anywhere > 0:
+                    p.grad = grad
 
     @override
     def _pre_optimizer_step(self, optimizer: Optimizer) -> None:

@@ -69,6 +69,35 @@ def local_sgd_equivalence() -> None:
     save("local_sgd_equivalence", results)
 
 
+class Routed(LightningModule):
+    """Rank ``r`` routes its batches through expert ``r % 2``; expert 2 is used by no rank (an idle branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = nn.ModuleList(nn.Linear(6, 3) for _ in range(3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return (self.experts[RANK % 2](x) - y).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+
+
+def local_sgd_unused_parameters() -> None:
+    """Post-local SGD's warm-up with parameters some ranks (or all) leave unused, against DDP's own handling."""
+    data = regression_data(6 * BATCH * WORLD, seed=7)
+    results: dict[str, Any] = {}
+    for name, strategy in (("ddp", "ddp_find_unused_parameters_true"),
+                           ("warmup", LocalSGDStrategy(sync_every=5, warmup_steps=6))):
+        model = Routed()
+        trainer(strategy, max_steps=6).fit(model, loader(data))
+        results[name] = state(model)
+    results["initial"] = state(Routed())
+    save("local_sgd_unused_parameters", results)
+
+
 def local_sgd_schedule() -> None:
     """Post-local SGD (T=4 warm-up steps, then H=3) with BatchNorm: who is equal when, and the bytes."""
     data = regression_data(12 * BATCH * WORLD, seed=4)
@@ -81,6 +110,7 @@ def local_sgd_schedule() -> None:
     save("local_sgd_schedule", {
         "params": recorder.params, "buffers": recorder.buffers, "bytes": recorder.bytes,
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "num_params": len(params),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers),
     })
 
@@ -240,8 +270,8 @@ def checkpoint_resume() -> None:
     save("checkpoint_resume", results)
 
 
-SCENARIOS = {f.__name__: f for f in (local_sgd_equivalence, local_sgd_schedule, easgd_quadratic, lsgd_synthetic,
-                                     digits, checkpoint_resume)}
+SCENARIOS = {f.__name__: f for f in (local_sgd_equivalence, local_sgd_unused_parameters, local_sgd_schedule,
+                                     easgd_quadratic, lsgd_synthetic, digits, checkpoint_resume)}
 
 if __name__ == "__main__":
     scenarios.run_scenarios(SCENARIOS)

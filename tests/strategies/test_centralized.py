@@ -20,8 +20,8 @@ from lightning_optsurvey.strategies.easgd import easgd_step
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 WORLD = 4
-SCENARIOS = ("local_sgd_equivalence", "local_sgd_schedule", "easgd_quadratic", "lsgd_synthetic", "digits",
-             "checkpoint_resume")
+SCENARIOS = ("local_sgd_equivalence", "local_sgd_unused_parameters", "local_sgd_schedule", "easgd_quadratic",
+             "lsgd_synthetic", "digits", "checkpoint_resume")
 DDP_TOL = 1e-6  # the issue's bound: 12 float32 SGD steps, models averaged vs gradients averaged
 AVERAGE_TOL = 1e-6  # float32 average of 4 numbers of magnitude < 4, vs a float64 reference
 FLOAT64_TOL = 1e-12  # float64 recursions of 10 steps on O(1) numbers, summation order differs
@@ -51,6 +51,18 @@ def test_local_sgd_degenerate_cases_equal_ddp(out_dir: Path) -> None:
                     assert torch.equal(result[local][name], reference), (rank, local, name)
 
 
+def test_post_local_sgd_warmup_handles_unused_parameters_as_ddp_does(out_dir: Path) -> None:
+    """Ranks 0, 2 train expert 0 and ranks 1, 3 expert 1 (their lists of gradients differ); expert 2 is idle."""
+    for rank, result in enumerate(load(out_dir, "local_sgd_unused_parameters")):
+        for name, reference in result["ddp"].items():
+            difference = (result["warmup"][name] - reference).abs().max().item()
+            assert difference <= DDP_TOL, (rank, name, difference)
+        for name in ("experts.0.weight", "experts.1.weight"):
+            assert not torch.equal(result["warmup"][name], result["initial"][name]), (rank, name)
+        # no rank had a gradient for it: no step, so no weight decay either (as in DDP)
+        assert torch.equal(result["warmup"]["experts.2.weight"], result["initial"]["experts.2.weight"])
+
+
 def test_post_local_sgd_schedule_and_bytes(out_dir: Path) -> None:
     results = load(out_dir, "local_sgd_schedule")
     warmup, period, steps = 4, 3, 12
@@ -66,8 +78,9 @@ def test_post_local_sgd_schedule_and_bytes(out_dir: Path) -> None:
         assert same_params == (step <= warmup or step in synced), step
         assert same_buffers == (step in synced), step
         for rank, result in enumerate(results):
-            if step <= warmup:
-                expected = ring_all_reduce_bytes(param_bytes, WORLD) + (
+            if step <= warmup:  # the gradients and one float32 "used on this rank" flag per parameter
+                flags = 4 * results[0]["num_params"]
+                expected = ring_all_reduce_bytes(param_bytes + flags, WORLD) + (
                     (WORLD - 1) * buffer_bytes if rank == 0 else 0)
             elif step in synced:
                 expected = ring_all_reduce_bytes(param_bytes + buffer_bytes, WORLD)
