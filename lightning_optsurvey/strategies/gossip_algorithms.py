@@ -250,6 +250,8 @@ class GradientTrackingGossip(GossipAlgorithm):
                     view.copy_(param.grad.detach())
             torch.sub(g, g_prev, out=y).add_(wy)  # y^t = W y^{t-1} + g^t - g^{t-1}
             for param, view in zip(params, self._grads.views_of(y, b)):
+                if not param.requires_grad:
+                    continue  # frozen: its tracker stays zero, and a zero .grad would let weight decay move it
                 if param.grad is None:
                     param.grad = view.detach().clone()
                 else:

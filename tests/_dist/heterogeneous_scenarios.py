@@ -186,6 +186,34 @@ def partition_user_datamodule() -> None:
                                        "weight": module.net.weight.detach().clone()})
 
 
+class FrozenBackbone(LightningModule):
+    """A frozen first layer under an optimizer given every parameter, with weight decay (a fine-tuning idiom)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torch.nn.Linear(6, 4).requires_grad_(False)
+        self.head = torch.nn.Linear(4, 3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return (self.head(torch.tanh(self.backbone(x))) - y).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, weight_decay=0.1)
+
+
+def frozen_parameters() -> None:
+    """Every algorithm leaves a frozen layer alone (gradient tracking used to give it a zero .grad)."""
+    data = regression_data(4 * BATCH * WORLD, seed=3)
+    results: dict[str, Any] = {"initial": state(FrozenBackbone())}
+    for algorithm in ("dpsgd", "d2", "gradient_tracking", "choco"):
+        model = FrozenBackbone()
+        trainer(GossipStrategy("ring", algorithm=algorithm), max_steps=4).fit(model, DataLoader(data, batch_size=BATCH))
+        results[algorithm] = state(model)
+    save("frozen_parameters", results)
+
+
 def compressed_ddp() -> None:
     """fp16 / PowerSGD hooks against plain DDP on the same data; bytes as the hooks send them."""
     data = regression_data(10 * BATCH * WORLD)
@@ -218,7 +246,7 @@ def powersgd_resume() -> None:
 
 
 SCENARIOS = {f.__name__: f for f in (algorithm_reference, algorithm_resume, partition_ddp, partition_user_datamodule,
-                                     compressed_ddp, powersgd_resume)}
+                                     frozen_parameters, compressed_ddp, powersgd_resume)}
 
 if __name__ == "__main__":
     run_scenarios(SCENARIOS)

@@ -20,7 +20,7 @@ from lightning_optsurvey.strategies import Topology
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 WORLD = 4
-FAST = ("algorithm_reference", "compressed_ddp", "partition_user_datamodule")
+FAST = ("algorithm_reference", "compressed_ddp", "partition_user_datamodule", "frozen_parameters")
 REFERENCE_REL = 1e-12  # a few float64 steps, summed in another order than the reference
 LR = 0.1
 
@@ -187,6 +187,17 @@ def test_powersgd_resume_is_exact_on_2_processes(tmp_path: Path) -> None:
         assert any(not torch.equal(runs["first"][k], runs["straight"][k]) for k in runs["first"])
         for key, tensor in runs["straight"].items():
             assert torch.equal(runs["resumed"][key], tensor), key
+
+
+def test_every_algorithm_leaves_frozen_parameters_alone(out_dir: Path) -> None:
+    for rank, result in enumerate(load(out_dir, "frozen_parameters")):
+        initial = result["initial"]
+        for algorithm in ("dpsgd", "d2", "gradient_tracking", "choco"):
+            for name in ("backbone.weight", "backbone.bias"):
+                # gossiped like every parameter: equal on all ranks, so only mixing's rounding moves them
+                torch.testing.assert_close(result[algorithm][name], initial[name], rtol=0, atol=1e-6,
+                                           msg=lambda m, r=rank, a=algorithm, n=name: f"rank {r} {a} {n}: {m}")
+            assert not torch.equal(result[algorithm]["head.weight"], initial["head.weight"]), (rank, algorithm)
 
 
 def test_a_users_datamodule_partitions_its_own_data_with_the_public_sampler(out_dir: Path) -> None:
