@@ -38,10 +38,12 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -51,7 +53,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_optsurvey.strategies._base import log_run_params, log_step_metric
+from lightning_optsurvey import _compat
+from lightning_optsurvey.strategies._base import DEFAULT_CPU_TIMEOUT, check_timeout, log_run_params, log_step_metric
 from lightning_optsurvey.strategies._comm import CommCounter
 from lightning_optsurvey.validation import check_choice, check_float, check_int
 
@@ -83,6 +86,8 @@ class CompressedDDPStrategy(DDPStrategy):
         start_powersgd_iter: Steps of plain all-reduce before PowerSGD starts (torch requires >= 2 with
             error feedback).
         min_compression_rate: PowerSGD compresses a matrix only if it saves more than this factor.
+        timeout: How long a collective waits for a peer, as a ``timedelta`` or in seconds (default: 5 minutes
+            with gloo, Lightning's 30 with NCCL), as for the package's other strategies.
         **kwargs: Everything else :class:`~lightning.pytorch.strategies.DDPStrategy` takes, except the
             communication-hook arguments (this class sets them).
 
@@ -104,9 +109,11 @@ class CompressedDDPStrategy(DDPStrategy):
         matrix_approximation_rank: int = 1,
         start_powersgd_iter: int = 10,
         min_compression_rate: float = 2.0,
+        timeout: timedelta | float | None = None,
         **kwargs: Any,
     ) -> None:
         check_choice("compression", compression, DDP_COMPRESSIONS)
+        self._timeout_given = check_timeout(timeout)
         hook_keys = sorted({"ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"} & set(kwargs))
         if hook_keys:
             raise TypeError(
@@ -115,6 +122,13 @@ class CompressedDDPStrategy(DDPStrategy):
         check_int("matrix_approximation_rank", matrix_approximation_rank, low=1)
         check_int("start_powersgd_iter", start_powersgd_iter, low=2)
         check_float("min_compression_rate", min_compression_rate, low=1.0)
+        if compression != "powersgd":
+            for name, value, default in (("matrix_approximation_rank", matrix_approximation_rank, 1),
+                                         ("start_powersgd_iter", start_powersgd_iter, 10),
+                                         ("min_compression_rate", min_compression_rate, 2.0)):
+                if value != default:
+                    raise ValueError(f"{name} configures PowerSGD; compression={compression!r} does not use it "
+                                     f"(got {value!r})")
         self.compression = compression
         self.matrix_approximation_rank = matrix_approximation_rank
         self.start_powersgd_iter = start_powersgd_iter
@@ -125,7 +139,14 @@ class CompressedDDPStrategy(DDPStrategy):
         self._bucket_layouts: dict[int, tuple[list[tuple[int, int, int, int]], dict[str, list[int]]]] = {}
         self._param_positions: dict[int, int] | None = None
         self._relayout_pieces: dict[str, dict[int, torch.Tensor]] | None = None
-        super().__init__(**kwargs)
+        super().__init__(timeout=self._timeout_given or default_pg_timeout, **kwargs)
+
+    @override
+    def setup_distributed(self) -> None:
+        if self._timeout_given is None:  # the package's gloo default, as LocalModelStrategy's
+            gloo = _compat.process_group_backend(self) == "gloo"
+            _compat.set_process_group_timeout(self, DEFAULT_CPU_TIMEOUT if gloo else default_pg_timeout)
+        super().setup_distributed()
 
     @override
     def _register_ddp_hooks(self) -> None:

@@ -148,6 +148,8 @@ class GossipStrategy(PeriodicSyncStrategy):
         check_int("gossip_every", gossip_every, low=1)
         if not isinstance(overlap, bool):
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        if not isinstance(algorithm, str):
+            raise TypeError(f"algorithm must be a name among {', '.join(GOSSIP_ALGORITHMS)}, got {algorithm!r}")
         if algorithm not in GOSSIP_ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(GOSSIP_ALGORITHMS)}")
         if isinstance(topology_seed, bool) or not isinstance(topology_seed, int):
@@ -451,4 +453,8 @@ def _check_algorithm_args(
                     f"{name} configures CHOCO-SGD; algorithm={algorithm!r} does not use it (got {value!r})"
                 )
         return None
-    return make_compressor("topk" if compressor is None else compressor, ratio)
+    compressor = "topk" if compressor is None else compressor
+    if ratio != 0.01 and compressor not in ("topk", "randomk"):
+        raise ValueError(f"ratio is the share of coordinates 'topk' and 'randomk' send; compressor={compressor!r} "
+                         f"does not use it (got ratio={ratio!r})")
+    return make_compressor(compressor, ratio)

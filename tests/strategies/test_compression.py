@@ -122,6 +122,9 @@ def test_d2_stability_condition() -> None:
         ({"algorithm": "choco", "consensus_lr": 0.0}, ValueError, "consensus_lr must be in"),
         ({"algorithm": "choco", "consensus_lr": "1"}, TypeError, "consensus_lr must be a real number"),
         ({"algorithm": "choco", "compression_seed": 1.0}, TypeError, "compression_seed"),
+        ({"algorithm": "choco", "compressor": "qsgd", "ratio": 0.1}, ValueError, "compressor='qsgd' does not use it"),
+        ({"algorithm": None}, TypeError, "algorithm must be a name among"),
+        ({"algorithm": ["d2"]}, TypeError, "algorithm must be a name among"),
     ],
 )
 def test_bad_algorithm_arguments_raise_in_init(kwargs, error, match) -> None:
@@ -150,8 +153,19 @@ def test_registered_names_and_static_topology_requirement() -> None:
         ({"matrix_approximation_rank": 0}, ValueError, "matrix_approximation_rank must be an integer >= 1"),
         ({"start_powersgd_iter": 1}, ValueError, "start_powersgd_iter must be an integer >= 2"),
         ({"min_compression_rate": 0.5}, ValueError, "min_compression_rate"),
+        ({"compression": "fp16", "matrix_approximation_rank": 4}, ValueError,
+         "matrix_approximation_rank configures PowerSGD; compression='fp16' does not use it"),
+        ({"timeout": "10"}, TypeError, "timeout must be a datetime.timedelta or a number of seconds"),
+        ({"timeout": -5}, ValueError, "timeout must be in"),
     ],
 )
 def test_compressed_ddp_rejects_bad_arguments(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         CompressedDDPStrategy(**kwargs)
+
+
+def test_compressed_ddp_takes_a_timeout_in_seconds_like_the_other_strategies() -> None:
+    from datetime import timedelta
+
+    assert CompressedDDPStrategy("fp16", timeout=30)._timeout_given == timedelta(seconds=30)
+    assert CompressedDDPStrategy("fp16")._timeout_given is None  # 5 minutes with gloo, set with the process group
