@@ -140,8 +140,9 @@ _DDP_STRATEGY_KWARGS = frozenset({
 _LOGGING_HOOKS = frozenset({"optimizer_step", "training_step"})
 
 # The uneven-data protocol (see "Uneven data" in the module docstring). One control message is an
-# all-reduce (MAX) of an int64 vector: _NUM_FIELDS fields, then one state slot per rank, then one
-# batch count per rank (each rank writes only its own slots).
+# all-reduce (MAX) of an int64 vector: _NUM_FIELDS fields, then one state slot per rank, one batch count
+# per rank, and the number of batches each rank's loader has this epoch (0: unknown) (each rank writes only
+# its own slots).
 _OP_WAIT, _OP_STEP, _OP_ROUND, _OP_REDUCE, _OP_BARRIER, _OP_BROADCAST = range(6)
 _IDLE, _PENDING, _ACTIVE, _LAST = range(4)  # a rank's slot: out of data (with / without an unsent update),
 # training this batch (and more / and this is its last)
@@ -620,13 +621,15 @@ class LocalModelStrategy(DDPStrategy):
         """One control message (collective); returns the reduced fields and applies what all ranks agree on."""
         trainer = self._join_trainer
         n = self.world_size
-        values = [0] * (_NUM_FIELDS + 2 * n)
+        values = [0] * (_NUM_FIELDS + 3 * n)
         values[_F_OP], values[_F_ARG1], values[_F_ARG2], values[_F_ARG3] = op, arg1, arg2, arg3
         values[_F_SIGTERM] = int(bool(getattr(trainer, "received_sigterm", False)))
         values[_F_REFUSE], values[_F_VALIDATE], values[_F_STOP] = refuse, int(validate), int(stop)
         values[_F_STEPS] = self._join_steps()
         values[_NUM_FIELDS + self.global_rank] = slot
         values[_NUM_FIELDS + n + self.global_rank] = self._epoch_batches
+        planned = getattr(trainer, "num_training_batches", math.inf)
+        values[_NUM_FIELDS + 2 * n + self.global_rank] = int(planned) if math.isfinite(planned) else 0
         message = torch.tensor(values, dtype=torch.int64, device=self.root_device)
         dist.all_reduce(message, op=dist.ReduceOp.MAX)
         values = message.tolist()
@@ -638,12 +641,17 @@ class LocalModelStrategy(DDPStrategy):
         self._contrib = [1.0 if s >= _PENDING else 0.0 for s in slots] if self._live else None
         self._live_active = [s >= _ACTIVE for s in slots]
         refused = values[_F_REFUSE]
-        if uneven and refused:
+        planned = values[_NUM_FIELDS + 2 * n:]
+        # A rank's own loader length decides when it validates mid-epoch (val_check_interval=0.5 is its half):
+        # ranks with loaders of different lengths would run the validation's collectives at different steps,
+        # so they are refused at the first step, before the first rank runs out of data.
+        known_uneven = all(planned) and len(set(planned)) > 1
+        if (uneven or known_uneven) and refused:
             what = "; ".join(text for bit, text in _REFUSALS.items() if refused & bit)
-            counts = values[_NUM_FIELDS + n:]
+            counts = f"{planned}" if all(planned) else f"so far {values[_NUM_FIELDS + n:_NUM_FIELDS + 2 * n]}"
             raise RuntimeError(
-                f"{type(self).__name__}: the ranks have different numbers of training batches this epoch (so far "
-                f"{counts}), and this run uses {what}. Those communicate in the middle of an epoch, when a rank "
+                f"{type(self).__name__}: the ranks have different numbers of training batches this epoch "
+                f"({counts}), and this run uses {what}. Those communicate in the middle of an epoch, when a rank "
                 "that has run out of data cannot take part. Validate and checkpoint at epoch ends, or give every "
                 "rank the same number of batches (e.g. DistributedSampler, or drop_last)."
             )
@@ -685,7 +693,7 @@ class LocalModelStrategy(DDPStrategy):
                 dist.broadcast_object_list([None], src=values[_F_ARG1])
         self._live, self._contrib = False, None
         n = self.world_size
-        self.batches_per_rank = values[_NUM_FIELDS + n:]
+        self.batches_per_rank = values[_NUM_FIELDS + n:_NUM_FIELDS + 2 * n]
         self._after_join(values)
         self._log_batches()
         if len(set(self.batches_per_rank)) > 1:

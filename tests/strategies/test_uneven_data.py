@@ -168,6 +168,19 @@ def test_mid_epoch_validation_with_uneven_batches_stops_every_rank_clearly(tmp_p
         assert "different numbers of training batches" in line and "validation inside the epoch" in line
 
 
+def test_mid_epoch_validation_at_different_steps_is_refused_at_the_first_step(tmp_path: Path) -> None:
+    """val_check_interval=0.5 of 5 and of 2 batches: the ranks would validate at different steps (a gloo
+    collective mismatch, which aborted the processes) before either ran out of data."""
+    with pytest.raises(AssertionError, match="failed ranks") as failure:
+        launch("uneven_refusal.py", tmp_path, "half", procs_per_node=2, timeout=120)
+    text = str(failure.value)
+    refused = [line for line in text.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 2, text[-3000:]
+    for line in refused:
+        assert "different numbers of training batches this epoch ([5, 2])" in line
+        assert "validation inside the epoch" in line
+
+
 @pytest.mark.slow
 def test_empty_sized_loader_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="failed ranks") as failure:
