@@ -152,6 +152,14 @@ class CompressedDDPStrategy(DDPStrategy):
     def _register_ddp_hooks(self) -> None:
         # Lightning registers communication hooks on CUDA only (a torch 1.8 restriction); gloo runs them too.
         assert isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        if self.compression == "powersgd":
+            scalars = [name for name, p in self.model.module.named_parameters() if p.requires_grad and p.dim() == 0]
+            if scalars:  # torch's powerSGD_hook indexes every gradient's first dimension (an IndexError)
+                raise ValueError(
+                    f"torch's PowerSGD hook cannot compress 0-dimensional parameters, and this model has "
+                    f"{scalars}; make them 1-element tensors (e.g. nn.Parameter(torch.zeros(1))), or use "
+                    "compression='fp16' or 'bf16'"
+                )
         self.model.register_comm_hook(state=None, hook=self._counting_hook)
 
     # ----------------------------------------------------------------------------------------------

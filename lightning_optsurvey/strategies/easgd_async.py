@@ -37,6 +37,10 @@ exchange) and ``gossip/consensus_distance`` (:math:`\lVert x_i - \tilde x\rVert^
 Lightning's own collectives (``sync_dist`` logging, checkpoints, early stopping, the end of an epoch
 with ``reduce_boolean_decision``) still synchronize the ranks where they are used; for a run in which
 fast ranks never wait, validate on rank 0 only and use one long epoch (``benchmarks/stragglers.py``).
+There is no per-step control round (the synchronous strategies' join protocol), so with per-rank data
+of different sizes a collective inside the epoch (``self.log(..., sync_dist=True)`` in ``training_step``,
+validation inside the epoch, ``ModelCheckpoint(every_n_train_steps=...)``) runs a different number of
+times on each rank and pairs with an unrelated one: keep such collectives at epoch ends with uneven data.
 
 Why our own: no framework provides asynchronous EASGD or LSGD for PyTorch (tensorflow#12472,
 Paddle#7893, caffe#2940, mxnet#2710 asked for years); the authors' code is Lua Torch.

@@ -16,6 +16,7 @@ from gossip_scenarios import (
     LinearRegression,
     Recorder,
     Regression,
+    loader,
     regression_data,
     run_scenarios,
     save,
@@ -214,6 +215,26 @@ def frozen_parameters() -> None:
     save("frozen_parameters", results)
 
 
+class WithTemperature(Regression):
+    def __init__(self) -> None:
+        super().__init__(momentum=0.0)
+        self.temperature = torch.nn.Parameter(torch.tensor(1.0))  # a 0-dimensional parameter
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * self.temperature
+
+
+def powersgd_scalar_parameter() -> None:
+    """PowerSGD cannot take a 0-dimensional parameter (torch's hook raised an IndexError): refused at setup."""
+    try:
+        trainer(CompressedDDPStrategy("powersgd"), max_steps=1).fit(WithTemperature(),
+                                                                   loader(regression_data(4 * BATCH * WORLD)))
+        message = None
+    except ValueError as error:
+        message = str(error)
+    save("powersgd_scalar_parameter", {"message": message})
+
+
 def compressed_ddp() -> None:
     """fp16 / PowerSGD hooks against plain DDP on the same data; bytes as the hooks send them."""
     data = regression_data(10 * BATCH * WORLD)
@@ -246,7 +267,7 @@ def powersgd_resume() -> None:
 
 
 SCENARIOS = {f.__name__: f for f in (algorithm_reference, algorithm_resume, partition_ddp, partition_user_datamodule,
-                                     frozen_parameters, compressed_ddp, powersgd_resume)}
+                                     frozen_parameters, powersgd_scalar_parameter, compressed_ddp, powersgd_resume)}
 
 if __name__ == "__main__":
     run_scenarios(SCENARIOS)

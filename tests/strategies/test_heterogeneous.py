@@ -20,7 +20,8 @@ from lightning_optsurvey.strategies import Topology
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 WORLD = 4
-FAST = ("algorithm_reference", "compressed_ddp", "partition_user_datamodule", "frozen_parameters")
+FAST = ("algorithm_reference", "compressed_ddp", "partition_user_datamodule", "frozen_parameters",
+        "powersgd_scalar_parameter")
 REFERENCE_REL = 1e-12  # a few float64 steps, summed in another order than the reference
 LR = 0.1
 
@@ -187,6 +188,12 @@ def test_powersgd_resume_is_exact_on_2_processes(tmp_path: Path) -> None:
         assert any(not torch.equal(runs["first"][k], runs["straight"][k]) for k in runs["first"])
         for key, tensor in runs["straight"].items():
             assert torch.equal(runs["resumed"][key], tensor), key
+
+
+def test_powersgd_refuses_a_scalar_parameter_at_setup(out_dir: Path) -> None:
+    for result in load(out_dir, "powersgd_scalar_parameter"):
+        assert result["message"] is not None and "0-dimensional parameters" in result["message"]
+        assert "['temperature']" in result["message"]
 
 
 def test_every_algorithm_leaves_frozen_parameters_alone(out_dir: Path) -> None:
