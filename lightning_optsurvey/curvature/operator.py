@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 # batch_size, check_batches and model_args are re-exported for their old import path (curvature.batches now).
 from lightning_optsurvey.curvature.batches import batch_size, check_batches, model_args
@@ -178,6 +178,7 @@ class HessianOperator:
         self.num_matvecs = 0
         self.chunk_size = chunk_size
         self.linearize = check_bool("linearize", linearize)
+        self._reverse_over_reverse = False  # set by _hvp where jvp of the gradient is missing in torch
         self._graph: tuple[list[Tensor], list[tuple[list[Tensor], list[int]]]] | None = None
         self._graph_versions: list[int] = []
         # Walked once: model.modules() / parameters() dedupe modules through a set, and a LightningModule's
@@ -354,6 +355,23 @@ class HessianOperator:
                     out.add_(h.reshape(-1), alpha=weight)  # in place: no concatenated copy
         return total
 
+    def _hvp(self, g: Callable, primals: Any, tangent: Any) -> Any:
+        """``H t``: forward-over-reverse (``jvp`` of the gradient), else reverse-over-reverse.
+
+        The second serves where torch lacks the forward derivative of a loss's backward: torch 2.13's
+        ``F.mse_loss`` (so ``nn.MSELoss``) fails under ``jvp(grad(...))`` ("ZeroTensors are immutable"). The
+        Hessian is symmetric, so the vector-Jacobian product of the gradient is the same ``H t``. The operator
+        switches once, at the first such failure.
+        """
+        if not self._reverse_over_reverse:
+            try:
+                return jvp(g, (primals,), (tangent,))[1]
+            except RuntimeError as err:
+                if "ZeroTensors are immutable" not in str(err):
+                    raise
+                self._reverse_over_reverse = True
+        return vjp(g, primals)[1](tangent)[0]
+
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for a flat vector ``v`` of length ``numel`` (returned in the parameters' dtype)."""
         v = self._check_vector(v, 1)
@@ -367,7 +385,7 @@ class HessianOperator:
             with torch.enable_grad(), self._product_mode(), self._explained():
                 for weight, batch in zip(self._weights, self.batches):
                     g = grad(self._loss_fn_of(batch, constants))
-                    hv = jvp(g, (primals,), (tangent,))[1]
+                    hv = self._hvp(g, primals, tangent)
                     total.add_(self._join(hv, 0), alpha=weight)
         self.num_matvecs += 1
         return self._finish(total)
@@ -400,7 +418,7 @@ class HessianOperator:
                 g = grad(self._loss_fn_of(batch, constants))
 
                 def hvp(t: dict[str, Tensor], g: Callable = g) -> dict[str, Tensor]:
-                    return jvp(g, (primals,), (t,))[1]
+                    return self._hvp(g, primals, t)
 
                 hv = vmap(hvp, chunk_size=self.chunk_size)(tangents)
                 total.add_(self._join(hv, m), alpha=weight)
