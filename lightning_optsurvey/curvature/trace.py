@@ -233,8 +233,11 @@ def hutchpp_trace(
     rest = num_matvecs - 2 * sketch
     dtype = _op_dtype(op)
     s = _probes(n, sketch, distribution, generator, device, dtype)
-    # Orthonormal rows spanning H S (QR of the n x sketch block, in the operator's dtype).
-    q = torch.linalg.qr(_apply_block(op, s, block_size).T)[0].T.contiguous()
+    # Orthonormal rows spanning H S (QR of the n x sketch block, in the operator's dtype; half-precision
+    # operators factorize in float32, as torch has no half QR kernel).
+    block = _apply_block(op, s, block_size).T
+    half = block.dtype in (torch.float16, torch.bfloat16)
+    q = torch.linalg.qr(block.float() if half else block)[0].T.to(block.dtype).contiguous()
     del s
     hq = _apply_block(op, q, block_size)
     exact = float(hq.mul_(q.to(hq.dtype)).sum(dtype=torch.float64)) if _owned(hq, q) else \

@@ -240,6 +240,20 @@ def test_hutchpp_is_exact_when_the_sketch_captures_the_range():
     assert abs(res.estimate - 5.0) <= EXACT_TOL and res.num_matvecs == 15 == op.num_matvecs
 
 
+def test_hutchpp_on_a_bfloat16_model_factorizes_its_sketch_in_float32():
+    # torch has no bfloat16 QR: the sketch is factorized in float32. With the sketch as large as the
+    # dimension, Hutch++ is the projected trace, so it matches the float64 trace to bfloat16 rounding.
+    low = _mlp().to(torch.bfloat16)
+    reference = _mlp()
+    reference.load_state_dict({k: v.double() for k, v in low.state_dict().items()})
+    batches = [(x.to(torch.bfloat16), y) for x, y in _batches()]
+    exact = float(torch.trace(HessianOperator(reference, F.cross_entropy,
+                                              [(x.double(), y) for x, y in batches]).dense()))
+    op = HessianOperator(low, F.cross_entropy, batches)
+    result = hutchpp_trace(op, 3 * op.numel)
+    assert abs(result.estimate - exact) <= 0.05 * abs(exact), (result.estimate, exact)
+
+
 def test_hutchpp_beats_hutchinson_on_a_decaying_spectrum():
     values = 1.0 / torch.arange(1, 201, dtype=torch.float64) ** 2
     op = Dense(_with_spectrum(values))
