@@ -162,6 +162,18 @@ def check_callable(name: str, value: Any, signature: str | None = None) -> Calla
     return value
 
 
+def check_real_parameters(who: str, named: Iterable[tuple[str, Tensor]]) -> None:
+    """Raise ``ValueError`` naming the complex parameters among ``named`` (``(name, tensor)`` pairs).
+
+    The curvature engine and the measures work on real parameters (a Hessian of a real loss in complex
+    weights is not a complex matrix product); a complex model is refused rather than measured wrongly.
+    """
+    complex_ = [name for name, tensor in named if tensor.is_complex()]
+    if complex_:
+        raise ValueError(f"{who} works on real parameters; {complex_} are complex. Measure "
+                         "torch.view_as_real of them (a real parameter of twice the size) instead")
+
+
 def check_names(name: str, values: Any, choices: Collection[str]) -> tuple[str, ...]:
     """Return ``values`` as a tuple after checking it is a non-empty sequence of distinct names from ``choices``.
 

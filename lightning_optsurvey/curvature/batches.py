@@ -16,9 +16,10 @@ callbacks use them without any Hessian. Pure torch; no Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = ["batch_size", "check_batches", "check_nonempty", "first_tensor_leaf", "model_args", "split_samples"]
@@ -73,12 +74,25 @@ def batch_size(batch: Any) -> int:
                      "leading (batch) dimension; define compute_batch_size(self, batch) on the module")
 
 
+def _float_leaves(batch: Any) -> Iterator[Tensor]:
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point() or batch.is_complex():
+            yield batch
+    elif isinstance(batch, Mapping):
+        for item in batch.values():
+            yield from _float_leaves(item)
+    elif isinstance(batch, tuple | list):
+        for item in batch:
+            yield from _float_leaves(item)
+
+
 def check_nonempty(batches: Sequence[Any]) -> list[Any]:
     """``batches`` as a list, validated (non-empty; a single batch not passed for a list of them).
 
     Raises:
         TypeError: If ``batches`` is one dict batch (or tensor), not a sequence of batches.
-        ValueError: If it is empty or a batch has no samples.
+        ValueError: If it is empty, a batch has no samples, or a floating-point tensor of a batch holds NaN or
+            infinity (every product and measurement on it would be NaN).
     """
     if isinstance(batches, Mapping | Tensor):
         raise TypeError(f"batches must be a sequence of batches, got a single {type(batches).__name__}; "
@@ -91,6 +105,10 @@ def check_nonempty(batches: Sequence[Any]) -> list[Any]:
         leaf = first_tensor_leaf(b)
         if leaf is not None and leaf.ndim > 0 and leaf.shape[0] == 0:
             raise ValueError(f"batch {i} has no samples; every batch needs at least one")
+        for tensor in _float_leaves(b):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"batch {i} holds NaN or infinite values (in a tensor of shape "
+                                 f"{tuple(tensor.shape)}); every product and measurement on it would be NaN")
     return out
 
 

@@ -58,7 +58,14 @@ from torch.func import grad, jvp, vjp, vmap
 from lightning_optsurvey.curvature.batches import batch_size, check_batches, model_args
 from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
 from lightning_optsurvey.curvature.objective import BatchLoss, ModuleLoss, as_batch_loss
-from lightning_optsurvey.validation import check_bool, check_choice, check_int, check_optional, check_type
+from lightning_optsurvey.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_optional,
+    check_real_parameters,
+    check_type,
+)
 
 __all__ = ["HessianOperator", "batch_size", "check_batches", "model_args"]
 
@@ -158,6 +165,7 @@ class HessianOperator:
             if len(set(names)) != len(names):
                 raise ValueError(f"params has repeated names: {names}")
         selected = [named[n] for n in names]
+        check_real_parameters("HessianOperator", zip(names, selected))
         dtypes = {p.dtype for p in selected}
         devices = {p.device for p in selected}
         if len(dtypes) > 1 or len(devices) > 1:

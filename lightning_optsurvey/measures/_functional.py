@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from lightning_optsurvey.curvature.kernels import derivative_kernels, explain_missing_derivative
 from lightning_optsurvey.curvature.objective import BatchLoss, PairLoss, as_batch_loss, model_args
+from lightning_optsurvey.validation import check_real_parameters
 
 Batch = Any  # an (inputs, targets) pair for a loss_fn; any structure for a ModuleLoss
 LossFn = Callable[[Any, Any], Tensor] | BatchLoss
@@ -65,6 +66,7 @@ class FlatObjective:
         if not self.names:
             raise ValueError("the model has no parameter to measure (none requires grad)")
         tensors = [named[n].detach() for n in self.names]
+        check_real_parameters("The measure", zip(self.names, tensors))
         self.shapes = [t.shape for t in tensors]
         self.numels = [t.numel() for t in tensors]
         self.w = torch.cat([t.reshape(-1) for t in tensors]).clone()

@@ -256,6 +256,28 @@ def test_mse_loss_products_match_the_dense_hessian(loss_fn, linearize):
     torch.testing.assert_close(op @ block, reference @ block, rtol=0, atol=MATVEC_TOL)
 
 
+def test_non_finite_batches_and_complex_parameters_are_refused_at_construction():
+    from lightning_optsurvey.measures import sam_sharpness
+
+    model = _tanh_mlp()
+    (x, y), *_ = _batches((3,))
+    for bad in (float("nan"), float("inf")):
+        poisoned = x.clone()
+        poisoned[1, 0] = bad
+        with pytest.raises(ValueError, match=r"batch 1 holds NaN or infinite values.*shape \(3, 4\)"):
+            HessianOperator(model, F.cross_entropy, [(x, y), (poisoned, y)])
+    complex_model = torch.nn.Linear(2, 1, dtype=torch.complex64)
+    batch = [(torch.randn(4, 2, dtype=torch.complex64), torch.randn(4, 1, dtype=torch.complex64))]
+
+    def loss(out, target):
+        return (out - target).abs().square().mean()
+
+    with pytest.raises(ValueError, match=r"HessianOperator works on real parameters; \['weight', 'bias'\]"):
+        HessianOperator(complex_model, loss, batch)
+    with pytest.raises(ValueError, match="works on real parameters"):
+        sam_sharpness(complex_model, loss, batch)
+
+
 def test_bad_inputs_raise_early():
     model = _tanh_mlp()
     batches = _batches((3,))
