@@ -312,7 +312,8 @@ def path_norm(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> flo
         \phi(w) = \Big( \sum_{k} f_{w^2}(\mathbf{1})_k \Big)^{1/2},
 
     which for a bias-free ReLU network equals :math:`(\sum_{\text{paths}} \prod_{e} w_e^2)^{1/2}`. Every
-    trainable parameter is squared (biases act as paths from a constant unit), the model runs in eval
+    parameter is squared, frozen ones too, as the layer products count them (biases act as paths from a
+    constant unit), the model runs in eval
     mode (restored afterwards) and its buffers are not changed. Jiang et al.'s "path.norm" is the square.
 
     Args:
@@ -329,7 +330,8 @@ def path_norm(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> flo
     """
     ones = tuple(torch.ones_like(a) for a in _first_sample(example_input))
     state: dict[str, Tensor] = {n: b.clone() for n, b in model.named_buffers()}
-    state.update({n: p.pow(2) for n, p in _trainable(model).items()})
+    # Every parameter, frozen ones too: a frozen weight left unsquared would enter the paths linearly.
+    state.update({n: p.detach().pow(2) for n, p in model.named_parameters()})
     with torch.no_grad(), _eval_mode(model):
         out = functional_call(model, state, ones)
     return float(out.double().sum().clamp_min(0).sqrt())

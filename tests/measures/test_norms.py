@@ -110,6 +110,8 @@ def test_path_norm_of_a_bias_free_relu_network():
     model.train()
     assert norms.path_norm(model, torch.zeros(3, 6, dtype=torch.float64)) == pytest.approx(expected, rel=FLOAT64_RTOL)
     assert model.training
+    model[0].requires_grad_(False)  # a frozen layer is still on every path (it entered unsquared before)
+    assert norms.path_norm(model, torch.zeros(3, 6, dtype=torch.float64)) == pytest.approx(expected, rel=FLOAT64_RTOL)
 
 
 def _per_sample_reference(model: nn.Module, batches) -> float:
