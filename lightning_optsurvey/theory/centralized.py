@@ -345,7 +345,10 @@ def _local_sgd_moments(p: _Heterogeneous, lr: float, h: int, rounds: int) -> tup
     for c in range(d):
         power = torch.linalg.matrix_power(maps[c], h)
         offset = sum(torch.linalg.matrix_power(maps[c], s) @ drive[c] for s in range(h))
-        fixed.append(torch.linalg.solve(eye - j @ power, j @ offset).mean())
+        try:
+            fixed.append(torch.linalg.solve(eye - j @ power, j @ offset).mean())
+        except torch.linalg.LinAlgError:  # lr beyond stability (lr L >= 2): no fixed point to drift to
+            fixed.append(torch.tensor(math.inf, dtype=DTYPE))
     drift = p.gap(torch.stack(fixed), torch.zeros(d, dtype=DTYPE))
     return values, drift
 

@@ -352,6 +352,15 @@ class GDEdgeOfStability(Result):
             loss = loss_fn(model(task.inputs), task.targets)
             loss.backward()
             losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):  # the step size is beyond any edge: GD has diverged
+                return CheckOutcome(
+                    predicted=threshold, measured=math.nan, holds=False, name=self.name,
+                    quantity="median lambda_max over the second half of training",
+                    details=f"eta={self.lr:g}: gradient descent diverged at step {k} (loss {losses[-1]}), so "
+                            "there is no edge of stability to measure",
+                    steps=ks, predicted_curve=[threshold] * len(ks), measured_curve=sharpness,
+                    y_label="lambda_max of the training loss",
+                )
             optimizer.step()
         ratios = [s / threshold for s in sharpness]
         return edge_of_stability_outcome(

@@ -553,3 +553,12 @@ def test_theory_imports_and_runs_its_checks_without_lightning():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["gd_convex=True", "easgd_stability=True", "gossip_consensus=True"]
+
+
+@pytest.mark.parametrize("name", ["edge_of_stability", "local_sgd_drift"])
+def test_a_step_size_beyond_stability_fails_the_check_instead_of_crashing(name):
+    """lr = 10 passes validate(); gradient descent then diverges (NaN into Lanczos; a singular fixed-point system)."""
+    from lightning_optsurvey.theory import get_result
+
+    outcome = dataclasses.replace(get_result(name), lr=10.0).check()
+    assert outcome.holds is False
