@@ -74,6 +74,11 @@ class FlatObjective:
         self.sizes = [self.objective.size(model, b) for b in self.batches]
         self.total = sum(self.sizes)
         self._buffers = {n: b.detach() for n, b in model.named_buffers()}
+        # A model in train mode draws dropout masks: every evaluation starts from this RNG state, in a fork,
+        # so L(w + e) and L(w) see the same masks (a sharpness is not the difference of two mask draws) and
+        # the caller's global RNG is left where it was.
+        self._cuda = [self.w.device] if self.w.device.type == "cuda" else []
+        self._rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self._cuda]
         self.num_evaluations = 0  # forward passes over all batches
         self.num_gradients = 0  # forward+backward passes over all batches
 
@@ -101,8 +106,17 @@ class FlatObjective:
         """
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        with self._kernels(lambda: functional_call(self.model, self._plain_state(), model_args(inputs))):
+        with self._same_randomness(), \
+                self._kernels(lambda: functional_call(self.model, self._plain_state(), model_args(inputs))):
             return functional_call(self.model, state, model_args(inputs))
+
+    @contextmanager
+    def _same_randomness(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self._cuda):
+            torch.set_rng_state(self._rng[0])
+            for device, state in zip(self._cuda, self._rng[1]):
+                torch.cuda.set_rng_state(state, device)
+            yield
 
     @property
     def pairs(self) -> bool:
@@ -113,7 +127,7 @@ class FlatObjective:
         """Mean loss of one ``batch`` with parameters ``flat`` (buffers passed as clones, never updated)."""
         state = {n: b.clone() for n, b in self._buffers.items()}
         state.update(self.unflatten(flat))
-        with self._kernels(lambda: self.objective(self.model, self._plain_state(), batch)):
+        with self._same_randomness(), self._kernels(lambda: self.objective(self.model, self._plain_state(), batch)):
             return self.objective(self.model, state, batch)
 
     def _plain_state(self) -> dict[str, Tensor]:

@@ -300,3 +300,20 @@ def test_several_inputs_are_positional_arguments_as_in_the_hessian_operator():
             p.add_(rho * g / norm)
         expected = float(F.cross_entropy(twin(x1, x2), y) - before)
     assert sam_sharpness(model, F.cross_entropy, [((x1, x2), y)], rho=rho) == pytest.approx(expected, rel=FLOAT64_RTOL)
+
+
+def test_a_train_mode_dropout_model_sees_the_same_masks_and_keeps_the_global_rng():
+    """In train mode every evaluation draws the same dropout masks (from the RNG state at the call), so SAM's
+    one-step sharpness is a deterministic difference of losses, and the caller's global RNG does not move."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3)).double().train()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))]
+    state = torch.get_rng_state()
+    values = [sam_sharpness(model, torch.nn.functional.cross_entropy, batches, rho=0.05) for _ in range(3)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert values[0] == values[1] == values[2] and values[0] > 0  # an ascent step raises the fixed-mask loss
+    worst = worst_case_sharpness(model, torch.nn.functional.cross_entropy, batches, rho=0.05, steps=5,
+                                 generator=torch.Generator().manual_seed(2))
+    assert worst >= values[0] - 1e-12  # the docstring's bound holds with common masks
