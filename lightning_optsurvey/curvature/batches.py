@@ -16,7 +16,7 @@ callbacks use them without any Hessian. Pure torch; no Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +97,8 @@ def check_nonempty(batches: Sequence[Any]) -> list[Any]:
     if isinstance(batches, Mapping | Tensor):
         raise TypeError(f"batches must be a sequence of batches, got a single {type(batches).__name__}; "
                         "wrap it in a list")
+    if not isinstance(batches, Iterable) or isinstance(batches, str):
+        raise TypeError(f"batches must be a sequence of batches, got {type(batches).__name__}")
     out = list(batches)
     if not out:
         raise ValueError("batches is empty; pass at least one batch")

@@ -6,6 +6,7 @@ batch sizes, not a per-sample covariance; libraries that offer it do so inside t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_optsurvey.measures._functional import Batch, FlatObjective, LossFn
+from lightning_optsurvey.validation import check_float
 
 __all__ = ["NoiseScale", "batch_gradients", "gradient_noise_scale"]
 
@@ -58,18 +60,22 @@ def gradient_noise_scale(
         A :class:`NoiseScale`.
 
     Raises:
-        ValueError: If the batch sizes are not ``0 < small < big``.
+        ValueError: If the batch sizes are not ``0 < small < big``, or a squared norm is not finite.
+        TypeError: If a batch size is not a real number.
 
     References:
         McCandlish, Kaplan, Amodei, OpenAI Dota Team. An Empirical Model of Large-Batch Training. 2018.
         https://arxiv.org/abs/1812.06162
     """
-    b_s, b_b = float(small_batch_size), float(big_batch_size)
-    if not 0.0 < b_s < b_b:
+    b_s = check_float("small_batch_size", small_batch_size, low=0.0, low_open=True)
+    b_b = check_float("big_batch_size", big_batch_size, low=0.0, low_open=True)
+    if not b_s < b_b:
         raise ValueError(
             f"need 0 < small_batch_size < big_batch_size, got {small_batch_size!r}, {big_batch_size!r}"
         )
-    small, big = float(small_sq_norm), float(big_sq_norm)
+    small, big = (float(v) for v in (small_sq_norm, big_sq_norm))
+    if not (math.isfinite(small) and math.isfinite(big)):
+        raise ValueError(f"the squared gradient norms must be finite, got {small!r} and {big!r}")
     grad_sq_norm = (b_b * big - b_s * small) / (b_b - b_s)
     trace_sigma = (small - big) / (1.0 / b_s - 1.0 / b_b)
     b_simple = trace_sigma / grad_sq_norm if grad_sq_norm > 0 else float("nan")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from _support import cross_entropy_pairs, dense_hessian, flat_parameter_loss, flat_parameters, pair_size
 from torch import nn
 
-from lightning_optsurvey.curvature import HessianOperator
+from lightning_optsurvey.curvature import HessianOperator, lanczos
 
 MATVEC_TOL = 1e-10  # float64 products vs dense float64 Hessian, entries O(1)
 BN_EPS = 1e-5
@@ -283,6 +283,10 @@ def test_bad_inputs_raise_early():
     batches = _batches((3,))
     with pytest.raises(ValueError, match="batches is empty"):
         HessianOperator(model, F.cross_entropy, [])
+    with pytest.raises(TypeError, match="batches must be a sequence of batches, got NoneType"):
+        HessianOperator(model, F.cross_entropy, None)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got 1"):
+        lanczos(HessianOperator(model, F.cross_entropy, _batches((3,))), k=1, generator=1)
     per_sample = HessianOperator(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), batches)
     for use in (lambda op: op @ torch.ones(op.numel, dtype=torch.float64), lambda op: op.loss_and_gradient(),
                 lambda op: op.matmat(torch.ones(op.numel, 2, dtype=torch.float64))):

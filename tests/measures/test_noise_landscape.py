@@ -57,6 +57,11 @@ def test_noise_scale_on_synthetic_gradients_with_known_mean_and_covariance():
 def test_noise_scale_bad_batch_sizes():
     with pytest.raises(ValueError, match="small_batch_size"):
         gradient_noise_scale(1.0, 8, 1.0, 8)
+    for bad in ("a", True):
+        with pytest.raises(TypeError, match="small_batch_size must be a real number"):
+            gradient_noise_scale(1.0, bad, 0.5, 8)
+    with pytest.raises(ValueError, match="squared gradient norms must be finite"):
+        gradient_noise_scale(float("nan"), 2, 0.5, 8)
 
 
 def test_batch_gradients_match_autograd():
