@@ -194,11 +194,18 @@ def _target_experiment(target: Any, name: str, tags: dict[str, str]) -> str:
 
 
 def pending_runs(local_uri: str, experiment: str | None = None) -> list[tuple[str, str]]:
-    """``(run_id, experiment name)`` of the finished local runs not yet delivered."""
+    """``(run_id, experiment name)`` of the finished local runs not yet delivered.
+
+    Raises:
+        ValueError: If ``experiment`` is given and the store has no experiment of that name.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=local_uri)
     experiments = client.search_experiments()
+    if experiment is not None and experiment not in {exp.name for exp in experiments}:
+        raise ValueError(f"{local_uri} has no experiment {experiment!r}; it has "
+                         f"{sorted(exp.name for exp in experiments)}")
     out = []
     for exp in experiments:
         if experiment is not None and exp.name != experiment:

@@ -308,3 +308,14 @@ def test_fit_with_a_server_killed_for_good_completes_and_the_upload_command_deli
         if fit.poll() is None:
             os.killpg(fit.pid, signal.SIGKILL)
         server.kill()
+
+
+def test_sync_from_a_mistyped_outbox_or_experiment_says_so_and_creates_nothing(tmp_path: Path, capsys) -> None:
+    target = f"sqlite:///{tmp_path / 'server.db'}"
+    missing = tmp_path / "outbx.db"
+    assert main(["sync", "--from", f"sqlite:///{missing}", "--to", target]) == 2
+    assert "no outbox at" in capsys.readouterr().err and not missing.exists()
+    outbox = f"sqlite:///{tmp_path / 'outbox.db'}"
+    MlflowClient(tracking_uri=outbox).create_experiment("kept")
+    assert main(["sync", "--from", outbox, "--to", target, "--experiment", "keptt"]) == 2
+    assert "has no experiment 'keptt'; it has ['Default', 'kept']" in capsys.readouterr().err

@@ -8,6 +8,7 @@ server; ``optsurvey sync --from OUTBOX --to SERVER`` uploads what an outage left
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -45,9 +46,15 @@ def run(args: argparse.Namespace) -> int:
     """``optsurvey sync``: deliver the runs an outage left in the outbox."""
     from lightning_optsurvey.tracking import pending_runs, sync
 
-    check_tracking_uri(args.source)
+    check_outbox(args.source)
+    if args.source.lower().startswith("sqlite:///") and not os.path.isfile(args.source.split(":///", 1)[1]):
+        raise CLIError(f"no outbox at {args.source}: the file does not exist (a sync would create an empty one "
+                       "and report nothing to deliver)")
     check_tracking_uri(args.target)
-    before = len(pending_runs(args.source, args.experiment))
+    try:
+        before = len(pending_runs(args.source, args.experiment))
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     report = sync(args.source, args.target, args.experiment)
     print(f"delivered {len(report.delivered)} of {before} pending run(s) to {args.target}")
     if report.pending:
