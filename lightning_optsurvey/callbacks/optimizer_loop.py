@@ -47,6 +47,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_optsurvey.curvature.kernels import derivative_kernels
 from lightning_optsurvey.optim import SVRG, loop
 from lightning_optsurvey.optim.loop import frozen_batchnorm_stats
 from lightning_optsurvey.validation import check_callable, check_choice, check_int, check_optional
@@ -114,6 +115,7 @@ class OptimizerLoopAdapter(Callback):
         self._evaluations = 0
         self._outputs: Any = None
         self._frozen: ExitStack | None = None
+        self._kernels: ExitStack | None = None  # derivative kernels around a create_graph training batch
         self._backward_shadowed = False
         self._snapshot: SVRGSnapshot | None = None
 
@@ -180,6 +182,7 @@ class OptimizerLoopAdapter(Callback):
 
     def _release(self) -> None:
         self._unfreeze()
+        self._close_kernels()
         for entry in self._entries:
             loop.release(entry.optimizer)
             for handle in entry.handles:
@@ -272,11 +275,27 @@ class OptimizerLoopAdapter(Callback):
             self._frozen = stack
 
     @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # A backward with create_graph differentiates the backward itself: fused attention (SDPA's flash and
+        # efficient kernels, the encoder's fast path) and fused RNN kernels have no double backward, so the
+        # batch runs through the kernels that do, as the curvature engine's products do.
+        if self._backward_shadowed and self._kernels is None:
+            stack = ExitStack()
+            stack.enter_context(derivative_kernels(pl_module))
+            self._kernels = stack
+
+    def _close_kernels(self) -> None:
+        if self._kernels is not None:
+            kernels, self._kernels = self._kernels, None
+            kernels.close()
+
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # The step post-hook has already undone everything; this is a safety net for a step that was
         # never completed (``training_step`` returned None on a later evaluation, for example).
         self._unfreeze()
+        self._close_kernels()
         self._current = None
 
     @override

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from _support import UserClassifier, quiet_trainer
 from lightning.fabric.utilities import registry as fabric_registry
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -240,3 +240,36 @@ def test_the_readme_example_trains_every_method_it_names(entry_point):
     code = code.replace("max_epochs=2", "max_epochs=1, limit_train_batches=2, limit_val_batches=1, "
                                         "enable_progress_bar=False, enable_model_summary=False")
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+class _Attention(LightningModule):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.name = name
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1)
+        self.head = nn.Linear(8, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.encoder(x).mean(1)), y)
+
+    def configure_optimizers(self):
+        return create_optimizer(self.name, self.parameters(), model=self)
+
+
+@pytest.mark.parametrize("name", ["adahessian", "sophiah"])
+def test_second_order_optimizers_train_an_attention_module(name):
+    """create_graph differentiates the backward: SDPA's fused CPU kernel has no double backward, so the batch
+    runs through the math kernel (and the encoder's fast path is off) while it trains, and only then."""
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(16, 5, 8, generator=gen), torch.randint(2, (16,), generator=gen))
+    module = _Attention(name)
+    before = [p.detach().clone() for p in module.parameters()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False).fit(module, DataLoader(data, batch_size=8))
+    after = list(module.parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in after)
+    assert any(not torch.equal(p, q) for p, q in zip(after, before))
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
