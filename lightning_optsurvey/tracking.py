@@ -119,6 +119,25 @@ def read_run(tracking_uri: str, run_id: str) -> tuple[dict[str, float], dict[str
     return dict(run.data.metrics), dict(run.data.tags)
 
 
+def fail_unfinished_runs(tracking_uri: str, experiment: str, run_name: str) -> list[str]:
+    """Mark FAILED the runs named ``run_name`` that are still RUNNING; their ids.
+
+    A process killed outright (SIGKILL, out of memory) never ends its MLflow run: it would stay RUNNING in the
+    UI and never be delivered by ``optsurvey sync``, which takes finished runs only.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    stuck = [run.info.run_id for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
+             if run.info.run_name == run_name]
+    for run_id in stuck:
+        client.set_terminated(run_id, "FAILED")
+    return stuck
+
+
 def log_run(tracking_uri: str, experiment_id: str, name: str, *, params: dict[str, str] | None = None,
             metrics: dict[str, float] | None = None, figures: dict[str, Any] | None = None,
             status: str = "FINISHED") -> str:

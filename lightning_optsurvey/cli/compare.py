@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -194,7 +195,7 @@ def _train_in_subprocess(config: RunConfig) -> dict[str, Any]:
         command = [sys.executable, "-m", "lightning_optsurvey.cli.worker", run_file, result_file]
         completed = subprocess.run(command, check=False)
         if completed.returncode != 0 or not os.path.exists(result_file):
-            raise RuntimeError(f"run {config.run_name} failed (exit code {completed.returncode})")
+            raise RuntimeError(f"its processes failed (exit code {completed.returncode})")
         with open(result_file) as f:
             return json.load(f)
 
@@ -266,7 +267,13 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``optsurvey compare``; returns the exit code."""
-    from lightning_optsurvey.tracking import deliver_pending, ensure_experiment, read_run, ui_hint
+    from lightning_optsurvey.tracking import (
+        deliver_pending,
+        ensure_experiment,
+        fail_unfinished_runs,
+        read_run,
+        ui_hint,
+    )
 
     configs = plan(args)
     delivery = start_delivery(args.tracking_uri, args.outbox, args.experiment)
@@ -277,10 +284,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from None
     rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     for i, config in enumerate(configs, start=1):
         print(f"run {i}/{len(configs)}: {config.run_name}", file=sys.stderr, flush=True)
         multi = config.devices * config.num_nodes > 1
-        result = _train_in_subprocess(config) if multi else train_one(config)
+        try:
+            result = _train_in_subprocess(config) if multi else train_one(config)
+        except Exception as err:  # one failed run (a crash in the user's module, a dead rank) ends only itself
+            if not multi:
+                traceback.print_exc()
+            fail_unfinished_runs(config.tracking_uri, config.experiment, config.run_name)  # a killed rank's run
+            print(f"optsurvey compare: run {config.run_name} failed: {type(err).__name__}: {err}", file=sys.stderr,
+                  flush=True)
+            failed.append(config.run_name)
+            continue
         if delivery is not None:
             delivery.submit(result["run_id"])
         metrics, tags = read_run(config.tracking_uri, result["run_id"])
@@ -289,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
         if tags.get("diverged") == "true":
             row["diverged"] = f"step {tags.get('diverged_step')}"
         rows.append(row)
+    if not rows:
+        raise CLIError(f"every run failed ({', '.join(failed)}); see the errors above")
     columns = ["optimizer", "seed"]
     if any(c.strategy for c in configs):
         columns.append("strategy")
@@ -305,6 +324,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"then browse:         {address}")
     if delivery is not None:
         deliver_pending(delivery, args.sync_wait, args.outbox, args.experiment)
+    if failed:
+        print(f"optsurvey compare: error: {len(failed)} of {len(configs)} runs failed (marked FAILED in MLflow): "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -150,3 +150,40 @@ def test_fit_takes_a_module_that_builds_its_own_optimizer(tmp_path):
     assert main(["fit", "--config", str(config)]) == 0
     (checkpoint,) = tmp_path.glob("**/*.ckpt")
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 3
+
+
+class CrashesUnderAdam(TinyModule):
+    def training_step(self, batch, batch_idx):
+        if self.hparams.optimizer == "adam":
+            raise RuntimeError("a bug in the user's module")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failing_run_ends_only_itself_and_the_grid_reports_it(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'f.db'}"
+    code = main(["compare", "--module", f"{HERE}:CrashesUnderAdam", "--datamodule", f"{HERE}:TinyData",
+                 "--optimizers", "adam,sgd", "--no-measure", "--max-epochs", "1", "--limit-train-batches", "2",
+                 "--tracking-uri", uri, "--experiment", "crash"])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert "| sgd " in out and "| adam " not in out  # the runs that finished are still tabulated
+    assert "optsurvey compare: run adam-seed0 failed: RuntimeError: a bug in the user's module" in err
+    assert "1 of 2 runs failed (marked FAILED in MLflow): adam-seed0" in err
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {"adam-seed0": "FAILED", "sgd-seed0": "FINISHED"}
+
+
+def test_a_run_its_killed_process_left_running_is_marked_failed(tmp_path):
+    from lightning_optsurvey.tracking import fail_unfinished_runs
+
+    uri = f"sqlite:///{tmp_path / 'k.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("killed")
+    stuck = client.create_run(experiment, run_name="sgd-seed0-gossip_ring").info.run_id  # RUNNING, as SIGKILL leaves it
+    done = client.create_run(experiment, run_name="sgd-seed0-gossip_ring").info.run_id
+    client.set_terminated(done, "FINISHED")
+    other = client.create_run(experiment, run_name="adam-seed0").info.run_id
+    assert fail_unfinished_runs(uri, "killed", "sgd-seed0-gossip_ring") == [stuck]
+    assert client.get_run(stuck).info.status == "FAILED"
+    assert client.get_run(done).info.status == "FINISHED" and client.get_run(other).info.status == "RUNNING"
