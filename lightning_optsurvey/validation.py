@@ -162,6 +162,11 @@ def check_callable(name: str, value: Any, signature: str | None = None) -> Calla
     return value
 
 
+def check_generator(generator: Any) -> torch.Generator | None:
+    """Return ``generator`` after checking it is a ``torch.Generator`` or ``None`` (a ``TypeError`` otherwise)."""
+    return check_type("generator", generator, (torch.Generator, type(None)), "a torch.Generator or None")
+
+
 def check_real_parameters(who: str, named: Iterable[tuple[str, Tensor]]) -> None:
     """Raise ``ValueError`` naming the complex parameters among ``named`` (``(name, tensor)`` pairs).
 

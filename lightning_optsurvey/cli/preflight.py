@@ -38,7 +38,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
     if scheme.split("+")[0] in _DB_SCHEMES:
         check_database_driver(uri)
         if scheme == "sqlite":
-            path = uri.split(":///", 1)[1] if ":///" in uri else ""
+            path = sqlite_path(uri)
             folder = os.path.dirname(os.path.abspath(path)) if path else ""
             if not path or not os.path.isdir(folder):
                 raise CLIError(f"sqlite tracking URI {uri!r} must name a file in an existing folder")
@@ -47,6 +47,11 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
         f"unsupported tracking URI {uri!r}: use sqlite:///PATH.db, http(s)://HOST:PORT, or a database URI "
         f"({', '.join(_DB_SCHEMES)}); MLflow's file store is deprecated"
     )
+
+
+def sqlite_path(uri: str) -> str:
+    """The file of a ``sqlite:///PATH`` URI (``""`` for any other)."""
+    return uri.split(":///", 1)[1] if uri.lower().startswith("sqlite:///") else ""
 
 
 def check_outbox(uri: str) -> str:

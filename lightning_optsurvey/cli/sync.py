@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from lightning_optsurvey.cli._common import CLIError
-from lightning_optsurvey.cli.preflight import check_outbox, check_tracking_uri
+from lightning_optsurvey.cli.preflight import check_outbox, check_tracking_uri, sqlite_path
 
 
 def start_delivery(tracking_uri: str, outbox: str, experiment: str) -> Any:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from lightning_optsurvey.tracking import pending_runs, sync
 
     check_outbox(args.source)
-    if args.source.lower().startswith("sqlite:///") and not os.path.isfile(args.source.split(":///", 1)[1]):
+    if sqlite_path(args.source) and not os.path.isfile(sqlite_path(args.source)):
         raise CLIError(f"no outbox at {args.source}: the file does not exist (a sync would create an empty one "
                        "and report nothing to deliver)")
     check_tracking_uri(args.target)

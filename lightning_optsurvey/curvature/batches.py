@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["batch_size", "check_batches", "check_nonempty", "first_tensor_leaf", "model_args", "split_samples"]
+__all__ = ["batch_size", "check_batches", "check_nonempty", "first_tensor_leaf", "model_args", "split_samples",
+           "tensor_leaves"]
 
 
 def model_args(inputs: Any) -> tuple[Any, ...]:
@@ -30,21 +31,21 @@ def model_args(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
 
 
+def tensor_leaves(batch: Any) -> Iterator[Tensor]:
+    """The tensors of ``batch``, depth first (a dict in its key order, tuples and lists in order)."""
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for item in batch.values():
+            yield from tensor_leaves(item)
+    elif isinstance(batch, tuple | list):
+        for item in batch:
+            yield from tensor_leaves(item)
+
+
 def first_tensor_leaf(batch: Any) -> Tensor | None:
     """The first tensor with at least one dimension in ``batch`` (depth first, a dict in its key order)."""
-    if isinstance(batch, Tensor):
-        return batch if batch.ndim > 0 else None
-    if isinstance(batch, Mapping):
-        items: Any = batch.values()
-    elif isinstance(batch, tuple | list):
-        items = batch
-    else:
-        return None
-    for item in items:
-        found = first_tensor_leaf(item)
-        if found is not None:
-            return found
-    return None
+    return next((t for t in tensor_leaves(batch) if t.ndim > 0), None)
 
 
 def batch_size(batch: Any) -> int:
@@ -74,18 +75,6 @@ def batch_size(batch: Any) -> int:
                      "leading (batch) dimension; define compute_batch_size(self, batch) on the module")
 
 
-def _float_leaves(batch: Any) -> Iterator[Tensor]:
-    if isinstance(batch, Tensor):
-        if batch.is_floating_point() or batch.is_complex():
-            yield batch
-    elif isinstance(batch, Mapping):
-        for item in batch.values():
-            yield from _float_leaves(item)
-    elif isinstance(batch, tuple | list):
-        for item in batch:
-            yield from _float_leaves(item)
-
-
 def check_nonempty(batches: Sequence[Any]) -> list[Any]:
     """``batches`` as a list, validated (non-empty; a single batch not passed for a list of them).
 
@@ -107,8 +96,8 @@ def check_nonempty(batches: Sequence[Any]) -> list[Any]:
         leaf = first_tensor_leaf(b)
         if leaf is not None and leaf.ndim > 0 and leaf.shape[0] == 0:
             raise ValueError(f"batch {i} has no samples; every batch needs at least one")
-        for tensor in _float_leaves(b):
-            if not bool(torch.isfinite(tensor).all()):
+        for tensor in tensor_leaves(b):
+            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"batch {i} holds NaN or infinite values (in a tensor of shape "
                                  f"{tuple(tensor.shape)}); every product and measurement on it would be NaN")
     return out

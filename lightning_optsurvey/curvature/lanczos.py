@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from lightning_optsurvey.curvature.linear import LinearOperator, apply, operator_info, working_dtype
-from lightning_optsurvey.validation import check_bool, check_choice, check_float, check_int, check_type
+from lightning_optsurvey.validation import check_bool, check_choice, check_float, check_generator, check_int
 
 __all__ = ["EigenResult", "LinearOperator", "lanczos", "lanczos_step"]
 
@@ -236,7 +236,7 @@ def lanczos(
         max_basis = min(check_int("max_basis", max_basis), n)
         if max_basis < min(k + 1, n):
             raise ValueError(f"max_basis={max_basis} must be at least k + 1 = {k + 1}")
-    check_type("generator", generator, (torch.Generator, type(None)), "a torch.Generator or None")
+    check_generator(generator)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     target = _Target(k, which, tol, max_basis, check_bool("all_ritz", all_ritz))
 

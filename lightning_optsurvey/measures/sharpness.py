@@ -33,7 +33,7 @@ from lightning_optsurvey.measures._functional import (
     LossFn,
     randn,
 )
-from lightning_optsurvey.validation import check_bool, check_float, check_int, check_type
+from lightning_optsurvey.validation import check_bool, check_float, check_generator, check_int
 
 __all__ = [
     "average_sharpness",
@@ -50,7 +50,7 @@ _APGD_SUCCESS = 0.75
 
 
 def _check_randomness(generator: Any, adaptive: Any = False) -> None:
-    check_type("generator", generator, (torch.Generator, type(None)), "a torch.Generator or None")
+    check_generator(generator)
     check_bool("adaptive", adaptive)
 
 
