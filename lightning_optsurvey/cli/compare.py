@@ -273,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         fail_unfinished_runs,
         read_run,
         ui_hint,
+        upload_command,
     )
 
     configs = plan(args)
@@ -307,7 +308,12 @@ def run(args: argparse.Namespace) -> int:
             row["diverged"] = f"step {tags.get('diverged_step')}"
         rows.append(row)
     if not rows:
-        raise CLIError(f"every run failed ({', '.join(failed)}); see the errors above")
+        where = ""
+        if delivery is not None:  # end the delivery thread; the failed runs' records stay in the outbox
+            deliver_pending(delivery, args.sync_wait, args.outbox, args.experiment)
+            command = upload_command(args.outbox, args.tracking_uri, args.experiment)
+            where = f"; their records are in {args.outbox} ({command})"
+        raise CLIError(f"every run failed ({', '.join(failed)}); see the errors above{where}")
     columns = ["optimizer", "seed"]
     if any(c.strategy for c in configs):
         columns.append("strategy")
@@ -327,6 +333,9 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"optsurvey compare: error: {len(failed)} of {len(configs)} runs failed (marked FAILED in MLflow): "
               f"{', '.join(failed)}", file=sys.stderr)
+        if delivery is not None:  # only finished runs are delivered behind the grid; sync takes the failed ones
+            print(f"their records stay in {args.outbox}; upload them with:\n  "
+                  f"{upload_command(args.outbox, args.tracking_uri, args.experiment)}", file=sys.stderr)
         return 1
     return 0
 
